@@ -1,0 +1,89 @@
+"""The FastAPI application: middleware, the error table, health/metrics, and every router.
+
+Routers are the modules of ``weightstore_api.routers`` that expose ``router``; each module owns one
+resource (native, tinker, admin, billing, exports, gc). ``create_app`` takes a ready ``Context``
+so tests and ``weightstore serve`` decide where the catalog and the object store are.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from weightstore.context import Context
+from weightstore.errors import WeightstoreError
+
+from . import routers as routers_pkg
+from .errors import validation_error_handler, weightstore_error_handler
+from .observability import REGISTRY, request_context
+
+# A background service started with the app and stopped with it: returns its stop function.
+Background = Callable[[Context], Callable[[], None]]
+
+
+def _router_modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(routers_pkg.__path__) if not m.name.startswith("_"))
+
+
+def create_app(ctx: Context, *, background: Sequence[Background] = ()) -> FastAPI:
+    stops: list[Callable[[], None]] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for start in background:
+            stops.append(start(ctx))
+        try:
+            yield
+        finally:
+            for stop in reversed(stops):
+                stop()
+            stops.clear()
+
+    app = FastAPI(title="weightstore", version="0.1.0", lifespan=lifespan,
+                  description="Checkpoint and weights storage for LoRA fine-tuning, Tinker-compatible.",
+                  responses={400: {"description": "Invalid request", "model": None},
+                             401: {"description": "Missing or unknown API key"},
+                             404: {"description": "Not found (or another tenant's)"}})
+    app.state.ctx = ctx
+    app.middleware("http")(request_context)
+    app.add_exception_handler(WeightstoreError, weightstore_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+
+    @app.get("/healthz", operation_id="healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", operation_id="readyz", tags=["ops"])
+    def readyz(request: Request) -> JSONResponse:
+        problems: dict[str, str] = {}
+        try:
+            with ctx.engine.connect() as conn:
+                conn.execute(text("select 1"))
+        except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
+            problems["catalog"] = type(exc).__name__
+        try:
+            ctx.store.ping()
+        except Exception as exc:  # noqa: BLE001
+            problems["object_store"] = type(exc).__name__
+        status = 503 if problems else 200
+        return JSONResponse({"status": "unavailable" if problems else "ok", "problems": problems}, status_code=status)
+
+    @app.get("/metrics", operation_id="metrics", tags=["ops"], include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    for name in _router_modules():
+        module = importlib.import_module(f"{routers_pkg.__name__}.{name}")
+        if hasattr(module, "router"):
+            app.include_router(module.router)
+        if hasattr(module, "install"):  # routers that need more than include_router (static files, ...)
+            module.install(app)
+    return app

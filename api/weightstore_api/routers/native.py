@@ -1,0 +1,177 @@
+"""Native API for trainers and readers: runs, uploads (declare → transfer → commit), checkpoints, keys."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+
+from weightstore import auth, checkpoints, runs, uploads
+from weightstore.names import TinkerPath
+
+from ..convert import checkpoint_public, key_public, run_public
+from ..deps import AdminPrincipal, CtxDep, CurrentPrincipal, SessionDep, WriterPrincipal
+from ..errors import request_id_of
+from ..observability import BYTES_RECEIVED, CHECKPOINTS_COMMITTED
+from ..schemas import (
+    CheckpointPublic,
+    CheckpointsPublic,
+    CommitPublic,
+    FileAnswerPublic,
+    FileReceipt,
+    FileUrlPublic,
+    FileUrlsPublic,
+    KeyCreate,
+    KeyCreated,
+    KeyPublic,
+    RunCreate,
+    RunPublic,
+    RunsPublic,
+    TTLUpdate,
+    UploadCreate,
+    UploadPublic,
+)
+
+router = APIRouter(prefix="/v1", tags=["native"])
+STREAM_BATCH = 8 * 1024 * 1024  # hop to a worker thread once per 8 MiB, not once per socket read
+
+
+# --- runs -------------------------------------------------------------------------------------
+@router.post("/runs", operation_id="create_run", status_code=201, response_model=RunPublic)
+def create_run(body: RunCreate, principal: WriterPrincipal, ctx: CtxDep, session: SessionDep, request: Request) -> RunPublic:
+    run = runs.create_run(session, principal, base_model=body.base_model, now=ctx.clock.now(), run_id=body.run_id,
+                          lora_rank=body.lora_rank, train_mlp=body.train_mlp, train_attn=body.train_attn,
+                          train_unembed=body.train_unembed, user_metadata=body.user_metadata)
+    return run_public(run)
+
+
+@router.get("/runs", operation_id="list_runs", response_model=RunsPublic)
+def list_runs(principal: CurrentPrincipal, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+              offset: Annotated[int, Query(ge=0)] = 0) -> RunsPublic:
+    rows, total = runs.list_runs(session, principal, limit=limit, offset=offset)
+    return RunsPublic(runs=[run_public(r) for r in rows], total_count=total)
+
+
+@router.get("/runs/{run_id}", operation_id="get_run", response_model=RunPublic)
+def get_run(run_id: str, principal: CurrentPrincipal, session: SessionDep) -> RunPublic:
+    return run_public(runs.get_run(session, principal, run_id))
+
+
+# --- uploads ----------------------------------------------------------------------------------
+@router.post("/uploads", operation_id="declare_upload", status_code=201, response_model=UploadPublic)
+def declare_upload(body: UploadCreate, principal: WriterPrincipal, ctx: CtxDep) -> UploadPublic:
+    req = uploads.UploadRequest(
+        run_id=body.run_id, kind=body.kind, name=body.name, ttl_seconds=body.ttl_seconds, overwrite=body.overwrite,
+        user_metadata=body.user_metadata, transfer=body.transfer,
+        files=[uploads.DeclaredFile(f.path, f.size_bytes, f.sha256) for f in body.files])
+    ans = uploads.declare(ctx, principal, req)
+    return UploadPublic(upload_id=ans.upload_id, expires_at=ans.expires_at, tinker_path=ans.tinker_path,
+                        bytes_to_send=ans.bytes_to_send,
+                        files=[FileAnswerPublic(**vars(f)) for f in ans.files])
+
+
+@router.put("/uploads/{upload_id}/files/{path:path}", operation_id="stream_upload_file", response_model=FileReceipt,
+            openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                                  "format": "binary"}}},
+                                           "required": True}})
+async def stream_upload_file(upload_id: str, path: str, request: Request, principal: WriterPrincipal,
+                             ctx: CtxDep) -> FileReceipt:
+    """Send one declared file's bytes through the service. The object becomes visible only if
+    size and sha256 match the declaration."""
+    writer = await run_in_threadpool(uploads.open_stream, ctx, principal, upload_id, path)
+    pending = bytearray()
+    try:
+        async for chunk in request.stream():
+            pending += chunk
+            if len(pending) >= STREAM_BATCH:
+                data, pending = bytes(pending), bytearray()
+                await anyio.to_thread.run_sync(writer.write, data)
+        if pending:
+            await anyio.to_thread.run_sync(writer.write, bytes(pending))
+    except BaseException:
+        await anyio.to_thread.run_sync(writer.abort)
+        raise
+    await run_in_threadpool(uploads.finish_stream, ctx, principal, upload_id, path, writer)
+    BYTES_RECEIVED.inc(writer.received)
+    return FileReceipt(path=path, size_bytes=writer.size, sha256=writer.sha256)
+
+
+@router.post("/uploads/{upload_id}/commit", operation_id="commit_upload", response_model=CommitPublic)
+def commit_upload(upload_id: str, principal: WriterPrincipal, ctx: CtxDep, request: Request) -> CommitPublic:
+    res = uploads.commit(ctx, principal, upload_id, request_id=request_id_of(request))
+    CHECKPOINTS_COMMITTED.labels(res.checkpoint.kind).inc()
+    return CommitPublic(tinker_path=res.tinker_path, checkpoint=checkpoint_public(res.checkpoint),
+                        bytes_received=res.bytes_received)
+
+
+@router.delete("/uploads/{upload_id}", operation_id="abort_upload", status_code=204)
+def abort_upload(upload_id: str, principal: WriterPrincipal, ctx: CtxDep) -> None:
+    uploads.abort(ctx, principal, upload_id)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+@router.get("/checkpoints", operation_id="list_checkpoints", response_model=CheckpointsPublic)
+def list_checkpoints(principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep, run_id: str | None = None,
+                     kind: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                     offset: Annotated[int, Query(ge=0)] = 0) -> CheckpointsPublic:
+    rows, total = checkpoints.list_checkpoints(session, principal, now=ctx.clock.now(), run_id=run_id, kind=kind,
+                                               limit=limit, offset=offset)
+    return CheckpointsPublic(checkpoints=[checkpoint_public(c) for c in rows], total_count=total)
+
+
+@router.get("/checkpoints/{run_id}/{segment}/{name}", operation_id="get_checkpoint", response_model=CheckpointPublic)
+def get_checkpoint(run_id: str, segment: str, name: str, principal: CurrentPrincipal, ctx: CtxDep,
+                   session: SessionDep) -> CheckpointPublic:
+    path = TinkerPath.from_checkpoint_id(run_id, f"{segment}/{name}")
+    ckpt = checkpoints.get_for(session, principal, path, now=ctx.clock.now(), allow_public=True)
+    return checkpoint_public(ckpt, session)
+
+
+@router.get("/checkpoints/{run_id}/{segment}/{name}/files", operation_id="get_checkpoint_file_urls",
+            response_model=FileUrlsPublic)
+def get_checkpoint_file_urls(run_id: str, segment: str, name: str, principal: CurrentPrincipal, ctx: CtxDep,
+                             session: SessionDep) -> FileUrlsPublic:
+    """Short-lived presigned GET URLs, one per file, with size and sha256 to verify against."""
+    path = TinkerPath.from_checkpoint_id(run_id, f"{segment}/{name}")
+    now = ctx.clock.now()
+    ckpt = checkpoints.get_for(session, principal, path, now=now, allow_public=True)
+    urls = checkpoints.download_urls(session, ckpt, store=ctx.store, settings=ctx.settings, now=now)
+    return FileUrlsPublic(tinker_path=str(path), files=[FileUrlPublic(**vars(u)) for u in urls])
+
+
+@router.delete("/checkpoints/{run_id}/{segment}/{name}", operation_id="delete_checkpoint", status_code=204)
+def delete_checkpoint(run_id: str, segment: str, name: str, principal: WriterPrincipal, ctx: CtxDep,
+                      session: SessionDep, request: Request) -> None:
+    path = TinkerPath.from_checkpoint_id(run_id, f"{segment}/{name}")
+    checkpoints.delete(session, principal, path, now=ctx.clock.now(), request_id=request_id_of(request))
+
+
+@router.put("/checkpoints/{run_id}/{segment}/{name}/ttl", operation_id="set_checkpoint_ttl",
+            response_model=CheckpointPublic)
+def set_checkpoint_ttl(run_id: str, segment: str, name: str, body: TTLUpdate, principal: WriterPrincipal,
+                       ctx: CtxDep, session: SessionDep, request: Request) -> CheckpointPublic:
+    path = TinkerPath.from_checkpoint_id(run_id, f"{segment}/{name}")
+    ckpt = checkpoints.set_ttl(session, principal, path, body.ttl_seconds, settings=ctx.settings, now=ctx.clock.now(),
+                               request_id=request_id_of(request))
+    return checkpoint_public(ckpt)
+
+
+# --- keys -------------------------------------------------------------------------------------
+@router.post("/keys", operation_id="create_key", status_code=201, response_model=KeyCreated)
+def create_key(body: KeyCreate, principal: AdminPrincipal, ctx: CtxDep, session: SessionDep) -> KeyCreated:
+    row, plaintext = auth.create_key(session, tenant=body.tenant, role=body.role, now=ctx.clock.now(), name=body.name)
+    return KeyCreated(**key_public(row).model_dump(), api_key=plaintext)
+
+
+@router.get("/keys", operation_id="list_keys", response_model=list[KeyPublic])
+def list_keys(principal: CurrentPrincipal, session: SessionDep) -> list[KeyPublic]:
+    rows = auth.list_keys(session, tenant_id=None if principal.is_admin else principal.tenant_id)
+    return [key_public(r) for r in rows]
+
+
+@router.delete("/keys/{key_id}", operation_id="revoke_key", response_model=KeyPublic)
+def revoke_key(key_id: str, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep) -> KeyPublic:
+    principal.require_write()
+    return key_public(auth.revoke_key(session, key_id=key_id, principal=principal, now=ctx.clock.now()))

@@ -1,0 +1,114 @@
+"""Tenants, API keys and roles.
+
+Keys look like ``tml-<43 url-safe chars>`` (the Tinker SDK refuses keys without the ``tml-``
+prefix). Only their sha256 is stored: 256 random bits make a slow KDF pointless, and a constant-
+time lookup by hash keeps authentication one indexed query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlmodel import Session, select
+
+from weightstore.errors import AlreadyExists, AuthenticationFailed, Forbidden, InvalidRequest, NotFound
+from weightstore.models import ApiKey, Role, Tenant
+from weightstore.names import check_tenant_name, new_id
+
+KEY_PREFIX = "tml-"
+# Roles that may write (create runs, upload, delete, set TTL, export).
+WRITE_ROLES = {Role.trainer, Role.admin}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller."""
+
+    tenant_id: str
+    key_id: str
+    role: Role
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == Role.admin
+
+    def require_write(self) -> None:
+        if self.role not in WRITE_ROLES:
+            raise Forbidden(f"a {self.role} key cannot modify anything")
+
+    def require_admin(self) -> None:
+        if not self.is_admin:
+            raise Forbidden("this needs an admin key")
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def ensure_tenant(session: Session, name: str, *, now: datetime) -> Tenant:
+    check_tenant_name(name)
+    tenant = session.exec(select(Tenant).where(Tenant.name == name)).first()
+    if tenant is None:
+        tenant = Tenant(id=name, name=name, created_at=now)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_key(session: Session, *, tenant: str, role: str, now: datetime, name: str | None = None) -> tuple[ApiKey, str]:
+    """Create a key for ``tenant`` (created if missing). Returns the row and the plaintext key,
+    which is shown once and never stored."""
+    try:
+        role_enum = Role(role)
+    except ValueError as exc:
+        raise InvalidRequest(f"role must be one of {', '.join(r.value for r in Role)}") from exc
+    t = ensure_tenant(session, tenant, now=now)
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(id=new_id("key"), tenant_id=t.id, key_hash=hash_key(plaintext), prefix=plaintext[:10],
+                 role=role_enum.value, name=name, created_at=now)
+    session.add(row)
+    session.flush()
+    return row, plaintext
+
+
+def authenticate(session: Session, key: str | None, *, now: datetime) -> Principal:
+    if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
+        raise AuthenticationFailed("missing or malformed API key (expected X-API-Key: tml-...)")
+    row = session.exec(select(ApiKey).where(ApiKey.key_hash == hash_key(key))).first()
+    if row is None:
+        raise AuthenticationFailed("unknown API key")
+    if row.revoked_at is not None:
+        raise AuthenticationFailed("this API key has been revoked")
+    return Principal(tenant_id=row.tenant_id, key_id=row.id, role=Role(row.role))
+
+
+def revoke_key(session: Session, *, key_id: str, principal: Principal, now: datetime) -> ApiKey:
+    row = session.get(ApiKey, key_id)
+    if row is None or (row.tenant_id != principal.tenant_id and not principal.is_admin):
+        raise NotFound(f"key {key_id} not found")
+    row.revoked_at = row.revoked_at or now
+    session.add(row)
+    return row
+
+
+def list_keys(session: Session, *, tenant_id: str | None) -> list[ApiKey]:
+    q = select(ApiKey).order_by(ApiKey.created_at)  # type: ignore[arg-type]
+    if tenant_id is not None:
+        q = q.where(ApiKey.tenant_id == tenant_id)
+    return list(session.exec(q))
+
+
+def bootstrap_admin(session: Session, *, now: datetime, tenant: str = "admin") -> str | None:
+    """Create the first admin key if no admin key exists; returns it (once) or None."""
+    exists = session.exec(select(ApiKey).where(ApiKey.role == Role.admin.value, ApiKey.revoked_at.is_(None))).first()  # type: ignore[union-attr]
+    if exists is not None:
+        return None
+    _, plaintext = create_key(session, tenant=tenant, role=Role.admin.value, now=now, name="bootstrap")
+    return plaintext
+
+
+__all__ = ["AlreadyExists", "Principal", "authenticate", "bootstrap_admin", "create_key", "ensure_tenant",
+           "hash_key", "list_keys", "revoke_key"]

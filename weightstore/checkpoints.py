@@ -1,0 +1,143 @@
+"""Checkpoints once committed: look-up, listing, delete, TTL, download URLs.
+
+Visibility rule (one place): a checkpoint is visible when it is ``committed`` and not past its
+``expires_at``. An expired checkpoint disappears at once, before the collector confirms it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, select
+
+from weightstore import audit, ledger
+from weightstore.auth import Principal
+from weightstore.errors import InvalidTTL, NotFound
+from weightstore.models import Blob, Checkpoint, CheckpointFile, CheckpointState
+from weightstore.names import TinkerPath
+from weightstore.objectstore import ObjectStore, blob_key
+from weightstore.settings import Settings
+
+
+def visible_clause(now: datetime) -> Any:
+    return sa.and_(Checkpoint.state == CheckpointState.committed,  # type: ignore[arg-type]
+                   sa.or_(Checkpoint.expires_at.is_(None), Checkpoint.expires_at > now))  # type: ignore[union-attr,operator]
+
+
+def is_visible(ckpt: Checkpoint, now: datetime) -> bool:
+    return ckpt.state == CheckpointState.committed and (ckpt.expires_at is None or ckpt.expires_at > now)
+
+
+def tinker_path(ckpt: Checkpoint) -> str:
+    return str(TinkerPath(ckpt.run_id, ckpt.kind, ckpt.name))
+
+
+def check_ttl(settings: Settings, ttl_seconds: int | None) -> None:
+    if ttl_seconds is None:
+        return
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or not (
+            settings.ttl_min_seconds <= ttl_seconds <= settings.ttl_max_seconds):
+        raise InvalidTTL(f"ttl_seconds is out of range ({settings.ttl_min_seconds}..{settings.ttl_max_seconds})")
+
+
+def expires_at_for(now: datetime, ttl_seconds: int | None) -> datetime | None:
+    return None if ttl_seconds is None else now + timedelta(seconds=ttl_seconds)
+
+
+def find(session: Session, path: TinkerPath, *, now: datetime, tenant_id: str | None = None,
+         allow_public: bool = False) -> Checkpoint:
+    """The visible checkpoint at ``path`` owned by ``tenant_id`` (or public, if allowed)."""
+    q = select(Checkpoint).where(Checkpoint.run_id == path.run_id, Checkpoint.kind == path.kind,
+                                 Checkpoint.name == path.name, visible_clause(now))
+    ckpt = session.exec(q).first()
+    if ckpt is None or (tenant_id is not None and ckpt.tenant_id != tenant_id and not (allow_public and ckpt.public)):
+        raise NotFound(f"checkpoint {path} not found")
+    return ckpt
+
+
+def get_for(session: Session, principal: Principal, path: TinkerPath, *, now: datetime,
+            allow_public: bool = False) -> Checkpoint:
+    return find(session, path, now=now, tenant_id=principal.tenant_id, allow_public=allow_public)
+
+
+def list_checkpoints(session: Session, principal: Principal, *, now: datetime, run_id: str | None = None,
+                     kind: str | None = None, limit: int | None = 100, offset: int = 0) -> tuple[list[Checkpoint], int]:
+    """Newest first. Returns (page, total)."""
+    q = select(Checkpoint).where(Checkpoint.tenant_id == principal.tenant_id, visible_clause(now))
+    if run_id is not None:
+        q = q.where(Checkpoint.run_id == run_id)
+    if kind is not None:
+        q = q.where(Checkpoint.kind == kind)
+    total = session.exec(select(sa.func.count()).select_from(q.subquery())).one()
+    q = q.order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc()).offset(offset)  # type: ignore[attr-defined]
+    if limit is not None:
+        q = q.limit(limit)
+    return list(session.exec(q).all()), int(total)
+
+
+def files_of(session: Session, ckpt: Checkpoint) -> list[CheckpointFile]:
+    return list(session.exec(select(CheckpointFile).where(CheckpointFile.checkpoint_id == ckpt.id)
+                             .order_by(CheckpointFile.path)).all())  # type: ignore[arg-type]
+
+
+def end_checkpoint(session: Session, ckpt: Checkpoint, *, state: CheckpointState, at: datetime, now: datetime) -> None:
+    """Take a checkpoint out of the live set: state change, ledger ``end`` and a touch on its
+    blobs (so the collector's grace period counts from now, not from their last commit)."""
+    ckpt.state = state
+    ckpt.deleted_at = now if state == CheckpointState.deleted else ckpt.deleted_at
+    session.add(ckpt)
+    ledger.on_end(session, ckpt, at=at, now=now)
+    shas = sa.select(CheckpointFile.sha256).where(CheckpointFile.checkpoint_id == ckpt.id)
+    session.execute(sa.update(Blob).where(Blob.sha256.in_(shas)).values(last_referenced_at=now))  # type: ignore[attr-defined]
+
+
+def delete(session: Session, principal: Principal, path: TinkerPath, *, now: datetime,
+           request_id: str | None = None) -> Checkpoint:
+    """Mark deleted: invisible at once; the collector reclaims the bytes after the grace period."""
+    principal.require_write()
+    ckpt = get_for(session, principal, path, now=now)
+    end_checkpoint(session, ckpt, state=CheckpointState.deleted, at=now, now=now)
+    audit.record(session, at=now, action="checkpoint.delete", tenant_id=principal.tenant_id,
+                 key_id=principal.key_id, target=str(path), request_id=request_id)
+    return ckpt
+
+
+def set_ttl(session: Session, principal: Principal, path: TinkerPath, ttl_seconds: int | None, *, settings: Settings,
+            now: datetime, request_id: str | None = None) -> Checkpoint:
+    """``ttl_seconds`` counts from now; ``None`` removes the expiry."""
+    principal.require_write()
+    check_ttl(settings, ttl_seconds)
+    ckpt = get_for(session, principal, path, now=now)
+    ckpt.expires_at = expires_at_for(now, ttl_seconds)
+    session.add(ckpt)
+    ledger.on_ttl(session, ckpt, now=now)
+    audit.record(session, at=now, action="checkpoint.ttl", tenant_id=principal.tenant_id, key_id=principal.key_id,
+                 target=str(path), request_id=request_id, ttl_seconds=ttl_seconds)
+    return ckpt
+
+
+@dataclass(frozen=True)
+class FileUrl:
+    path: str
+    size_bytes: int
+    sha256: str
+    url: str
+    expires_at: datetime
+
+
+def download_urls(session: Session, ckpt: Checkpoint, *, store: ObjectStore, settings: Settings,
+                  now: datetime) -> list[FileUrl]:
+    """Short-lived presigned GETs, one per file. Only live (verified) blobs are handed out."""
+    ttl = settings.presign_ttl_seconds
+    out: list[FileUrl] = []
+    for f in files_of(session, ckpt):
+        blob = session.get(Blob, f.sha256)
+        if blob is None or blob.state != "live":
+            raise NotFound(f"checkpoint {tinker_path(ckpt)} is being collected")
+        leaf = f.path.rsplit("/", 1)[-1]
+        out.append(FileUrl(f.path, f.size_bytes, f.sha256, store.presign_get(blob_key(f.sha256), ttl, filename=leaf),
+                           now + timedelta(seconds=ttl)))
+    return out

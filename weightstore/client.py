@@ -1,0 +1,305 @@
+"""Python client for the native API: save, load, download, list, delete, TTL.
+
+```python
+from weightstore.client import Client
+c = Client("http://127.0.0.1:8000", api_key="tml-...")
+run = c.create_run(base_model="Qwen/Qwen3-8B", lora_rank=32)
+path = c.save_state(run["run_id"], "step-100", weights, optimizer, adapter_config={"r": 32, "lora_alpha": 32})
+weights, opt_state = c.load_state(path)
+optimizer.load_state_dict(opt_state)
+```
+
+Errors come back as the core exception classes (``error_for_code``), so ``except NotFound`` works
+across the wire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from tqdm import tqdm
+
+from weightstore import tensorio
+from weightstore.errors import IntegrityError, WeightstoreError, error_for_code
+from weightstore.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER_STATE
+from weightstore.names import TinkerPath, check_file_path
+
+CHUNK = 8 * 1024 * 1024
+FileSource = bytes | Path
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    code = body.get("code") if isinstance(body, dict) else None
+    message = (body.get("message") if isinstance(body, dict) else None) or response.text or response.reason_phrase
+    cls = error_for_code(code) if code else WeightstoreError
+    err = cls(f"{message} (HTTP {response.status_code})", **(body.get("details") or {}) if isinstance(body, dict) else {})
+    err.status_code = response.status_code  # type: ignore[attr-defined]
+    raise err
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(CHUNK):
+            h.update(data)
+    return h.hexdigest()
+
+
+def _digest(src: FileSource) -> tuple[int, str]:
+    if isinstance(src, bytes | bytearray):
+        return len(src), hashlib.sha256(src).hexdigest()
+    return src.stat().st_size, sha256_file(src)
+
+
+def _chunks(src: FileSource, progress: Callable[[int], None] | None) -> Iterator[bytes]:
+    if isinstance(src, bytes | bytearray):
+        for i in range(0, len(src), CHUNK):
+            piece = bytes(src[i : i + CHUNK])
+            if progress:
+                progress(len(piece))
+            yield piece
+        return
+    with open(src, "rb") as f:
+        while data := f.read(CHUNK):
+            if progress:
+                progress(len(data))
+            yield data
+
+
+def _read_part(src: FileSource, offset: int, length: int) -> bytes:
+    if isinstance(src, bytes | bytearray):
+        return bytes(src[offset : offset + length])
+    with open(src, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+class Client:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 300,
+                 transfer: str = "stream", progress: bool = False, parallel: int = 4) -> None:
+        self.base_url = (base_url or os.environ.get("WEIGHTSTORE_URL") or "http://127.0.0.1:8000").rstrip("/")
+        key = api_key or os.environ.get("WEIGHTSTORE_API_KEY")
+        self.transfer = transfer
+        self.progress = progress
+        self.parallel = parallel
+        headers = {"X-API-Key": key} if key else {}
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        # Presigned URLs carry their own auth: never send our API key to the object store.
+        self.raw = httpx.Client(timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+        self.raw.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, url: str, **kwargs: Any) -> Any:
+        r = self.http.request(method, url, **kwargs)
+        _raise_for(r)
+        return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else None
+
+    # --- runs ---------------------------------------------------------------------------------
+    def create_run(self, base_model: str, *, run_id: str | None = None, lora_rank: int | None = None,
+                   user_metadata: dict[str, str] | None = None, **lora: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"base_model": base_model, "run_id": run_id, "lora_rank": lora_rank,
+                                "user_metadata": user_metadata, **lora}
+        return dict(self._call("POST", "/v1/runs", json={k: v for k, v in body.items() if v is not None}))
+
+    def list_runs(self, *, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/runs", params={"limit": limit, "offset": offset}))
+
+    # --- upload -------------------------------------------------------------------------------
+    def upload(self, run_id: str, kind: str, name: str, files: Mapping[str, FileSource], *,
+               ttl_seconds: int | None = None, overwrite: bool = False, user_metadata: dict[str, str] | None = None,
+               transfer: str | None = None) -> dict[str, Any]:
+        """Declare → send what the service does not have → commit. Returns the commit answer
+        (``tinker_path``, ``checkpoint``, ``bytes_received``)."""
+        for p in files:
+            check_file_path(p)
+        digests = {p: _digest(src) for p, src in files.items()}
+        body = {"run_id": run_id, "kind": kind, "name": name, "ttl_seconds": ttl_seconds, "overwrite": overwrite,
+                "user_metadata": user_metadata, "transfer": transfer or self.transfer,
+                "files": [{"path": p, "size_bytes": s, "sha256": h} for p, (s, h) in sorted(digests.items())]}
+        ans = self._call("POST", "/v1/uploads", json=body)
+        todo = [f for f in ans["files"] if f["transfer"] != "present"]
+        bar = tqdm(total=sum(f["size_bytes"] for f in todo), unit="B", unit_scale=True, desc=f"upload {name}",
+                   disable=not self.progress or not todo, leave=False)
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(todo) or 1))) as pool:
+                for fut in [pool.submit(self._send, ans["upload_id"], f, files[f["path"]], bar.update) for f in todo]:
+                    fut.result()
+        finally:
+            bar.close()
+        return dict(self._call("POST", f"/v1/uploads/{ans['upload_id']}/commit"))
+
+    def _send(self, upload_id: str, answer: dict[str, Any], src: FileSource, progress: Callable[[int], None]) -> None:
+        if answer["transfer"] == "stream":
+            r = self.http.put(f"/v1/uploads/{upload_id}/files/{answer['path']}", content=_chunks(src, progress),
+                              headers={"Content-Type": "application/octet-stream",
+                                       "Content-Length": str(answer["size_bytes"])})
+            _raise_for(r)
+            return
+        if answer.get("part_urls"):
+            size, psize = answer["size_bytes"], answer["part_size"]
+
+            def put_part(n_url: tuple[int, str]) -> None:
+                n, url = n_url
+                data = _read_part(src, n * psize, min(psize, size - n * psize))
+                _raise_for(self.raw.put(url, content=data))
+                progress(len(data))
+
+            with ThreadPoolExecutor(max_workers=self.parallel) as pool:
+                list(pool.map(put_part, enumerate(answer["part_urls"])))
+            return
+        data = src if isinstance(src, bytes | bytearray) else Path(src).read_bytes()
+        _raise_for(self.raw.put(answer["url"], content=bytes(data), headers=answer.get("headers") or {}))
+        progress(len(data))
+
+    def upload_dir(self, directory: str | Path, *, run_id: str, kind: str, name: str, **kw: Any) -> dict[str, Any]:
+        root = Path(directory)
+        files: dict[str, FileSource] = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+        return self.upload(run_id, kind, name, files, **kw)
+
+    # --- Tinker-style save/load ---------------------------------------------------------------
+    @staticmethod
+    def _weights_files(weights: Mapping[str, torch.Tensor] | str | Path, adapter_config: dict[str, Any] | None) -> dict[str, FileSource]:
+        if isinstance(weights, str | Path):
+            root = Path(weights)
+            return {p.name: p for p in sorted(root.iterdir()) if p.is_file()}
+        if adapter_config is None:
+            raise ValueError("adapter_config (at least r and lora_alpha) is required with a tensor dict")
+        cfg = json.dumps(adapter_config, sort_keys=True, indent=2).encode()
+        return {ADAPTER_WEIGHTS: tensorio.weights_bytes(dict(weights)), ADAPTER_CONFIG: cfg}
+
+    def save_state(self, run_id: str, name: str, weights: Mapping[str, torch.Tensor] | str | Path,
+                   optimizer_state: dict[str, Any] | torch.optim.Optimizer | None = None, *,
+                   adapter_config: dict[str, Any] | None = None, ttl_seconds: int | None = None,
+                   overwrite: bool = False, user_metadata: dict[str, str] | None = None) -> str:
+        """Full state (weights + optimizer) at ``tinker://run/weights/name``."""
+        files = self._weights_files(weights, adapter_config)
+        if optimizer_state is not None:
+            sd = optimizer_state.state_dict() if isinstance(optimizer_state, torch.optim.Optimizer) else optimizer_state
+            names = sorted(weights) if isinstance(weights, Mapping) else None
+            files[OPTIMIZER_STATE] = tensorio.optimizer_bytes(sd, param_names=names)
+        elif OPTIMIZER_STATE not in files:
+            raise ValueError("save_state needs optimizer_state (or a directory containing optimizer.safetensors)")
+        return str(self.upload(run_id, "training", name, files, ttl_seconds=ttl_seconds, overwrite=overwrite,
+                               user_metadata=user_metadata)["tinker_path"])
+
+    def save_weights_for_sampler(self, run_id: str, name: str, weights: Mapping[str, torch.Tensor] | str | Path, *,
+                                 adapter_config: dict[str, Any] | None = None, ttl_seconds: int | None = None,
+                                 user_metadata: dict[str, str] | None = None) -> str:
+        """Weights only at ``tinker://run/sampler_weights/name``."""
+        files = self._weights_files(weights, adapter_config)
+        files.pop(OPTIMIZER_STATE, None)
+        return str(self.upload(run_id, "sampler", name, files, ttl_seconds=ttl_seconds,
+                               user_metadata=user_metadata)["tinker_path"])
+
+    def read_file(self, tinker_path: str, file: str) -> bytes:
+        urls = {f["path"]: f for f in self.file_urls(tinker_path)["files"]}
+        if file not in urls:
+            raise IntegrityError(f"{tinker_path} has no file {file}")
+        info = urls[file]
+        r = self.raw.get(info["url"])
+        _raise_for(r)
+        if hashlib.sha256(r.content).hexdigest() != info["sha256"]:
+            raise IntegrityError(f"{file}: downloaded bytes do not match sha256 {info['sha256']}")
+        return r.content
+
+    def load_state(self, tinker_path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """(weights, optimizer state dict or None for a sampler checkpoint), verified by sha256."""
+        weights = tensorio.load_weights(self.read_file(tinker_path, ADAPTER_WEIGHTS))
+        if TinkerPath.parse(tinker_path).kind != "training":
+            return weights, None
+        return weights, tensorio.load_optimizer(self.read_file(tinker_path, OPTIMIZER_STATE))
+
+    # --- checkpoints --------------------------------------------------------------------------
+    @staticmethod
+    def _path_url(tinker_path: str) -> str:
+        p = TinkerPath.parse(tinker_path)
+        return f"/v1/checkpoints/{p.run_id}/{p.checkpoint_id}"
+
+    def get_checkpoint(self, tinker_path: str) -> dict[str, Any]:
+        return dict(self._call("GET", self._path_url(tinker_path)))
+
+    def list_checkpoints(self, *, run_id: str | None = None, kind: str | None = None, limit: int = 100,
+                         offset: int = 0) -> dict[str, Any]:
+        params = {k: v for k, v in {"run_id": run_id, "kind": kind, "limit": limit, "offset": offset}.items() if v is not None}
+        return dict(self._call("GET", "/v1/checkpoints", params=params))
+
+    def file_urls(self, tinker_path: str) -> dict[str, Any]:
+        return dict(self._call("GET", self._path_url(tinker_path) + "/files"))
+
+    def delete(self, tinker_path: str) -> None:
+        self._call("DELETE", self._path_url(tinker_path))
+
+    def set_ttl(self, tinker_path: str, ttl_seconds: int | None) -> dict[str, Any]:
+        return dict(self._call("PUT", self._path_url(tinker_path) + "/ttl", json={"ttl_seconds": ttl_seconds}))
+
+    def download(self, tinker_path: str, dest: str | Path) -> Path:
+        """Download every file into ``dest``, verifying sha256. A ``.partial`` file left by an
+        interrupted download is resumed with a Range request; files already complete are skipped."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        files = self.file_urls(tinker_path)["files"]
+        bar = tqdm(total=sum(f["size_bytes"] for f in files), unit="B", unit_scale=True, desc="download",
+                   disable=not self.progress, leave=False)
+        try:
+            for f in files:
+                self._download_one(f, dest, bar.update)
+        finally:
+            bar.close()
+        return dest
+
+    def _download_one(self, info: dict[str, Any], dest: Path, progress: Callable[[int], None]) -> None:
+        target = dest / check_file_path(info["path"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and target.stat().st_size == info["size_bytes"] and sha256_file(target) == info["sha256"]:
+            progress(info["size_bytes"])
+            return
+        partial = target.with_name(target.name + ".partial")
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > info["size_bytes"]:
+            partial.unlink()
+            have = 0
+        h = hashlib.sha256()
+        if have:
+            with open(partial, "rb") as f:
+                while data := f.read(CHUNK):
+                    h.update(data)
+            progress(have)
+        if have < info["size_bytes"]:
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            with self.raw.stream("GET", info["url"], headers=headers) as r, open(partial, "ab") as out:
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for(r)
+                if have and r.status_code != 206:  # server ignored Range: start over
+                    out.truncate(0)
+                    h = hashlib.sha256()
+                for data in r.iter_bytes(CHUNK):
+                    out.write(data)
+                    h.update(data)
+                    progress(len(data))
+        if h.hexdigest() != info["sha256"]:
+            partial.unlink(missing_ok=True)
+            raise IntegrityError(f"{info['path']}: downloaded bytes do not match sha256 {info['sha256']}")
+        os.replace(partial, target)

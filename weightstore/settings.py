@@ -1,0 +1,109 @@
+"""Settings: one validated pydantic-settings class, every field overridable by a ``WEIGHTSTORE_`` env var.
+
+Tests build ``Settings(...)`` directly with the values they need; the service builds it once at
+start-up (``get_settings()``) so a bad value fails the start, not the first request.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+HOUR = 3600
+TEN_YEARS = 10 * 365 * 24 * HOUR  # Tinker's documented upper bound for ttl_seconds
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WEIGHTSTORE_", extra="ignore")
+
+    # --- service -------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    data_dir: Path = Path("var")
+    """Where the embedded default keeps its SQLite file, S3 data and generated credentials."""
+    public_url: str | None = None
+    """Base URL clients use to reach this service (for streaming upload URLs); default http://host:port."""
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    # --- catalog -------------------------------------------------------------------------------
+    database_url: str | None = None
+    """SQLAlchemy URL. Unset: SQLite at ``data_dir/weightstore.db``."""
+
+    # --- object store --------------------------------------------------------------------------
+    s3_endpoint_url: str | None = None
+    """Unset: the service starts an embedded SeaweedFS on loopback under ``data_dir/s3``."""
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_bucket: str = "weightstore"
+    s3_region: str = "us-east-1"
+    s3_max_pool_connections: int = Field(32, ge=1)
+    multipart_threshold_bytes: int = Field(64 * MiB, ge=5 * MiB)
+    """Files at least this large are uploaded/copied in parts."""
+    part_size_bytes: int = Field(64 * MiB, ge=5 * MiB, le=5 * 1024 * MiB)
+    presign_ttl_seconds: int = Field(900, ge=1, le=7 * 24 * HOUR)
+    """Lifetime of presigned GET/PUT URLs: short on purpose, a leaked URL is a leaked checkpoint."""
+
+    # --- uploads & formats ---------------------------------------------------------------------
+    upload_expiry_seconds: int = Field(24 * HOUR, ge=1)
+    """An upload not committed within this time is closed and its staged bytes become garbage."""
+    max_files_per_checkpoint: int = Field(256, ge=1)
+    max_file_bytes: int = Field(64 * 1024 * 1024 * MiB, ge=1)
+    max_safetensors_header_bytes: int = Field(100 * MiB, ge=8)
+    """safetensors' own reader refuses headers over 100 MB; we refuse them before reading them."""
+    max_json_file_bytes: int = Field(4 * MiB, ge=1)
+    name_max_length: int = Field(128, ge=1, le=255)
+
+    # --- TTL & garbage collection --------------------------------------------------------------
+    ttl_min_seconds: int = Field(HOUR, ge=1)
+    ttl_max_seconds: int = Field(TEN_YEARS, ge=1)
+    gc_grace_seconds: int = Field(6 * HOUR, ge=0)
+    """A blob must be unreferenced this long before it may be deleted (protects in-flight saves)."""
+    gc_interval_seconds: int = Field(15 * 60, ge=1)
+    gc_lease_seconds: int = Field(120, ge=1)
+    gc_delete_batch: int = Field(1000, ge=1, le=1000)
+    embedded_gc: bool = True
+    """Run the collector inside ``weightstore serve`` (embedded default); disable when a separate
+    ``weightstore gc`` worker runs."""
+
+    # --- export jobs ---------------------------------------------------------------------------
+    embedded_worker: bool = True
+    worker_lease_seconds: int = Field(120, ge=1)
+    export_shard_bytes: int = Field(2 * 1024 * MiB, ge=MiB)
+
+    # --- billing -------------------------------------------------------------------------------
+    price_per_gb_month_usd: float = Field(0.10, ge=0)
+    price_per_kind_usd: dict[str, float] = Field(default_factory=dict)
+    """Optional per-kind override, e.g. ``{"training": 0.12}``."""
+
+    # --- admin UI ------------------------------------------------------------------------------
+    session_secret: SecretStr | None = None
+    """Signs admin UI session cookies. Unset: generated and kept under ``data_dir``."""
+    cookie_secure: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.ttl_min_seconds > self.ttl_max_seconds:
+            raise ValueError("ttl_min_seconds must not exceed ttl_max_seconds")
+        if (self.s3_endpoint_url is None) != (self.s3_access_key_id is None) and self.s3_access_key_id:
+            raise ValueError("s3_access_key_id is set but s3_endpoint_url is not")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'weightstore.db').resolve()}"
+
+    @property
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,518 @@
+"""The upload protocol: declare → transfer (dedup / stream / presigned) → commit.
+
+Write order (docs/design.md, rule S2): object durable and sha256 verified → blob row ``live`` →
+checkpoint manifest committed, in one transaction that re-checks every blob is still live.
+
+Transfer modes:
+- ``present``: the caller's tenant already holds these bytes (``tenant_blob``); nothing moves.
+- ``stream``: the bytes go through the service (``BlobWriter``), which hashes them on the way and
+  only completes the S3 multipart upload if the hash matches, so a wrong byte never lands at a
+  content-addressed key.
+- ``presigned``: the client PUTs straight to S3 at a *staging* key (single PUT with a signed
+  SHA-256 checksum, or multipart); commit verifies, then copies into place. Staging keys mean the
+  URL never tells whether a blob already exists elsewhere (no cross-tenant side channel).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
+from sqlmodel import Session, select
+
+from weightstore import audit, formats, ledger, runs
+from weightstore.auth import Principal
+from weightstore.checkpoints import check_ttl, end_checkpoint, expires_at_for
+from weightstore.context import Context
+from weightstore.db import session_scope
+from weightstore.errors import (
+    AlreadyExists,
+    CatalogBusy,
+    IntegrityError,
+    InvalidRequest,
+    NotFound,
+    UploadExpired,
+    UploadIncomplete,
+)
+from weightstore.models import (
+    Blob,
+    BlobState,
+    Checkpoint,
+    CheckpointFile,
+    CheckpointState,
+    Tenant,
+    TenantBlob,
+    TrainingRun,
+    Upload,
+    UploadFile,
+    UploadState,
+)
+from weightstore.names import TinkerPath, check_file_path, check_name, check_sha256, new_id
+from weightstore.objectstore import ObjectStore, blob_key, staging_key
+
+MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
+MIN_PART = 5 * 1024 * 1024  # S3's minimum part size (except the last)
+USER_KINDS = {"training", "sampler"}  # kinds a trainer may upload; the others are made by exports
+
+
+@dataclass(frozen=True)
+class DeclaredFile:
+    path: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class UploadRequest:
+    run_id: str
+    kind: str
+    name: str
+    files: list[DeclaredFile]
+    ttl_seconds: int | None = None
+    overwrite: bool = False
+    user_metadata: dict[str, str] | None = None
+    transfer: str = "stream"
+    """Preferred transfer for bytes the tenant does not hold yet: ``stream`` or ``presigned``."""
+
+
+@dataclass
+class FileAnswer:
+    path: str
+    size_bytes: int
+    sha256: str
+    transfer: str
+    url: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    part_size: int | None = None
+    part_urls: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UploadAnswer:
+    upload_id: str
+    expires_at: datetime
+    tinker_path: str
+    files: list[FileAnswer]
+
+    @property
+    def bytes_to_send(self) -> int:
+        return sum(f.size_bytes for f in self.files if f.transfer != "present")
+
+
+def part_size_for(size: int, preferred: int) -> int:
+    """A part size that keeps every upload within S3's 10,000-part limit."""
+    return max(preferred, MIN_PART, math.ceil(size / MAX_PARTS))
+
+
+def _check_metadata(meta: dict[str, str] | None) -> None:
+    if meta is None:
+        return
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise InvalidRequest("user_metadata must map strings to strings")
+    if len(meta) > 64 or sum(len(k) + len(v) for k, v in meta.items()) > 16_384:
+        raise InvalidRequest("user_metadata is too large (max 64 entries, 16 KiB)")
+
+
+def _default_ttl(session: Session, tenant_id: str, kind: str) -> int | None:
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        return None
+    return tenant.default_ttl_training_seconds if kind == "training" else tenant.default_ttl_sampler_seconds
+
+
+def validate_request(ctx: Context, req: UploadRequest, *, internal: bool = False) -> None:
+    s = ctx.settings
+    if req.kind not in USER_KINDS and not internal:
+        raise InvalidRequest(f"kind must be one of {sorted(USER_KINDS)}")
+    check_name(req.name, max_length=s.name_max_length)
+    if req.overwrite and req.kind != "training":
+        raise InvalidRequest("overwrite is only allowed for full-state (training) checkpoints, as in Tinker")
+    if req.transfer not in {"stream", "presigned"}:
+        raise InvalidRequest("transfer must be 'stream' or 'presigned'")
+    check_ttl(s, req.ttl_seconds)
+    _check_metadata(req.user_metadata)
+    if not req.files:
+        raise InvalidRequest("a checkpoint needs at least one file")
+    if len(req.files) > s.max_files_per_checkpoint:
+        raise InvalidRequest(f"at most {s.max_files_per_checkpoint} files per checkpoint")
+    for f in req.files:
+        check_file_path(f.path)
+        check_sha256(f.sha256)
+        if isinstance(f.size_bytes, bool) or not isinstance(f.size_bytes, int) or not 0 <= f.size_bytes <= s.max_file_bytes:
+            raise InvalidRequest(f"{f.path}: size must be 0..{s.max_file_bytes} bytes")
+    formats.check_file_set(req.kind, [f.path for f in req.files])
+
+
+def _existing_live(session: Session, run_id: str, kind: str, name: str) -> Checkpoint | None:
+    return session.exec(select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.kind == kind,
+                                                 Checkpoint.name == name,
+                                                 Checkpoint.state == CheckpointState.committed)).first()
+
+
+def declare(ctx: Context, principal: Principal, req: UploadRequest, *, internal: bool = False) -> UploadAnswer:
+    """Step 1+2: record the upload and answer, per file, how (and whether) to send its bytes."""
+    principal.require_write()
+    validate_request(ctx, req, internal=internal)
+    now = ctx.clock.now()
+    s = ctx.settings
+    upload_id = new_id("upl")
+    answers: list[FileAnswer] = []
+    with session_scope(ctx.engine) as session:
+        run = runs.get_run(session, principal, req.run_id)
+        if not run.trainable and not internal:
+            raise InvalidRequest(f"run {run.id} was created by copy_weights and cannot be written to")
+        if not req.overwrite and _existing_live(session, req.run_id, req.kind, req.name) is not None:
+            raise AlreadyExists(f"{TinkerPath(req.run_id, req.kind, req.name)} already exists (overwrite=true replaces a full-state checkpoint)")
+        ttl = req.ttl_seconds if req.ttl_seconds is not None else _default_ttl(session, principal.tenant_id, req.kind)
+        owned = set(session.exec(select(TenantBlob.sha256).join(Blob, Blob.sha256 == TenantBlob.sha256).where(  # type: ignore[arg-type]
+            TenantBlob.tenant_id == principal.tenant_id, TenantBlob.sha256.in_([f.sha256 for f in req.files]),  # type: ignore[attr-defined]
+            Blob.state == BlobState.live)).all())
+        upload = Upload(id=upload_id, tenant_id=principal.tenant_id, run_id=req.run_id, kind=req.kind, name=req.name,
+                        overwrite=req.overwrite, ttl_seconds=ttl, user_metadata=req.user_metadata, created_at=now,
+                        expires_at=now + timedelta(seconds=s.upload_expiry_seconds))
+        session.add(upload)
+        session.flush()
+        for i, f in enumerate(req.files):
+            ans = FileAnswer(f.path, f.size_bytes, f.sha256, "present" if f.sha256 in owned else req.transfer)
+            row = UploadFile(upload_id=upload_id, path=f.path, size_bytes=f.size_bytes, sha256=f.sha256,
+                             transfer=ans.transfer, received=ans.transfer == "present")
+            if ans.transfer == "stream":
+                ans.url = f"/v1/uploads/{upload_id}/files/{f.path}"
+            elif ans.transfer == "presigned":
+                row.staging_key = staging_key(upload_id, i)
+                _presign(ctx.store, s.presign_ttl_seconds, row, ans, s.multipart_threshold_bytes, s.part_size_bytes)
+            session.add(row)
+            answers.append(ans)
+        # The upload holds its blobs against the collector from now on (mark reads open uploads
+        # first); touching them restarts their grace period.
+        session.execute(sa.update(Blob).where(Blob.sha256.in_([f.sha256 for f in req.files]))  # type: ignore[attr-defined]
+                        .values(last_referenced_at=now))
+        audit.record(session, at=now, action="upload.declare", tenant_id=principal.tenant_id, key_id=principal.key_id,
+                     target=str(TinkerPath(req.run_id, req.kind, req.name)), upload_id=upload_id,
+                     files=len(req.files), bytes_to_send=sum(a.size_bytes for a in answers if a.transfer != "present"))
+    return UploadAnswer(upload_id, upload.expires_at, str(TinkerPath(req.run_id, req.kind, req.name)), answers)
+
+
+def _presign(store: ObjectStore, ttl: int, row: UploadFile, ans: FileAnswer, threshold: int, part: int) -> None:
+    assert row.staging_key
+    if row.size_bytes < threshold:
+        ans.url, ans.headers = store.presign_put(row.staging_key, ttl, sha256=row.sha256)
+        return
+    psize = part_size_for(row.size_bytes, part)
+    row.multipart_upload_id = store.create_multipart(row.staging_key)
+    ans.part_size = psize
+    ans.part_urls = [store.presign_part(row.staging_key, row.multipart_upload_id, n + 1, ttl)
+                     for n in range(math.ceil(row.size_bytes / psize))]
+
+
+def _load_open_upload(session: Session, principal: Principal, upload_id: str, now: datetime) -> Upload:
+    upload = session.get(Upload, upload_id)
+    if upload is None or upload.tenant_id != principal.tenant_id:
+        raise NotFound(f"upload {upload_id} not found")
+    if upload.state != UploadState.open:
+        raise UploadExpired(f"upload {upload_id} is {upload.state}")
+    if upload.expires_at <= now:
+        raise UploadExpired(f"upload {upload_id} expired at {upload.expires_at.isoformat()}")
+    return upload
+
+
+class BlobWriter:
+    """Receives one file's bytes in order, hashes them and writes them to their blob key.
+
+    The object only becomes visible (single PUT, or multipart completion) once size and sha256
+    match the declaration; otherwise the multipart upload is aborted and nothing is left behind.
+    When the blob already exists, the bytes are only hashed (the tenant proves it holds them).
+    """
+
+    def __init__(self, store: ObjectStore, *, sha256: str, size: int, exists: bool, part_size: int,
+                 threshold: int, max_inflight: int = 3) -> None:
+        self.store, self.sha256, self.size, self.exists = store, sha256, size, exists
+        self.key = blob_key(sha256)
+        self.hash = hashlib.sha256()
+        self.received = 0
+        self.part_size = part_size_for(size, part_size)
+        self.multipart = not exists and size >= threshold
+        self.buffer = bytearray()
+        self.parts: list[Future[str]] = []
+        self.pool: ThreadPoolExecutor | None = None
+        self.mpu_id: str | None = None
+        self.max_inflight = max_inflight
+        if self.multipart:
+            self.mpu_id = store.create_multipart(self.key)
+            self.pool = ThreadPoolExecutor(max_workers=max_inflight)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.received += len(data)
+        if self.received > self.size:
+            self.abort()
+            raise IntegrityError(f"received more than the declared {self.size} bytes")
+        self.hash.update(data)
+        if self.exists:
+            return
+        self.buffer += data
+        if self.multipart:
+            while len(self.buffer) >= self.part_size:
+                chunk = bytes(self.buffer[: self.part_size])
+                del self.buffer[: self.part_size]
+                self._send_part(chunk)
+
+    def _send_part(self, chunk: bytes) -> None:
+        assert self.pool and self.mpu_id
+        # Bounded memory: wait for the oldest part when too many are in flight.
+        inflight = [p for p in self.parts if not p.done()]
+        if len(inflight) >= self.max_inflight:
+            inflight[0].result()
+        self.parts.append(self.pool.submit(self.store.upload_part, self.key, self.mpu_id, len(self.parts) + 1, chunk))
+
+    def finish(self) -> None:
+        if self.received != self.size:
+            self.abort()
+            raise IntegrityError(f"received {self.received} bytes, declared {self.size}")
+        if self.hash.hexdigest() != self.sha256:
+            self.abort()
+            raise IntegrityError(f"sha256 mismatch: declared {self.sha256}, received {self.hash.hexdigest()}")
+        if self.exists:
+            return
+        if not self.multipart:
+            self.store.put_bytes(self.key, bytes(self.buffer), sha256=self.sha256, if_absent=True)
+            return
+        if self.buffer or not self.parts:
+            self._send_part(bytes(self.buffer))
+            self.buffer = bytearray()
+        try:
+            etags = [p.result() for p in self.parts]
+        except BaseException:
+            self.abort()
+            raise
+        self.store.complete_multipart(self.key, self.mpu_id or "", [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)])
+        self._shutdown()
+
+    def abort(self) -> None:
+        if self.mpu_id:
+            for p in self.parts:
+                p.cancel()
+            try:
+                self.store.abort_multipart(self.key, self.mpu_id)
+            except Exception:  # noqa: BLE001 - leftovers are garbage the collector's orphan phase aborts
+                pass
+            self.mpu_id = None
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.pool:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def open_stream(ctx: Context, principal: Principal, upload_id: str, path: str) -> BlobWriter:
+    """Start receiving ``path`` of an open upload through the service."""
+    principal.require_write()
+    check_file_path(path)
+    now = ctx.clock.now()
+    with session_scope(ctx.engine) as session:
+        _load_open_upload(session, principal, upload_id, now)
+        row = session.get(UploadFile, (upload_id, path))
+        if row is None:
+            raise NotFound(f"file {path} is not part of upload {upload_id}")
+        blob = session.get(Blob, row.sha256)
+        if blob is not None and blob.state == BlobState.deleting:
+            raise CatalogBusy("these bytes are being garbage-collected right now; retry in a minute")
+        exists = blob is not None and blob.state == BlobState.live
+    s = ctx.settings
+    return BlobWriter(ctx.store, sha256=row.sha256, size=row.size_bytes, exists=exists,
+                      part_size=s.part_size_bytes, threshold=s.multipart_threshold_bytes)
+
+
+def finish_stream(ctx: Context, principal: Principal, upload_id: str, path: str, writer: BlobWriter) -> None:
+    writer.finish()
+    now = ctx.clock.now()
+    with session_scope(ctx.engine) as session:
+        row = session.get(UploadFile, (upload_id, path))
+        if row is None:
+            raise NotFound(f"file {path} is not part of upload {upload_id}")
+        _mark_live(session, row.sha256, row.size_bytes, now)
+        row.received = True
+        session.add(row)
+
+
+def receive_bytes(ctx: Context, principal: Principal, upload_id: str, path: str, data: bytes) -> None:
+    """Convenience for small files and tests: the whole body at once."""
+    writer = open_stream(ctx, principal, upload_id, path)
+    try:
+        writer.write(data)
+    except BaseException:
+        writer.abort()
+        raise
+    finish_stream(ctx, principal, upload_id, path, writer)
+
+
+def _mark_live(session: Session, sha256: str, size: int, now: datetime) -> None:
+    """Insert the blob row as live (object verified and durable), or refresh an existing one."""
+    blob = session.get(Blob, sha256)
+    if blob is None:
+        session.add(Blob(sha256=sha256, size_bytes=size, state=BlobState.live, created_at=now, verified_at=now,
+                         last_referenced_at=now))
+    elif blob.state == BlobState.deleting:
+        raise CatalogBusy("these bytes are being garbage-collected right now; retry in a minute")
+    else:
+        blob.state, blob.verified_at, blob.last_referenced_at = BlobState.live, blob.verified_at or now, now
+        session.add(blob)
+
+
+def _finalize_presigned(ctx: Context, row: UploadFile) -> None:
+    """Verify a presigned transfer at its staging key and move it into place."""
+    store = ctx.store
+    key = row.staging_key or ""
+    if row.multipart_upload_id:
+        parts = store.list_parts(key, row.multipart_upload_id)
+        if sum(p["Size"] for p in parts) != row.size_bytes:
+            raise UploadIncomplete(f"{row.path}: {sum(p['Size'] for p in parts)} of {row.size_bytes} bytes uploaded",
+                                   files=[row.path])
+        store.complete_multipart(key, row.multipart_upload_id, parts)
+    info = store.head(key, checksum=True)
+    if info is None:
+        raise UploadIncomplete(f"{row.path}: not uploaded yet", files=[row.path])
+    if info.size != row.size_bytes:
+        store.delete(key)
+        raise IntegrityError(f"{row.path}: {info.size} bytes stored, {row.size_bytes} declared", file=row.path)
+    want_b64 = base64.b64encode(bytes.fromhex(row.sha256)).decode()
+    if not (info.checksum_sha256 == want_b64 and not row.multipart_upload_id):
+        # Multipart objects carry a composite checksum, not the whole-file sha256: read it back.
+        digest, _ = store.hash_object(key)
+        if digest != row.sha256:
+            store.delete(key)
+            raise IntegrityError(f"{row.path}: sha256 mismatch: declared {row.sha256}, stored {digest}", file=row.path)
+    final = blob_key(row.sha256)
+    if store.head(final) is None:
+        store.copy(key, final, row.size_bytes)
+    store.delete(key)
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    checkpoint: Checkpoint
+    tinker_path: str
+    bytes_received: int
+
+
+def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: str | None = None,
+           on_validated: Callable[[Session, Checkpoint], None] | None = None) -> CommitResult:
+    """Step 3: verify every file, validate formats, then commit the checkpoint atomically."""
+    principal.require_write()
+    now = ctx.clock.now()
+    with session_scope(ctx.engine) as session:
+        upload = _load_open_upload(session, principal, upload_id, now)
+        rows = list(session.exec(select(UploadFile).where(UploadFile.upload_id == upload_id)).all())
+    # Object-store work happens outside any transaction (it can take minutes).
+    missing = [r.path for r in rows if r.transfer == "stream" and not r.received]
+    if missing:
+        raise UploadIncomplete(f"files not received yet: {', '.join(missing)}", files=missing)
+    received = 0
+    for row in rows:
+        if row.transfer == "presigned" and not row.received:
+            _finalize_presigned(ctx, row)
+            received += row.size_bytes
+            with session_scope(ctx.engine) as session:
+                _mark_live(session, row.sha256, row.size_bytes, ctx.clock.now())
+                db_row = session.get(UploadFile, (row.upload_id, row.path))
+                assert db_row is not None
+                db_row.received = True
+                session.add(db_row)
+        elif row.transfer == "stream":
+            received += row.size_bytes
+    s = ctx.settings
+    for row in rows:
+        key = blob_key(row.sha256)
+        formats.validate_file(row.path, row.size_bytes, lambda a, n, k=key: ctx.store.read_range(k, a, n),
+                              max_header=s.max_safetensors_header_bytes, max_json=s.max_json_file_bytes)
+
+    now = ctx.clock.now()
+    try:
+        with session_scope(ctx.engine) as session:
+            upload = _load_open_upload(session, principal, upload_id, now)
+            run = session.get(TrainingRun, upload.run_id)
+            if run is None or run.tenant_id != principal.tenant_id:
+                raise NotFound(f"training run {upload.run_id!r} not found")
+            shas = sorted({r.sha256 for r in rows})
+            blob_q = select(Blob).where(Blob.sha256.in_(shas))  # type: ignore[attr-defined]
+            if session.get_bind().dialect.name == "postgresql":
+                blob_q = blob_q.with_for_update()  # the collector's tombstone takes the same row locks
+            blobs = {b.sha256: b for b in session.exec(blob_q).all()}
+            not_live = [r.path for r in rows if (b := blobs.get(r.sha256)) is None or b.state != BlobState.live]
+            if not_live:
+                # A dedup hit that the collector reclaimed meanwhile: the client must send the bytes.
+                for r in rows:
+                    if r.path in not_live:
+                        db_row = session.get(UploadFile, (r.upload_id, r.path))
+                        if db_row is not None:
+                            db_row.transfer, db_row.received = "stream", False
+                            session.add(db_row)
+                session.commit()
+                raise UploadIncomplete(f"files must be sent again: {', '.join(not_live)}", files=not_live)
+            old = _existing_live(session, upload.run_id, upload.kind, upload.name)
+            if old is not None:
+                if not upload.overwrite:
+                    raise AlreadyExists(f"{TinkerPath(upload.run_id, upload.kind, upload.name)} already exists")
+                end_checkpoint(session, old, state=CheckpointState.deleted, at=now, now=now)
+                session.flush()
+            ckpt = Checkpoint(id=new_id("ckpt"), tenant_id=principal.tenant_id, run_id=upload.run_id, kind=upload.kind,
+                              name=upload.name, size_bytes=sum(r.size_bytes for r in rows), created_at=now,
+                              expires_at=expires_at_for(now, upload.ttl_seconds), user_metadata=upload.user_metadata)
+            session.add(ckpt)
+            session.flush()
+            for r in rows:
+                session.add(CheckpointFile(checkpoint_id=ckpt.id, path=r.path, size_bytes=r.size_bytes, sha256=r.sha256))
+            owned = set(session.exec(select(TenantBlob.sha256).where(TenantBlob.tenant_id == principal.tenant_id,
+                                                                     TenantBlob.sha256.in_(shas))).all())  # type: ignore[attr-defined]
+            for sha in shas:
+                if sha not in owned:
+                    session.add(TenantBlob(tenant_id=principal.tenant_id, sha256=sha, created_at=now))
+                blobs[sha].last_referenced_at = now
+                session.add(blobs[sha])
+            upload.state, upload.checkpoint_id = UploadState.committed, ckpt.id
+            session.add(upload)
+            runs.touch(session, run, now)
+            ledger.on_commit(session, ckpt, now=now)
+            if on_validated is not None:
+                on_validated(session, ckpt)
+            audit.record(session, at=now, action="checkpoint.commit", tenant_id=principal.tenant_id,
+                         key_id=principal.key_id, target=str(TinkerPath(ckpt.run_id, ckpt.kind, ckpt.name)),
+                         request_id=request_id, upload_id=upload_id, size_bytes=ckpt.size_bytes)
+            session.flush()
+    except DBIntegrityError as exc:
+        # Two committers raced for the same name: the partial unique index picked the winner.
+        raise AlreadyExists(f"{TinkerPath(upload.run_id, upload.kind, upload.name)} already exists") from exc
+    return CommitResult(ckpt, str(TinkerPath(ckpt.run_id, ckpt.kind, ckpt.name)), received)
+
+
+def abort(ctx: Context, principal: Principal, upload_id: str) -> None:
+    principal.require_write()
+    now = ctx.clock.now()
+    with session_scope(ctx.engine) as session:
+        upload = _load_open_upload(session, principal, upload_id, now)
+        upload.state = UploadState.aborted
+        session.add(upload)
+        rows = list(session.exec(select(UploadFile).where(UploadFile.upload_id == upload_id)).all())
+    for r in rows:
+        if r.multipart_upload_id and r.staging_key:
+            ctx.store.abort_multipart(r.staging_key, r.multipart_upload_id)
+
+
+def get_upload(ctx: Context, principal: Principal, upload_id: str) -> tuple[Upload, list[UploadFile]]:
+    with session_scope(ctx.engine) as session:
+        upload = session.get(Upload, upload_id)
+        if upload is None or upload.tenant_id != principal.tenant_id:
+            raise NotFound(f"upload {upload_id} not found")
+        return upload, list(session.exec(select(UploadFile).where(UploadFile.upload_id == upload_id)).all())
+
+
+__all__ = ["BlobWriter", "CommitResult", "DeclaredFile", "FileAnswer", "UploadAnswer", "UploadRequest",
+           "abort", "commit", "declare", "finish_stream", "get_upload", "open_stream", "receive_bytes"]
+
