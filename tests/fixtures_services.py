@@ -124,7 +124,7 @@ def _empty_and_delete_bucket(client: Any, bucket: str) -> None:
 @pytest.fixture
 def s3_bucket(s3_server: S3Config) -> Iterator[str]:
     bucket = f"ws-test-{uuid.uuid4().hex[:20]}"
-    ensure_bucket(s3_server.endpoint_url, s3_server.access_key, s3_server.secret_key, bucket)
+    ensure_bucket(s3_server.endpoint_url, s3_server.access_key, s3_server.secret_key, bucket, region=s3_server.region)
     yield bucket
     _empty_and_delete_bucket(s3_server.client(), bucket)
 

@@ -17,9 +17,10 @@ Hardening choices, each because the defaults are unsafe or noisy:
 * S3 auth is off unless an identity is configured. We always write an
   identities file (``-s3.config``) with one admin identity, so requests with a
   wrong key or bad signature are rejected.
-* The child's environment is scrubbed of ``AWS_*`` and ``WEED_*`` variables
-  and runs with ``cwd``/``HOME`` inside ``data_dir``, so a developer's own
-  credentials or ``~/.seaweedfs/*.toml`` cannot silently change its behaviour.
+* The child's environment is scrubbed of ``AWS_*``, ``WEED_*`` and ``S3_*``
+  variables (weed reads e.g. ``S3_BUCKET`` and ``WEED_*`` overrides) and runs
+  with ``cwd``/``HOME`` inside ``data_dir``, so a developer's own credentials or
+  ``~/.seaweedfs/*.toml`` cannot silently change its behaviour.
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ class SeaweedFS:
         return [
             str(weed),
             f"-logdir={self.log_dir}",
-            "-alsologtostderr=false",  # logs go to rotated files; console keeps fatal errors
+            "-alsologtostderr=false",  # logs go to rotated files; the console keeps errors only
             "mini",
             f"-dir={self.data_dir / 'data'}",
             f"-ip={self.host}",
@@ -416,9 +417,12 @@ def ensure_bucket(endpoint_url: str, access_key: str, secret_key: str, bucket: s
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code not in ("404", "NoSuchBucket", "NotFound"):
             raise
+    # us-east-1 is the one region where S3 rejects an explicit LocationConstraint.
+    location = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
     try:
-        client.create_bucket(Bucket=bucket)
+        client.create_bucket(Bucket=bucket, **location)
     except ClientError as exc:
-        # Another process may have created it between our HEAD and CREATE.
-        if exc.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
+        # Another process may have created it between our HEAD and CREATE; with a
+        # single identity, SeaweedFS may report that as BucketAlreadyExists.
+        if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
             raise

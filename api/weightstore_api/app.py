@@ -17,12 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from weightstore.context import Context
 from weightstore.errors import WeightstoreError
 
 from . import routers as routers_pkg
-from .errors import validation_error_handler, weightstore_error_handler
+from .errors import http_error_handler, validation_error_handler, weightstore_error_handler
 from .observability import REGISTRY, request_context
 
 # A background service started with the app and stopped with it: returns its stop function.
@@ -56,6 +57,7 @@ def create_app(ctx: Context, *, background: Sequence[Background] = ()) -> FastAP
     app.middleware("http")(request_context)
     app.add_exception_handler(WeightstoreError, weightstore_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
 
     @app.get("/healthz", operation_id="healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -62,3 +62,14 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     errs = [{"loc": list(err.get("loc", ())), "msg": err.get("msg")} for err in exc.errors()]
     msg = "; ".join(f"{'.'.join(str(p) for p in x['loc'])}: {x['msg']}" for x in errs) or "invalid request"
     return JSONResponse(error_body("invalid_request", msg, request, errors=errs), status_code=400)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Framework errors (unknown route, wrong method) in the same body shape as ours."""
+    from starlette.exceptions import HTTPException
+
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated", 403: "forbidden"}.get(
+        exc.status_code, "invalid_request" if exc.status_code < 500 else "internal_error")
+    return JSONResponse(error_body(code, str(exc.detail), request), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from weightstore.errors import InvalidFormat, InvalidRequest
+from weightstore.export._ops import FactorRef
 from weightstore.export._safetensors import TensorInfo, check_sha256, read_header
 
 CONFIG_FILE = "config.json"
@@ -236,9 +239,52 @@ def open_adapter(adapter_dir: Path, *, expected_sha256: Mapping[str, str] | None
             raise InvalidFormat(
                 f"adapter: module {path} has lora_A {a} and lora_B {b}, inconsistent with r={rank}", module=path)
         for info in (module.a, module.b):
-            info.torch_dtype  # raises InvalidFormat for non-float factors
+            _ = info.torch_dtype  # raises InvalidFormat for non-float factors
         modules[path] = module
     if not modules:
         raise InvalidFormat("adapter: no LoRA weights found", file=ADAPTER_WEIGHTS)
     return TinkerAdapter(root=root, weights_file=weights, config=config, rank=rank, alpha=float(alpha),
                          modules=modules)
+
+
+class FactorReader:
+    """Lazy access to adapter factors as fp32 2-D matrices (one expert sliced out of 3-D factors).
+
+    The adapter file is memory-mapped by ``safe_open`` and only the slices an op needs are read,
+    so a large MoE adapter never sits in memory whole. Shared factors (the size-1 side of Tinker's
+    shared-outer layout) are cached until :meth:`clear`, since every expert of a tensor reuses them.
+    """
+
+    def __init__(self, adapter: TinkerAdapter) -> None:
+        from safetensors import safe_open  # local: keeps header-only users free of the native module
+
+        self._ctx = safe_open(str(adapter.weights_file), framework="pt")
+        self._file = self._ctx.__enter__()
+        self._cache: dict[tuple[str, int | None], torch.Tensor] = {}
+
+    def raw(self, ref: FactorRef) -> torch.Tensor:
+        """The factor in its stored dtype (2-D)."""
+        if ref.index is None:
+            return self._file.get_tensor(ref.key)
+        return self._file.get_slice(ref.key)[ref.index : ref.index + 1][0]
+
+    def fp32(self, ref: FactorRef) -> torch.Tensor:
+        key = (ref.key, ref.index)
+        t = self._cache.get(key)
+        if t is None:
+            t = self.raw(ref).to(torch.float32).contiguous()
+            self._cache[key] = t
+        return t
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._ctx.__exit__(None, None, None)
+
+    def __enter__(self) -> FactorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,212 @@
+"""Exact-number tests of the metering core, on SQLite and PostgreSQL (``db_url``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from weightstore import db, metering
+from weightstore.db import session_scope
+from weightstore.metering import DAY, HOUR, Pricing
+from weightstore.models import Blob, Checkpoint, CheckpointFile, Tenant, TrainingRun
+from tests.billing.ledger_builder import T0, LedgerBuilder, h
+
+GB = 10**9
+PRICE = Pricing(default=Decimal("0.10"))
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[object]:
+    eng = db.make_engine(db_url, pool_size=2)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def ledger(engine) -> LedgerBuilder:  # type: ignore[no-untyped-def]
+    return LedgerBuilder(engine)
+
+
+def total(engine, start, end, **kw):  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
+        return metering.usage(s, kw.pop("pricing", PRICE), start=start, end=end, **kw)
+
+
+def test_one_gb_for_72_hours_costs_exactly_one_cent(engine, ledger):
+    ledger.commit("c1", T0, GB)
+    ledger.end("c1", T0 + h(72), GB)
+    [row] = total(engine, T0 - h(24), T0 + h(200))
+    assert row.byte_seconds == GB * 72 * 3600
+    assert row.cost_exact_usd == Decimal("0.01")
+    assert row.cost_usd == Decimal("0.01")
+    with session_scope(engine) as s:
+        inv = metering.invoice(s, PRICE, tenant_id="acme", month="2026-01")
+    assert inv.total_usd == Decimal("0.01")
+    assert [(ln.run_id, ln.kind, ln.amount_usd) for ln in inv.lines] == [("run-1", "training", Decimal("0.01"))]
+
+
+def test_created_and_deleted_in_the_same_hour_costs_its_fraction(engine, ledger):
+    ledger.commit("c1", T0 + timedelta(minutes=10), GB)
+    ledger.end("c1", T0 + timedelta(minutes=40), GB)
+    rows = total(engine, T0 - h(2), T0 + h(2), bucket_seconds=HOUR)
+    assert [(r.key["bucket"], r.byte_seconds) for r in rows] == [(T0.isoformat(), GB * 1800)]
+    # 1800 s of 1 GB = 0.5 GB-hour = 0.5/720 GB-month
+    assert rows[0].cost_exact_usd == Decimal("0.10") * Decimal(1800) / Decimal(720 * 3600)
+    assert rows[0].cost_usd == Decimal("0.00")
+
+
+def test_month_boundary_is_split_between_two_invoices(engine, ledger):
+    start = datetime(2026, 1, 31, 6, 30, tzinfo=UTC)
+    end = datetime(2026, 2, 1, 18, 0, tzinfo=UTC)
+    size = 7 * GB + 123
+    ledger.commit("c1", start, size)
+    ledger.end("c1", end, size)
+    with session_scope(engine) as s:
+        jan = metering.invoice(s, PRICE, tenant_id="acme", month="2026-01")
+        feb = metering.invoice(s, PRICE, tenant_id="acme", month="2026-02")
+        mar = metering.invoice(s, PRICE, tenant_id="acme", month="2026-03")
+    assert jan.byte_seconds == size * int((datetime(2026, 2, 1, tzinfo=UTC) - start).total_seconds())
+    assert feb.byte_seconds == size * int((end - datetime(2026, 2, 1, tzinfo=UTC)).total_seconds())
+    assert jan.byte_seconds + feb.byte_seconds == size * int((end - start).total_seconds())
+    assert mar.lines == [] and mar.total_usd == Decimal("0.00")
+    [whole] = total(engine, datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC))
+    assert whole.byte_seconds == jan.byte_seconds + feb.byte_seconds
+
+
+def test_expired_checkpoint_stops_at_expires_at_not_when_the_collector_runs(engine, ledger):
+    ledger.commit("c1", T0, GB, expires_at=T0 + h(10))
+    window = (T0, T0 + h(48))
+    [before] = total(engine, *window)
+    assert before.byte_seconds == GB * 10 * 3600  # no end row yet: still stops at expires_at
+    # the collector notices 30 hours later and writes end at=expires_at
+    ledger.end("c1", T0 + h(10), GB, expires_at=T0 + h(10))
+    [after] = total(engine, *window)
+    assert after.byte_seconds == before.byte_seconds
+
+
+def test_ttl_changes_and_restore(engine, ledger):
+    ledger.commit("a", T0, GB, expires_at=T0 + h(10))
+    ledger.ttl("a", T0 + h(5), GB, T0 + h(20))  # extended
+    ledger.commit("b", T0, GB, expires_at=T0 + h(10))
+    ledger.ttl("b", T0 + h(5), GB, None)  # TTL removed: open-ended
+    ledger.commit("c", T0, GB, expires_at=T0 + h(10))
+    ledger.end("c", T0 + h(10), GB, expires_at=T0 + h(10))
+    ledger.restore("c", T0 + h(15), GB, None)  # restore undoes the expiry: billed without a gap
+    rows = total(engine, T0, T0 + h(30), group_by=("tenant_id",))
+    assert rows[0].byte_seconds == GB * 3600 * (20 + 30 + 30)
+
+
+def test_daily_buckets_and_groupings(engine, ledger):
+    ledger.commit("a", T0 + h(12), 2 * GB, run="r1", kind="training")
+    ledger.end("a", T0 + h(12 + 48), 2 * GB, run="r1", kind="training")
+    ledger.commit("b", T0, GB, run="r2", kind="sampler", tenant="globex")
+    rows = total(engine, T0, T0 + timedelta(days=3), group_by=(), bucket_seconds=DAY)
+    assert [(r.key["bucket"], r.byte_seconds) for r in rows] == [
+        ("2026-01-10", (2 * 12 + 24) * GB * 3600), ("2026-01-11", (2 * 24 + 24) * GB * 3600),
+        ("2026-01-12", (2 * 12 + 24) * GB * 3600)]
+    by_kind = {r.key["kind"]: r.byte_seconds for r in total(engine, T0, T0 + timedelta(days=3), group_by=("kind",))}
+    assert by_kind == {"training": 2 * GB * 48 * 3600, "sampler": GB * 72 * 3600}
+    only_acme = total(engine, T0, T0 + timedelta(days=3), group_by=("run_id",), tenant_id="acme")
+    assert [(r.key["run_id"], r.byte_seconds) for r in only_acme] == [("r1", 2 * GB * 48 * 3600)]
+
+
+def test_pricing_precedence_tenant_then_kind_then_default(engine, ledger):
+    ledger.commit("a", T0, GB, kind="training")
+    ledger.end("a", T0 + h(720), GB, kind="training")
+    ledger.commit("b", T0, GB, kind="sampler")
+    ledger.end("b", T0 + h(720), GB, kind="sampler")
+    ledger.commit("c", T0, GB, kind="sampler", tenant="vip")
+    ledger.end("c", T0 + h(720), GB, kind="sampler", tenant="vip")
+    with session_scope(engine) as s:
+        s.add(Tenant(id="vip", name="vip", created_at=T0, price_per_gb_month_usd=0.05))
+    from weightstore.settings import Settings
+
+    with session_scope(engine) as s:
+        p = metering.pricing(s, Settings(price_per_kind_usd={"training": 0.12}))
+        rows = {(r.key["tenant_id"], r.key["kind"]): r.cost_usd
+                for r in metering.usage(s, p, start=T0, end=T0 + h(800), group_by=("tenant_id", "kind"))}
+    assert rows == {("acme", "training"): Decimal("0.12"), ("acme", "sampler"): Decimal("0.10"),
+                    ("vip", "sampler"): Decimal("0.05")}
+
+
+def test_current_usage_and_projection(engine, ledger):
+    ledger.commit("a", T0, 3 * GB, kind="training")
+    ledger.commit("b", T0, GB, kind="sampler", expires_at=T0 + h(1))
+    ledger.commit("c", T0, GB, kind="sampler")
+    ledger.end("c", T0 + h(2), GB, kind="sampler")
+    with session_scope(engine) as s:
+        [row] = metering.current(s, PRICE, now=T0 + h(0.5))
+        later = metering.current(s, PRICE, now=T0 + h(5), group_by=("kind",))
+    assert (row.checkpoint_count, row.logical_bytes, row.monthly_cost_usd) == (3, 5 * GB, Decimal("0.50"))
+    assert [(r.key, r.logical_bytes) for r in later] == [({"kind": "training"}, 3 * GB)]
+
+
+def test_dedup_bills_twice_logically_once_physically(engine, ledger):
+    sha = "ab" * 32
+    with session_scope(engine) as s:
+        s.add(Tenant(id="acme", name="acme", created_at=T0))
+        s.add(TrainingRun(id="run-1", tenant_id="acme", base_model="m", created_at=T0, last_request_time=T0))
+        s.add(Blob(sha256=sha, size_bytes=GB, state="live", created_at=T0, last_referenced_at=T0))
+        s.flush()
+        for cid, kind in (("c1", "training"), ("c2", "sampler")):
+            s.add(Checkpoint(id=cid, tenant_id="acme", run_id="run-1", kind=kind, name="step-1", size_bytes=GB,
+                             created_at=T0))
+            s.flush()
+            s.add(CheckpointFile(checkpoint_id=cid, path="adapter_model.safetensors", size_bytes=GB, sha256=sha))
+    ledger.commit("c1", T0, GB, kind="training")
+    ledger.commit("c2", T0, GB, kind="sampler")
+    with session_scope(engine) as s:
+        [cur] = metering.current(s, PRICE, now=T0 + h(1))
+        physical = metering.physical_current(s, now=T0 + h(1))
+    assert cur.logical_bytes == 2 * GB
+    assert physical == {"acme": GB}
+    [row] = total(engine, T0, T0 + h(72))
+    assert row.cost_usd == Decimal("0.02")  # billed logically: both checkpoints
+
+
+_EVENTS = st.lists(st.tuples(
+    st.sampled_from(["t1", "t2", "t3"]), st.sampled_from(["training", "sampler"]),
+    st.integers(0, 10 * DAY), st.one_of(st.none(), st.integers(1, 5 * DAY)), st.one_of(st.none(), st.integers(1, 6 * DAY)),
+    st.integers(1, 5 * 10**12)), min_size=1, max_size=12)
+
+
+@hsettings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(events=_EVENTS, ws=st.integers(0, 3 * DAY), wlen=st.integers(1, 9 * DAY))
+def test_property_buckets_and_tenants_add_up(engine, ledger, events, ws, wlen):
+    ledger.reset()
+    for i, (tenant, kind, start, life, ttl, size) in enumerate(events):
+        at = T0 + timedelta(seconds=start)
+        exp = None if ttl is None else at + timedelta(seconds=ttl)
+        ledger.commit(f"c{i}", at, size, tenant=tenant, kind=kind, expires_at=exp)
+        if life is not None:
+            ledger.end(f"c{i}", at + timedelta(seconds=life), size, tenant=tenant, kind=kind, expires_at=exp)
+    start, end = T0 + timedelta(seconds=ws), T0 + timedelta(seconds=ws + wlen)
+    pricing = Pricing(default=Decimal("0.10"), per_kind={"sampler": Decimal("0.07")})
+    by_tenant = total(engine, start, end, group_by=("tenant_id",), pricing=pricing)
+    grand = total(engine, start, end, group_by=(), pricing=pricing)
+    daily = total(engine, start, end, group_by=("tenant_id",), bucket_seconds=DAY, pricing=pricing)
+    # reference: plain Python over the same events
+    expected: dict[str, int] = {}
+    for tenant, _kind, s0, life, ttl, size in events:
+        e0 = min(x for x in (s0 + (life or 10**9), s0 + (ttl or 10**9)))
+        overlap = max(0, min(e0, ws + wlen) - max(s0, ws))
+        if overlap:
+            expected[tenant] = expected.get(tenant, 0) + size * overlap
+    assert {r.key["tenant_id"]: r.byte_seconds for r in by_tenant} == expected
+    grand_bs = grand[0].byte_seconds if grand else 0
+    assert grand_bs == sum(expected.values())
+    for tenant, bs in expected.items():
+        assert sum(r.byte_seconds for r in daily if r.key["tenant_id"] == tenant) == bs  # exact
+        exact = sum(r.cost_exact_usd for r in daily if r.key["tenant_id"] == tenant)
+        assert exact == next(r.cost_exact_usd for r in by_tenant if r.key["tenant_id"] == tenant)
+        n_days = sum(1 for r in daily if r.key["tenant_id"] == tenant)
+        # the stated rule: lines round half-even; a sum of n rounded lines is within n/2 cents of exact
+        rounded = sum(r.cost_usd for r in daily if r.key["tenant_id"] == tenant)
+        assert abs(rounded - exact) <= Decimal("0.005") * n_days
+    # sum over tenants equals the grand total to the cent: exact costs add up exactly, rounded once
+    assert sum(r.cost_exact_usd for r in by_tenant) == (grand[0].cost_exact_usd if grand else 0)
+    assert abs(sum(r.cost_usd for r in by_tenant) - (grand[0].cost_usd if grand else 0)) <= Decimal("0.005") * len(by_tenant)

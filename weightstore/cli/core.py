@@ -1,0 +1,180 @@
+"""Core commands: serve, keys, runs, upload, download, ls, rm, ttl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from weightstore.cli._common import FORMAT_OPTION, KEY_OPTION, URL_OPTION, client, confirm, emit, err, handle_errors
+
+keys_app = typer.Typer(help="API keys (admin).", no_args_is_help=True)
+runs_app = typer.Typer(help="Training runs.", no_args_is_help=True)
+
+CKPT_COLUMNS = ["tinker_path", "kind", "size_bytes", "created_at", "expires_at"]
+
+
+def serve() -> None:
+    """Run the service (embedded default: SQLite + a local SeaweedFS under ./var; or the configured
+    PostgreSQL and S3). Prints the URL and, on first start, a bootstrap admin key."""
+    import uvicorn
+
+    from weightstore import auth, bootstrap
+    from weightstore.db import session_scope
+    from weightstore.settings import Settings
+    from weightstore_api.app import create_app
+    from weightstore_api.observability import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    err(f"weightstore: starting (data dir {settings.data_dir.resolve()})")
+    running = bootstrap.start(settings)
+    ctx = running.ctx
+    with session_scope(ctx.engine) as s:
+        admin_key = auth.bootstrap_admin(s, now=ctx.clock.now())
+    background = []
+    if settings.embedded_gc:
+        try:
+            from weightstore_gc.scheduler import start_in_process as start_gc
+
+            background.append(start_gc)
+        except ImportError:
+            err("weightstore: collector not available; skipping in-process GC")
+    if settings.embedded_worker:
+        try:
+            from weightstore.worker import start_in_process as start_worker
+
+            background.append(start_worker)
+        except ImportError:
+            err("weightstore: export worker not available; skipping in-process worker")
+    app = create_app(ctx, background=background)
+    url = f"http://{settings.host}:{settings.port}"
+    typer.echo(f"weightstore listening on {url}", err=True)
+    typer.echo(f"  S3 store: {ctx.settings.s3_endpoint_url} (bucket {settings.s3_bucket})", err=True)
+    typer.echo(f"  catalog:  {settings.resolved_database_url.split('@')[-1]}", err=True)
+    if admin_key:
+        typer.echo(f"  bootstrap admin key (shown once): {admin_key}", err=True)
+        typer.echo(f"  export WEIGHTSTORE_URL={url} WEIGHTSTORE_API_KEY={admin_key}", err=True)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    finally:
+        running.close()
+
+
+@keys_app.command("create")
+def keys_create(tenant: str = typer.Option(..., "--tenant"), role: str = typer.Option("trainer", "--role"),
+                name: str = typer.Option(None, "--name"), url: str = URL_OPTION, api_key: str = KEY_OPTION,
+                fmt: str = FORMAT_OPTION) -> None:
+    """Create an API key for TENANT (created if new) with ROLE trainer|reader|admin. Prints the key once."""
+    with handle_errors(), client(url, api_key) as c:
+        row = c._call("POST", "/v1/keys", json={"tenant": tenant, "role": role, "name": name})
+    if fmt == "json":
+        emit(row, fmt)
+    else:
+        typer.echo(row["api_key"])
+        err(f"created {role} key {row['key_id']} for tenant {tenant} (shown once)")
+
+
+@keys_app.command("ls")
+def keys_ls(url: str = URL_OPTION, api_key: str = KEY_OPTION, fmt: str = FORMAT_OPTION) -> None:
+    with handle_errors(), client(url, api_key) as c:
+        rows = c._call("GET", "/v1/keys")
+    emit(rows, fmt, ["key_id", "tenant_id", "role", "prefix", "name", "created_at", "revoked_at"])
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, yes: bool = typer.Option(False, "-y", "--yes"), url: str = URL_OPTION,
+                api_key: str = KEY_OPTION) -> None:
+    confirm(f"revoke key {key_id}", yes)
+    with handle_errors(), client(url, api_key) as c:
+        c._call("DELETE", f"/v1/keys/{key_id}")
+    err(f"revoked {key_id}")
+
+
+@runs_app.command("create")
+def runs_create(base_model: str = typer.Option(..., "--base-model"), rank: int = typer.Option(None, "--rank"),
+                run_id: str = typer.Option(None, "--run-id"), url: str = URL_OPTION, api_key: str = KEY_OPTION,
+                fmt: str = FORMAT_OPTION) -> None:
+    """Create a training run; prints its id."""
+    with handle_errors(), client(url, api_key) as c:
+        run = c.create_run(base_model, run_id=run_id, lora_rank=rank)
+    if fmt == "json":
+        emit(run, fmt)
+    else:
+        typer.echo(run["run_id"])
+
+
+@runs_app.command("ls")
+def runs_ls(limit: int = typer.Option(100, "--limit"), url: str = URL_OPTION, api_key: str = KEY_OPTION,
+            fmt: str = FORMAT_OPTION) -> None:
+    with handle_errors(), client(url, api_key) as c:
+        rows = c.list_runs(limit=limit)["runs"]
+    emit(rows, fmt, ["run_id", "base_model", "lora_rank", "created_at", "last_request_time"])
+
+
+def upload(directory: Path = typer.Argument(..., exists=True, file_okay=False), run: str = typer.Option(..., "--run"),
+           kind: str = typer.Option(..., "--kind", help="state (full state) or sampler"),
+           name: str = typer.Option(..., "--name"), ttl: int = typer.Option(None, "--ttl", help="TTL in seconds"),
+           overwrite: bool = typer.Option(False, "--overwrite"),
+           transfer: str = typer.Option("stream", "--transfer", help="stream or presigned"),
+           url: str = URL_OPTION, api_key: str = KEY_OPTION, fmt: str = FORMAT_OPTION) -> None:
+    """Upload a checkpoint directory; prints its tinker:// path."""
+    kinds = {"state": "training", "training": "training", "sampler": "sampler"}
+    if kind not in kinds:
+        err("--kind must be state or sampler")
+        raise typer.Exit(2)
+    with handle_errors(), client(url, api_key, progress=True, transfer=transfer) as c:
+        res = c.upload_dir(directory, run_id=run, kind=kinds[kind], name=name, ttl_seconds=ttl, overwrite=overwrite)
+    if fmt == "json":
+        emit(res, fmt)
+    else:
+        typer.echo(res["tinker_path"])
+        err(f"committed {res['checkpoint']['size_bytes']} bytes ({res['bytes_received']} transferred)")
+
+
+def download(tinker_path: str, dest: Path, url: str = URL_OPTION, api_key: str = KEY_OPTION) -> None:
+    """Download every file of a checkpoint into DEST, verifying sha256 (resumes partial files)."""
+    with handle_errors(), client(url, api_key, progress=True) as c:
+        out = c.download(tinker_path, dest)
+    typer.echo(str(out))
+
+
+def ls(run: str = typer.Option(None, "--run"), kind: str = typer.Option(None, "--kind"),
+       limit: int = typer.Option(100, "--limit"), url: str = URL_OPTION, api_key: str = KEY_OPTION,
+       fmt: str = FORMAT_OPTION) -> None:
+    """List checkpoints, newest first."""
+    with handle_errors(), client(url, api_key) as c:
+        rows: list[dict[str, Any]] = c.list_checkpoints(run_id=run, kind=kind, limit=limit)["checkpoints"]
+    emit(rows, fmt, CKPT_COLUMNS)
+
+
+def rm(tinker_path: str, yes: bool = typer.Option(False, "-y", "--yes"), url: str = URL_OPTION,
+       api_key: str = KEY_OPTION) -> None:
+    """Delete a checkpoint (invisible at once; bytes reclaimed by the collector)."""
+    confirm(f"delete {tinker_path}", yes)
+    with handle_errors(), client(url, api_key) as c:
+        c.delete(tinker_path)
+    err(f"deleted {tinker_path}")
+
+
+def ttl(tinker_path: str, seconds: int = typer.Option(None, "--seconds"), remove: bool = typer.Option(False, "--remove"),
+        url: str = URL_OPTION, api_key: str = KEY_OPTION, fmt: str = FORMAT_OPTION) -> None:
+    """Set a checkpoint's TTL (counted from now) or remove it."""
+    if (seconds is None) == (not remove):
+        err("give exactly one of --seconds S or --remove")
+        raise typer.Exit(2)
+    with handle_errors(), client(url, api_key) as c:
+        row = c.set_ttl(tinker_path, None if remove else seconds)
+    emit(row, fmt, ["tinker_path", "expires_at"])
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(runs_app, name="runs")
+    app.command("upload")(upload)
+    app.command("download")(download)
+    app.command("ls")(ls)
+    app.command("rm")(rm)
+    app.command("ttl")(ttl)

@@ -1,0 +1,460 @@
+"""Storage metering: usage and cost as a pure function of the append-only ledger (``usage_event``).
+
+What is measured
+----------------
+A checkpoint stores ``size_bytes`` (its *logical* size) from its ``commit`` event until the earliest
+of (a) its first ``end`` event not cancelled by a later ``restore`` and (b) its effective
+``expires_at`` (the value carried by its latest ledger row). So an expired checkpoint stops accruing
+at ``expires_at`` even before the collector writes its ``end``. A ``restore`` cancels earlier
+``end`` rows: the bytes were kept all along, so a restored checkpoint is billed without a gap.
+
+Units and rounding (the one rule)
+---------------------------------
+* Time is measured in whole seconds since the Unix epoch (each boundary floored to the second).
+* Usage is an exact integer of **byte-seconds**; it is additive: the byte-seconds of daily buckets
+  sum exactly to the window's, and those of tenants sum exactly to the grand total.
+* GB = 10**9 bytes; 1 GB-month = 720 GB-hours. Exact cost of a line =
+  ``byte_seconds * rate / (10**9 * 720 * 3600)`` as a ``Decimal``.
+* Money is rounded **once per reported line**, half-even to the cent; a total is the **sum of its
+  rounded lines** (so an invoice always adds up). Costs of finer rows are summed exactly before the
+  line is rounded.
+
+Everything aggregates in SQL (SQLite and PostgreSQL alike): one scan of the ledger groups it into
+one interval per checkpoint, and bucketed series use a difference array (partial first/last bucket
+plus ``+size``/``-size`` at the edges of fully covered buckets) so the database returns O(groups ×
+buckets) rows, never one row per checkpoint. SQLite's ``sum`` raises on 64-bit overflow, so
+byte-seconds are summed in two parts (megabytes and the remainder) and recombined in Python.
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session
+
+from weightstore.errors import InvalidRequest
+from weightstore.models import Tenant
+from weightstore.settings import Settings
+
+GB = 10**9
+HOURS_PER_MONTH = 720  # Tinker's projections: one GB-month = 720 GB-hours
+SECONDS_PER_MONTH = HOURS_PER_MONTH * 3600
+BYTE_SECONDS_PER_GB_MONTH = GB * SECONDS_PER_MONTH
+DAY = 86400
+HOUR = 3600
+CENT = Decimal("0.01")
+_SPLIT = 1_000_000  # byte-seconds are summed as (bytes // 1e6) and (bytes % 1e6) parts: no 64-bit overflow
+
+GROUPS = ("tenant_id", "run_id", "kind")
+"""Columns usage can be grouped by (any subset); buckets (day/hour) come on top."""
+
+
+def round_cents(value: Decimal) -> Decimal:
+    return value.quantize(CENT, rounding=ROUND_HALF_EVEN)
+
+
+def epoch(dt: datetime) -> int:
+    """Whole seconds since the epoch (floored), the ledger's unit of time."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() // 1)
+
+
+def from_epoch(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def month_window(month: str) -> tuple[datetime, datetime]:
+    """``YYYY-MM`` → [first instant, first instant of next month) in UTC."""
+    try:
+        year, mon = (int(x) for x in month.split("-"))
+        start = datetime(year, mon, 1, tzinfo=UTC)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(f"month must look like YYYY-MM, got {month!r}") from exc
+    days = calendar.monthrange(year, mon)[1]
+    return start, start + timedelta(days=days)
+
+
+# --- pricing ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pricing:
+    """USD per GB-month. Precedence: tenant override, then per-kind price, then the default."""
+
+    default: Decimal
+    per_kind: dict[str, Decimal] = field(default_factory=dict)
+    per_tenant: dict[str, Decimal] = field(default_factory=dict)
+
+    def rate(self, tenant_id: str | None, kind: str | None) -> Decimal:
+        if tenant_id is not None and tenant_id in self.per_tenant:
+            return self.per_tenant[tenant_id]
+        if kind is not None and kind in self.per_kind:
+            return self.per_kind[kind]
+        return self.default
+
+    def cost(self, byte_seconds: int, tenant_id: str | None, kind: str | None) -> Decimal:
+        """Exact (unrounded) cost of ``byte_seconds``."""
+        return Decimal(byte_seconds) * self.rate(tenant_id, kind) / BYTE_SECONDS_PER_GB_MONTH
+
+
+def _dec(x: float) -> Decimal:
+    return Decimal(str(x))  # 0.1 → Decimal("0.1"), not the binary float's expansion
+
+
+def pricing(session: Session, settings: Settings) -> Pricing:
+    overrides = session.execute(sa.select(Tenant.id, Tenant.price_per_gb_month_usd)  # type: ignore[call-overload]
+                                .where(Tenant.price_per_gb_month_usd.is_not(None))).all()  # type: ignore[union-attr]
+    return Pricing(default=_dec(settings.price_per_gb_month_usd),
+                   per_kind={k: _dec(v) for k, v in settings.price_per_kind_usd.items()},
+                   per_tenant={t: _dec(p) for t, p in overrides})
+
+
+# --- SQL ----------------------------------------------------------------------------------------
+def _epoch_sql(dialect: str, col: str) -> str:
+    if dialect == "sqlite":
+        return f"CAST(strftime('%s', {col}) AS INTEGER)"
+    return f"CAST(floor(extract(epoch FROM {col})) AS BIGINT)"
+
+
+def _intervals_cte(dialect: str, tenant_filter: bool) -> str:
+    """``iv``: one row per checkpoint (tenant_id, run_id, kind, size_bytes, s0, e0 epoch seconds;
+    e0 NULL while open-ended)."""
+    where_h = "WHERE tenant_id = :tenant" if tenant_filter else ""
+    where_e = "WHERE e.tenant_id = :tenant" if tenant_filter else ""
+    ep = lambda c: _epoch_sql(dialect, c)  # noqa: E731
+    return f"""
+head AS MATERIALIZED (
+  SELECT checkpoint_id, MAX(id) AS m, MAX(CASE WHEN event = 'restore' THEN id END) AS r
+  FROM usage_event {where_h} GROUP BY checkpoint_id),
+agg AS MATERIALIZED (
+  SELECT e.checkpoint_id, e.tenant_id, e.run_id, e.kind,
+    MIN(CASE WHEN e.event = 'commit' THEN e.at END) AS start_at,
+    MAX(CASE WHEN e.event = 'commit' THEN e.size_bytes END) AS size_bytes,
+    MIN(CASE WHEN e.event = 'end' AND e.id > COALESCE(h.r, 0) THEN e.at END) AS end_at,
+    MAX(CASE WHEN e.id = h.m THEN e.expires_at END) AS exp_at
+  FROM usage_event e JOIN head h ON h.checkpoint_id = e.checkpoint_id {where_e}
+  GROUP BY e.checkpoint_id, e.tenant_id, e.run_id, e.kind),
+iv AS MATERIALIZED (
+  SELECT checkpoint_id, tenant_id, run_id, kind, size_bytes, {ep('start_at')} AS s0,
+    CASE WHEN end_at IS NULL THEN {ep('exp_at')} WHEN exp_at IS NULL THEN {ep('end_at')}
+         WHEN end_at < exp_at THEN {ep('end_at')} ELSE {ep('exp_at')} END AS e0
+  FROM agg WHERE start_at IS NOT NULL)"""
+
+
+def _check_groups(group_by: Sequence[str]) -> list[str]:
+    cols = list(dict.fromkeys(group_by))
+    bad = [g for g in cols if g not in GROUPS]
+    if bad:
+        raise InvalidRequest(f"cannot group by {bad}; choose from {list(GROUPS)}")
+    return cols
+
+
+# --- usage over a window ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UsageRow:
+    """Usage of one group (and bucket) in a window; ``cost_usd`` exact, ``cost_rounded_usd`` per the rule."""
+
+    key: dict[str, Any]
+    byte_seconds: int
+    cost_exact_usd: Decimal
+
+    @property
+    def gb_hours(self) -> Decimal:
+        return Decimal(self.byte_seconds) / (GB * 3600)
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return round_cents(self.cost_exact_usd)
+
+    @property
+    def average_bytes(self) -> Decimal:
+        return Decimal(self.byte_seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.key)
+        out.update(byte_seconds=self.byte_seconds, gb_hours=float(round(self.gb_hours, 6)),
+                   cost_usd=str(self.cost_usd))
+        return out
+
+
+def _bucket_label(b: int, bucket_seconds: int) -> str:
+    dt = from_epoch(b * bucket_seconds)
+    return dt.date().isoformat() if bucket_seconds == DAY else dt.isoformat()
+
+
+def usage(session: Session, pricing_: Pricing, *, start: datetime, end: datetime, group_by: Sequence[str] = ("tenant_id",),
+          bucket_seconds: int | None = None, tenant_id: str | None = None) -> list[UsageRow]:
+    """Usage and exact cost in ``[start, end)`` per group (and per UTC bucket if ``bucket_seconds``).
+
+    Cost depends on (tenant, kind), so SQL always groups by both; rows are merged to ``group_by``
+    here (summing exact costs), which is O(result rows), not O(checkpoints).
+    """
+    cols = _check_groups(group_by)
+    ws, we = epoch(start), epoch(end)
+    if we <= ws:
+        raise InvalidRequest("the window must end after it starts")
+    if bucket_seconds is not None and (we - ws) // bucket_seconds > 24 * 400:
+        raise InvalidRequest("too many buckets for this window")
+    fine = list(dict.fromkeys([*cols, "tenant_id", "kind"]))
+    dialect = session.get_bind().dialect.name
+    g = ", ".join(fine)
+    head = f"WITH {_intervals_cte(dialect, tenant_id is not None)},\n" + f"""
+cl AS MATERIALIZED (
+  SELECT {g}, size_bytes, size_bytes / {_SPLIT} AS hi, size_bytes % {_SPLIT} AS lo,
+    CASE WHEN s0 > :ws THEN s0 ELSE :ws END AS s,
+    CASE WHEN e0 IS NULL OR e0 > :we THEN :we ELSE e0 END AS e
+  FROM iv WHERE s0 < :we AND (e0 IS NULL OR (e0 > :ws AND e0 > s0)))"""
+    params: dict[str, Any] = {"ws": ws, "we": we}
+    if tenant_id is not None:
+        params["tenant"] = tenant_id
+    acc: dict[tuple[Any, ...], int] = defaultdict(int)
+    if bucket_seconds is None:
+        sql = head + f"\nSELECT {g}, SUM(hi * (e - s)), SUM(lo * (e - s)) FROM cl GROUP BY {g}"
+        for row in session.execute(sa.text(sql), params):
+            acc[tuple(row[:-2])] += int(row[-2] or 0) * _SPLIT + int(row[-1] or 0)
+    else:
+        B = int(bucket_seconds)
+        sql = head + f""",
+bk AS MATERIALIZED (SELECT {g}, size_bytes, hi, lo, s, e, s / {B} AS ds, e / {B} AS de FROM cl)
+SELECT {g}, ds AS b,
+  SUM(hi * (CASE WHEN e < (ds + 1) * {B} THEN e ELSE (ds + 1) * {B} END - s)),
+  SUM(lo * (CASE WHEN e < (ds + 1) * {B} THEN e ELSE (ds + 1) * {B} END - s)), 0
+  FROM bk GROUP BY {g}, ds
+UNION ALL
+SELECT {g}, de, SUM(hi * (e - de * {B})), SUM(lo * (e - de * {B})), 0 FROM bk WHERE de > ds GROUP BY {g}, de
+UNION ALL
+SELECT {g}, ds + 1, 0, 0, SUM(size_bytes) FROM bk WHERE de > ds + 1 GROUP BY {g}, ds + 1
+UNION ALL
+SELECT {g}, de, 0, 0, -SUM(size_bytes) FROM bk WHERE de > ds + 1 GROUP BY {g}, de"""
+        partial: dict[tuple[Any, ...], dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        delta: dict[tuple[Any, ...], dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        for row in session.execute(sa.text(sql), params):
+            key, b = tuple(row[:len(fine)]), int(row[len(fine)])
+            hi, lo, d = (int(x or 0) for x in row[len(fine) + 1:])
+            partial[key][b] += hi * _SPLIT + lo
+            delta[key][b] += d
+        first, last = ws // B, (we - 1) // B
+        for key in set(partial) | set(delta):
+            running = 0
+            for b in range(first, last + 1):
+                running += delta[key].get(b, 0)
+                value = partial[key].get(b, 0) + running * B
+                if value:
+                    acc[(*key, b)] += value
+    out: dict[tuple[Any, ...], list[Any]] = {}
+    for fkey, bs in acc.items():
+        kv = dict(zip(fine, fkey, strict=False))
+        cost = pricing_.cost(bs, kv["tenant_id"], kv["kind"])
+        okey: tuple[Any, ...] = tuple(kv[c] for c in cols)
+        if bucket_seconds is not None:
+            okey = (*okey, fkey[-1])
+        slot = out.setdefault(okey, [0, Decimal(0)])
+        slot[0] += bs
+        slot[1] += cost
+    rows = []
+    for okey, (bs, cost) in out.items():
+        key = dict(zip(cols, okey, strict=False))
+        if bucket_seconds is not None:
+            key["bucket"] = _bucket_label(okey[-1], bucket_seconds)
+        rows.append(UsageRow(key=key, byte_seconds=bs, cost_exact_usd=cost))
+    rows.sort(key=lambda r: tuple(str(v) for v in r.key.values()))
+    return rows
+
+
+def series(rows: Iterable[UsageRow], *, start: datetime, end: datetime, bucket_seconds: int = DAY) -> list[dict[str, Any]]:
+    """Dense per-bucket totals (zeros included) of bucketed rows: for charts and CSV."""
+    ws, we = epoch(start), epoch(end)
+    sums: dict[str, list[Any]] = {}
+    for b in range(ws // bucket_seconds, (we - 1) // bucket_seconds + 1):
+        sums[_bucket_label(b, bucket_seconds)] = [0, Decimal(0)]
+    for r in rows:
+        slot = sums.setdefault(r.key["bucket"], [0, Decimal(0)])
+        slot[0] += r.byte_seconds
+        slot[1] += r.cost_exact_usd
+    out = []
+    for label, (bs, cost) in sums.items():
+        b_start = max(ws, epoch(_parse_label(label)))
+        b_end = min(we, epoch(_parse_label(label)) + bucket_seconds)
+        span = max(1, b_end - b_start)
+        out.append({"bucket": label, "byte_seconds": bs, "average_gb": float(Decimal(bs) / span / GB),
+                    "gb_hours": float(Decimal(bs) / (GB * 3600)), "cost_usd": str(round_cents(cost))})
+    return out
+
+
+def _parse_label(label: str) -> datetime:
+    if len(label) == 10:
+        d = date.fromisoformat(label)
+        return datetime(d.year, d.month, d.day, tzinfo=UTC)
+    return datetime.fromisoformat(label)
+
+
+# --- current usage ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CurrentRow:
+    key: dict[str, Any]
+    checkpoint_count: int
+    logical_bytes: int
+    monthly_cost_exact_usd: Decimal
+    """Cost of keeping today's bytes for 720 hours (the projection)."""
+
+    @property
+    def monthly_cost_usd(self) -> Decimal:
+        return round_cents(self.monthly_cost_exact_usd)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.key)
+        out.update(checkpoint_count=self.checkpoint_count, logical_bytes=self.logical_bytes,
+                   logical_gb=float(Decimal(self.logical_bytes) / GB),
+                   projected_monthly_cost_usd=str(self.monthly_cost_usd))
+        return out
+
+
+def current(session: Session, pricing_: Pricing, *, now: datetime, group_by: Sequence[str] = ("tenant_id",),
+            tenant_id: str | None = None) -> list[CurrentRow]:
+    """Checkpoints storing bytes at ``now`` per group, with a 720-hour cost projection."""
+    cols = _check_groups(group_by)
+    fine = list(dict.fromkeys([*cols, "tenant_id", "kind"]))
+    g = ", ".join(fine)
+    dialect = session.get_bind().dialect.name
+    sql = (f"WITH {_intervals_cte(dialect, tenant_id is not None)}\n"
+           f"SELECT {g}, COUNT(*), SUM(size_bytes) FROM iv WHERE s0 <= :now AND (e0 IS NULL OR e0 > :now) GROUP BY {g}")
+    params: dict[str, Any] = {"now": epoch(now)}
+    if tenant_id is not None:
+        params["tenant"] = tenant_id
+    out: dict[tuple[Any, ...], list[Any]] = {}
+    for row in session.execute(sa.text(sql), params):
+        kv = dict(zip(fine, row[:len(fine)], strict=False))
+        count, size = int(row[-2]), int(row[-1] or 0)
+        cost = pricing_.cost(size * SECONDS_PER_MONTH, kv["tenant_id"], kv["kind"])
+        slot = out.setdefault(tuple(kv[c] for c in cols), [0, 0, Decimal(0)])
+        slot[0] += count
+        slot[1] += size
+        slot[2] += cost
+    rows = [CurrentRow(key=dict(zip(cols, k, strict=False)), checkpoint_count=c, logical_bytes=s, monthly_cost_exact_usd=m)
+            for k, (c, s, m) in out.items()]
+    rows.sort(key=lambda r: (-r.logical_bytes, tuple(str(v) for v in r.key.values())))
+    return rows
+
+
+def physical_current(session: Session, *, now: datetime, tenant_id: str | None = None) -> dict[str, int]:
+    """Unique blob bytes referenced by each tenant's visible checkpoints (dedup counted once).
+
+    Derived from the manifest (checkpoint_file → blob), so it describes *now* only; history is
+    reported in logical bytes (what is billed)."""
+    where = "AND c.tenant_id = :tenant" if tenant_id is not None else ""
+    sql = f"""
+SELECT u.tenant_id, SUM(b.size_bytes) FROM (
+  SELECT DISTINCT c.tenant_id, f.sha256 FROM checkpoint c JOIN checkpoint_file f ON f.checkpoint_id = c.id
+  WHERE c.state = 'committed' AND (c.expires_at IS NULL OR c.expires_at > :now) {where}) u
+JOIN blob b ON b.sha256 = u.sha256 GROUP BY u.tenant_id"""
+    params: dict[str, Any] = {"now": now if dialect_is_pg(session) else _sqlite_ts(now)}
+    if tenant_id is not None:
+        params["tenant"] = tenant_id
+    return {t: int(s or 0) for t, s in session.execute(sa.text(sql), params)}
+
+
+def dialect_is_pg(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _sqlite_ts(dt: datetime) -> str:
+    return dt.astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+# --- invoices -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InvoiceLine:
+    run_id: str
+    kind: str
+    byte_seconds: int
+    rate_usd_per_gb_month: Decimal
+    amount_usd: Decimal  # rounded half-even to the cent
+
+    @property
+    def gb_months(self) -> Decimal:
+        return Decimal(self.byte_seconds) / BYTE_SECONDS_PER_GB_MONTH
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "kind": self.kind, "byte_seconds": self.byte_seconds,
+                "gb_hours": float(round(Decimal(self.byte_seconds) / (GB * 3600), 6)),
+                "gb_months": str(round(self.gb_months, 9)),
+                "rate_usd_per_gb_month": str(self.rate_usd_per_gb_month), "amount_usd": str(self.amount_usd)}
+
+
+@dataclass(frozen=True)
+class Invoice:
+    tenant_id: str
+    month: str
+    period_start: datetime
+    period_end: datetime
+    lines: list[InvoiceLine]
+
+    @property
+    def total_usd(self) -> Decimal:
+        """Sum of the rounded lines (the invoice adds up by construction)."""
+        return sum((line.amount_usd for line in self.lines), Decimal("0.00"))
+
+    @property
+    def byte_seconds(self) -> int:
+        return sum(line.byte_seconds for line in self.lines)
+
+    def by_kind(self) -> list[dict[str, Any]]:
+        acc: dict[str, list[Any]] = {}
+        for line in self.lines:
+            slot = acc.setdefault(line.kind, [0, Decimal("0.00")])
+            slot[0] += line.byte_seconds
+            slot[1] += line.amount_usd
+        return [{"kind": k, "byte_seconds": v[0], "gb_hours": float(round(Decimal(v[0]) / (GB * 3600), 6)),
+                 "amount_usd": str(v[1])} for k, v in sorted(acc.items())]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tenant_id": self.tenant_id, "month": self.month, "period_start": self.period_start.isoformat(),
+                "period_end": self.period_end.isoformat(), "currency": "USD", "total_usd": str(self.total_usd),
+                "byte_seconds": self.byte_seconds, "by_kind": self.by_kind(),
+                "lines": [line.as_dict() for line in self.lines],
+                "rounding": "each line rounded half-even to the cent; total = sum of lines"}
+
+    def csv_rows(self) -> list[dict[str, Any]]:
+        return [{"tenant_id": self.tenant_id, "month": self.month, **line.as_dict()} for line in self.lines]
+
+
+def invoice(session: Session, pricing_: Pricing, *, tenant_id: str, month: str) -> Invoice:
+    """One calendar month (UTC) of one tenant, a line per (run, kind)."""
+    start, end = month_window(month)
+    rows = usage(session, pricing_, start=start, end=end, group_by=("run_id", "kind"), tenant_id=tenant_id)
+    lines = [InvoiceLine(run_id=r.key["run_id"], kind=r.key["kind"], byte_seconds=r.byte_seconds,
+                         rate_usd_per_gb_month=pricing_.rate(tenant_id, r.key["kind"]), amount_usd=r.cost_usd)
+             for r in rows if r.byte_seconds > 0]
+    lines.sort(key=lambda line: (line.kind, line.run_id))
+    return Invoice(tenant_id=tenant_id, month=month, period_start=start, period_end=end, lines=lines)
+
+
+# --- checkpoint lists for the tenant page (catalog rows, current state) -------------------------
+def largest_checkpoints(session: Session, *, tenant_id: str, now: datetime, limit: int = 10) -> list[dict[str, Any]]:
+    return _checkpoint_list(session, tenant_id=tenant_id, now=now, limit=limit, by_expiry=False)
+
+
+def expiring_soon(session: Session, *, tenant_id: str, now: datetime, limit: int = 10) -> list[dict[str, Any]]:
+    return _checkpoint_list(session, tenant_id=tenant_id, now=now, limit=limit, by_expiry=True)
+
+
+def _checkpoint_list(session: Session, *, tenant_id: str, now: datetime, limit: int,
+                     by_expiry: bool) -> list[dict[str, Any]]:
+    from weightstore.checkpoints import visible_clause
+    from weightstore.models import Checkpoint
+
+    q = sa.select(Checkpoint.id, Checkpoint.run_id, Checkpoint.kind, Checkpoint.name, Checkpoint.size_bytes,  # type: ignore[call-overload]
+                  Checkpoint.created_at, Checkpoint.expires_at).where(Checkpoint.tenant_id == tenant_id, visible_clause(now))
+    if by_expiry:
+        q = q.where(Checkpoint.expires_at.is_not(None))  # type: ignore[union-attr]
+        q = q.order_by(Checkpoint.expires_at.asc(), Checkpoint.id)  # type: ignore[union-attr]
+    else:
+        q = q.order_by(Checkpoint.size_bytes.desc(), Checkpoint.id)  # type: ignore[attr-defined]
+    rows = session.execute(q.limit(limit)).all()
+    return [dict(r._mapping) for r in rows]
