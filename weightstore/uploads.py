@@ -169,7 +169,8 @@ def declare(ctx: Context, principal: Principal, req: UploadRequest, *, internal:
         if not run.trainable and not internal:
             raise InvalidRequest(f"run {run.id} was created by copy_weights and cannot be written to")
         if not req.overwrite and _existing_live(session, req.run_id, req.kind, req.name) is not None:
-            raise AlreadyExists(f"{TinkerPath(req.run_id, req.kind, req.name)} already exists (overwrite=true replaces a full-state checkpoint)")
+            path = TinkerPath(req.run_id, req.kind, req.name)
+            raise AlreadyExists(f"{path} already exists (overwrite=true replaces a full-state checkpoint)")
         ttl = req.ttl_seconds if req.ttl_seconds is not None else _default_ttl(session, principal.tenant_id, req.kind)
         owned = set(session.exec(select(TenantBlob.sha256).join(Blob, Blob.sha256 == TenantBlob.sha256).where(  # type: ignore[arg-type]
             TenantBlob.tenant_id == principal.tenant_id, TenantBlob.sha256.in_([f.sha256 for f in req.files]),  # type: ignore[attr-defined]
@@ -291,7 +292,8 @@ class BlobWriter:
         except BaseException:
             self.abort()
             raise
-        self.store.complete_multipart(self.key, self.mpu_id or "", [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)])
+        parts = [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]
+        self.store.complete_multipart(self.key, self.mpu_id or "", parts)
         self._shutdown()
 
     def abort(self) -> None:

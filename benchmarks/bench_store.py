@@ -1,0 +1,182 @@
+"""Store benchmarks (issue 2), side by side in one run against one SeaweedFS:
+
+1. save/load of a ~1 GiB full-state checkpoint through the client vs raw boto3
+   ``upload_file``/``download_file`` of the same bytes (both transfer modes);
+2. re-saving an identical checkpoint: bytes moved and time as a fraction of the first save;
+3. declare→commit latency of a 100 MB sampler checkpoint, median and p99 over 20 runs.
+
+The service runs as a separate process (``weightstore serve`` on SQLite) so client and server do
+not share a GIL, as in production. Usage: ``python -m benchmarks.bench_store [--size-mib 1024]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+import torch
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from weightstore import tensorio
+from weightstore.client import Client
+from weightstore.embedded import SeaweedFS, ensure_bucket
+
+RESULTS = Path(__file__).parent / "results" / "store.md"
+
+
+def make_state(dest: Path, total_bytes: int, seed: int) -> None:
+    """adapter weights (1/3) + AdamW moments (2/3) of about ``total_bytes``, fp32."""
+    g = torch.Generator().manual_seed(seed)
+    n_tensors = 64
+    per = total_bytes // 3 // n_tensors // 4
+    weights = {f"base_model.model.layers.{i}.lora_A.weight": torch.randn(per, generator=g) for i in range(n_tensors)}
+    state = {"state": {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(per, generator=g),
+                           "exp_avg_sq": torch.rand(per, generator=g)} for i in range(n_tensors)},
+             "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+                               "params": list(range(n_tensors))}]}
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "adapter_model.safetensors").write_bytes(tensorio.weights_bytes(weights))
+    (dest / "optimizer.safetensors").write_bytes(tensorio.optimizer_bytes(state))
+    (dest / "adapter_config.json").write_text('{"lora_alpha": 32, "r": 32}')
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.iterdir())
+
+
+def timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--sampler-mb", type=int, default=100)
+    ap.add_argument("--commits", type=int, default=20)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ws-bench-"))
+    access, secret = "BENCH" + secrets.token_hex(6).upper(), secrets.token_urlsafe(24)
+    weed = SeaweedFS(work / "s3", access_key=access, secret_key=secret)
+    weed.start()
+    server = None
+    try:
+        ensure_bucket(weed.endpoint_url, access, secret, "weightstore")
+        ensure_bucket(weed.endpoint_url, access, secret, "raw")
+        port = 18000 + secrets.randbelow(1000)
+        env = {**os.environ, "WEIGHTSTORE_DATA_DIR": str(work / "var"), "WEIGHTSTORE_PORT": str(port),
+               "WEIGHTSTORE_S3_ENDPOINT_URL": weed.endpoint_url, "WEIGHTSTORE_S3_ACCESS_KEY_ID": access,
+               "WEIGHTSTORE_S3_SECRET_ACCESS_KEY": secret, "WEIGHTSTORE_EMBEDDED_GC": "false",
+               "WEIGHTSTORE_EMBEDDED_WORKER": "false", "WEIGHTSTORE_LOG_LEVEL": "WARNING"}
+        server = subprocess.Popen([sys.executable, "-m", "weightstore.cli", "serve"], env=env,
+                                  stderr=subprocess.PIPE, text=True)
+        admin = None
+        assert server.stderr is not None
+        for line in server.stderr:
+            if "bootstrap admin key" in line:
+                admin = line.strip().rsplit(" ", 1)[-1]
+            if "listening" in line and admin is None:
+                continue
+            if admin:
+                break
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                if httpx.get(url + "/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        key = httpx.post(url + "/v1/keys", headers={"X-API-Key": admin},
+                         json={"tenant": "bench", "role": "trainer"}).json()["api_key"]
+        s3 = boto3.client("s3", endpoint_url=weed.endpoint_url, aws_access_key_id=access, aws_secret_access_key=secret,
+                          region_name="us-east-1", config=Config(s3={"addressing_style": "path"}, signature_version="s3v4",
+                                                                 max_pool_connections=32))
+        tcfg = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8)
+        rows: list[str] = []
+
+        ckpt = work / "state"
+        make_state(ckpt, args.size_mib * 2**20, seed=1)
+        total = dir_bytes(ckpt)
+        gib = total / 2**30
+
+        def raw_up() -> None:
+            for p in ckpt.iterdir():
+                s3.upload_file(str(p), "raw", f"bench/{p.name}", Config=tcfg)
+
+        def raw_down(dest: Path) -> None:
+            dest.mkdir(parents=True, exist_ok=True)
+            for p in ckpt.iterdir():
+                s3.download_file("raw", f"bench/{p.name}", str(dest / p.name), Config=tcfg)
+
+        t_raw_up = timed(raw_up)
+        t_raw_down = timed(lambda: raw_down(work / "raw-dl"))
+        rows.append(f"| raw boto3 upload_file / download_file | {t_raw_up:.2f} s ({gib / t_raw_up:.2f} GiB/s) | "
+                    f"{t_raw_down:.2f} s ({gib / t_raw_down:.2f} GiB/s) | 1.00 / 1.00 |")
+        for mode in ("stream", "presigned"):
+            with Client(url, key, transfer=mode) as c:
+                run = c.create_run("bench-base", lora_rank=32)["run_id"]
+                res: dict = {}
+                t_up = timed(lambda: res.update(c.upload_dir(ckpt, run_id=run, kind="training", name="s1")))
+                t_down = timed(lambda: c.download(res["tinker_path"], work / f"dl-{mode}"))
+                rows.append(f"| client save_state / download ({mode}) | {t_up:.2f} s ({gib / t_up:.2f} GiB/s) | "
+                            f"{t_down:.2f} s ({gib / t_down:.2f} GiB/s) | {t_raw_up / t_up:.2f} / {t_raw_down / t_down:.2f} |")
+                if mode == "stream":
+                    again: dict = {}
+                    t_again = timed(lambda: again.update(c.upload_dir(ckpt, run_id=run, kind="training", name="s2")))
+                    dedup_row = (f"| re-save identical {gib:.2f} GiB state | {again['bytes_received']} bytes moved | "
+                                 f"{t_again:.3f} s = {100 * t_again / t_up:.1f} % of first save |")
+
+        # commit latency of a 100 MB sampler checkpoint (fresh bytes each time: no dedup)
+        lat: list[float] = []
+        with Client(url, key) as c:
+            run = c.create_run("bench-base", lora_rank=32)["run_id"]
+            n = args.sampler_mb * 10**6 // 4
+            for i in range(args.commits):
+                w = {"base_model.model.x.lora_A.weight": torch.randn(n, generator=torch.Generator().manual_seed(100 + i))}
+                files = {"adapter_model.safetensors": tensorio.weights_bytes(w),
+                         "adapter_config.json": b'{"lora_alpha": 32, "r": 32}'}
+                lat.append(timed(lambda f=files, i=i: c.upload(run, "sampler", f"s{i}", f)))
+        lat.sort()
+        p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
+        out = [
+            "## Store: save/load vs raw boto3 (same SeaweedFS, same bytes, one run)",
+            "",
+            f"Full-state checkpoint of {total / 2**20:.0f} MiB (weights + AdamW moments, 3 files); service on SQLite "
+            "in its own process; 2 cores. Ratio = raw time / our time (≥ 0.9 is the target).",
+            "",
+            "| path | save | load | ratio save / load |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            "| dedup | bytes moved | time |",
+            "|---|---|---|",
+            dedup_row,
+            "",
+            f"Declare→commit of a {args.sampler_mb} MB sampler checkpoint ({args.commits} runs, fresh bytes each): "
+            f"median {statistics.median(lat) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
+            f"(includes the client's sha256 and the transfer).",
+            "",
+        ]
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text("\n".join(out))
+        print("\n".join(out))
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=20)
+        weed.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from weightstore.cli import main
+
+main()
