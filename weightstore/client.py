@@ -21,16 +21,17 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import torch
 from tqdm import tqdm
 
-from weightstore import tensorio
 from weightstore.errors import IntegrityError, WeightstoreError, error_for_code
 from weightstore.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER_STATE
 from weightstore.names import TinkerPath, check_file_path
+
+if TYPE_CHECKING:  # torch is imported only by the calls that need it: the CLI starts fast without it
+    import torch
 
 CHUNK = 8 * 1024 * 1024
 FileSource = bytes | Path
@@ -180,12 +181,13 @@ class Client:
 
     # --- Tinker-style save/load ---------------------------------------------------------------
     @staticmethod
-    def _weights_files(weights: Mapping[str, torch.Tensor] | str | Path, adapter_config: dict[str, Any] | None) -> dict[str, FileSource]:
+    def _weights_files(weights: Mapping[str, "torch.Tensor"] | str | Path, adapter_config: dict[str, Any] | None) -> dict[str, FileSource]:
         if isinstance(weights, str | Path):
             root = Path(weights)
             return {p.name: p for p in sorted(root.iterdir()) if p.is_file()}
         if adapter_config is None:
             raise ValueError("adapter_config (at least r and lora_alpha) is required with a tensor dict")
+        from weightstore import tensorio
         cfg = json.dumps(adapter_config, sort_keys=True, indent=2).encode()
         return {ADAPTER_WEIGHTS: tensorio.weights_bytes(dict(weights)), ADAPTER_CONFIG: cfg}
 
@@ -194,9 +196,11 @@ class Client:
                    adapter_config: dict[str, Any] | None = None, ttl_seconds: int | None = None,
                    overwrite: bool = False, user_metadata: dict[str, str] | None = None) -> str:
         """Full state (weights + optimizer) at ``tinker://run/weights/name``."""
+        from weightstore import tensorio
+
         files = self._weights_files(weights, adapter_config)
         if optimizer_state is not None:
-            sd = optimizer_state.state_dict() if isinstance(optimizer_state, torch.optim.Optimizer) else optimizer_state
+            sd = optimizer_state if isinstance(optimizer_state, dict) else optimizer_state.state_dict()
             names = sorted(weights) if isinstance(weights, Mapping) else None
             files[OPTIMIZER_STATE] = tensorio.optimizer_bytes(sd, param_names=names)
         elif OPTIMIZER_STATE not in files:
@@ -226,6 +230,8 @@ class Client:
 
     def load_state(self, tinker_path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
         """(weights, optimizer state dict or None for a sampler checkpoint), verified by sha256."""
+        from weightstore import tensorio
+
         weights = tensorio.load_weights(self.read_file(tinker_path, ADAPTER_WEIGHTS))
         if TinkerPath.parse(tinker_path).kind != "training":
             return weights, None
