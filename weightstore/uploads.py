@@ -240,7 +240,8 @@ class BlobWriter:
         self.received = 0
         self.part_size = part_size_for(size, part_size)
         self.multipart = not exists and size >= threshold
-        self.buffer = bytearray()
+        self.pending: list[memoryview] = []
+        self.pending_len = 0
         self.parts: list[Future[str]] = []
         self.pool: ThreadPoolExecutor | None = None
         self.mpu_id: str | None = None
@@ -257,12 +258,27 @@ class BlobWriter:
         self.hash.update(data)
         if self.exists:
             return
-        self.buffer += data
+        # Keep references, not copies: a part is joined once, when it is complete.
+        self.pending.append(memoryview(data))
+        self.pending_len += len(data)
         if self.multipart:
-            while len(self.buffer) >= self.part_size:
-                chunk = bytes(self.buffer[: self.part_size])
-                del self.buffer[: self.part_size]
-                self._send_part(chunk)
+            while self.pending_len >= self.part_size:
+                self._send_part(self._take(self.part_size))
+
+    def _take(self, n: int) -> bytes:
+        out: list[memoryview] = []
+        need = n
+        while need and self.pending:
+            head = self.pending[0]
+            if len(head) <= need:
+                out.append(self.pending.pop(0))
+                need -= len(head)
+            else:
+                out.append(head[:need])
+                self.pending[0] = head[need:]
+                need = 0
+        self.pending_len -= n - need
+        return b"".join(out)
 
     def _send_part(self, chunk: bytes) -> None:
         assert self.pool and self.mpu_id
@@ -282,11 +298,10 @@ class BlobWriter:
         if self.exists:
             return
         if not self.multipart:
-            self.store.put_bytes(self.key, bytes(self.buffer), sha256=self.sha256, if_absent=True)
+            self.store.put_bytes(self.key, self._take(self.pending_len), sha256=self.sha256, if_absent=True)
             return
-        if self.buffer or not self.parts:
-            self._send_part(bytes(self.buffer))
-            self.buffer = bytearray()
+        if self.pending_len or not self.parts:
+            self._send_part(self._take(self.pending_len))
         try:
             etags = [p.result() for p in self.parts]
         except BaseException:

@@ -81,15 +81,17 @@ async def stream_upload_file(upload_id: str, path: str, request: Request, princi
     """Send one declared file's bytes through the service. The object becomes visible only if
     size and sha256 match the declaration."""
     writer = await run_in_threadpool(uploads.open_stream, ctx, principal, upload_id, path)
-    pending = bytearray()
+    pending: list[bytes] = []
+    size = 0
     try:
         async for chunk in request.stream():
-            pending += chunk
-            if len(pending) >= STREAM_BATCH:
-                data, pending = bytes(pending), bytearray()
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= STREAM_BATCH:
+                data, pending, size = b"".join(pending), [], 0
                 await anyio.to_thread.run_sync(writer.write, data)
         if pending:
-            await anyio.to_thread.run_sync(writer.write, bytes(pending))
+            await anyio.to_thread.run_sync(writer.write, b"".join(pending))
     except BaseException:
         await anyio.to_thread.run_sync(writer.abort)
         raise
