@@ -317,7 +317,7 @@ def remove(session: Session, principal: Principal, name: str, *, now: Any, reque
     if used["checkpoints"] or used["active_jobs"]:
         raise InUse(f"base model {name!r} is still used by {used['checkpoints']} checkpoint(s) and "
                     f"{used['active_jobs']} unfinished export job(s)", **used)
-    shas = sa.select(BaseModelFile.sha256).where(BaseModelFile.base_model == name)
+    shas = sa.select(BaseModelFile.sha256).where(BaseModelFile.base_model == name)  # type: ignore[call-overload]
     session.execute(sa.update(Blob).where(Blob.sha256.in_(shas)).values(last_referenced_at=now))  # type: ignore[attr-defined]
     session.execute(sa.delete(BaseModelFile).where(BaseModelFile.base_model == name))  # type: ignore[arg-type]
     session.execute(sa.delete(BaseModel).where(BaseModel.name == name))  # type: ignore[arg-type]

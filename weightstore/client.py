@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # torch is imported only by the calls that need it: the CLI s
     import torch
 
 CHUNK = 8 * 1024 * 1024
+RETRIES = 4
 FileSource = bytes | Path
 
 
@@ -152,6 +154,16 @@ class Client:
         return dict(self._call("POST", f"/v1/uploads/{ans['upload_id']}/commit"))
 
     def _send(self, upload_id: str, answer: dict[str, Any], src: FileSource, progress: Callable[[int], None]) -> None:
+        for attempt in range(RETRIES):
+            try:
+                return self._send_once(upload_id, answer, src, progress)
+            except WeightstoreError as exc:
+                # Retry only what the service marks transient (store hiccup, blob being collected).
+                if not exc.retryable or attempt == RETRIES - 1 or answer["transfer"] != "stream":
+                    raise
+                time.sleep(min(2**attempt, 10))
+
+    def _send_once(self, upload_id: str, answer: dict[str, Any], src: FileSource, progress: Callable[[int], None]) -> None:
         if answer["transfer"] == "stream":
             r = self.http.put(f"/v1/uploads/{upload_id}/files/{answer['path']}", content=_chunks(src, progress),
                               headers={"Content-Type": "application/octet-stream",

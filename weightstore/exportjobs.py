@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -286,7 +285,7 @@ def cancel(session: Session, principal: Principal, job_id: str, *, now: datetime
 def _claimable(now: datetime) -> Any:
     return sa.or_(
         sa.and_(ExportJob.state == "queued",  # type: ignore[arg-type]
-                sa.or_(ExportJob.not_before.is_(None), ExportJob.not_before <= now)),  # type: ignore[union-attr,operator]
+                sa.or_(ExportJob.not_before.is_(None), ExportJob.not_before <= now)),  # type: ignore[union-attr,operator,arg-type]
         sa.and_(ExportJob.state == "running", ExportJob.lease_expires_at < now),  # type: ignore[arg-type,operator]
     )
 
@@ -414,38 +413,22 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-Converter = Callable[..., Any]
-
-
-def _library(target: str) -> Converter:
-    from weightstore import export as lib
-
-    fn: Converter = lib.export_peft if target == "peft" else lib.export_merged
-    return fn
-
-
 def convert(target: str, adapter_dir: Path, base_dir: Path, out_dir: Path, *, base_name: str | None = None,
             shard_bytes: int | None = None) -> dict[str, Any]:
-    """Run the local conversion library; returns its verification results as JSON-able data."""
-    fn = _library(target)
-    params = inspect.signature(fn).parameters
-    kwargs: dict[str, Any] = {}
-    if shard_bytes is not None:
-        for k in ("shard_bytes", "max_shard_bytes", "shard_size"):
-            if k in params:
-                kwargs[k] = shard_bytes
-                break
-    if base_name is not None:
-        for k in ("base_model_name", "base_model_name_or_path", "base_name"):
-            if k in params:
-                kwargs[k] = base_name
-                break
-    result = fn(adapter_dir, base_dir, out_dir, **kwargs)
-    data = _jsonable(result.to_dict() if hasattr(result, "to_dict") else result)
-    if isinstance(data, dict):
-        # The plan can be long (one line per tensor); the job keeps the summary and the checks.
-        return {k: v for k, v in data.items() if k not in ("plan", "out_dir")}
-    return {"result": data}
+    """Run the local conversion library (``weightstore.export``); returns the result summary with its
+    verification report as JSON-able data. Raises the library's errors (``VerificationFailed``, ...)."""
+    from weightstore import export as lib
+
+    _check_target(target)
+    if target == "peft":
+        result = lib.export_peft(adapter_dir, base_dir, out_dir, base_model_name=base_name)
+    elif shard_bytes is not None:
+        result = lib.export_merged(adapter_dir, base_dir, out_dir, shard_size=shard_bytes)
+    else:
+        result = lib.export_merged(adapter_dir, base_dir, out_dir)
+    data = _jsonable(result.to_dict())
+    # The plan can be long (one line per tensor); the job keeps the summary and the checks.
+    return {k: v for k, v in data.items() if k not in ("plan", "out_dir")}
 
 
 def _download_checkpoint(ctx: Context, ckpt_files: list[tuple[str, int, str]], dest: Path,

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
+from fractions import Fraction
 from typing import Any
 
 import sqlalchemy as sa
@@ -56,8 +57,12 @@ GROUPS = ("tenant_id", "run_id", "kind")
 """Columns usage can be grouped by (any subset); buckets (day/hour) come on top."""
 
 
-def round_cents(value: Decimal) -> Decimal:
-    return value.quantize(CENT, rounding=ROUND_HALF_EVEN)
+def round_cents(value: Decimal | Fraction | int) -> Decimal:
+    """Half-even to the cent, exactly (costs are kept as ``Fraction`` until they are rounded)."""
+    if isinstance(value, Decimal):
+        return value.quantize(CENT, rounding=ROUND_HALF_EVEN)
+    cents = round(Fraction(value) * 100)  # Fraction.__round__ is exact and rounds half to even
+    return (Decimal(cents) / 100).quantize(CENT)
 
 
 def epoch(dt: datetime) -> int:
@@ -98,9 +103,9 @@ class Pricing:
             return self.per_kind[kind]
         return self.default
 
-    def cost(self, byte_seconds: int, tenant_id: str | None, kind: str | None) -> Decimal:
-        """Exact (unrounded) cost of ``byte_seconds``."""
-        return Decimal(byte_seconds) * self.rate(tenant_id, kind) / BYTE_SECONDS_PER_GB_MONTH
+    def cost(self, byte_seconds: int, tenant_id: str | None, kind: str | None) -> Fraction:
+        """Exact (unrounded) cost of ``byte_seconds``: a ``Fraction``, so sums of costs stay exact."""
+        return Fraction(byte_seconds) * Fraction(self.rate(tenant_id, kind)) / BYTE_SECONDS_PER_GB_MONTH
 
 
 def _dec(x: float) -> Decimal:
@@ -147,6 +152,12 @@ iv AS MATERIALIZED (
   FROM agg WHERE start_at IS NOT NULL)"""
 
 
+def _no_jit(session: Session) -> None:
+    """PostgreSQL's JIT spends ~0.5-1 s compiling these (cheap, scan-bound) aggregates: off for this transaction."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(sa.text("SET LOCAL jit = off"))
+
+
 def _check_groups(group_by: Sequence[str]) -> list[str]:
     cols = list(dict.fromkeys(group_by))
     bad = [g for g in cols if g not in GROUPS]
@@ -162,7 +173,7 @@ class UsageRow:
 
     key: dict[str, Any]
     byte_seconds: int
-    cost_exact_usd: Decimal
+    cost_exact_usd: Fraction
 
     @property
     def gb_hours(self) -> Decimal:
@@ -203,6 +214,7 @@ def usage(session: Session, pricing_: Pricing, *, start: datetime, end: datetime
         raise InvalidRequest("too many buckets for this window")
     fine = list(dict.fromkeys([*cols, "tenant_id", "kind"]))
     dialect = session.get_bind().dialect.name
+    _no_jit(session)
     g = ", ".join(fine)
     head = f"WITH {_intervals_cte(dialect, tenant_id is not None)},\n" + f"""
 cl AS MATERIALIZED (
@@ -254,15 +266,15 @@ SELECT {g}, de, 0, 0, -SUM(size_bytes) FROM bk WHERE de > ds + 1 GROUP BY {g}, d
         okey: tuple[Any, ...] = tuple(kv[c] for c in cols)
         if bucket_seconds is not None:
             okey = (*okey, fkey[-1])
-        slot = out.setdefault(okey, [0, Decimal(0)])
+        slot = out.setdefault(okey, [0, Fraction(0)])
         slot[0] += bs
         slot[1] += cost
     rows = []
     for okey, (bs, cost) in out.items():
-        key = dict(zip(cols, okey, strict=False))
+        labels: dict[str, Any] = dict(zip(cols, okey, strict=False))
         if bucket_seconds is not None:
-            key["bucket"] = _bucket_label(okey[-1], bucket_seconds)
-        rows.append(UsageRow(key=key, byte_seconds=bs, cost_exact_usd=cost))
+            labels["bucket"] = _bucket_label(okey[-1], bucket_seconds)
+        rows.append(UsageRow(key=labels, byte_seconds=bs, cost_exact_usd=cost))
     rows.sort(key=lambda r: tuple(str(v) for v in r.key.values()))
     return rows
 
@@ -272,9 +284,9 @@ def series(rows: Iterable[UsageRow], *, start: datetime, end: datetime, bucket_s
     ws, we = epoch(start), epoch(end)
     sums: dict[str, list[Any]] = {}
     for b in range(ws // bucket_seconds, (we - 1) // bucket_seconds + 1):
-        sums[_bucket_label(b, bucket_seconds)] = [0, Decimal(0)]
+        sums[_bucket_label(b, bucket_seconds)] = [0, Fraction(0)]
     for r in rows:
-        slot = sums.setdefault(r.key["bucket"], [0, Decimal(0)])
+        slot = sums.setdefault(r.key["bucket"], [0, Fraction(0)])
         slot[0] += r.byte_seconds
         slot[1] += r.cost_exact_usd
     out = []
@@ -300,7 +312,7 @@ class CurrentRow:
     key: dict[str, Any]
     checkpoint_count: int
     logical_bytes: int
-    monthly_cost_exact_usd: Decimal
+    monthly_cost_exact_usd: Fraction
     """Cost of keeping today's bytes for 720 hours (the projection)."""
 
     @property
@@ -322,6 +334,7 @@ def current(session: Session, pricing_: Pricing, *, now: datetime, group_by: Seq
     fine = list(dict.fromkeys([*cols, "tenant_id", "kind"]))
     g = ", ".join(fine)
     dialect = session.get_bind().dialect.name
+    _no_jit(session)
     sql = (f"WITH {_intervals_cte(dialect, tenant_id is not None)}\n"
            f"SELECT {g}, COUNT(*), SUM(size_bytes) FROM iv WHERE s0 <= :now AND (e0 IS NULL OR e0 > :now) GROUP BY {g}")
     params: dict[str, Any] = {"now": epoch(now)}
@@ -332,7 +345,7 @@ def current(session: Session, pricing_: Pricing, *, now: datetime, group_by: Seq
         kv = dict(zip(fine, row[:len(fine)], strict=False))
         count, size = int(row[-2]), int(row[-1] or 0)
         cost = pricing_.cost(size * SECONDS_PER_MONTH, kv["tenant_id"], kv["kind"])
-        slot = out.setdefault(tuple(kv[c] for c in cols), [0, 0, Decimal(0)])
+        slot = out.setdefault(tuple(kv[c] for c in cols), [0, 0, Fraction(0)])
         slot[0] += count
         slot[1] += size
         slot[2] += cost
@@ -424,10 +437,13 @@ class Invoice:
         return [{"tenant_id": self.tenant_id, "month": self.month, **line.as_dict()} for line in self.lines]
 
 
-def invoice(session: Session, pricing_: Pricing, *, tenant_id: str, month: str) -> Invoice:
-    """One calendar month (UTC) of one tenant, a line per (run, kind)."""
+def invoice(session: Session, pricing_: Pricing, *, tenant_id: str, month: str, now: datetime | None = None) -> Invoice:
+    """One calendar month (UTC) of one tenant, a line per (run, kind). With ``now`` inside the
+    month, the invoice runs to date (open-ended checkpoints accrue until ``now``, never beyond)."""
     start, end = month_window(month)
-    rows = usage(session, pricing_, start=start, end=end, group_by=("run_id", "kind"), tenant_id=tenant_id)
+    measured_end = end if now is None else min(end, now)
+    rows = [] if measured_end <= start else usage(session, pricing_, start=start, end=measured_end,
+                                                  group_by=("run_id", "kind"), tenant_id=tenant_id)
     lines = [InvoiceLine(run_id=r.key["run_id"], kind=r.key["kind"], byte_seconds=r.byte_seconds,
                          rate_usd_per_gb_month=pricing_.rate(tenant_id, r.key["kind"]), amount_usd=r.cost_usd)
              for r in rows if r.byte_seconds > 0]

@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(64 * 1024 * 1024 * MiB, ge=1)
     max_safetensors_header_bytes: int = Field(100 * MiB, ge=8)
     """safetensors' own reader refuses headers over 100 MB; we refuse them before reading them."""
-    max_json_file_bytes: int = Field(4 * MiB, ge=1)
+    max_json_file_bytes: int = Field(64 * MiB, ge=1)
+    """JSON files are parsed whole at commit; tokenizer.json of real models reaches ~10 MB."""
     name_max_length: int = Field(128, ge=1, le=255)
 
     # --- TTL & garbage collection --------------------------------------------------------------

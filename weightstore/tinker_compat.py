@@ -288,6 +288,8 @@ def copy_weights(ctx: Context, principal: Principal, source_path: str, *, ttl_se
     path = TinkerPath.parse(source_path)
     if run_id is not None:
         check_run_id(run_id)
+    if idempotency_key is not None:  # own namespace: sessions/futures share the table
+        idempotency_key = f"copy:{idempotency_key}"
     try:
         return _copy_once(ctx, principal, path, ttl_seconds=ttl_seconds, run_id=run_id,
                           idempotency_key=idempotency_key, request_id=request_id)
@@ -315,7 +317,7 @@ def audit_entries(session: Session, *, event_type: str = "all", day: datetime | 
         raise InvalidRequest(f"event_type must be one of all, {', '.join(AUDIT_EVENT_PREFIXES)}")
     q = select(AuditEvent)
     if event_type != "all":
-        q = q.where(sa.or_(*[AuditEvent.action.startswith(p) for p in AUDIT_EVENT_PREFIXES[event_type]]))  # type: ignore[attr-defined]
+        q = q.where(sa.or_(*[AuditEvent.action.startswith(p) for p in AUDIT_EVENT_PREFIXES[event_type]]))  # type: ignore[attr-defined,arg-type]
     if day is not None:
         q = q.where(AuditEvent.at >= day, AuditEvent.at < day + timedelta(days=1))  # type: ignore[operator]
     return list(session.exec(q.order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)).all())  # type: ignore[attr-defined,union-attr]
@@ -529,15 +531,17 @@ def get_info(ctx: Context, principal: Principal, model_id: str) -> ModelInfo:
 
 def submit_peft_export(ctx: Context, principal: Principal, source_checkpoint: Checkpoint, output_name: str,
                        ttl_seconds: int | None) -> str:
-    """Queue a PEFT export of ``source_checkpoint`` through the export jobs. Returns the job id."""
-    try:
-        from weightstore import exportjobs  # noqa: PLC0415 - optional until the export module lands
-    except ImportError as exc:
-        raise Unsupported("export jobs are not available in this build") from exc
-    submit = getattr(exportjobs, "submit_peft_export", None)
-    if submit is None:
-        raise Unsupported("export jobs do not offer a PEFT export in this build")
-    return str(submit(ctx, principal, source_checkpoint, output_name, ttl_seconds))
+    """Queue a PEFT export of ``source_checkpoint`` through the export jobs. Returns the job id.
+
+    The job writes ``external_weights/{source name}-{output_name}`` next to its source (one name per
+    source, so downloads of two checkpoints of one run never collide, and the same download twice
+    reuses the same job); ``poll_future`` then shares it into the model's run under ``output_name``.
+    """
+    from weightstore import exportjobs  # noqa: PLC0415 - exports pull in heavy optional imports
+
+    job_name = f"{source_checkpoint.name}-{output_name}"[: ctx.settings.name_max_length]
+    return str(exportjobs.submit_peft_export(ctx, principal, checkpoints.tinker_path(source_checkpoint), job_name,
+                                             ttl_seconds))
 
 
 def save_weights_external(ctx: Context, principal: Principal, *, model_id: str, name: str,

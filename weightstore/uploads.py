@@ -354,6 +354,10 @@ def finish_stream(ctx: Context, principal: Principal, upload_id: str, path: str,
         row = session.get(UploadFile, (upload_id, path))
         if row is None:
             raise NotFound(f"file {path} is not part of upload {upload_id}")
+        if writer.exists and session.get(Blob, row.sha256) is None and ctx.store.head(writer.key) is None:
+            # The bytes were only hashed (the blob existed) and the collector reclaimed it meanwhile:
+            # nothing durable holds them, so the client must send them again.
+            raise CatalogBusy("these bytes were garbage-collected while being received; send them again")
         _mark_live(session, row.sha256, row.size_bytes, now)
         row.received = True
         session.add(row)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader
 from sqlmodel import Session
 
@@ -61,3 +61,8 @@ def get_admin(principal: CurrentPrincipal) -> Principal:
 
 WriterPrincipal = Annotated[Principal, Depends(get_writer)]
 AdminPrincipal = Annotated[Principal, Depends(get_admin)]
+
+# Paging bounds shared by every list endpoint. An unbounded offset overflows SQLite's 64-bit
+# INTEGER (a 500 instead of a 400); a billion rows is far past any real listing.
+MAX_OFFSET = 1_000_000_000
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="rows to skip")]

@@ -82,6 +82,8 @@ class Collection:
     """None only for dry runs (they change nothing the lease protects)."""
     listing: dict[str, ObjectInfo] | None = None
     """The ``blobs/`` listing, taken once per run and shared by mark and orphans."""
+    swept: set[str] = field(default_factory=set)
+    """Blobs this run's sweep deleted: the (older) listing still shows them; orphans skips them."""
 
     @property
     def grace_cutoff(self) -> datetime:
@@ -265,6 +267,7 @@ def sweep(c: Collection, mark_run_id: str) -> PhaseResult:
             continue
         confirmed = [s for key in deleted if (s := sha256_from_key(key)) is not None and s in set(dead)]
         res.stats["delete_failures"] += len(failed)
+        c.swept.update(confirmed)
         res.stats["deleted_objects"] += _forget(c, confirmed)
         res.stats["deleted_bytes"] += sum(sizes.get(s, 0) for s in confirmed)
         res.stats["batches"] += 1
@@ -293,7 +296,7 @@ def orphans(c: Collection) -> PhaseResult:
         upload_ids = {r[0] for r in s.execute(sa.select(Upload.id)).all()}  # type: ignore[call-overload]
     listing = c.blob_listing()
     orphan_blobs = [info for sha, info in sorted(listing.items())
-                    if sha not in known_rows and _older(info, cutoff)]
+                    if sha not in known_rows and sha not in c.swept and _older(info, cutoff)]
     staging = [info for info in c.ctx.store.list_keys(STAGING_PREFIX)
                if (uid := _staging_upload_id(info.key)) is not None and uid not in open_uploads
                and (uid in upload_ids or _older(info, cutoff))]

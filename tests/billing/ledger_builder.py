@@ -20,13 +20,25 @@ def h(hours: float) -> timedelta:
 class LedgerBuilder:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.n = 0
+        self.pending: list[UsageEvent] | None = None
+
+    def batch_begin(self) -> None:
+        self.pending = []
+
+    def batch_flush(self) -> None:
+        rows, self.pending = self.pending or [], None
+        with session_scope(self.engine) as s:
+            s.add_all(rows)
 
     def _add(self, ckpt: str, event: str, at: datetime, *, tenant: str, run: str, kind: str, size: int,
              expires_at: datetime | None) -> None:
+        row = UsageEvent(tenant_id=tenant, run_id=run, checkpoint_id=ckpt, kind=kind, event=event, at=at,
+                         size_bytes=size, expires_at=expires_at, recorded_at=at)
+        if self.pending is not None:
+            self.pending.append(row)
+            return
         with session_scope(self.engine) as s:
-            s.add(UsageEvent(tenant_id=tenant, run_id=run, checkpoint_id=ckpt, kind=kind, event=event, at=at,
-                             size_bytes=size, expires_at=expires_at, recorded_at=at))
+            s.add(row)
 
     def commit(self, ckpt: str, at: datetime, size: int, *, tenant: str = "acme", run: str = "run-1",
                kind: str = "training", expires_at: datetime | None = None) -> None:

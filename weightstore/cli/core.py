@@ -19,12 +19,12 @@ def serve() -> None:
     """Run the service (embedded default: SQLite + a local SeaweedFS under ./var; or the configured
     PostgreSQL and S3). Prints the URL and, on first start, a bootstrap admin key."""
     import uvicorn
+    from weightstore_api.app import create_app
+    from weightstore_api.observability import configure_logging
 
     from weightstore import auth, bootstrap
     from weightstore.db import session_scope
     from weightstore.settings import Settings
-    from weightstore_api.app import create_app
-    from weightstore_api.observability import configure_logging
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)

@@ -35,6 +35,7 @@ from weightstore.export._profile import (
     PeftTensorSpec,
     broadcast_experts,
     cast_like,
+    config_experts,
     expert_slice,
 )
 
@@ -52,15 +53,8 @@ class GptOssProfile(FamilyProfile):
     model_types: ClassVar[frozenset[str]] = frozenset({"gpt_oss"})
     renames: ClassVar[tuple[tuple[str, str], ...]] = ((".attn.", ".self_attn."),)
 
-    @staticmethod
-    def num_experts(base: BaseCheckpoint) -> int:
-        n = base.config.get("num_local_experts")
-        if not isinstance(n, int) or n <= 0:
-            raise InvalidRequest("gpt_oss base config has no num_local_experts")
-        return n
-
     def _target(self, module: LoraModule, block: str, kind: str, base: BaseCheckpoint) -> tuple[Any, Rows]:
-        num_experts = self.num_experts(base)
+        num_experts = config_experts(base)
         out_dim, in_dim = module.b.shape[1], module.a.shape[2]
         if kind == "w2":
             name, expected, rows = f"{block}.{DOWN}", (num_experts, in_dim, out_dim), Rows.all(out_dim)
@@ -80,13 +74,13 @@ class GptOssProfile(FamilyProfile):
     def expert_merge_ops(self, module: LoraModule, block: str, kind: str,
                          base: BaseCheckpoint) -> list[MergeTarget]:
         source, rows = self._target(module, block, kind, base)
-        refs = broadcast_experts(module, self.num_experts(base))
+        refs = broadcast_experts(module, config_experts(base))
         return [MergeTarget(source.name, source, MergeOp(module.path, a, b, e, True, rows))
                 for e, (a, b) in enumerate(refs)]
 
     def expert_peft(self, layout: PeftLayout, block: str, kinds: Mapping[str, LoraModule],
                     adapter: TinkerAdapter, base: BaseCheckpoint) -> None:
-        num_experts, r = self.num_experts(base), adapter.rank
+        num_experts, r = config_experts(base), adapter.rank
         for kind, module in kinds.items():
             self._target(module, block, kind, base)  # same shape checks as the merge
         # target_parameters applies to every layer, so the targeted set (and hence the nesting) is

@@ -32,7 +32,9 @@ Progress = Callable[[int, int], None]
 # fp32 elements per row block (16 MB): large enough that B[rows] @ A runs at full matmul speed,
 # small enough to stay cache-friendly and keep peak memory tiny next to any shard.
 BLOCK_ELEMENTS = 4 << 20
-SAFETENSORS_METADATA = {"format": "pt"}  # transformers refuses shards without format=pt
+SAFETENSORS_METADATA = {"format": "pt"}
+# Rounding statistics look at every 8th row of a block (see _Accumulator.observe).
+STATS_STRIDE = 8  # transformers refuses shards without format=pt
 
 
 class _Accumulator:
@@ -40,16 +42,36 @@ class _Accumulator:
 
     def __init__(self) -> None:
         self.changed = False
-        self.delta_sq = 0.0
-        self.lost_sq = 0.0
+        self.exact_sq = 0.0  # ||delta||^2 from the factors, exact (no fp32 absorption)
+        self.fp32_sq = 0.0  # ||(W + delta)_fp32 - W||^2: the delta as it survived fp32 accumulation
+        self.cast_sq = 0.0  # ||(W + delta)_fp32 - cast(W + delta)||^2: what rounding to the base dtype took
+
+    def add_op(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """``||scale * B @ A||_F^2 = scale^2 <A A^T, B^T B>``: r x r work instead of out x in."""
+        a64, b64 = a.double(), b.double()
+        self.exact_sq += scale * scale * float(((a64 @ a64.T) * (b64.T @ b64)).sum())
 
     def observe(self, merged32: torch.Tensor, written: torch.Tensor, base: torch.Tensor) -> None:
-        """``merged32`` = base + delta in fp32; ``written`` = it cast to the base dtype; ``base`` = original."""
+        """``merged32`` = base + delta in fp32; ``written`` = it cast to the base dtype; ``base`` = original.
+
+        The norms are estimated on every ``STATS_STRIDE``-th row (scaled up): they feed a warning
+        threshold, and measuring every element would cost more than the merge itself.
+        """
         if not self.changed and not torch.equal(written, base):
             self.changed = True
-        # delta - (written - base) = merged32 - written: what rounding took away.
-        self.lost_sq += float(torch.sub(merged32, written.float()).square_().sum())
-        self.delta_sq += float(torch.sub(merged32, base.float()).square_().sum())
+        stride = STATS_STRIDE if merged32.shape[0] >= 8 * STATS_STRIDE else 1
+        m, w, b = merged32[::stride], written[::stride], base[::stride]
+        weight = merged32.shape[0] / m.shape[0]
+        self.cast_sq += weight * float(torch.sub(m, w.float()).square_().sum())
+        self.fp32_sq += weight * float(torch.sub(m, b.float()).square_().sum())
+
+    def result(self, name: str) -> TensorDelta:
+        # lost = delta - (written - base) = (merged32 - written) + (what fp32 itself absorbed). The
+        # second part only matters when the delta is near fp32 resolution of W; estimating it as a
+        # difference of squares is noise otherwise, so it is only counted when it is large.
+        absorbed_sq = self.exact_sq - self.fp32_sq if self.fp32_sq < 0.25 * self.exact_sq else 0.0
+        lost = min(math.sqrt(self.cast_sq + absorbed_sq), math.sqrt(self.exact_sq))
+        return TensorDelta(name, self.changed, math.sqrt(self.exact_sq), lost)
 
 
 def _dense_fast_path(t: MergedTensor) -> bool:
@@ -66,6 +88,7 @@ def _merge_dense(t: MergedTensor, fd: int, writer: StreamWriter, factors: Factor
     out_dim, in_dim = info.shape
     a = factors.fp32(op.a)
     b = factors.fp32(op.b)
+    acc.add_op(a, b, scale)
     rows_per_block = max(1, BLOCK_ELEMENTS // max(in_dim, 1))
     row_bytes = in_dim * info.itemsize
     raw = torch.empty(min(rows_per_block, out_dim) * row_bytes, dtype=torch.uint8)
@@ -87,8 +110,9 @@ def _apply_ops(view: torch.Tensor, ops: list[MergeOp], factors: FactorReader, sc
     base = view.T if transposed else view
     merged32 = base.float()  # a contiguous fp32 copy in (out, in) orientation
     for op in ops:
-        rows = merged32[op.rows.slice]
-        rows.addmm_(factors.fp32(op.b), factors.fp32(op.a), alpha=scale)
+        a, b = factors.fp32(op.a), factors.fp32(op.b)
+        acc.add_op(a, b, scale)
+        merged32[op.rows.slice].addmm_(b, a, alpha=scale)
     written = merged32.to(view.dtype)
     acc.observe(merged32, written, base)
     return written.T.contiguous() if transposed else written
@@ -139,8 +163,7 @@ def write_merged(plan: ExportPlan, out: Path, progress: Progress | None = None) 
                         merge = _merge_dense if _dense_fast_path(t) else _merge_general
                         merge(t, fd, writer, factors, plan.scale, acc)
                         factors.clear()
-                        deltas.append(TensorDelta(t.name, acc.changed, math.sqrt(acc.delta_sq),
-                                                  math.sqrt(acc.lost_sq)))
+                        deltas.append(acc.result(t.name))
                     done += entry.nbytes
                     if progress is not None:
                         progress(done, total)

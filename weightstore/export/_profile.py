@@ -231,6 +231,16 @@ class FamilyProfile:
         raise InvalidRequest(f"family {self.name} has no experts")
 
 
+def config_experts(base: BaseCheckpoint) -> int:
+    """The expert count from the base config (``num_experts`` on the Hub, ``num_local_experts`` as
+    transformers 5.x writes it -- the two are aliases in its config classes)."""
+    for key in ("num_experts", "num_local_experts"):
+        n = base.config.get(key)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    raise InvalidRequest(f"{base.model_type} base config has neither num_experts nor num_local_experts")
+
+
 def broadcast_experts(module: LoraModule, num_experts: int) -> list[tuple[FactorRef, FactorRef]]:
     """Per-expert ``(lora_A, lora_B)`` refs for Tinker's shared-outer 3-D factors.
 

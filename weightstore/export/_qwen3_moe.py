@@ -35,6 +35,7 @@ from weightstore.export._profile import (
     PeftLayout,
     broadcast_experts,
     cast_like,
+    config_experts,
     dense_peft_tensors,
     expert_slice,
 )
@@ -50,16 +51,9 @@ class Qwen3MoeProfile(FamilyProfile):
     description: ClassVar[str] = "Qwen3-MoE (experts separate or fused gate_up_proj/down_proj)"
     model_types: ClassVar[frozenset[str]] = frozenset({"qwen3_moe"})
 
-    @staticmethod
-    def num_experts(base: BaseCheckpoint) -> int:
-        n = base.config.get("num_experts")
-        if not isinstance(n, int) or n <= 0:
-            raise InvalidRequest("qwen3_moe base config has no num_experts")
-        return n
-
     def expert_merge_ops(self, module: LoraModule, block: str, kind: str,
                          base: BaseCheckpoint) -> list[MergeTarget]:
-        num_experts = self.num_experts(base)
+        num_experts = config_experts(base)
         refs = broadcast_experts(module, num_experts)
         proj = EXPERT_PROJECTIONS[kind]
         out_dim, in_dim = module.b.shape[1], module.a.shape[2]
@@ -103,7 +97,7 @@ class Qwen3MoeProfile(FamilyProfile):
         for kind, module in sorted(kinds.items()):
             self.expert_merge_ops(module, block, kind, base)  # same shape checks as the merge
             proj = EXPERT_PROJECTIONS[kind]
-            for e, (a, b) in enumerate(broadcast_experts(module, self.num_experts(base))):
+            for e, (a, b) in enumerate(broadcast_experts(module, config_experts(base))):
                 layout.tensors.extend(dense_peft_tensors(f"{block}.{e}.{proj}", module, a=a, b=b))
             layout.target_modules.add(proj)
 

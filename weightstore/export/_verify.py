@@ -19,13 +19,14 @@ Three checks, each aimed at a different way merge tools have corrupted weights:
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from weightstore.errors import VerificationFailed
+from weightstore.errors import InvalidFormat, VerificationFailed, WeightstoreError
 from weightstore.export._checkpoint import FactorReader, TinkerAdapter
 from weightstore.export._ops import FactorRef
 from weightstore.export._plan import MERGED_INDEX, ExportPlan, MergedTensor
@@ -37,7 +38,7 @@ from weightstore.export._results import (
     TensorDelta,
     VerificationReport,
 )
-from weightstore.export._safetensors import TORCH_DTYPES, read_header
+from weightstore.export._safetensors import TORCH_DTYPES, TensorInfo, read_header
 
 # Forward checks load the model twice in fp32 (reference, then export), i.e. ~4x the bf16 size
 # in memory at the peak of each load; 512 MB of weights keeps that near 2 GB on a worker.
@@ -59,10 +60,11 @@ _ROWS_PER_PROBE, _PROBES = 16, 4
 # --- 1. no-op guard -----------------------------------------------------------------------------
 
 
-def noop_guard(deltas: list[TensorDelta], warn_fraction: float) -> NoOpGuard:
+def noop_guard(deltas: list[TensorDelta], warn_fraction: float, *, adapter_is_zero: bool) -> NoOpGuard:
+    """``deltas`` as measured on the written values; ``adapter_is_zero`` decided from the factors alone,
+    so a merge loop that silently skipped its work cannot also report a zero adapter."""
     delta_sq = sum(d.delta_norm ** 2 for d in deltas)
     lost_sq = sum(d.lost_norm ** 2 for d in deltas)
-    adapter_is_zero = delta_sq == 0.0
     unchanged = tuple(d.name for d in deltas if d.delta_norm > 0 and not d.changed)
     all_unchanged = bool(deltas) and not any(d.changed for d in deltas)
     return NoOpGuard(
@@ -172,26 +174,34 @@ def _check_slab(t: MergedTensor, expert: int | None, out_slab: torch.Tensor, bas
     return float(err.max()) if err.numel() else 0.0, float((err / allowed).max()) if err.numel() else 0.0
 
 
+def output_tensors(out_dir: Path) -> dict[str, TensorInfo]:
+    """The tensors of a merged output directory, via its index (checked against the shards) or single file."""
+    index_path = out_dir / MERGED_INDEX
+    if not index_path.exists():
+        return read_header(out_dir / "model.safetensors")[0]
+    weight_map = json.loads(index_path.read_text()).get("weight_map", {})
+    written: dict[str, TensorInfo] = {}
+    for shard in sorted(set(weight_map.values())):
+        written.update(read_header(out_dir / shard)[0])
+    if weight_map != {n: i.file.name for n, i in written.items()}:
+        raise InvalidFormat("the output index does not match its shards")
+    return written
+
+
 def recompute_merged(plan: ExportPlan, out_dir: Path, samples: int) -> RecomputeCheck:
     tolerance = ("|written - fp64(W + scale*B@A)| <= half-ulp(dtype)*|expected| "
                  "+ (r+2)*2^-23*(|W| + scale*|B|@|A|)")
     # Structure: the output holds exactly the planned tensors with the planned dtypes and shapes.
-    written: dict[str, Any] = {}
-    for shard in plan.shards:
-        tensors, _ = read_header(out_dir / shard.file)
-        written.update(tensors)
+    try:
+        written = output_tensors(out_dir)
+    except WeightstoreError as exc:
+        return RecomputeCheck(False, (), (), math.inf, math.inf, tolerance, f"unreadable output: {exc}")
     expected_meta = {t.name: (t.source.dtype, t.source.shape) for t in plan.merged}
     actual_meta = {n: (i.dtype, i.shape) for n, i in written.items()}
     if expected_meta != actual_meta:
         diff = sorted(set(expected_meta.items()) ^ set(actual_meta.items()))
         return RecomputeCheck(False, (), (), math.inf, math.inf, tolerance,
                               f"output tensors differ from the plan: {diff[:3]}")
-    if len(plan.shards) > 1:
-        import json
-
-        index = json.loads((out_dir / MERGED_INDEX).read_text())
-        if index.get("weight_map") != {n: i.file.name for n, i in sorted(written.items())}:
-            return RecomputeCheck(False, (), (), math.inf, math.inf, tolerance, "index does not match the shards")
 
     adapted = [t for t in plan.merged if t.ops]
     lm_head = [t for t in adapted if t.name == "lm_head.weight"]
@@ -337,14 +347,15 @@ def verify(plan: ExportPlan, out_dir: Path, deltas: list[TensorDelta] | None, *,
            rounding_warn_fraction: float = DEFAULT_ROUNDING_WARN_FRACTION) -> VerificationReport:
     """Run all checks on an export written to ``out_dir``; raise :class:`VerificationFailed` on failure."""
     warnings: list[str] = []
+    module_deltas = module_delta_norms(plan.adapter)
+    adapter_is_zero = not any(d.delta_norm > 0 for d in module_deltas)
     if plan.to == "merged":
         if deltas is None:
             deltas = deltas_from_disk(plan, out_dir)
-        noop = noop_guard(deltas, rounding_warn_fraction)
+        noop = noop_guard(deltas, rounding_warn_fraction, adapter_is_zero=adapter_is_zero)
         recompute = recompute_merged(plan, out_dir, samples)
     else:
-        module_deltas = module_delta_norms(plan.adapter)
-        noop = noop_guard(module_deltas, rounding_warn_fraction)
+        noop = noop_guard(module_deltas, rounding_warn_fraction, adapter_is_zero=adapter_is_zero)
         recompute = recompute_peft(plan, out_dir)
     if noop.rounding_loss > rounding_warn_fraction:
         warnings.append(f"rounding into the base dtype lost {noop.rounding_loss:.0%} of the adapter's delta norm "
@@ -365,7 +376,8 @@ def verify(plan: ExportPlan, out_dir: Path, deltas: list[TensorDelta] | None, *,
         problems = []
         if not noop.passed:
             problems.append(f"no-op guard: all {noop.adapted_tensors} adapted tensors equal the base although the "
-                            "adapter is not zero")
+                            f"adapter is not zero (rounding into the base dtype accounts for "
+                            f"{noop.rounding_loss:.0%} of the delta)")
         if not recompute.passed:
             problems.append(f"recomputation: {recompute.detail}")
         if not forward.passed:
@@ -380,9 +392,7 @@ def deltas_from_disk(plan: ExportPlan, out_dir: Path) -> list[TensorDelta]:
 
     Loads each adapted tensor whole (fp32), so use it for re-checking, not inside the streaming merge.
     """
-    written: dict[str, Any] = {}
-    for shard in plan.shards:
-        written.update(read_header(out_dir / shard.file)[0])
+    written = output_tensors(out_dir)
     opened = _Opened()
     out: list[TensorDelta] = []
     try:

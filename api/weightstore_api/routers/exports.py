@@ -16,7 +16,7 @@ from weightstore.models import BaseModel as BaseModelRow
 from weightstore.models import ExportJob
 from weightstore.names import TinkerPath
 
-from ..deps import AdminPrincipal, CtxDep, CurrentPrincipal, SessionDep, WriterPrincipal
+from ..deps import AdminPrincipal, CtxDep, CurrentPrincipal, Offset, SessionDep, WriterPrincipal
 from ..errors import request_id_of
 
 router = APIRouter(prefix="/v1", tags=["exports"])
@@ -148,7 +148,7 @@ def create_export_batch(body: ExportBatchCreate, principal: WriterPrincipal, ctx
 @router.get("/exports", operation_id="list_exports", response_model=ExportJobsPublic)
 def list_exports(principal: CurrentPrincipal, session: SessionDep, state: str | None = None,
                  batch_id: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                 offset: Annotated[int, Query(ge=0)] = 0) -> ExportJobsPublic:
+                 offset: Offset = 0) -> ExportJobsPublic:
     rows, total = exportjobs.list_jobs(session, principal, state=state, batch_id=batch_id, limit=limit, offset=offset)
     return ExportJobsPublic(jobs=[job_public(session, j) for j in rows], total_count=total)
 

@@ -12,7 +12,7 @@ from weightstore import auth, checkpoints, runs, uploads
 from weightstore.names import TinkerPath
 
 from ..convert import checkpoint_public, key_public, run_public
-from ..deps import AdminPrincipal, CtxDep, CurrentPrincipal, SessionDep, WriterPrincipal
+from ..deps import AdminPrincipal, CtxDep, CurrentPrincipal, Offset, SessionDep, WriterPrincipal
 from ..errors import request_id_of
 from ..observability import BYTES_RECEIVED, CHECKPOINTS_COMMITTED
 from ..schemas import (
@@ -49,7 +49,7 @@ def create_run(body: RunCreate, principal: WriterPrincipal, ctx: CtxDep, session
 
 @router.get("/runs", operation_id="list_runs", response_model=RunsPublic)
 def list_runs(principal: CurrentPrincipal, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-              offset: Annotated[int, Query(ge=0)] = 0) -> RunsPublic:
+              offset: Offset = 0) -> RunsPublic:
     rows, total = runs.list_runs(session, principal, limit=limit, offset=offset)
     return RunsPublic(runs=[run_public(r) for r in rows], total_count=total)
 
@@ -117,7 +117,7 @@ def abort_upload(upload_id: str, principal: WriterPrincipal, ctx: CtxDep) -> Non
 @router.get("/checkpoints", operation_id="list_checkpoints", response_model=CheckpointsPublic)
 def list_checkpoints(principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep, run_id: str | None = None,
                      kind: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                     offset: Annotated[int, Query(ge=0)] = 0) -> CheckpointsPublic:
+                     offset: Offset = 0) -> CheckpointsPublic:
     rows, total = checkpoints.list_checkpoints(session, principal, now=ctx.clock.now(), run_id=run_id, kind=kind,
                                                limit=limit, offset=offset)
     return CheckpointsPublic(checkpoints=[checkpoint_public(c) for c in rows], total_count=total)

@@ -14,17 +14,19 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
 from sqlmodel import Session, select
 
 from weightstore import checkpoints, runs, tinker_compat
 from weightstore.auth import Principal
+from weightstore.errors import Conflict
 from weightstore.models import BaseModel as BaseModelRow
 from weightstore.models import Checkpoint, TrainingRun
 from weightstore.names import TinkerPath
 
-from ..deps import AdminPrincipal, CtxDep, CurrentPrincipal, SessionDep, WriterPrincipal
-from ..errors import request_id_of
+from ..deps import AdminPrincipal, CtxDep, CurrentPrincipal, Offset, WriterPrincipal, get_session
+from ..errors import error_body, request_id_of
 from .tinker_schemas import (
     ArchiveUrlPublic,
     AuditEntryPublic,
@@ -45,6 +47,11 @@ from .tinker_schemas import (
 )
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"])
+
+# The transaction must commit *before* the response goes out: with the default (request) scope,
+# FastAPI runs the dependency's teardown after sending, and a client that reads right after a
+# 204 (the tinker CLI does) could still see the old state.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 AccessScope = Annotated[Literal["owned", "accessible"], Query()]
 CKPT = "/training_runs/{run_id}/checkpoints/{segment}/{name}"
@@ -107,7 +114,7 @@ def server_capabilities(principal: CurrentPrincipal, session: SessionDep) -> Ser
 # --- training runs ------------------------------------------------------------------------------
 @router.get("/training_runs", operation_id="tinker_list_training_runs", response_model=TinkerRunsPublic)
 def list_training_runs(principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep,
-                       limit: Annotated[int, Query(ge=1, le=1000)] = 20, offset: Annotated[int, Query(ge=0)] = 0,
+                       limit: Annotated[int, Query(ge=1, le=1000)] = 20, offset: Offset = 0,
                        access_scope: AccessScope = "owned", project_id: str | None = None) -> TinkerRunsPublic:
     """Newest first. ``project_id`` is accepted and ignored: weightstore has tenants, not projects."""
     now = ctx.clock.now()
@@ -140,7 +147,7 @@ def list_run_checkpoints(run_id: str, principal: CurrentPrincipal, ctx: CtxDep,
 @router.get("/checkpoints", operation_id="tinker_list_user_checkpoints", response_model=TinkerCheckpointsPublic)
 def list_user_checkpoints(principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep,
                           limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                          offset: Annotated[int, Query(ge=0)] = 0) -> TinkerCheckpointsPublic:
+                          offset: Offset = 0) -> TinkerCheckpointsPublic:
     rows, total = tinker_compat.user_checkpoints(session, principal, now=ctx.clock.now(), limit=limit, offset=offset)
     return TinkerCheckpointsPublic(checkpoints=[tinker_checkpoint(c) for c in rows],
                                    cursor=CursorPublic(offset=offset, limit=limit, total_count=total))
@@ -155,22 +162,29 @@ def delete_checkpoint(run_id: str, segment: str, name: str, principal: WriterPri
     return Response(status_code=204)
 
 
+def _set_public(session: Session, principal: Principal, path: TinkerPath, public: bool, now: datetime,
+                request: Request) -> Response:
+    try:
+        tinker_compat.set_public(session, principal, path, public, now=now, request_id=request_id_of(request))
+    except Conflict as exc:
+        # Tinker documents 409 here; the header at least stops the SDK's HTTP-layer retries.
+        return JSONResponse(error_body(exc.code, exc.message, request), status_code=409,
+                            headers={"x-should-retry": "false"})
+    return Response(status_code=204)
+
+
 @router.post(CKPT + "/publish", operation_id="tinker_publish_checkpoint", status_code=204,
              responses={409: {"description": "Already public (Tinker's contract)"}})
 def publish_checkpoint(run_id: str, segment: str, name: str, principal: WriterPrincipal, ctx: CtxDep,
                        session: SessionDep, request: Request) -> Response:
-    tinker_compat.set_public(session, principal, _path(run_id, segment, name), True, now=ctx.clock.now(),
-                             request_id=request_id_of(request))
-    return Response(status_code=204)
+    return _set_public(session, principal, _path(run_id, segment, name), True, ctx.clock.now(), request)
 
 
 @router.delete(CKPT + "/publish", operation_id="tinker_unpublish_checkpoint", status_code=204,
                responses={409: {"description": "Already private (Tinker's contract)"}})
 def unpublish_checkpoint(run_id: str, segment: str, name: str, principal: WriterPrincipal, ctx: CtxDep,
                          session: SessionDep, request: Request) -> Response:
-    tinker_compat.set_public(session, principal, _path(run_id, segment, name), False, now=ctx.clock.now(),
-                             request_id=request_id_of(request))
-    return Response(status_code=204)
+    return _set_public(session, principal, _path(run_id, segment, name), False, ctx.clock.now(), request)
 
 
 @router.put(CKPT + "/ttl", operation_id="tinker_set_checkpoint_ttl", response_model=TinkerCheckpointPublic)

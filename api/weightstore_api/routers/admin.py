@@ -1,0 +1,291 @@
+"""Admin web UI at ``/admin``: server-rendered (Jinja2), no JavaScript, no CDN, charts as inline SVG.
+
+Sign-in takes an admin API key in a POST form (never in a URL, never logged); the session is a
+cookie signed with itsdangerous (HttpOnly, SameSite=Strict, Secure when configured) that names the
+key id, and every page re-checks that the key is still an unrevoked admin key. Every number comes
+from ``weightstore.metering`` (SQL aggregates over the ledger), so pages stay fast on large catalogs.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+from markupsafe import Markup, escape
+from sqlmodel import Session, select
+
+from weightstore import auth, bootstrap, metering
+from weightstore.db import session_scope
+from weightstore.errors import AuthenticationFailed, InvalidRequest, NotFound
+from weightstore.models import ApiKey, Role, Tenant
+
+from ..deps import CtxDep
+from .billing import invoice_csv
+
+HERE = Path(__file__).resolve().parent.parent
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+router = APIRouter(prefix="/admin", include_in_schema=False)
+
+COOKIE = "ws_admin"
+SESSION_MAX_AGE = 12 * 3600
+TREND_DAYS = 14
+WINDOWS = (7, 30, 90, 365)
+
+
+class NotSignedIn(Exception):
+    """Raised by pages when the session cookie is missing, invalid, expired or its key revoked."""
+
+
+def install(app: FastAPI) -> None:
+    app.mount("/admin/static", StaticFiles(directory=str(HERE / "static")), name="admin-static")
+
+    @app.exception_handler(NotSignedIn)
+    async def _to_login(request: Request, exc: NotSignedIn) -> Response:
+        return RedirectResponse("/admin/login", status_code=303)
+
+
+def _serializer(ctx: Any) -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(bootstrap.session_secret(ctx.settings), salt="weightstore-admin")
+
+
+def _admin_key_id(request: Request, ctx: Any, session: Session) -> str:
+    raw = request.cookies.get(COOKIE)
+    if not raw:
+        raise NotSignedIn()
+    try:
+        data = _serializer(ctx).loads(raw, max_age=SESSION_MAX_AGE)
+    except BadSignature:
+        raise NotSignedIn() from None
+    row = session.get(ApiKey, data.get("k")) if isinstance(data, dict) else None
+    if row is None or row.revoked_at is not None or row.role != Role.admin.value:
+        raise NotSignedIn()
+    return row.id
+
+
+def _render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    resp = templates.TemplateResponse(request, name, context, status_code=status)
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers["Content-Security-Policy"] = "default-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'"
+    resp.headers["X-Frame-Options"] = "DENY"
+    return resp
+
+
+# --- sign in / out ------------------------------------------------------------------------------
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request) -> HTMLResponse:
+    return _render(request, "login.html", error=None)
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(request: Request, ctx: CtxDep, api_key: Annotated[str, Form(max_length=200)] = "") -> Response:
+    with session_scope(ctx.engine) as session:
+        try:
+            principal = auth.authenticate(session, api_key.strip(), now=ctx.clock.now())
+        except AuthenticationFailed:
+            return _render(request, "login.html", status=401, error="That key is not valid.")
+    if not principal.is_admin:
+        return _render(request, "login.html", status=403, error="This is not an admin key: the admin UI needs one.")
+    resp = RedirectResponse("/admin", status_code=303)
+    resp.set_cookie(COOKIE, _serializer(ctx).dumps({"k": principal.key_id}), max_age=SESSION_MAX_AGE, httponly=True,
+                    samesite="strict", secure=ctx.settings.cookie_secure, path="/admin")
+    return resp
+
+
+@router.post("/logout")
+def logout() -> Response:
+    resp = RedirectResponse("/admin/login", status_code=303)
+    resp.delete_cookie(COOKIE, path="/admin", httponly=True, samesite="strict")
+    return resp
+
+
+# --- charts -------------------------------------------------------------------------------------
+def _fmt_money(x: Decimal | float) -> str:
+    return f"${Decimal(str(x)):,.2f}"
+
+
+def sparkline(values: list[float], width: int = 120, height: int = 28) -> Markup:
+    if not values:
+        return Markup("")
+    top = max(values) or 1.0
+    step = width / max(1, len(values) - 1)
+    pts = " ".join(f"{i * step:.1f},{height - 2 - (v / top) * (height - 4):.1f}" for i, v in enumerate(values))
+    return Markup(f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+                  f'aria-label="trend"><polyline fill="none" stroke="currentColor" stroke-width="1.5" points="{pts}"/></svg>')
+
+
+def daily_chart(points: list[dict[str, Any]], width: int = 760, height: int = 240) -> Markup:
+    """Bars: cost per day (left axis); line: average GB stored that day (right axis)."""
+    if not points:
+        return Markup("<p>No data in this window.</p>")
+    pad_l, pad_r, pad_t, pad_b = 56, 56, 16, 36
+    w, h = width - pad_l - pad_r, height - pad_t - pad_b
+    costs = [float(p["cost_usd"]) for p in points]
+    gbs = [float(p["average_gb"]) for p in points]
+    cmax, gmax = max(costs) or 0.01, max(gbs) or 1.0
+    n = len(points)
+    bw = w / n
+    parts = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="stored GB and cost per day">']
+    parts.append(f'<line x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}" class="axis"/>')
+    for i, (p, c) in enumerate(zip(points, costs, strict=True)):
+        bh = c / cmax * h
+        x = pad_l + i * bw
+        parts.append(f'<rect class="bar" x="{x + bw * 0.1:.1f}" y="{pad_t + h - bh:.1f}" width="{bw * 0.8:.1f}" '
+                     f'height="{bh:.1f}"><title>{escape(p["bucket"])}: {_fmt_money(c)}, '
+                     f'{p["average_gb"]:.3f} GB</title></rect>')
+    pts = " ".join(f"{pad_l + (i + 0.5) * bw:.1f},{pad_t + h - g / gmax * h:.1f}" for i, g in enumerate(gbs))
+    parts.append(f'<polyline class="line" fill="none" points="{pts}"/>')
+    parts.append(f'<text x="{pad_l - 6}" y="{pad_t + 10}" text-anchor="end" class="lbl cost">{_fmt_money(cmax)}</text>')
+    parts.append(f'<text x="{pad_l - 6}" y="{pad_t + h}" text-anchor="end" class="lbl cost">$0</text>')
+    parts.append(f'<text x="{pad_l + w + 6}" y="{pad_t + 10}" class="lbl gb">{gmax:.2f} GB</text>')
+    parts.append(f'<text x="{pad_l + w + 6}" y="{pad_t + h}" class="lbl gb">0 GB</text>')
+    for i in sorted({0, n // 2, n - 1}):
+        parts.append(f'<text x="{pad_l + (i + 0.5) * bw:.1f}" y="{pad_t + h + 18}" text-anchor="middle" '
+                     f'class="lbl">{escape(points[i]["bucket"])}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+# --- pages --------------------------------------------------------------------------------------
+def _day_floor(dt: datetime) -> datetime:
+    return datetime(dt.year, dt.month, dt.day, tzinfo=UTC)
+
+
+@router.get("", response_class=HTMLResponse)
+def overview(request: Request, ctx: CtxDep) -> HTMLResponse:
+    now = ctx.clock.now()
+    with session_scope(ctx.engine) as session:
+        _admin_key_id(request, ctx, session)
+        prices = metering.pricing(session, ctx.settings)
+        tenants = [t.id for t in session.exec(select(Tenant).order_by(Tenant.id))]
+        cur = {r.key["tenant_id"]: r for r in metering.current(session, prices, now=now)}
+        physical = metering.physical_current(session, now=now)
+        end = _day_floor(now) + timedelta(days=1)
+        start = end - timedelta(days=TREND_DAYS)
+        # never bill the future: open-ended checkpoints accrue until now, not until the bucket's end
+        daily = metering.usage(session, prices, start=start, end=now, bucket_seconds=metering.DAY)
+    by_tenant: dict[str, list[metering.UsageRow]] = {}
+    for r in daily:
+        by_tenant.setdefault(r.key["tenant_id"], []).append(r)
+    rows = []
+    for tid in sorted(set(tenants) | set(cur)):
+        c = cur.get(tid)
+        pts = metering.series(by_tenant.get(tid, []), start=start, end=now)
+        gb = [p["average_gb"] for p in pts]
+        first, last = sum(gb[: len(gb) // 2]), sum(gb[len(gb) // 2:])
+        trend = None if first == 0 else (last - first) / first * 100
+        logical = c.logical_bytes if c else 0
+        rows.append({"tenant": tid, "checkpoints": c.checkpoint_count if c else 0, "gb": logical / metering.GB,
+                     "physical_gb": physical.get(tid, 0) / metering.GB,
+                     "monthly": _fmt_money(c.monthly_cost_usd if c else 0), "trend": trend, "spark": sparkline(gb)})
+    total_monthly = sum((r.monthly_cost_usd for r in cur.values()), Decimal("0.00"))
+    return _render(request, "overview.html", rows=rows, now=now, total_monthly=_fmt_money(total_monthly),
+                   total_gb=sum(r["gb"] for r in rows), trend_days=TREND_DAYS)
+
+
+def _tenant_or_404(session: Session, tenant_id: str) -> Tenant:
+    t = session.get(Tenant, tenant_id)
+    if t is None:
+        raise NotFound(f"tenant {tenant_id} not found")
+    return t
+
+
+def _parse_day(value: str | None) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"not a date: {value!r} (YYYY-MM-DD)") from exc
+
+
+@router.get("/tenants/{tenant_id}", response_class=HTMLResponse)
+def tenant_page(request: Request, tenant_id: str, ctx: CtxDep, days: int = 30, since: str | None = None,
+                until: str | None = None) -> HTMLResponse:
+    now = ctx.clock.now()
+    d_since, d_until = _parse_day(since), _parse_day(until)
+    last_day = datetime.combine(d_until, datetime.min.time(), UTC) if d_until else _day_floor(now)
+    end = last_day + timedelta(days=1)
+    if d_since:
+        start = datetime.combine(d_since, datetime.min.time(), UTC)
+    else:
+        days = min(max(days, 1), 3660)
+        start = end - timedelta(days=days)
+    if end <= start or end - start > timedelta(days=3660):
+        raise InvalidRequest("choose a window of 1 day to 10 years")
+    if start >= now:
+        raise InvalidRequest("the window must start in the past")
+    shown_end, end = end, min(end, now)  # never bill the future: usage is measured up to now
+    with session_scope(ctx.engine) as session:
+        _admin_key_id(request, ctx, session)
+        tenant = _tenant_or_404(session, tenant_id)
+        prices = metering.pricing(session, ctx.settings)
+        daily = metering.usage(session, prices, start=start, end=end, group_by=(), bucket_seconds=metering.DAY,
+                               tenant_id=tenant.id)
+        by_run = metering.usage(session, prices, start=start, end=end, group_by=("run_id",), tenant_id=tenant.id)
+        by_kind = metering.usage(session, prices, start=start, end=end, group_by=("kind",), tenant_id=tenant.id)
+        cur_run = {r.key["run_id"]: r for r in metering.current(session, prices, now=now, group_by=("run_id",),
+                                                                 tenant_id=tenant.id)}
+        cur_kind = {r.key["kind"]: r for r in metering.current(session, prices, now=now, group_by=("kind",),
+                                                                tenant_id=tenant.id)}
+        physical = metering.physical_current(session, now=now, tenant_id=tenant.id).get(tenant.id, 0)
+        largest = metering.largest_checkpoints(session, tenant_id=tenant.id, now=now)
+        expiring = metering.expiring_soon(session, tenant_id=tenant.id, now=now)
+        rate = prices.rate(tenant.id, None)
+    points = metering.series(daily, start=start, end=end)
+    logical = sum(r.logical_bytes for r in cur_kind.values())
+
+    def breakdown(rows: list[metering.UsageRow], cur: dict[str, metering.CurrentRow], col: str) -> list[dict[str, Any]]:
+        out = []
+        for name in sorted({r.key[col] for r in rows} | set(cur)):
+            u = next((r for r in rows if r.key[col] == name), None)
+            c = cur.get(name)
+            out.append({"name": name, "gb_hours": float(u.gb_hours) if u else 0.0,
+                        "cost": _fmt_money(u.cost_usd if u else 0), "current_gb": (c.logical_bytes if c else 0) / metering.GB,
+                        "count": c.checkpoint_count if c else 0,
+                        "monthly": _fmt_money(c.monthly_cost_usd if c else 0)})
+        return out
+
+    months = []
+    m = date(start.year, start.month, 1)
+    while m <= end.date():
+        months.append(f"{m.year:04d}-{m.month:02d}")
+        m = date(m.year + (m.month == 12), m.month % 12 + 1, 1)
+    return _render(
+        request, "tenant.html", tenant=tenant.id, now=now, start=start.date(), end=(shown_end - timedelta(days=1)).date(),
+        windows=WINDOWS, days=(shown_end - start).days, chart=daily_chart(points), points=points,
+        window_cost=_fmt_money(sum((Decimal(p["cost_usd"]) for p in points), Decimal("0.00"))),
+        window_gb_hours=sum(p["gb_hours"] for p in points), runs=breakdown(by_run, cur_run, "run_id"),
+        kinds=breakdown(by_kind, cur_kind, "kind"), largest=largest, expiring=expiring,
+        logical_gb=logical / metering.GB, physical_gb=physical / metering.GB,
+        saving_gb=max(0, logical - physical) / metering.GB,
+        saving_pct=(100 * (logical - physical) / logical) if logical else 0.0,
+        monthly=_fmt_money(sum((c.monthly_cost_usd for c in cur_kind.values()), Decimal("0.00"))),
+        rate=rate, months=list(reversed(months)))
+
+
+@router.get("/tenants/{tenant_id}/invoices/{month}", response_class=HTMLResponse)
+def invoice_page(request: Request, tenant_id: str, month: str, ctx: CtxDep) -> HTMLResponse:
+    with session_scope(ctx.engine) as session:
+        _admin_key_id(request, ctx, session)
+        tenant = _tenant_or_404(session, tenant_id)
+        inv = metering.invoice(session, metering.pricing(session, ctx.settings), tenant_id=tenant.id, month=month,
+                                   now=ctx.clock.now())
+    return _render(request, "invoice.html", inv=inv, tenant=tenant.id, by_kind=inv.by_kind(), month=month)
+
+
+@router.get("/tenants/{tenant_id}/invoices/{month}/csv")
+def invoice_download(request: Request, tenant_id: str, month: str, ctx: CtxDep) -> Response:
+    with session_scope(ctx.engine) as session:
+        _admin_key_id(request, ctx, session)
+        tenant = _tenant_or_404(session, tenant_id)
+        inv = metering.invoice(session, metering.pricing(session, ctx.settings), tenant_id=tenant.id, month=month,
+                                   now=ctx.clock.now())
+    return invoice_csv(inv)

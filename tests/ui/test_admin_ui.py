@@ -1,0 +1,171 @@
+"""The admin UI in a real headless Chromium (Debian's, via Playwright): sign in, overview, tenant page,
+change the window, download the invoice CSV, sign out; wrong and non-admin keys are refused.
+
+Screenshots of the main pages are written to ``docs/screenshots/`` (shown in docs/billing.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from weightstore import ledger
+from weightstore.db import session_scope
+from weightstore.models import Blob, Checkpoint, CheckpointFile, Tenant, TrainingRun
+
+pytestmark = pytest.mark.browser
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage"]
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+GB = 10**9
+
+
+def seed(engine, now):  # type: ignore[no-untyped-def]
+    """Two tenants with a month of history; acme's sampler checkpoints share the weights blob of
+    its training checkpoints (dedup), some checkpoints expire soon."""
+    start = (now - timedelta(days=40)).replace(hour=0, minute=0, second=0, microsecond=0)
+    with session_scope(engine) as s:
+        for tid in ("acme", "globex"):
+            if s.get(Tenant, tid) is None:
+                s.add(Tenant(id=tid, name=tid, created_at=start))
+        s.flush()
+        for tid, runs, base in (("acme", ("acme:run-a", "acme:run-b"), 3), ("globex", ("globex:run-x",), 1)):
+            for ri, run in enumerate(runs):
+                s.add(TrainingRun(id=run, tenant_id=tid, base_model="Qwen/Qwen3-8B", created_at=start,
+                                  last_request_time=start))
+                s.flush()
+                for step in range(6):
+                    at = start + timedelta(days=step * 6 + ri, hours=3)
+                    weights = f"{tid}{run}{step}w".encode().hex()[:64].ljust(64, "0")
+                    optim = f"{tid}{run}{step}o".encode().hex()[:64].ljust(64, "0")
+                    wsize, osize = base * GB // 2 + step * 10**8, base * GB
+                    for sha, size in ((weights, wsize), (optim, osize)):
+                        s.add(Blob(sha256=sha, size_bytes=size, state="live", created_at=at, last_referenced_at=at))
+                    s.flush()
+                    for kind, files in (("training", {"adapter_model.safetensors": (weights, wsize),
+                                                      "optimizer.safetensors": (optim, osize)}),
+                                        ("sampler", {"adapter_model.safetensors": (weights, wsize)})):
+                        expires = at + timedelta(days=45 if step % 2 else 400)
+                        ck = Checkpoint(id=f"ck-{tid}-{ri}-{step}-{kind}", tenant_id=tid, run_id=run, kind=kind,
+                                        name=f"step-{step * 100}", size_bytes=sum(v[1] for v in files.values()),
+                                        created_at=at, expires_at=expires)
+                        s.add(ck)
+                        s.flush()
+                        for path, (sha, size) in files.items():
+                            s.add(CheckpointFile(checkpoint_id=ck.id, path=path, size_bytes=size, sha256=sha))
+                        ledger.on_commit(s, ck, now=at)
+                        if step == 0 and kind == "sampler":  # deleted after two days
+                            ck.state = "deleted"
+                            ledger.on_end(s, ck, at=at + timedelta(days=2), now=at + timedelta(days=2))
+
+
+@pytest.fixture
+def browser():  # type: ignore[no-untyped-def]
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def sign_in(page, url, key):  # type: ignore[no-untyped-def]
+    page.goto(url + "/admin")
+    assert page.url.endswith("/admin/login")  # not signed in: redirected
+    page.fill("#api_key", key)
+    page.click("#sign-in")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_admin_ui_end_to_end(server, keys, ctx, clock, browser, tmp_path):
+    seed(ctx.engine, clock.now())
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+
+    sign_in(page, server.url, keys.admin)
+    assert page.url == server.url + "/admin"
+    cookie = next(c for c in context.cookies() if c["name"] == "ws_admin")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert keys.admin not in cookie["value"]
+    rows = page.locator("#tenants tbody tr")
+    assert sorted(rows.evaluate_all("rs => rs.map(r => r.dataset.tenant)")) == ["acme", "globex", "ops"]
+    acme_monthly = page.locator('tr[data-tenant="acme"] .monthly').inner_text()
+    assert acme_monthly.startswith("$") and Decimal(acme_monthly[1:]) > 0
+    page.screenshot(path=str(SHOTS / "admin-overview.png"), full_page=True)
+
+    page.click('a[href="/admin/tenants/acme"]')
+    assert page.locator("#tenant-name").inner_text() == "acme"
+    assert page.locator("svg.chart rect.bar").count() == 30  # default window: 30 days
+    assert page.locator("#by-run tbody tr").count() == 2
+    assert page.locator("#by-kind tbody tr").count() == 2
+    saving = page.locator("#dedup-saving").inner_text()
+    assert saving.endswith("%)") and not saving.startswith("0.000")
+    assert page.locator("#largest tbody tr").count() == 10
+    page.screenshot(path=str(SHOTS / "admin-tenant.png"), full_page=True)
+
+    # change the window: the 7-day pill, then an explicit date range
+    page.click("#win-7")
+    assert page.locator("svg.chart rect.bar").count() == 7
+    since = (clock.now() - timedelta(days=20)).date().isoformat()
+    until = (clock.now() - timedelta(days=6)).date().isoformat()
+    page.fill("#since", since)
+    page.fill("#until", until)
+    page.click("#apply-window")
+    assert page.locator("svg.chart rect.bar").count() == 15
+    assert f"{since} – {until}" in page.locator("#window-summary").inner_text()
+
+    # invoice page + CSV download
+    month = page.locator("#invoices a").first.inner_text()
+    page.click(f'#invoices a:text-is("{month}")')
+    total = page.locator("#invoice-total").inner_text()
+    page.screenshot(path=str(SHOTS / "admin-invoice.png"), full_page=True)
+    with page.expect_download() as dl:
+        page.click("#download-csv")
+    content = Path(dl.value.path()).read_text()
+    lines = list(csv.DictReader(io.StringIO(content)))
+    assert lines[-1]["run_id"] == "TOTAL" and "$" + lines[-1]["amount_usd"] == total
+    assert sum(Decimal(x["amount_usd"]) for x in lines[:-1]) == Decimal(lines[-1]["amount_usd"])
+    assert {x["tenant_id"] for x in lines} == {"acme"} and {x["kind"] for x in lines[:-1]} <= {"training", "sampler"}
+
+    # nothing left the loopback server (no CDN), and the key never appeared in a URL
+    assert all(u.startswith(server.url) for u in requests)
+    assert not any(keys.admin in u for u in requests)
+
+    page.click("#sign-out")
+    assert page.url.endswith("/admin/login")
+    page.goto(server.url + "/admin/tenants/acme")
+    assert page.url.endswith("/admin/login")
+    context.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_wrong_and_non_admin_keys_are_refused(server, keys, ctx, clock, browser):
+    seed(ctx.engine, clock.now())
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in(page, server.url, "tml-not-a-real-key")
+    assert page.url.endswith("/admin/login")
+    assert "not valid" in page.locator("#error").inner_text()
+    sign_in(page, server.url, keys.trainer)  # acme's trainer: not an admin
+    assert "not an admin key" in page.locator("#error").inner_text()
+    assert not [c for c in context.cookies() if c["name"] == "ws_admin"]
+    page.goto(server.url + "/admin/tenants/globex")
+    assert page.url.endswith("/admin/login")  # cannot see other tenants (nor its own) in the admin UI
+    # a forged cookie is ignored
+    context.add_cookies([{"name": "ws_admin", "value": "eyJrIjoia2V5In0.forged.sig", "url": server.url + "/admin"}])
+    page.goto(server.url + "/admin")
+    assert page.url.endswith("/admin/login")
+    context.close()
+
