@@ -48,6 +48,27 @@ def session_secret(settings: Settings) -> str:
     return path.read_text().strip()
 
 
+EMBEDDED_MARKER = "s3-endpoint.json"
+
+
+def _running_embedded(data_dir: Path) -> str | None:
+    """The endpoint of an embedded store another live process started for this data dir."""
+    marker = data_dir / EMBEDDED_MARKER
+    try:
+        info = json.loads(marker.read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    try:
+        import httpx
+
+        if httpx.get(info["endpoint_url"] + "/healthz", timeout=2).status_code == 200:
+            return str(info["endpoint_url"])
+    except Exception:  # noqa: BLE001 - a stale marker: start our own store
+        return None
+    return None
+
+
 @dataclass
 class Running:
     ctx: Context
@@ -62,13 +83,21 @@ def start(settings: Settings, *, migrate: bool = True, clock: Clock | None = Non
     """Build the context; start the embedded S3 store if no endpoint is configured."""
     stops: list[Callable[[], None]] = []
     if settings.s3_endpoint_url is None:
-        from weightstore.embedded import SeaweedFS
-
         access, secret = _embedded_credentials(settings.data_dir)
-        weed = SeaweedFS(settings.data_dir / "s3", access_key=access, secret_key=secret)
-        weed.start()
-        stops.append(weed.stop)
-        settings = settings.model_copy(update={"s3_endpoint_url": weed.endpoint_url, "s3_access_key_id": access,
+        endpoint = _running_embedded(settings.data_dir)
+        if endpoint is None:
+            # Nobody serves this data dir yet: start the store, and tell later processes
+            # (`weightstore gc`, `weightstore worker`) where it is, so they share it.
+            from weightstore.embedded import SeaweedFS
+
+            weed = SeaweedFS(settings.data_dir / "s3", access_key=access, secret_key=secret)
+            weed.start()
+            endpoint = weed.endpoint_url
+            marker = settings.data_dir / EMBEDDED_MARKER
+            marker.write_text(json.dumps({"endpoint_url": endpoint, "pid": os.getpid()}))
+            stops.append(weed.stop)
+            stops.append(lambda: marker.unlink(missing_ok=True))
+        settings = settings.model_copy(update={"s3_endpoint_url": endpoint, "s3_access_key_id": access,
                                                "s3_secret_access_key": SecretStr(secret)})
     try:
         url = settings.resolved_database_url
