@@ -29,7 +29,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from weightstore import audit
+from weightstore import audit, uploads
 from weightstore.auth import Principal
 from weightstore.checkpoints import visible_clause
 from weightstore.context import Context
@@ -157,18 +157,6 @@ def _put_blob(ctx: Context, f: LocalFile, progress: Progress | None) -> int:
     return f.size_bytes
 
 
-def _mark_live(session: Session, sha256: str, size: int, now: Any) -> None:
-    blob = session.get(Blob, sha256)
-    if blob is None:
-        session.add(Blob(sha256=sha256, size_bytes=size, state=BlobState.live, created_at=now, verified_at=now,
-                         last_referenced_at=now))
-    elif blob.state == BlobState.deleting:
-        raise CatalogBusy("these bytes are being garbage-collected right now; retry in a minute")
-    else:
-        blob.state, blob.verified_at, blob.last_referenced_at = BlobState.live, blob.verified_at or now, now
-        session.add(blob)
-
-
 def register(ctx: Context, principal: Principal, name: str, directory: str | Path, *,
              progress: Progress | None = None, request_id: str | None = None) -> BaseModel:
     """Upload a local Hugging Face directory as base model ``name`` (admin only; in-process use)."""
@@ -184,7 +172,7 @@ def register(ctx: Context, principal: Principal, name: str, directory: str | Pat
     now = ctx.clock.now()
     with session_scope(ctx.engine) as session:
         for f in files:
-            _mark_live(session, f.sha256, f.size_bytes, now)
+            uploads.mark_live(session, f.sha256, f.size_bytes, now)
         session.flush()
         return _commit_manifest(session, principal, name, [(f.path, f.size_bytes, f.sha256) for f in files],
                                 config, now=now, request_id=request_id, bytes_sent=sent)
@@ -211,7 +199,7 @@ def finish_blob(ctx: Context, writer: BlobWriter) -> None:
     """Verify and publish a blob received by ``store_blob``, then mark it live (write order S2)."""
     writer.finish()
     with session_scope(ctx.engine) as session:
-        _mark_live(session, writer.sha256, writer.size, ctx.clock.now())
+        uploads.mark_live(session, writer.sha256, writer.size, ctx.clock.now())
 
 
 def register_manifest(ctx: Context, principal: Principal, name: str, files: list[tuple[str, int, str]], *,

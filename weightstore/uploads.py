@@ -358,7 +358,7 @@ def finish_stream(ctx: Context, principal: Principal, upload_id: str, path: str,
             # The bytes were only hashed (the blob existed) and the collector reclaimed it meanwhile:
             # nothing durable holds them, so the client must send them again.
             raise CatalogBusy("these bytes were garbage-collected while being received; send them again")
-        _mark_live(session, row.sha256, row.size_bytes, now)
+        mark_live(session, row.sha256, row.size_bytes, now)
         row.received = True
         session.add(row)
 
@@ -374,7 +374,7 @@ def receive_bytes(ctx: Context, principal: Principal, upload_id: str, path: str,
     finish_stream(ctx, principal, upload_id, path, writer)
 
 
-def _mark_live(session: Session, sha256: str, size: int, now: datetime) -> None:
+def mark_live(session: Session, sha256: str, size: int, now: datetime) -> None:
     """Insert the blob row as live (object verified and durable), or refresh an existing one."""
     blob = session.get(Blob, sha256)
     if blob is None:
@@ -416,6 +416,23 @@ def _finalize_presigned(ctx: Context, row: UploadFile) -> None:
     store.delete(key)
 
 
+def add_manifest(session: Session, ckpt: Checkpoint, files: list[tuple[str, int, str]], blobs: dict[str, Blob], *,
+                 now: datetime) -> None:
+    """Write a new checkpoint's manifest: one row per (path, size, sha256), the tenant's proof of
+    holding each blob (for later dedup), and a touch on every blob. ``blobs`` must be the caller's
+    locked, verified-live rows for every sha256 in ``files``."""
+    for path, size, sha in files:
+        session.add(CheckpointFile(checkpoint_id=ckpt.id, path=path, size_bytes=size, sha256=sha))
+    shas = sorted({sha for _, _, sha in files})
+    owned = set(session.exec(select(TenantBlob.sha256).where(TenantBlob.tenant_id == ckpt.tenant_id,
+                                                             TenantBlob.sha256.in_(shas))).all())  # type: ignore[attr-defined]
+    for sha in shas:
+        if sha not in owned:
+            session.add(TenantBlob(tenant_id=ckpt.tenant_id, sha256=sha, created_at=now))
+        blobs[sha].last_referenced_at = now
+        session.add(blobs[sha])
+
+
 @dataclass(frozen=True)
 class CommitResult:
     checkpoint: Checkpoint
@@ -441,7 +458,7 @@ def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: st
             _finalize_presigned(ctx, row)
             received += row.size_bytes
             with session_scope(ctx.engine) as session:
-                _mark_live(session, row.sha256, row.size_bytes, ctx.clock.now())
+                mark_live(session, row.sha256, row.size_bytes, ctx.clock.now())
                 db_row = session.get(UploadFile, (row.upload_id, row.path))
                 assert db_row is not None
                 db_row.received = True
@@ -488,15 +505,7 @@ def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: st
                               expires_at=expires_at_for(now, upload.ttl_seconds), user_metadata=upload.user_metadata)
             session.add(ckpt)
             session.flush()
-            for r in rows:
-                session.add(CheckpointFile(checkpoint_id=ckpt.id, path=r.path, size_bytes=r.size_bytes, sha256=r.sha256))
-            owned = set(session.exec(select(TenantBlob.sha256).where(TenantBlob.tenant_id == principal.tenant_id,
-                                                                     TenantBlob.sha256.in_(shas))).all())  # type: ignore[attr-defined]
-            for sha in shas:
-                if sha not in owned:
-                    session.add(TenantBlob(tenant_id=principal.tenant_id, sha256=sha, created_at=now))
-                blobs[sha].last_referenced_at = now
-                session.add(blobs[sha])
+            add_manifest(session, ckpt, [(r.path, r.size_bytes, r.sha256) for r in rows], blobs, now=now)
             upload.state, upload.checkpoint_id = UploadState.committed, ckpt.id
             session.add(upload)
             runs.touch(session, run, now)
