@@ -29,7 +29,7 @@ COPY pyproject.toml README.md ./
 COPY weightstore ./weightstore
 COPY api ./api
 COPY gc ./gc
-# Migrations are applied at startup and are not part of the wheel.
+# Migrations are not part of the wheel: `weightstore migrate` (or serve with WEIGHTSTORE_AUTO_MIGRATE=true) reads them here.
 COPY alembic.ini ./
 COPY alembic ./alembic
 RUN pip install --no-cache-dir .

@@ -62,11 +62,23 @@ def session_scope(engine: Engine) -> Iterator[Session]:
             raise
 
 
+def migrations_dir() -> Path:
+    """The ``alembic/`` folder: beside the package in a checkout, or in the working directory of an
+    installed image (the Dockerfile copies it to /app); ``WEIGHTSTORE_MIGRATIONS_DIR`` overrides."""
+    import os
+
+    candidates = [os.environ.get("WEIGHTSTORE_MIGRATIONS_DIR"), REPO_ROOT / "alembic", Path.cwd() / "alembic"]
+    for c in candidates:
+        if c and (Path(c) / "env.py").exists():
+            return Path(c)
+    raise RuntimeError("alembic migrations not found: set WEIGHTSTORE_MIGRATIONS_DIR")
+
+
 def alembic_config(url: str):  # type: ignore[no-untyped-def]
     from alembic.config import Config
 
-    cfg = Config(str(REPO_ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(REPO_ROOT / "alembic"))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

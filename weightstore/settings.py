@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     # --- catalog -------------------------------------------------------------------------------
     database_url: str | None = None
     """SQLAlchemy URL. Unset: SQLite at ``data_dir/weightstore.db``."""
+    auto_migrate: bool = True
+    """``serve`` applies migrations at start (embedded default). In production set it false and run
+    ``weightstore migrate`` once per release, so replicas never race on a schema change."""
 
     # --- object store --------------------------------------------------------------------------
     s3_endpoint_url: str | None = None

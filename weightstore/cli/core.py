@@ -29,7 +29,7 @@ def serve() -> None:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
     err(f"weightstore: starting (data dir {settings.data_dir.resolve()})")
-    running = bootstrap.start(settings)
+    running = bootstrap.start(settings, migrate=settings.auto_migrate)
     ctx = running.ctx
     with session_scope(ctx.engine) as s:
         admin_key = auth.bootstrap_admin(s, now=ctx.clock.now())
@@ -60,6 +60,16 @@ def serve() -> None:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
     finally:
         running.close()
+
+
+def migrate() -> None:
+    """Apply catalog migrations (alembic upgrade heads) to WEIGHTSTORE_DATABASE_URL or the embedded SQLite."""
+    from weightstore import db
+    from weightstore.settings import Settings
+
+    url = Settings().resolved_database_url
+    db.upgrade(url)
+    err(f"catalog migrated: {url.split('@')[-1]}")
 
 
 @keys_app.command("create")
@@ -171,6 +181,7 @@ def ttl(tinker_path: str, seconds: int = typer.Option(None, "--seconds"), remove
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
+    app.command("migrate")(migrate)
     app.add_typer(keys_app, name="keys")
     app.add_typer(runs_app, name="runs")
     app.command("upload")(upload)
