@@ -94,6 +94,35 @@ def end_checkpoint(session: Session, ckpt: Checkpoint, *, state: CheckpointState
     session.execute(sa.update(Blob).where(Blob.sha256.in_(shas)).values(last_referenced_at=now))  # type: ignore[attr-defined]
 
 
+def expire_due(session: Session, *, now: datetime, limit: int) -> list[str]:
+    """Set-based ``end_checkpoint(state=expired, at=expires_at)`` for up to ``limit`` committed
+    checkpoints whose ``expires_at`` has passed; returns their ids.
+
+    Three statements, whatever the count: UPDATE ... RETURNING (the state change; on PostgreSQL
+    it also row-locks exactly the checkpoints it changed), one INSERT ... SELECT of ledger ``end``
+    rows stamped at each ``expires_at``, and one UPDATE touching their blobs. The touch moves
+    ``last_referenced_at`` to ``expires_at`` — never backwards: a blob whose last reference ended
+    later (another checkpoint deleted since, an upload closed since) keeps its later time. So the
+    blob grace and the restore window are one window counted from ``expires_at``.
+    """
+    due = sa.and_(Checkpoint.state == CheckpointState.committed.value, Checkpoint.expires_at <= now)  # type: ignore[operator]
+    pick = sa.select(Checkpoint.id).where(due).order_by(Checkpoint.id).limit(limit)  # type: ignore[call-overload]
+    ids = [r[0] for r in session.execute(
+        sa.update(Checkpoint).where(Checkpoint.id.in_(pick.scalar_subquery()), due)  # type: ignore[attr-defined]
+        .values(state=CheckpointState.expired.value).returning(Checkpoint.id)).all()]  # type: ignore[arg-type]
+    if not ids:
+        return ids
+    ledger.on_end_expired(session, ids, now=now)
+    latest_end = (sa.select(sa.func.max(Checkpoint.expires_at))
+                  .select_from(CheckpointFile).join(Checkpoint, Checkpoint.id == CheckpointFile.checkpoint_id)  # type: ignore[arg-type]
+                  .where(CheckpointFile.sha256 == Blob.sha256, Checkpoint.id.in_(ids))  # type: ignore[attr-defined]
+                  .scalar_subquery())
+    shas = sa.select(CheckpointFile.sha256).where(CheckpointFile.checkpoint_id.in_(ids))  # type: ignore[call-overload,attr-defined]
+    session.execute(sa.update(Blob).where(Blob.sha256.in_(shas), Blob.last_referenced_at < latest_end)  # type: ignore[attr-defined]
+                    .values(last_referenced_at=latest_end))
+    return ids
+
+
 def delete(session: Session, principal: Principal, path: TinkerPath, *, now: datetime,
            request_id: str | None = None) -> Checkpoint:
     """Mark deleted: invisible at once; the collector reclaims the bytes after the grace period."""

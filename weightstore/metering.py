@@ -120,36 +120,11 @@ def pricing(session: Session, settings: Settings) -> Pricing:
                    per_tenant={t: _dec(p) for t, p in overrides})
 
 
-# --- SQL ----------------------------------------------------------------------------------------
-def _epoch_sql(dialect: str, col: str) -> str:
-    if dialect == "sqlite":
-        return f"CAST(strftime('%s', {col}) AS INTEGER)"
-    return f"CAST(floor(extract(epoch FROM {col})) AS BIGINT)"
-
-
-def _intervals_cte(dialect: str, tenant_filter: bool) -> str:
-    """``iv``: one row per checkpoint (tenant_id, run_id, kind, size_bytes, s0, e0 epoch seconds;
-    e0 NULL while open-ended)."""
-    where_h = "WHERE tenant_id = :tenant" if tenant_filter else ""
-    where_e = "WHERE e.tenant_id = :tenant" if tenant_filter else ""
-    ep = lambda c: _epoch_sql(dialect, c)  # noqa: E731
-    return f"""
-head AS MATERIALIZED (
-  SELECT checkpoint_id, MAX(id) AS m, MAX(CASE WHEN event = 'restore' THEN id END) AS r
-  FROM usage_event {where_h} GROUP BY checkpoint_id),
-agg AS MATERIALIZED (
-  SELECT e.checkpoint_id, e.tenant_id, e.run_id, e.kind,
-    MIN(CASE WHEN e.event = 'commit' THEN e.at END) AS start_at,
-    MAX(CASE WHEN e.event = 'commit' THEN e.size_bytes END) AS size_bytes,
-    MIN(CASE WHEN e.event = 'end' AND e.id > COALESCE(h.r, 0) THEN e.at END) AS end_at,
-    MAX(CASE WHEN e.id = h.m THEN e.expires_at END) AS exp_at
-  FROM usage_event e JOIN head h ON h.checkpoint_id = e.checkpoint_id {where_e}
-  GROUP BY e.checkpoint_id, e.tenant_id, e.run_id, e.kind),
-iv AS MATERIALIZED (
-  SELECT checkpoint_id, tenant_id, run_id, kind, size_bytes, {ep('start_at')} AS s0,
-    CASE WHEN end_at IS NULL THEN {ep('exp_at')} WHEN exp_at IS NULL THEN {ep('end_at')}
-         WHEN end_at < exp_at THEN {ep('end_at')} ELSE {ep('exp_at')} END AS e0
-  FROM agg WHERE start_at IS NOT NULL)"""
+# --- SQL ---------------------------------------------------------------------------------------
+def _overlap_where(tenant_filter: bool) -> str:
+    """``usage_interval`` rows billing something inside ``[:ws, :we)`` (zero-length ones never do)."""
+    where = "start_s < :we AND stop_s > :ws AND stop_s > start_s"
+    return where + (" AND tenant_id = :tenant" if tenant_filter else "")
 
 
 def _no_jit(session: Session) -> None:
@@ -213,52 +188,50 @@ def usage(session: Session, pricing_: Pricing, *, start: datetime, end: datetime
     if bucket_seconds is not None and (we - ws) // bucket_seconds > 24 * 400:
         raise InvalidRequest("too many buckets for this window")
     fine = list(dict.fromkeys([*cols, "tenant_id", "kind"]))
-    dialect = session.get_bind().dialect.name
     _no_jit(session)
     g = ", ".join(fine)
-    head = f"WITH {_intervals_cte(dialect, tenant_id is not None)},\n" + f"""
-cl AS MATERIALIZED (
-  SELECT {g}, size_bytes, size_bytes / {_SPLIT} AS hi, size_bytes % {_SPLIT} AS lo,
-    CASE WHEN s0 > :ws THEN s0 ELSE :ws END AS s,
-    CASE WHEN e0 IS NULL OR e0 > :we THEN :we ELSE e0 END AS e
-  FROM iv WHERE s0 < :we AND (e0 IS NULL OR (e0 > :ws AND e0 > s0)))"""
+    # each overlapping interval clipped to the window: [s, e), as epoch seconds
+    clipped = f"""SELECT {g}, size_bytes, size_bytes / {_SPLIT} AS hi, size_bytes % {_SPLIT} AS lo,
+    CASE WHEN start_s > :ws THEN start_s ELSE :ws END AS s, CASE WHEN stop_s < :we THEN stop_s ELSE :we END AS e
+  FROM usage_interval WHERE {_overlap_where(tenant_id is not None)}"""
     params: dict[str, Any] = {"ws": ws, "we": we}
     if tenant_id is not None:
         params["tenant"] = tenant_id
     acc: dict[tuple[Any, ...], int] = defaultdict(int)
     if bucket_seconds is None:
-        sql = head + f"\nSELECT {g}, SUM(hi * (e - s)), SUM(lo * (e - s)) FROM cl GROUP BY {g}"
+        sql = f"SELECT {g}, SUM(hi * (e - s)), SUM(lo * (e - s)) FROM ({clipped}) c GROUP BY {g}"
         for row in session.execute(sa.text(sql), params):
             acc[tuple(row[:-2])] += int(row[-2] or 0) * _SPLIT + int(row[-1] or 0)
     else:
+        # Byte-seconds stored before instant t: C(t) = sum_{s<t} size*(t-s) - sum_{e<t} size*(t-e).
+        # The database returns, per group and bucket, the sums of size and size*(x - ws) of the
+        # interval starts (+) and stops (-) falling in that bucket: O(groups x buckets) rows.
+        # Python runs the prefix sums; bucket b's usage is C(its end) - C(its start), exactly.
         B = int(bucket_seconds)
-        sql = head + f""",
-bk AS MATERIALIZED (SELECT {g}, size_bytes, hi, lo, s, e, s / {B} AS ds, e / {B} AS de FROM cl)
-SELECT {g}, ds AS b,
-  SUM(hi * (CASE WHEN e < (ds + 1) * {B} THEN e ELSE (ds + 1) * {B} END - s)),
-  SUM(lo * (CASE WHEN e < (ds + 1) * {B} THEN e ELSE (ds + 1) * {B} END - s)), 0
-  FROM bk GROUP BY {g}, ds
+        sql = f"""SELECT {g}, s / {B} AS b, SUM(size_bytes), SUM(hi * (s - :ws)), SUM(lo * (s - :ws))
+  FROM ({clipped}) c GROUP BY {g}, s / {B}
 UNION ALL
-SELECT {g}, de, SUM(hi * (e - de * {B})), SUM(lo * (e - de * {B})), 0 FROM bk WHERE de > ds GROUP BY {g}, de
-UNION ALL
-SELECT {g}, ds + 1, 0, 0, SUM(size_bytes) FROM bk WHERE de > ds + 1 GROUP BY {g}, ds + 1
-UNION ALL
-SELECT {g}, de, 0, 0, -SUM(size_bytes) FROM bk WHERE de > ds + 1 GROUP BY {g}, de"""
-        partial: dict[tuple[Any, ...], dict[int, int]] = defaultdict(lambda: defaultdict(int))
-        delta: dict[tuple[Any, ...], dict[int, int]] = defaultdict(lambda: defaultdict(int))
+SELECT {g}, e / {B} AS b, -SUM(size_bytes), -SUM(hi * (e - :ws)), -SUM(lo * (e - :ws))
+  FROM ({clipped}) c GROUP BY {g}, e / {B}"""
+        edges: dict[tuple[Any, ...], dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
         for row in session.execute(sa.text(sql), params):
             key, b = tuple(row[:len(fine)]), int(row[len(fine)])
-            hi, lo, d = (int(x or 0) for x in row[len(fine) + 1:])
-            partial[key][b] += hi * _SPLIT + lo
-            delta[key][b] += d
+            size, hi, lo = (int(x or 0) for x in row[len(fine) + 1:])
+            slot = edges[key][b]
+            slot[0] += size
+            slot[1] += hi * _SPLIT + lo
         first, last = ws // B, (we - 1) // B
-        for key in set(partial) | set(delta):
-            running = 0
+        for key, by_bucket in edges.items():
+            size_sum = weighted = 0  # over edges before the current instant; weighted = sum size*(x - ws)
+            before = 0  # C(start of the current bucket)
             for b in range(first, last + 1):
-                running += delta[key].get(b, 0)
-                value = partial[key].get(b, 0) + running * B
-                if value:
-                    acc[(*key, b)] += value
+                d_size, d_weighted = by_bucket.get(b, (0, 0))
+                size_sum += d_size
+                weighted += d_weighted
+                after = (min(we, (b + 1) * B) - ws) * size_sum - weighted  # C(end of bucket b)
+                if after != before:
+                    acc[(*key, b)] += after - before
+                before = after
     out: dict[tuple[Any, ...], list[Any]] = {}
     for fkey, bs in acc.items():
         kv = dict(zip(fine, fkey, strict=False))
@@ -333,10 +306,10 @@ def current(session: Session, pricing_: Pricing, *, now: datetime, group_by: Seq
     cols = _check_groups(group_by)
     fine = list(dict.fromkeys([*cols, "tenant_id", "kind"]))
     g = ", ".join(fine)
-    dialect = session.get_bind().dialect.name
     _no_jit(session)
-    sql = (f"WITH {_intervals_cte(dialect, tenant_id is not None)}\n"
-           f"SELECT {g}, COUNT(*), SUM(size_bytes) FROM iv WHERE s0 <= :now AND (e0 IS NULL OR e0 > :now) GROUP BY {g}")
+    tenant_where = " AND tenant_id = :tenant" if tenant_id is not None else ""
+    sql = (f"SELECT {g}, COUNT(*), SUM(size_bytes) FROM usage_interval "
+           f"WHERE start_s <= :now AND stop_s > :now{tenant_where} GROUP BY {g}")
     params: dict[str, Any] = {"now": epoch(now)}
     if tenant_id is not None:
         params["tenant"] = tenant_id

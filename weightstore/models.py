@@ -343,3 +343,39 @@ class IdempotencyRecord(SQLModel, table=True):
     operation: str = Field(max_length=64)
     created_at: datetime = _ts()
     response: dict[str, Any] | None = _json_col()
+
+
+OPEN_END_S = 2**62
+"""``usage_interval.stop_s`` of a checkpoint still storing bytes with no expiry: "never" as a number, so
+that overlap tests are plain range comparisons (``start_s < :we AND stop_s > :ws``) an index can serve."""
+
+
+class UsageInterval(SQLModel, table=True):
+    """Derived from ``usage_event``, one row per checkpoint: the interval its bytes are billed for.
+
+    Not a source of truth: ``weightstore.intervals.rebuild_intervals`` recomputes every row from the
+    ledger, and the ledger writers (``weightstore.ledger``) refresh a checkpoint's row from its
+    ledger rows in the same transaction. Times are whole epoch seconds (``BigInteger``), so
+    window arithmetic is the same integer SQL on SQLite and PostgreSQL.
+    """
+
+    __tablename__ = "usage_interval"
+    __table_args__ = (
+        sa.Index("ix_usage_interval_tenant_stop", "tenant_id", "stop_s"),
+        sa.Index("ix_usage_interval_tenant_start", "tenant_id", "start_s"),
+        sa.Index("ix_usage_interval_stop", "stop_s"),
+    )
+    checkpoint_id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(max_length=64)
+    run_id: str = Field(max_length=200)
+    kind: str = Field(max_length=16)
+    size_bytes: int = _bytes_col()
+    """Logical bytes (the ``commit`` row's size)."""
+    start_s: int = Field(default=0, sa_column=Column(sa.BigInteger(), nullable=False))
+    """Epoch seconds of the ``commit``."""
+    end_s: int | None = Field(default=None, sa_column=Column(sa.BigInteger(), nullable=True))
+    """Epoch seconds of the first ``end`` not cancelled by a later ``restore``; NULL if none."""
+    expires_s: int | None = Field(default=None, sa_column=Column(sa.BigInteger(), nullable=True))
+    """Epoch seconds of the ``expires_at`` carried by the checkpoint's latest ledger row; NULL if none."""
+    stop_s: int = Field(default=OPEN_END_S, sa_column=Column(sa.BigInteger(), nullable=False))
+    """Billing stops here: max(start_s, min(end_s, expires_s)), or ``OPEN_END_S`` while both are NULL."""

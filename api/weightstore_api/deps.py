@@ -30,7 +30,9 @@ def get_session(ctx: CtxDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the transaction commits when the endpoint returns, *before* the response is
+# sent — with the default scope a client could read stale state right after a 204.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def _bearer(request: Request) -> str | None:

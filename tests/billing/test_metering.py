@@ -11,12 +11,23 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from sqlmodel import select
 
 from tests.billing.ledger_builder import T0, LedgerBuilder, h
 from weightstore import db, metering
 from weightstore.db import session_scope
 from weightstore.metering import DAY, HOUR, Pricing
-from weightstore.models import Blob, Checkpoint, CheckpointFile, Tenant, TrainingRun
+from weightstore.intervals import rebuild_intervals
+from weightstore.models import (
+    OPEN_END_S,
+    Blob,
+    Checkpoint,
+    CheckpointFile,
+    Tenant,
+    TrainingRun,
+    UsageEvent,
+    UsageInterval,
+)
 
 GB = 10**9
 PRICE = Pricing(default=Decimal("0.10"))
@@ -216,3 +227,129 @@ def test_property_buckets_and_tenants_add_up(engine, ledger, events, ws, wlen):
     assert sum(r.cost_exact_usd for r in by_tenant) == (grand[0].cost_exact_usd if grand else 0)
     assert abs(Fraction(sum(r.cost_usd for r in by_tenant)) - Fraction(grand[0].cost_usd if grand else 0)) \
         <= Fraction(5, 1000) * len(by_tenant)
+
+
+# --- the derived usage_interval table ------------------------------------------------------------
+def _interval_rows(engine) -> dict[str, tuple]:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
+        return {r.checkpoint_id: (r.tenant_id, r.run_id, r.kind, r.size_bytes, r.start_s, r.end_s, r.expires_s, r.stop_s)
+                for r in s.exec(select(UsageInterval)).all()}
+
+
+def _recompute_from_ledger(engine) -> dict[str, tuple]:  # type: ignore[no-untyped-def]
+    """The interval rule in plain Python over the raw ledger rows (docs/design-billing.md §2)."""
+    with session_scope(engine) as s:
+        events = s.exec(select(UsageEvent).order_by(UsageEvent.id)).all()  # type: ignore[arg-type]
+    by_ck: dict[str, list[UsageEvent]] = {}
+    for ev in events:
+        by_ck.setdefault(ev.checkpoint_id, []).append(ev)
+    out = {}
+    for ck, evs in by_ck.items():
+        commits = [e for e in evs if e.event == "commit"]
+        if not commits:
+            continue
+        last_restore = max((e.id for e in evs if e.event == "restore"), default=0)
+        ends = [metering.epoch(e.at) for e in evs if e.event == "end" and e.id > last_restore]
+        start = min(metering.epoch(e.at) for e in commits)
+        end = min(ends) if ends else None
+        exp = None if evs[-1].expires_at is None else metering.epoch(evs[-1].expires_at)
+        stop = min([x for x in (end, exp) if x is not None], default=OPEN_END_S)
+        out[ck] = (evs[0].tenant_id, evs[0].run_id, evs[0].kind, max(e.size_bytes for e in commits), start, end, exp,
+                   max(start, stop))
+    return out
+
+
+_OPS = st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["end", "ttl", "ttl-none", "restore"]),
+                          st.integers(-2 * DAY, 6 * DAY)), max_size=14)
+
+
+@hsettings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(events=_EVENTS, ops=_OPS, ws=st.integers(0, 3 * DAY), wlen=st.integers(1, 9 * DAY))
+def test_property_derived_intervals_equal_the_ledger(engine, ledger, events, ops, ws, wlen):
+    """After random commits, ends, TTL changes and restores (some out of order), the table the
+    writers maintain equals a rebuild from the ledger and a plain-Python recomputation; and
+    billing over it equals the reference overlap sum."""
+    ledger.reset()
+    ledger.batch_begin()
+    made = []
+    for i, (tenant, kind, start, life, ttl, size) in enumerate(events):
+        at = T0 + timedelta(seconds=start)
+        exp = None if ttl is None else at + timedelta(seconds=ttl)
+        ledger.commit(f"c{i}", at, size, tenant=tenant, kind=kind, expires_at=exp)
+        made.append((f"c{i}", tenant, kind, at, size))
+        if life is not None:
+            ledger.end(f"c{i}", at + timedelta(seconds=life), size, tenant=tenant, kind=kind, expires_at=exp)
+    for idx, op, offset in ops:
+        if idx >= len(made):
+            continue
+        ck, tenant, kind, at, size = made[idx]
+        when = at + timedelta(seconds=offset)
+        if op == "end":
+            ledger.end(ck, when, size, tenant=tenant, kind=kind, expires_at=None)
+        elif op == "ttl":
+            ledger.ttl(ck, when, size, when + timedelta(hours=5), tenant=tenant, kind=kind)
+        elif op == "ttl-none":
+            ledger.ttl(ck, when, size, None, tenant=tenant, kind=kind)
+        else:
+            ledger.restore(ck, when, size, None, tenant=tenant, kind=kind)
+    ledger.batch_flush()
+    maintained = _interval_rows(engine)
+    assert maintained == _recompute_from_ledger(engine)
+    with session_scope(engine) as s:
+        assert rebuild_intervals(s) == len(maintained)
+    assert _interval_rows(engine) == maintained
+    # billing = plain overlap sums over the recomputed intervals; daily buckets add up to the window
+    w0, w1 = metering.epoch(T0) + ws, metering.epoch(T0) + ws + wlen
+    expected: dict[str, int] = {}
+    for tenant, _run, _kind, size, start, _end, _exp, stop in maintained.values():
+        overlap = max(0, min(stop, w1) - max(start, w0))
+        if overlap:
+            expected[tenant] = expected.get(tenant, 0) + size * overlap
+    window = (T0 + timedelta(seconds=ws), T0 + timedelta(seconds=ws + wlen))
+    assert {r.key["tenant_id"]: r.byte_seconds for r in total(engine, *window)} == expected
+    daily: dict[str, int] = {}
+    for r in total(engine, *window, bucket_seconds=DAY):
+        daily[r.key["tenant_id"]] = daily.get(r.key["tenant_id"], 0) + r.byte_seconds
+    assert daily == expected
+    with session_scope(engine) as s:
+        now_rows = metering.current(s, PRICE, now=window[0])
+    live: dict[str, int] = {}
+    for tenant, _run, _kind, size, start, _end, _exp, stop in maintained.values():
+        if start <= w0 < stop:
+            live[tenant] = live.get(tenant, 0) + size
+    assert {r.key["tenant_id"]: r.logical_bytes for r in now_rows} == live
+
+
+def test_service_writers_and_bulk_expiry_maintain_the_derived_table(engine):
+    """The ledger writers used by the service (commit, ttl, end, bulk expiry, restore) keep
+    usage_interval equal to a rebuild, in the writer's own transaction."""
+    from weightstore import ledger as ledger_mod
+
+    with session_scope(engine) as s:
+        s.add(Tenant(id="acme", name="acme", created_at=T0))
+        s.add(TrainingRun(id="run-1", tenant_id="acme", base_model="m", created_at=T0, last_request_time=T0))
+        s.flush()
+        cks = [Checkpoint(id=f"k{i}", tenant_id="acme", run_id="run-1", kind="training", name=f"s{i}", size_bytes=GB,
+                          created_at=T0, expires_at=T0 + h(10 + i)) for i in range(3)]
+        for ck in cks:
+            s.add(ck)
+            s.flush()
+            ledger_mod.on_commit(s, ck, now=T0)
+    with session_scope(engine) as s:
+        ck = s.get(Checkpoint, "k0")
+        ck.expires_at = None
+        s.add(ck)
+        ledger_mod.on_ttl(s, ck, now=T0 + h(1))
+        ledger_mod.on_end(s, s.get(Checkpoint, "k1"), at=T0 + h(2), now=T0 + h(2))
+        ledger_mod.on_end_expired(s, ["k2"], now=T0 + h(30))
+    rows = _interval_rows(engine)
+    t0 = metering.epoch(T0)
+    assert {k: (v[4], v[7]) for k, v in rows.items()} == {
+        "k0": (t0, OPEN_END_S), "k1": (t0, t0 + 2 * 3600), "k2": (t0, t0 + 12 * 3600)}
+    with session_scope(engine) as s:
+        ledger_mod.on_restore(s, s.get(Checkpoint, "k2"), now=T0 + h(31))
+    assert _interval_rows(engine)["k2"][7] == t0 + 12 * 3600  # stops at its expires_at, still
+    assert _interval_rows(engine) == _recompute_from_ledger(engine)
+    with session_scope(engine) as s:
+        rebuild_intervals(s)
+    assert _interval_rows(engine) == _recompute_from_ledger(engine)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -231,4 +232,83 @@ def test_blob_state_after_full_collection(ctx, keys, clock):
     with session_scope(ctx.engine) as s:
         assert {b.state for b in s.exec(sa.select(Blob)).scalars()} == {BlobState.live.value}  # type: ignore[call-overload]
     assert download(ctx, p, path) == sampler_files(50)
+    assert_verified(ctx, collected=True)
+
+
+def _blob_sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_reclaim_latency_bytes_gone_at_first_run_past_expires_at_plus_grace(ctx, keys, clock):
+    """The restore window and the blob grace are one window counted from ``expires_at``: on the
+    default schedule (a run every interval) the bytes go at the first run after
+    ``expires_at + grace``, i.e. within interval + grace (+ the pass itself)."""
+    p = principal(ctx, keys.trainer)
+    run_id = new_run(ctx, p)
+    files, keep = sampler_files(80), sampler_files(81)  # share adapter_config.json
+    save(ctx, p, run_id, "ttl", files, ttl=HOUR)
+    pk = save(ctx, p, run_id, "keep", keep)
+    expires_at = clock.now() + timedelta(seconds=HOUR)
+    clock.advance(HOUR + ctx.settings.gc_interval_seconds)  # a scheduled run, up to one interval late
+    rep = run(ctx)
+    assert rep.stats["expire"] == {"expired": 1, "released": 0}
+    with session_scope(ctx.engine) as s:  # the grace of its blobs counts from expires_at, not from this run
+        blob = s.get(Blob, _blob_sha(files["adapter_model.safetensors"]))
+        assert blob is not None and blob.last_referenced_at == expires_at
+    clock.advance(_grace(ctx) - ctx.settings.gc_interval_seconds - 1)  # expires_at + grace - 1 s
+    rep = run(ctx)
+    assert rep.stats["expire"]["released"] == 0 and rep.stats["sweep"]["deleted_objects"] == 0
+    assert object_exists(ctx, files["adapter_model.safetensors"])  # still restorable
+    clock.advance(2)  # expires_at + grace + 1 s: ONE run releases the checkpoint and deletes its bytes
+    rep = run(ctx)
+    assert rep.stats["expire"]["released"] == 1
+    assert rep.stats["sweep"]["deleted_objects"] == 1
+    assert clock.now() - expires_at <= timedelta(
+        seconds=_grace(ctx) + ctx.settings.gc_interval_seconds)
+    assert not object_exists(ctx, files["adapter_model.safetensors"])
+    assert object_exists(ctx, files["adapter_config.json"])  # shared with a live checkpoint
+    assert download(ctx, p, pk) == keep
+    assert_verified(ctx, collected=True)
+
+
+def test_expiry_never_moves_a_later_reference_end_backwards(ctx, keys, clock):
+    """A blob whose last reference ended after ``expires_at`` (here: a dedup twin deleted later)
+    keeps that later time: its grace is not shortened by the expiry."""
+    p = principal(ctx, keys.trainer)
+    run_id = new_run(ctx, p)
+    files = sampler_files(82)
+    save(ctx, p, run_id, "ttl", files, ttl=HOUR)
+    twin = save(ctx, p, run_id, "twin", files)  # same bytes, deduplicated
+    clock.advance(HOUR + 600)
+    delete(ctx, p, twin)  # its reference ends 600 s after the other one's expires_at
+    deleted_at = clock.now()
+    run(ctx)  # expires "ttl"
+    with session_scope(ctx.engine) as s:
+        assert s.get(Blob, _blob_sha(files["adapter_model.safetensors"])).last_referenced_at == deleted_at  # type: ignore[union-attr]
+    clock.advance(_grace(ctx) - 300)  # past expires_at + grace, not past the twin's delete + grace
+    rep = run(ctx)
+    assert rep.stats["expire"]["released"] == 1 and rep.stats["sweep"]["deleted_objects"] == 0
+    assert all(object_exists(ctx, v) for v in files.values())
+    assert_verified(ctx)
+    clock.advance(301)
+    rep = run(ctx)
+    assert rep.stats["sweep"]["deleted_objects"] == 2
+    assert not any(object_exists(ctx, v) for v in files.values())
+    assert_verified(ctx, collected=True)
+
+
+def test_collector_down_past_grace_expires_releases_and_sweeps_in_one_run(ctx, keys, clock):
+    p = principal(ctx, keys.trainer)
+    files = sampler_files(83)
+    save(ctx, p, new_run(ctx, p), "late", files, ttl=HOUR)
+    clock.advance(HOUR + _grace(ctx) + 1)  # no collector ran meanwhile
+    rep = run(ctx)
+    assert rep.stats["expire"] == {"expired": 1, "released": 1}
+    assert rep.stats["sweep"]["deleted_objects"] == 2
+    with session_scope(ctx.engine) as s:
+        ckpt = s.exec(sa.select(Checkpoint).where(Checkpoint.name == "late")).scalar_one()  # type: ignore[call-overload]
+        end = s.exec(sa.select(UsageEvent).where(UsageEvent.checkpoint_id == ckpt.id,  # type: ignore[call-overload]
+                                                 UsageEvent.event == "end")).scalar_one()
+        assert ckpt.state == "deleted" and end.at == ckpt.expires_at
+    assert not any(object_exists(ctx, v) for v in files.values())
     assert_verified(ctx, collected=True)

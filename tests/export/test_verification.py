@@ -111,12 +111,12 @@ def test_wrong_peft_expert_caught(models: dict[str, Path], tmp_path: Path) -> No
 def test_recomputation_catches_a_dropped_delta_without_forward(models: dict[str, Path], tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """With the forward check off (large models), a merge bug is still caught by recomputation."""
-    original = _merge._apply_ops
+    original = _merge._slab_block
 
-    def drop_last_op(view, ops, factors, scale, acc):  # type: ignore[no-untyped-def]
-        return original(view, ops[:-1] or ops, factors, scale, acc)
+    def drop_last_op(fd, info, slab, ops, scale, ws):  # type: ignore[no-untyped-def]
+        return original(fd, info, slab, ops[:-1] or ops, scale, ws)
 
-    monkeypatch.setattr(_merge, "_apply_ops", drop_last_op)
+    monkeypatch.setattr(_merge, "_slab_block", drop_last_op)
     adapter = build_adapter(tmp_path / "adapter", "gpt_oss")
     with pytest.raises(VerificationFailed, match="recomputation"):
         export_merged(adapter.path, models["gpt_oss"], tmp_path / "out",
@@ -128,10 +128,11 @@ def test_export_equal_to_base_refused(models: dict[str, Path], tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A merge loop that copies the base instead of merging is refused by the no-op guard."""
 
-    def copy_instead(t, fd, writer, factors, scale, acc):  # type: ignore[no-untyped-def]
+    def copy_instead(self, t, fd, writer):  # type: ignore[no-untyped-def]
         writer.copy(fd, t.source.offset, t.source.nbytes)
+        return _merge._Accumulator().result(t.name)
 
-    monkeypatch.setattr(_merge, "_merge_dense", copy_instead)
+    monkeypatch.setattr(_merge._Merger, "merge", copy_instead)
     adapter = build_adapter(tmp_path / "adapter", "llama")
     with pytest.raises(VerificationFailed, match="no-op guard") as info:
         export_merged(adapter.path, models["llama"], tmp_path / "out")

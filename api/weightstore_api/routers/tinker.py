@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlmodel import Session, select
 
@@ -25,7 +25,7 @@ from weightstore.models import BaseModel as BaseModelRow
 from weightstore.models import Checkpoint, TrainingRun
 from weightstore.names import TinkerPath
 
-from ..deps import AdminPrincipal, CtxDep, CurrentPrincipal, Offset, WriterPrincipal, get_session
+from ..deps import AdminPrincipal, CtxDep, CurrentPrincipal, Offset, SessionDep, WriterPrincipal
 from ..errors import error_body, request_id_of
 from .tinker_schemas import (
     ArchiveUrlPublic,
@@ -47,11 +47,6 @@ from .tinker_schemas import (
 )
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"])
-
-# The transaction must commit *before* the response goes out: with the default (request) scope,
-# FastAPI runs the dependency's teardown after sending, and a client that reads right after a
-# 204 (the tinker CLI does) could still see the old state.
-SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 AccessScope = Annotated[Literal["owned", "accessible"], Query()]
 CKPT = "/training_runs/{run_id}/checkpoints/{segment}/{name}"
