@@ -36,7 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import Session, select
 
-from weightstore import audit, checkpoints, ledger, runs
+from weightstore import audit, checkpoints, ledger, runs, uploads
 from weightstore.auth import Principal
 from weightstore.context import Context
 from weightstore.db import session_scope
@@ -50,7 +50,6 @@ from weightstore.models import (
     CheckpointFile,
     CheckpointState,
     IdempotencyRecord,
-    TenantBlob,
     TrainingRun,
 )
 from weightstore.names import TinkerPath, check_run_id, new_id
@@ -232,15 +231,7 @@ def _share_checkpoint(session: Session, principal: Principal, source: Checkpoint
                       user_metadata=source.user_metadata, copied_from_id=source.id)
     session.add(ckpt)
     session.flush()
-    for f in files:
-        session.add(CheckpointFile(checkpoint_id=ckpt.id, path=f.path, size_bytes=f.size_bytes, sha256=f.sha256))
-    owned = set(session.exec(select(TenantBlob.sha256).where(TenantBlob.tenant_id == principal.tenant_id,
-                                                             TenantBlob.sha256.in_(shas))).all())  # type: ignore[attr-defined]
-    for sha in shas:
-        if sha not in owned:
-            session.add(TenantBlob(tenant_id=principal.tenant_id, sha256=sha, created_at=now))
-        blobs[sha].last_referenced_at = now
-        session.add(blobs[sha])
+    uploads.add_manifest(session, ckpt, [(f.path, f.size_bytes, f.sha256) for f in files], blobs, now=now)
     ledger.on_commit(session, ckpt, now=now)
     audit.record(session, at=now, action="checkpoint.copy", tenant_id=principal.tenant_id, key_id=principal.key_id,
                  target=checkpoints.tinker_path(ckpt), request_id=request_id,
