@@ -152,7 +152,6 @@ def run_peft(adapter: str, base: str, out: str) -> dict[str, object]:
 
 
 def run_naive(adapter: str, base: str, out: str) -> dict[str, object]:
-    import torch
     from safetensors.torch import load_file, save_file
 
     t = time.perf_counter()

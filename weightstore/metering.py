@@ -19,11 +19,13 @@ Units and rounding (the one rule)
   rounded lines** (so an invoice always adds up). Costs of finer rows are summed exactly before the
   line is rounded.
 
-Everything aggregates in SQL (SQLite and PostgreSQL alike): one scan of the ledger groups it into
-one interval per checkpoint, and bucketed series use a difference array (partial first/last bucket
-plus ``+size``/``-size`` at the edges of fully covered buckets) so the database returns O(groups ×
-buckets) rows, never one row per checkpoint. SQLite's ``sum`` raises on 64-bit overflow, so
-byte-seconds are summed in two parts (megabytes and the remainder) and recombined in Python.
+Everything aggregates in SQL (SQLite and PostgreSQL alike) over ``usage_interval``, the derived
+table holding each checkpoint's interval (``weightstore.intervals``: maintained by the ledger
+writers, rebuildable from the ledger). A window total is one range-overlap sum; bucketed series
+return per (group, bucket) only the sums over interval starts and stops falling in each bucket and
+run the prefix sums here, so the database returns O(groups × buckets) rows, never one row per
+checkpoint. SQLite's ``sum`` raises on 64-bit overflow, so byte-seconds are summed in two parts
+(megabytes and the remainder) and recombined in Python.
 """
 
 from __future__ import annotations
@@ -217,9 +219,9 @@ SELECT {g}, e / {B} AS b, -SUM(size_bytes), -SUM(hi * (e - :ws)), -SUM(lo * (e -
         for row in session.execute(sa.text(sql), params):
             key, b = tuple(row[:len(fine)]), int(row[len(fine)])
             size, hi, lo = (int(x or 0) for x in row[len(fine) + 1:])
-            slot = edges[key][b]
-            slot[0] += size
-            slot[1] += hi * _SPLIT + lo
+            edge = edges[key][b]
+            edge[0] += size
+            edge[1] += hi * _SPLIT + lo
         first, last = ws // B, (we - 1) // B
         for key, by_bucket in edges.items():
             size_sum = weighted = 0  # over edges before the current instant; weighted = sum size*(x - ws)

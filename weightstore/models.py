@@ -361,9 +361,11 @@ class UsageInterval(SQLModel, table=True):
 
     __tablename__ = "usage_interval"
     __table_args__ = (
+        # a tenant's window near now: range on stop_s, bounded by what is still stored, not by history
         sa.Index("ix_usage_interval_tenant_stop", "tenant_id", "stop_s"),
-        sa.Index("ix_usage_interval_tenant_start", "tenant_id", "start_s"),
-        sa.Index("ix_usage_interval_stop", "stop_s"),
+        # covering and in grouping order: SQLite aggregates per (tenant, kind, run) without table
+        # lookups or a sort; PostgreSQL can answer from it index-only
+        sa.Index("ix_usage_interval_cover", "tenant_id", "kind", "run_id", "stop_s", "start_s", "size_bytes"),
     )
     checkpoint_id: str = Field(primary_key=True, max_length=64)
     tenant_id: str = Field(max_length=64)

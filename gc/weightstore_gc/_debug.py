@@ -22,3 +22,9 @@ def pause(point: str) -> None:
     if marker:
         Path(marker).write_text(point)
     time.sleep(float(os.environ.get("WEIGHTSTORE_GC_PAUSE_SECONDS", "3600")))
+
+
+def armed(point: str) -> bool:
+    """Whether a test asked to pause at ``point`` (lets the caller reach a well-defined state first)."""
+    wanted = os.environ.get("WEIGHTSTORE_GC_PAUSE_AT")
+    return bool(wanted) and point in (wanted or "").split(",")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import select
 
 from weightstore import checkpoints
 from weightstore.context import Context
@@ -38,7 +38,13 @@ from . import _debug, refs
 from .lease import LeaseHandle
 
 log = logging.getLogger("weightstore.gc")
-METADATA_CHUNK = 500  # checkpoints per transaction in the expire phase: short write locks
+METADATA_CHUNK = 2000  # checkpoints per transaction in the expire phase: short write locks, few bound params
+STREAM_ROWS = 5000  # rows fetched at a time when a phase must look at every reference
+MAX_FINDINGS = 1000  # objects missing from the listing re-checked with HEAD: enough to diagnose a loss
+DELETE_CONCURRENCY = 4
+"""S3 DeleteObjects calls (≤1000 keys each) in flight at once during a sweep. A single call is
+bounded by the store's per-key work (SeaweedFS: ~1,000 keys/s per call); calls in parallel use
+more of it. Small, so a sweep never floods a shared store."""
 LOCK_TIMEOUT = "10s"  # PostgreSQL: give up a tombstone batch rather than stall writers longer
 
 
@@ -111,46 +117,59 @@ def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
 
 # --- expire ------------------------------------------------------------------------------------
 def expire(c: Collection) -> PhaseResult:
-    """TTL-elapsed checkpoints → ``expired`` (ledger ``end`` at ``expires_at``; restorable), and
-    expired checkpoints older than the grace period → ``deleted`` (no longer restorable: their
-    manifest stops protecting blobs, rule G4)."""
+    """TTL-elapsed checkpoints → ``expired`` (ledger ``end`` at ``expires_at``; restorable; blobs
+    touched with ``expires_at``), then checkpoints more than one grace period past ``expires_at`` →
+    ``deleted`` (no longer restorable: their manifest stops protecting blobs, rule G4). Both steps
+    are set-based and chunked: a few statements per ``METADATA_CHUNK`` checkpoints, whatever the
+    catalog size, and nothing is loaded but one chunk of ids. A checkpoint the collector first sees
+    more than grace past its ``expires_at`` (the collector was down) is expired and released in the
+    same run: its restore window is over either way."""
     res = PhaseResult()
     cutoff = c.grace_cutoff
+    expired_or_due = Checkpoint.state.in_([CheckpointState.committed.value, CheckpointState.expired.value])  # type: ignore[attr-defined]
     with session_scope(c.ctx.engine) as s:
-        due = s.execute(sa.select(Checkpoint.id, Checkpoint.size_bytes).where(  # type: ignore[call-overload]
-            Checkpoint.state == CheckpointState.committed.value, Checkpoint.expires_at <= c.now)).all()
-        rel = s.execute(sa.select(Checkpoint.id, Checkpoint.size_bytes).where(  # type: ignore[call-overload]
-            Checkpoint.state == CheckpointState.expired.value, Checkpoint.expires_at <= cutoff)).all()
-    res.plan = {"expire_checkpoints": len(due), "expire_bytes": sum(r[1] for r in due),
-                "release_checkpoints": len(rel), "release_bytes": sum(r[1] for r in rel)}
+        n_due, b_due = s.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Checkpoint.size_bytes), 0))
+                                 .where(Checkpoint.state == CheckpointState.committed.value,
+                                        Checkpoint.expires_at <= c.now)).one()  # type: ignore[operator]
+        n_rel, b_rel = s.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Checkpoint.size_bytes), 0))
+                                 .where(expired_or_due, Checkpoint.expires_at <= cutoff)).one()  # type: ignore[operator]
+    res.plan = {"expire_checkpoints": int(n_due), "expire_bytes": int(b_due),
+                "release_checkpoints": int(n_rel), "release_bytes": int(b_rel)}
     res.stats = {"expired": 0, "released": 0}
     if c.dry_run:
         return res
-    for chunk in _chunks([r[0] for r in due], METADATA_CHUNK):
+    while True:  # each chunk re-selects what is still due: a TTL change or restore since the plan wins
         c.check_lease()
         with session_scope(c.ctx.engine) as s:
-            # Re-check in the transaction: a TTL change or delete may have happened since the plan.
-            for ckpt in s.exec(select(Checkpoint).where(Checkpoint.id.in_(chunk),  # type: ignore[attr-defined]
-                                                        Checkpoint.state == CheckpointState.committed.value,
-                                                        Checkpoint.expires_at <= c.now)).all():  # type: ignore[operator]
-                assert ckpt.expires_at is not None
-                checkpoints.end_checkpoint(s, ckpt, state=CheckpointState.expired, at=ckpt.expires_at, now=c.now)
-                res.stats["expired"] += 1
-    for chunk in _chunks([r[0] for r in rel], METADATA_CHUNK):
+            n = len(checkpoints.expire_due(s, now=c.now, limit=METADATA_CHUNK))
+        res.stats["expired"] += n
+        if n < METADATA_CHUNK:
+            break
+    released = sa.and_(Checkpoint.state == CheckpointState.expired.value, Checkpoint.expires_at <= cutoff)  # type: ignore[operator]
+    while True:
         c.check_lease()
         with session_scope(c.ctx.engine) as s:
-            n = s.execute(sa.update(Checkpoint).where(
-                Checkpoint.id.in_(chunk), Checkpoint.state == CheckpointState.expired.value,  # type: ignore[attr-defined]
-                Checkpoint.expires_at <= cutoff).values(state=CheckpointState.deleted.value, deleted_at=c.now))  # type: ignore[operator]
-            res.stats["released"] += n.rowcount  # type: ignore[attr-defined]
+            pick = sa.select(Checkpoint.id).where(released).limit(METADATA_CHUNK)  # type: ignore[call-overload]
+            n = int(s.execute(sa.update(Checkpoint).where(Checkpoint.id.in_(pick.scalar_subquery()), released)  # type: ignore[attr-defined]
+                              .values(state=CheckpointState.deleted.value, deleted_at=c.now)).rowcount)  # type: ignore[attr-defined]
+        res.stats["released"] += n
+        if n < METADATA_CHUNK:
+            break
     return res
 
 
 # --- mark --------------------------------------------------------------------------------------
 def mark(c: Collection, *, check_objects: bool = True) -> PhaseResult:
     """Save the live set under the run id (one INSERT ... SELECT: one consistent snapshot), and
-    fail closed (G6) if a committed reference has no live blob row or no object."""
+    fail closed (G6) if a committed reference has no live blob row or no object.
+
+    The object check streams the committed references of that same snapshot against the
+    ``blobs/`` listing, taken just before it. A reference whose object is not in the listing is
+    HEADed after the transaction: an object written between the listing and the snapshot is not
+    a loss. Memory holds the listing, never the catalog's references."""
     res = PhaseResult()
+    listing = c.blob_listing() if check_objects else {}
+    suspects: list[str] = []
     with session_scope(c.ctx.engine) as s:
         live = refs.all_refs().subquery()
         s.execute(sa.insert(GcLiveBlob).from_select(["run_id", "sha256"],
@@ -159,20 +178,24 @@ def mark(c: Collection, *, check_objects: bool = True) -> PhaseResult:
                               .select_from(GcLiveBlob).outerjoin(Blob, Blob.sha256 == GcLiveBlob.sha256)  # type: ignore[arg-type]
                               .where(GcLiveBlob.run_id == c.run_id)).one()  # type: ignore[arg-type]
         committed = refs.committed_refs().subquery()
-        rows = s.execute(sa.select(committed.c.sha256, Blob.state, Blob.size_bytes)
-                         .outerjoin(Blob, Blob.sha256 == committed.c.sha256)).all()  # type: ignore[arg-type]
-    res.plan = {"live_blobs": int(n), "live_bytes": int(nbytes), "committed_refs": len(rows)}
-    for sha, state, _size in rows:
-        if state != BlobState.live.value:
-            res.findings.append(Finding("referenced_blob_not_live", sha, f"blob row is {state or 'missing'}"))
-    if check_objects:
-        listing = c.blob_listing()
-        for sha, state, size in rows:
+        q = sa.select(committed.c.sha256, Blob.state, Blob.size_bytes).outerjoin(Blob, Blob.sha256 == committed.c.sha256)  # type: ignore[arg-type]
+        n_refs = 0
+        for sha, state, size in s.execute(q.execution_options(yield_per=STREAM_ROWS)):
+            n_refs += 1
+            if state != BlobState.live.value:
+                res.findings.append(Finding("referenced_blob_not_live", sha, f"blob row is {state or 'missing'}"))
+            if not check_objects:
+                continue
             info = listing.get(sha)
             if state == BlobState.live.value and info is None:
-                res.findings.append(Finding("missing_object", sha, "referenced blob has no object in the store"))
+                if len(suspects) < MAX_FINDINGS:
+                    suspects.append(sha)
             elif info is not None and size is not None and info.size != size:
                 res.findings.append(Finding("size_mismatch", sha, f"object has {info.size} bytes, row says {size}"))
+    res.plan = {"live_blobs": int(n), "live_bytes": int(nbytes), "committed_refs": n_refs}
+    for sha in suspects:
+        if c.ctx.store.head(blob_key(sha)) is None:
+            res.findings.append(Finding("missing_object", sha, "referenced blob has no object in the store"))
     res.stop = bool(res.findings)
     if res.stop:
         log.error("mark found %d broken references: will not delete anything to prevent data loss", len(res.findings))
@@ -180,15 +203,22 @@ def mark(c: Collection, *, check_objects: bool = True) -> PhaseResult:
 
 
 # --- sweep -------------------------------------------------------------------------------------
-def sweep_candidates(c: Collection, mark_run_id: str) -> list[tuple[str, int, str]]:
+def _candidate_clause(c: Collection, mark_run_id: str) -> Any:
     """Blobs outside the marked live set and unreferenced for longer than grace, plus tombstones
     left by an earlier run that crashed or failed to delete (G9)."""
+    in_live = sa.select(GcLiveBlob.sha256).where(GcLiveBlob.run_id == mark_run_id)  # type: ignore[call-overload,arg-type]
+    return sa.or_(Blob.state == BlobState.deleting.value,
+                  sa.and_(Blob.state.in_([BlobState.live.value, BlobState.pending.value]),  # type: ignore[attr-defined]
+                          Blob.last_referenced_at < c.grace_cutoff, Blob.sha256.notin_(in_live)))  # type: ignore[attr-defined]
+
+
+def sweep_candidates(c: Collection, mark_run_id: str, *, after: str = "", limit: int | None = None) -> list[tuple[str, int, str]]:
+    """One page (keyset on sha256) of sweep candidates: (sha256, size, state)."""
     with session_scope(c.ctx.engine) as s:
-        in_live = sa.select(GcLiveBlob.sha256).where(GcLiveBlob.run_id == mark_run_id)  # type: ignore[call-overload,arg-type]
-        q = sa.select(Blob.sha256, Blob.size_bytes, Blob.state).where(sa.or_(  # type: ignore[call-overload]
-            Blob.state == BlobState.deleting.value,
-            sa.and_(Blob.state.in_([BlobState.live.value, BlobState.pending.value]),  # type: ignore[attr-defined]
-                    Blob.last_referenced_at < c.grace_cutoff, Blob.sha256.notin_(in_live)))).order_by(Blob.sha256)  # type: ignore[attr-defined]
+        q = (sa.select(Blob.sha256, Blob.size_bytes, Blob.state)  # type: ignore[call-overload]
+             .where(Blob.sha256 > after, _candidate_clause(c, mark_run_id)).order_by(Blob.sha256))
+        if limit is not None:
+            q = q.limit(limit)
         return [(r[0], int(r[1]), r[2]) for r in s.execute(q).all()]
 
 
@@ -233,44 +263,79 @@ def _forget(c: Collection, shas: Sequence[str]) -> int:
 
 
 def sweep(c: Collection, mark_run_id: str) -> PhaseResult:
+    """Page through the candidates (≤ ``gc_delete_batch`` a page, keyset order: memory is one page
+    per batch in flight); per page: lease check, tombstone transaction (G7), lease check, then the
+    S3 DeleteObjects call is handed to a small pool so that up to ``DELETE_CONCURRENCY`` calls are
+    in flight while the next pages are tombstoned. Rows are forgotten, on this thread, only for
+    the keys a finished call confirmed deleted (G10); a failed call leaves its tombstones (G9)."""
     res = PhaseResult()
-    cands = sweep_candidates(c, mark_run_id)
-    sizes = {sha: size for sha, size, _ in cands}
-    res.plan = {"candidates": len(cands), "candidate_bytes": sum(sizes.values()),
-                "retry_tombstones": sum(1 for _, _, st in cands if st == BlobState.deleting.value)}
+    clause = _candidate_clause(c, mark_run_id)
+    with session_scope(c.ctx.engine) as s:
+        n, nbytes, retry = s.execute(sa.select(
+            sa.func.count(), sa.func.coalesce(sa.func.sum(Blob.size_bytes), 0),
+            sa.func.coalesce(sa.func.sum(sa.case((Blob.state == BlobState.deleting.value, 1), else_=0)), 0))
+            .where(clause)).one()
+    res.plan = {"candidates": int(n), "candidate_bytes": int(nbytes), "retry_tombstones": int(retry)}
     res.stats = {"tombstoned": 0, "deleted_objects": 0, "deleted_bytes": 0, "delete_failures": 0,
                  "skipped_rereferenced": 0, "batches": 0}
     if c.dry_run:
         return res
-    batch = c.ctx.settings.gc_delete_batch
-    for i, chunk in enumerate(_chunks([sha for sha, _, _ in cands], batch)):
-        if i:
-            _debug.pause("between_batches")
-        c.check_lease()
+    in_flight: dict[Future[tuple[list[str], dict[str, str]]], tuple[list[str], dict[str, int]]] = {}
+
+    def finish(fut: Future[tuple[list[str], dict[str, str]]]) -> None:
+        dead, sizes = in_flight.pop(fut)
+        res.stats["batches"] += 1
         try:
-            dead = _tombstone(c, chunk)
-        except sa.exc.OperationalError as exc:  # lock timeout: writers are busy; leave it to the next run
-            log.warning("sweep batch skipped: %s", exc)
-            res.findings.append(Finding("batch_skipped", chunk[0], "catalog busy", severity="warning"))
-            continue
-        res.stats["tombstoned"] += len(dead)
-        res.stats["skipped_rereferenced"] += len(chunk) - len(dead)
-        _debug.pause("after_tombstone")
-        c.check_lease()
-        try:
-            deleted, failed = c.ctx.store.delete_many([blob_key(sha) for sha in dead])
+            deleted, failed = fut.result()
         except Exception as exc:  # noqa: BLE001 - store down: the tombstones stay, the next run retries (G9)
             log.warning("sweep delete batch failed: %s", exc)
             res.stats["delete_failures"] += len(dead)
             res.findings.append(Finding("delete_failed", dead[0] if dead else "", str(exc), severity="warning"))
-            res.stats["batches"] += 1
-            continue
-        confirmed = [s for key in deleted if (s := sha256_from_key(key)) is not None and s in set(dead)]
+            return
+        asked = set(dead)
+        confirmed = [s for key in deleted if (s := sha256_from_key(key)) is not None and s in asked]
         res.stats["delete_failures"] += len(failed)
         c.swept.update(confirmed)
         res.stats["deleted_objects"] += _forget(c, confirmed)
-        res.stats["deleted_bytes"] += sum(sizes.get(s, 0) for s in confirmed)
-        res.stats["batches"] += 1
+        res.stats["deleted_bytes"] += sum(sizes[s] for s in confirmed)
+
+    def drain(all_: bool) -> None:
+        while in_flight:
+            done, _ = wait(list(in_flight), return_when=ALL_COMPLETED if all_ else FIRST_COMPLETED)
+            for fut in sorted(done, key=lambda f: in_flight[f][0][:1]):  # deterministic order of row writes
+                finish(fut)
+            if not all_:
+                return
+
+    batch = c.ctx.settings.gc_delete_batch
+    after, first = "", True
+    with ThreadPoolExecutor(DELETE_CONCURRENCY, thread_name_prefix="gc-delete") as pool:
+        while page := sweep_candidates(c, mark_run_id, after=after, limit=batch):
+            after = page[-1][0]
+            if not first:
+                if _debug.armed("between_batches"):
+                    drain(True)  # a test kills us here: let the previous batches finish first
+                _debug.pause("between_batches")
+            first = False
+            if len(in_flight) >= DELETE_CONCURRENCY:
+                drain(False)
+            c.check_lease()
+            chunk = [sha for sha, _, _ in page]
+            try:
+                dead = _tombstone(c, chunk)
+            except sa.exc.OperationalError as exc:  # lock timeout: writers are busy; leave it to the next run
+                log.warning("sweep batch skipped: %s", exc)
+                res.findings.append(Finding("batch_skipped", chunk[0], "catalog busy", severity="warning"))
+                continue
+            res.stats["tombstoned"] += len(dead)
+            res.stats["skipped_rereferenced"] += len(chunk) - len(dead)
+            _debug.pause("after_tombstone")
+            if not dead:
+                continue
+            c.check_lease()  # G12: right before the destructive call is submitted
+            in_flight[pool.submit(c.ctx.store.delete_many, [blob_key(sha) for sha in dead])] = (
+                dead, {sha: size for sha, size, _ in page})
+        drain(True)
     return res
 
 
@@ -290,16 +355,20 @@ def orphans(c: Collection) -> PhaseResult:
     with session_scope(c.ctx.engine) as s:
         stale_uploads = [r[0] for r in s.execute(sa.select(Upload.id).where(  # type: ignore[call-overload]
             Upload.state == UploadState.open.value, Upload.expires_at <= c.now)).all()]
-        known_rows = {r[0] for r in s.execute(sa.select(Blob.sha256)).all()}  # type: ignore[call-overload]
-        open_uploads = {r[0] for r in s.execute(sa.select(Upload.id).where(  # type: ignore[call-overload]
-            Upload.state == UploadState.open.value, Upload.expires_at > c.now)).all()}
-        upload_ids = {r[0] for r in s.execute(sa.select(Upload.id)).all()}  # type: ignore[call-overload]
     listing = c.blob_listing()
-    orphan_blobs = [info for sha, info in sorted(listing.items())
-                    if sha not in known_rows and sha not in c.swept and _older(info, cutoff)]
-    staging = [info for info in c.ctx.store.list_keys(STAGING_PREFIX)
-               if (uid := _staging_upload_id(info.key)) is not None and uid not in open_uploads
-               and (uid in upload_ids or _older(info, cutoff))]
+    old = [info for sha, info in sorted(listing.items()) if sha not in c.swept and _older(info, cutoff)]
+    orphan_blobs = [info for chunk in _chunks(old, c.ctx.settings.gc_delete_batch)
+                    for info in _without_row(c, chunk)]
+    staged = [(uid, info) for info in c.ctx.store.list_keys(STAGING_PREFIX)
+              if (uid := _staging_upload_id(info.key)) is not None]
+    with session_scope(c.ctx.engine) as s:  # only the uploads the staging area names
+        uids = sorted({uid for uid, _ in staged})
+        known: dict[str, bool] = {}
+        for chunk in _chunks(uids, c.ctx.settings.gc_delete_batch):
+            for uid, state, exp in s.execute(sa.select(Upload.id, Upload.state, Upload.expires_at)  # type: ignore[call-overload]
+                                             .where(Upload.id.in_(chunk))).all():  # type: ignore[attr-defined]
+                known[uid] = state == UploadState.open.value and exp > c.now
+    staging = [info for uid, info in staged if not known.get(uid, False) and (uid in known or _older(info, cutoff))]
     mpus = [u for u in c.ctx.store.list_multipart_uploads("")
             if (init := u.get("Initiated")) is not None and init < mpu_cutoff]
     res.plan = {"close_uploads": len(stale_uploads), "orphan_objects": len(orphan_blobs),
@@ -314,10 +383,7 @@ def orphans(c: Collection) -> PhaseResult:
     batch = s_.gc_delete_batch
     for chunk in _chunks(orphan_blobs, batch):
         c.check_lease()
-        with session_scope(c.ctx.engine) as s:  # re-check: a row may have appeared since the listing
-            has_row = {r[0] for r in s.execute(sa.select(Blob.sha256).where(  # type: ignore[call-overload]
-                Blob.sha256.in_([sha256_from_key(i.key) for i in chunk]))).all()}  # type: ignore[attr-defined]
-        keys = [i.key for i in chunk if sha256_from_key(i.key) not in has_row]
+        keys = [i.key for i in _without_row(c, chunk)]  # re-check: a row may have appeared since the plan
         deleted, _failed = _delete_quietly(c, keys)
         res.stats["deleted_orphans"] += len(deleted)
     for chunk in _chunks(staging, batch):
@@ -332,6 +398,14 @@ def orphans(c: Collection) -> PhaseResult:
         except Exception as exc:  # noqa: BLE001 - garbage only: retried next run
             log.warning("abort multipart %s failed: %s", u.get("Key"), exc)
     return res
+
+
+def _without_row(c: Collection, infos: Sequence[ObjectInfo]) -> list[ObjectInfo]:
+    """The listed ``blobs/`` objects that have no blob row (one IN query per ≤1000 objects)."""
+    with session_scope(c.ctx.engine) as s:
+        has_row = {r[0] for r in s.execute(sa.select(Blob.sha256).where(  # type: ignore[call-overload]
+            Blob.sha256.in_([sha256_from_key(i.key) for i in infos]))).all()}  # type: ignore[attr-defined]
+    return [i for i in infos if sha256_from_key(i.key) not in has_row]
 
 
 def _older(info: ObjectInfo, cutoff: datetime) -> bool:

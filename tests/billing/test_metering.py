@@ -16,8 +16,8 @@ from sqlmodel import select
 from tests.billing.ledger_builder import T0, LedgerBuilder, h
 from weightstore import db, metering
 from weightstore.db import session_scope
-from weightstore.metering import DAY, HOUR, Pricing
 from weightstore.intervals import rebuild_intervals
+from weightstore.metering import DAY, HOUR, Pricing
 from weightstore.models import (
     OPEN_END_S,
     Blob,

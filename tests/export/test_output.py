@@ -62,10 +62,11 @@ def test_untouched_tensors_are_byte_identical(models: dict[str, Path], tmp_path:
 
 
 def test_deterministic_output(models: dict[str, Path], tmp_path: Path) -> None:
+    """Same inputs, same bytes -- whatever the number of merge threads (1 = no thread pool)."""
     adapter = build_adapter(tmp_path / "adapter", "qwen3_moe")
-    for i in range(2):
+    for i, workers in enumerate((1, 3)):
         export_merged(adapter.path, models["qwen3_moe"], tmp_path / f"m{i}", shard_size=25_000,
-                      verify_options=VerifyOptions(forward_max_bytes=0))
+                      verify_options=VerifyOptions(forward_max_bytes=0), workers=workers)
         export_peft(adapter.path, models["qwen3_moe"], tmp_path / f"p{i}", verify_options=VerifyOptions(forward_max_bytes=0))
     for kind in ("m", "p"):
         files = sorted(p.name for p in (tmp_path / f"{kind}0").iterdir())

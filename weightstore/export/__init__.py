@@ -121,13 +121,14 @@ def _resolve_plan(plan: ExportPlan | None, to: ExportTarget, adapter_dir: str | 
     return plan
 
 
-def _run(plan: ExportPlan, out_dir: str | Path, progress: Progress | None, verify_options: VerifyOptions) -> ExportResult:
+def _run(plan: ExportPlan, out_dir: str | Path, progress: Progress | None, verify_options: VerifyOptions,
+         workers: int | None = None) -> ExportResult:
     started = time.perf_counter()
     out = Path(out_dir)
     with _staging(out) as tmp:
         try:
             write_start = time.perf_counter()
-            deltas = write_merged(plan, tmp, progress) if plan.to == "merged" else None
+            deltas = write_merged(plan, tmp, progress, workers) if plan.to == "merged" else None
             if plan.to == "peft":
                 write_peft(plan, tmp, progress)
             write_seconds = time.perf_counter() - write_start
@@ -149,7 +150,8 @@ def _run(plan: ExportPlan, out_dir: str | Path, progress: Progress | None, verif
 def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, *,
                   shard_size: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None,
                   base_sha256: Mapping[str, str] | None = None, adapter_sha256: Mapping[str, str] | None = None,
-                  verify_options: VerifyOptions = VerifyOptions(), plan: ExportPlan | None = None) -> ExportResult:
+                  verify_options: VerifyOptions = VerifyOptions(), plan: ExportPlan | None = None,
+                  workers: int | None = None) -> ExportResult:
     """Fold the adapter into the base: ``W' = W + (lora_alpha / r) * B @ A`` (fp32), written in the base dtype.
 
     ``out_dir`` must not exist. Output: safetensors shards of at most ``shard_size`` bytes (one
@@ -157,11 +159,13 @@ def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | 
     (``tie_word_embeddings: false`` when a tied base gets its own ``lm_head``) and every other
     non-weight file of the base (tokenizer, generation config, ...). ``base_sha256`` /
     ``adapter_sha256`` map file names to expected digests and are checked before anything is read.
-    ``progress(bytes_done, bytes_total)`` is called after each output tensor.
+    ``progress(bytes_done, bytes_total)`` is called after each output tensor. ``workers`` merge
+    threads (default: one per core, at most 4); while they run, torch's intra-op thread pool is set
+    to one thread (restored afterwards). ``plan`` reuses a plan from :func:`plan_export`.
     """
     plan = _resolve_plan(plan, "merged", adapter_dir, base_dir, shard_size=shard_size, base_sha256=base_sha256,
                          adapter_sha256=adapter_sha256)
-    return _run(plan, out_dir, progress, verify_options)
+    return _run(plan, out_dir, progress, verify_options, workers)
 
 
 def export_peft(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, *,

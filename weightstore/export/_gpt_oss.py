@@ -37,6 +37,7 @@ from weightstore.export._profile import (
     cast_like,
     config_experts,
     expert_slice,
+    param,
 )
 
 GATE_UP = "gate_up_proj"
@@ -98,10 +99,10 @@ class GptOssProfile(FamilyProfile):
             rank = 2 * r
             a_blocks, b_blocks = [], []
             for kind, j0 in (("w1", 0), ("w3", r)):
-                module = kinds.get(kind)
-                if module is None:
+                half = kinds.get(kind)
+                if half is None:
                     continue  # the other half of the block-diagonal LoRA stays zero
-                for e, (a, b) in enumerate(broadcast_experts(module, num_experts)):
+                for e, (a, b) in enumerate(broadcast_experts(half, num_experts)):
                     a_blocks.append(PeftBlock(a, Rows(e * rank + j0, 1, r), Rows.all(hidden)))
                     b_blocks.append(PeftBlock(b, Rows(INTERLEAVE_OFFSET[kind], 2, two_ffn // 2),
                                               Rows(j0 * num_experts + e, num_experts, r)))
@@ -117,12 +118,12 @@ class GptOssProfile(FamilyProfile):
         if has_down:
             ffn, hidden = base.tensors[f"{block}.{DOWN}"].shape[1:]
             a_blocks, b_blocks = [], []
-            module = kinds.get("w2")
-            if module is not None:
-                for e, (a, b) in enumerate(broadcast_experts(module, num_experts)):
+            w2 = kinds.get("w2")
+            if w2 is not None:
+                for e, (a, b) in enumerate(broadcast_experts(w2, num_experts)):
                     a_blocks.append(PeftBlock(a, Rows(e * r, 1, r), Rows.all(ffn)))
                     b_blocks.append(PeftBlock(b, Rows.all(hidden), Rows(e, num_experts, r)))
-            dtype = module.a.dtype if module is not None else "F32"
+            dtype = w2.a.dtype if w2 is not None else "F32"
             layout.tensors.append(PeftTensorSpec(f"{prefix}.lora_A.weight", dtype, (r * num_experts, ffn),
                                                  tuple(a_blocks)))
             layout.tensors.append(PeftTensorSpec(f"{prefix}.lora_B.weight", dtype, (hidden, r * num_experts),
@@ -136,10 +137,9 @@ class GptOssProfile(FamilyProfile):
         # up = gate_up[..., 1::2]; `out = h @ down_proj[e]`. Weights are (in, out), so the
         # (out, in) LoRA delta goes in transposed. Written against that module, not the merge ops.
         experts = model.get_submodule(block)
-        for e in range(experts.gate_up_proj.shape[0]):
-            if kind == "w2":
-                view = experts.down_proj[e]
-            else:
-                view = experts.gate_up_proj[e][:, 0::2] if kind == "w1" else experts.gate_up_proj[e][:, 1::2]
+        gate_up, down = param(experts, "gate_up_proj"), param(experts, "down_proj")
+        columns = slice(0, None, 2) if kind == "w1" else slice(1, None, 2)  # gate even, up odd
+        for e in range(gate_up.shape[0]):
+            view = down[e] if kind == "w2" else gate_up[e][:, columns]
             delta = (expert_slice(b, e) @ expert_slice(a, e)).T
             view.copy_(cast_like(view.float() + scale * delta, cast).to(view.dtype))

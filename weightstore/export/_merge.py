@@ -304,11 +304,8 @@ def _write_shards(plan: ExportPlan, out: Path, by_name: dict[str, MergedTensor],
 
 def _write_side_files(plan: ExportPlan, out: Path) -> None:
     if len(plan.shards) > 1:
-        index = {
-            "metadata": {"total_size": plan.output_bytes},
-            "weight_map": {e.name: s.file for s in plan.shards for e in sorted(s.entries, key=lambda e: e.name)},
-        }
-        index["weight_map"] = dict(sorted(index["weight_map"].items()))
+        weight_map = {e.name: s.file for s in plan.shards for e in s.entries}
+        index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (out / MERGED_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     root = plan.base.root
     for name in plan.copy_files:

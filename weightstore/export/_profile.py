@@ -92,6 +92,14 @@ def dense_peft_tensors(hf_module: str, module: LoraModule, *, a: FactorRef | Non
     ]
 
 
+def param(module: nn.Module, name: str) -> torch.Tensor:
+    """A module's parameter by name, typed (``nn.Module.__getattr__`` is not)."""
+    value = getattr(module, name)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is not a tensor")
+    return value
+
+
 def cast_like(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Round ``x`` through ``dtype`` (the base's on-disk dtype) and back, or leave it alone."""
     return x if dtype is None else x.to(dtype).to(x.dtype)
@@ -219,11 +227,11 @@ class FamilyProfile:
                     self.expert_reference(model, parts[0], parts[1], a, b, scale=scale, cast=cast)
                     continue
                 linear = model.get_submodule(hf)
-                weight = linear.weight
-                if hf == LM_HEAD and weight is model.get_input_embeddings().weight:
+                weight = param(linear, "weight")
+                if hf == LM_HEAD and weight is param(getattr(model, "get_input_embeddings")(), "weight"):  # noqa: B009
                     # untie first, exactly what the merged model will be
                     linear.weight = nn.Parameter(weight.detach().clone())
-                    weight = linear.weight
+                    weight = param(linear, "weight")
                 weight.copy_(cast_like(weight.float() + scale * (b @ a), cast).to(weight.dtype))
 
     def expert_reference(self, model: nn.Module, block: str, kind: str, a: torch.Tensor, b: torch.Tensor,

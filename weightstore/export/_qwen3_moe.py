@@ -38,6 +38,7 @@ from weightstore.export._profile import (
     config_experts,
     dense_peft_tensors,
     expert_slice,
+    param,
 )
 
 # Tinker expert names -> transformers projection names (Qwen/DeepSeek convention: w1 gate, w3 up).
@@ -107,10 +108,11 @@ class Qwen3MoeProfile(FamilyProfile):
         # `linear(x, gate_up_proj[e]).chunk(2)` -> gate = first half of rows, up = second half;
         # down_proj (E, hidden, ffn). Written against that module, not against EXPERT_PROJECTIONS.
         experts = model.get_submodule(block)
-        num_experts, fused_rows = experts.gate_up_proj.shape[:2]
+        gate_up, down = param(experts, "gate_up_proj"), param(experts, "down_proj")
+        num_experts, fused_rows = gate_up.shape[:2]
         half = fused_rows // 2
         rows = slice(0, half) if kind == "w1" else slice(half, 2 * half)
         for e in range(num_experts):
-            view = experts.down_proj[e] if kind == "w2" else experts.gate_up_proj[e, rows]
+            view = down[e] if kind == "w2" else gate_up[e, rows]
             delta = expert_slice(b, e) @ expert_slice(a, e)
             view.copy_(cast_like(view.float() + scale * delta, cast).to(view.dtype))

@@ -131,7 +131,7 @@ def check_sha256(root: Path, names: Iterable[str], expected: Mapping[str, str], 
 
 def read_into(fd: int, offset: int, out: torch.Tensor) -> None:
     """Fill the contiguous uint8 tensor ``out`` from ``fd`` at ``offset`` (no intermediate copy)."""
-    view = memoryview(out.numpy()).cast("B")
+    view = out.numpy().data.cast("B")
     done = 0
     total = len(view)
     while done < total:
@@ -151,9 +151,10 @@ def read_tensor(fd: int, info: TensorInfo, *, start: int = 0, nbytes: int | None
 
 def write_all(fd: int, data: torch.Tensor | bytes | memoryview) -> int:
     """Write a contiguous tensor's raw bytes (or a bytes-like) to ``fd``; return the byte count."""
-    view = memoryview(data.contiguous().view(torch.uint8).reshape(-1).numpy()) if isinstance(
-        data, torch.Tensor) else memoryview(data)
-    view = view.cast("B")
+    if isinstance(data, torch.Tensor):
+        view = data.contiguous().view(torch.uint8).reshape(-1).numpy().data.cast("B")
+    else:
+        view = memoryview(data).cast("B")
     done = 0
     while done < len(view):
         done += os.write(fd, view[done : done + _IO_CHUNK])

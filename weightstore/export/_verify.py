@@ -332,6 +332,7 @@ def forward_check(plan: ExportPlan, out_dir: Path, max_bytes: int) -> ForwardChe
                                 scale=plan.scale, cast=cast)
     ref_logits = logits(model)
     del model
+    exported: Any  # a transformers model, or a PeftModel wrapping one
     if merged:
         exported = AutoModelForCausalLM.from_pretrained(out_dir, **load_kw)
     else:
