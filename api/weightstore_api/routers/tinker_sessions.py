@@ -13,7 +13,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from weightstore import tinker_compat
+from weightstore import tinker_sessions
 from weightstore.errors import InvalidRequest, Unsupported
 
 from ..deps import CtxDep, CurrentPrincipal, WriterPrincipal
@@ -42,7 +42,7 @@ POLL_INTERVAL_SECONDS = 0.2
 
 @router.post("/create_session", operation_id="tinker_create_session", response_model=CreateSessionPublic)
 def create_session(body: CreateSessionBody, principal: CurrentPrincipal, ctx: CtxDep) -> CreateSessionPublic:
-    sid = tinker_compat.create_session(ctx, principal, user_metadata=body.user_metadata, tags=body.tags,
+    sid = tinker_sessions.create_session(ctx, principal, user_metadata=body.user_metadata, tags=body.tags,
                                        project_id=body.project_id)
     return CreateSessionPublic(session_id=sid, info_message="weightstore: storage and export only; "
                                                             "training and sampling are not available")
@@ -51,8 +51,8 @@ def create_session(body: CreateSessionBody, principal: CurrentPrincipal, ctx: Ct
 @router.post("/session_heartbeat", operation_id="tinker_session_heartbeat")
 def session_heartbeat(body: SessionIdBody, principal: CurrentPrincipal, ctx: CtxDep, request: Request) -> JSONResponse:
     try:
-        tinker_compat.heartbeat(ctx, principal, body.session_id)
-    except tinker_compat.SessionFinished as exc:  # 410 is what stops the SDK's heartbeat loop
+        tinker_sessions.heartbeat(ctx, principal, body.session_id)
+    except tinker_sessions.SessionFinished as exc:  # 410 is what stops the SDK's heartbeat loop
         return JSONResponse(error_body(exc.code, exc.message, request), status_code=410)
     return JSONResponse({"type": "session_heartbeat"})
 
@@ -61,7 +61,7 @@ def session_heartbeat(body: SessionIdBody, principal: CurrentPrincipal, ctx: Ctx
 def finish_session(session_id: str, principal: CurrentPrincipal, ctx: CtxDep,
                    body: FinishBody | None = None) -> dict[str, str]:
     reason = (body.reason or {}).get("type") if body is not None else None
-    tinker_compat.finish_session(ctx, principal, session_id, str(reason) if reason else None)
+    tinker_sessions.finish_session(ctx, principal, session_id, str(reason) if reason else None)
     return {"status": "finished"}
 
 
@@ -70,7 +70,7 @@ def load_weights(body: LoadWeightsBody, principal: WriterPrincipal, ctx: CtxDep)
     """Create-via-load only (``session_id`` + ``model_seq_id``): loading into a live model is training."""
     if body.session_id is None or body.model_seq_id is None:
         raise Unsupported("loading weights into an existing model is training, which weightstore does not do")
-    request_id, model_id = tinker_compat.load_weights(ctx, principal, session_id=body.session_id,
+    request_id, model_id = tinker_sessions.load_weights(ctx, principal, session_id=body.session_id,
                                                       model_seq_id=body.model_seq_id, path=body.path,
                                                       base_model=body.base_model, user_metadata=body.user_metadata)
     return FuturePublic(request_id=request_id, model_id=model_id)
@@ -78,14 +78,14 @@ def load_weights(body: LoadWeightsBody, principal: WriterPrincipal, ctx: CtxDep)
 
 @router.post("/get_info", operation_id="tinker_get_info", response_model=GetInfoPublic)
 def get_info(body: ModelIdBody, principal: CurrentPrincipal, ctx: CtxDep) -> GetInfoPublic:
-    info = tinker_compat.get_info(ctx, principal, body.model_id)
+    info = tinker_sessions.get_info(ctx, principal, body.model_id)
     return GetInfoPublic(model_data=ModelDataPublic(model_name=info.base_model, tokenizer_id=info.base_model),
                          model_id=info.model_id, is_lora=True, lora_rank=info.lora_rank, model_name=info.base_model)
 
 
 @router.post("/save_weights_external", operation_id="tinker_save_weights_external", response_model=FuturePublic)
 def save_weights_external(body: SaveExternalBody, principal: WriterPrincipal, ctx: CtxDep) -> FuturePublic:
-    request_id = tinker_compat.save_weights_external(ctx, principal, model_id=body.model_id, name=body.path,
+    request_id = tinker_sessions.save_weights_external(ctx, principal, model_id=body.model_id, name=body.path,
                                                      ttl_seconds=body.ttl_seconds,
                                                      age_recipients=body.age_encryption_recipients)
     return FuturePublic(request_id=request_id, model_id=body.model_id)
@@ -97,7 +97,7 @@ def retrieve_future(body: RetrieveFutureBody, principal: CurrentPrincipal, ctx: 
     for up to ``LONG_POLL_SECONDS`` — ``{"type": "try_again"}`` while the export job runs."""
     deadline = time.monotonic() + LONG_POLL_SECONDS
     while True:
-        result = tinker_compat.poll_future(ctx, principal, body.request_id)
+        result = tinker_sessions.poll_future(ctx, principal, body.request_id)
         if result is not None:
             return JSONResponse(result)
         if time.monotonic() >= deadline:
