@@ -79,17 +79,19 @@ def main() -> None:
                "WEIGHTSTORE_S3_ENDPOINT_URL": weed.endpoint_url, "WEIGHTSTORE_S3_ACCESS_KEY_ID": access,
                "WEIGHTSTORE_S3_SECRET_ACCESS_KEY": secret, "WEIGHTSTORE_EMBEDDED_GC": "false",
                "WEIGHTSTORE_EMBEDDED_WORKER": "false", "WEIGHTSTORE_LOG_LEVEL": "WARNING"}
-        server = subprocess.Popen([sys.executable, "-m", "weightstore.cli", "serve"], env=env,
-                                  stderr=subprocess.PIPE, text=True)
+        log_path = work / "serve.log"
+        log = open(log_path, "w")  # a file, not a pipe: a full pipe would stall the server
+        server = subprocess.Popen([sys.executable, "-m", "weightstore.cli", "serve"], env=env, stderr=log,
+                                  stdout=log, text=True)
         admin = None
-        assert server.stderr is not None
-        for line in server.stderr:
-            if "bootstrap admin key" in line:
-                admin = line.strip().rsplit(" ", 1)[-1]
-            if "listening" in line and admin is None:
-                continue
-            if admin:
+        for _ in range(600):
+            found = [ln for ln in log_path.read_text().splitlines() if "bootstrap admin key" in ln]
+            if found:
+                admin = found[0].strip().rsplit(" ", 1)[-1]
                 break
+            if server.poll() is not None:
+                raise RuntimeError("server exited: " + log_path.read_text()[-2000:])
+            time.sleep(0.1)
         url = f"http://127.0.0.1:{port}"
         for _ in range(100):
             try:
@@ -129,6 +131,7 @@ def main() -> None:
                 res: dict = {}
                 t_up = timed(lambda: res.update(c.upload_dir(ckpt, run_id=run, kind="training", name="s1")))
                 t_down = timed(lambda: c.download(res["tinker_path"], work / f"dl-{mode}"))
+                print(f"{mode}: up {t_up:.2f} s down {t_down:.2f} s (raw {t_raw_up:.2f} / {t_raw_down:.2f})", flush=True)
                 rows.append(f"| client save_state / download ({mode}) | {t_up:.2f} s ({gib / t_up:.2f} GiB/s) | "
                             f"{t_down:.2f} s ({gib / t_down:.2f} GiB/s) | {t_raw_up / t_up:.2f} / {t_raw_down / t_down:.2f} |")
                 if mode == "stream":
@@ -147,6 +150,7 @@ def main() -> None:
                 files = {"adapter_model.safetensors": tensorio.weights_bytes(w),
                          "adapter_config.json": b'{"lora_alpha": 32, "r": 32}'}
                 lat.append(timed(lambda f=files, i=i: c.upload(run, "sampler", f"s{i}", f)))
+                print(f"commit {i}: {lat[-1]:.3f} s", flush=True)
         lat.sort()
         p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
         out = [

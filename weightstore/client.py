@@ -62,9 +62,48 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _digest(src: FileSource) -> tuple[int, str]:
+class HashCache:
+    """sha256 of local files keyed by (path, size, mtime_ns, inode): re-saving a directory that did
+    not change costs a ``stat`` per file instead of a full read. Lives in
+    ``$WEIGHTSTORE_CACHE_DIR`` (default ``~/.cache/weightstore``); any error just means a miss."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        root = directory or Path(os.environ.get("WEIGHTSTORE_CACHE_DIR") or Path.home() / ".cache" / "weightstore")
+        self.path = root / "sha256-cache.sqlite"
+
+    def _connect(self):  # type: ignore[no-untyped-def]
+        import sqlite3
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=5)
+        conn.execute("create table if not exists h (path text primary key, size int, mtime int, ino int, sha text)")
+        return conn
+
+    def sha256(self, src: Path) -> tuple[int, str]:
+        st = src.stat()
+        key = str(src.resolve())
+        try:
+            with self._connect() as conn:
+                row = conn.execute("select size, mtime, ino, sha from h where path = ?", (key,)).fetchone()
+        except Exception:  # noqa: BLE001 - the cache is an optimisation only
+            row = None
+        if row and tuple(row[:3]) == (st.st_size, st.st_mtime_ns, st.st_ino):
+            return st.st_size, str(row[3])
+        digest = sha256_file(src)
+        try:
+            with self._connect() as conn:
+                conn.execute("insert or replace into h values (?, ?, ?, ?, ?)",
+                             (key, st.st_size, st.st_mtime_ns, st.st_ino, digest))
+        except Exception:  # noqa: BLE001
+            pass
+        return st.st_size, digest
+
+
+def _digest(src: FileSource, cache: HashCache | None = None) -> tuple[int, str]:
     if isinstance(src, bytes | bytearray):
         return len(src), hashlib.sha256(src).hexdigest()
+    if cache is not None:
+        return cache.sha256(Path(src))
     return src.stat().st_size, sha256_file(src)
 
 
@@ -93,12 +132,14 @@ def _read_part(src: FileSource, offset: int, length: int) -> bytes:
 
 class Client:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 300,
-                 transfer: str = "stream", progress: bool = False, parallel: int = 4) -> None:
+                 transfer: str = "stream", progress: bool = False, parallel: int = 4,
+                 hash_cache: HashCache | None | bool = True) -> None:
         self.base_url = (base_url or os.environ.get("WEIGHTSTORE_URL") or "http://127.0.0.1:8000").rstrip("/")
         key = api_key or os.environ.get("WEIGHTSTORE_API_KEY")
         self.transfer = transfer
         self.progress = progress
         self.parallel = parallel
+        self.hash_cache = HashCache() if hash_cache is True else (hash_cache or None)
         headers = {"X-API-Key": key} if key else {}
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         # Presigned URLs carry their own auth: never send our API key to the object store.
@@ -137,7 +178,7 @@ class Client:
         (``tinker_path``, ``checkpoint``, ``bytes_received``)."""
         for p in files:
             check_file_path(p)
-        digests = {p: _digest(src) for p, src in files.items()}
+        digests = {p: _digest(src, self.hash_cache) for p, src in files.items()}
         body = {"run_id": run_id, "kind": kind, "name": name, "ttl_seconds": ttl_seconds, "overwrite": overwrite,
                 "user_metadata": user_metadata, "transfer": transfer or self.transfer,
                 "files": [{"path": p, "size_bytes": s, "sha256": h} for p, (s, h) in sorted(digests.items())]}

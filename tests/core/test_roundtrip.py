@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,18 @@ def test_big_file_multipart_both_modes(server, keys, tmp_path):
         out = c.download(res["tinker_path"], tmp_path / f"out-{mode}")
         assert (out / "adapter_model.safetensors").read_bytes() == big["adapter_model.safetensors"]
         assert os.path.getsize(out / "adapter_model.safetensors") > 10 * 2**20
+
+
+def test_hash_cache_skips_rehashing_unchanged_files_and_notices_changes(tmp_path, monkeypatch):
+    from weightstore import client as client_mod
+
+    cache = client_mod.HashCache(tmp_path / "cache")
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 1000)
+    calls: list[Path] = []
+    real = client_mod.sha256_file
+    monkeypatch.setattr(client_mod, "sha256_file", lambda p: calls.append(p) or real(p))
+    first = cache.sha256(f)
+    assert cache.sha256(f) == first and len(calls) == 1  # second time: from the cache
+    f.write_bytes(b"b" * 1000)  # same size, new mtime: must re-hash
+    assert cache.sha256(f) == (1000, hashlib.sha256(b"b" * 1000).hexdigest()) and len(calls) == 2
