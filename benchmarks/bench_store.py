@@ -99,8 +99,12 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        key = httpx.post(url + "/v1/keys", headers={"X-API-Key": admin},
-                         json={"tenant": "bench", "role": "trainer"}).json()["api_key"]
+        def new_key(tenant: str) -> str:
+            # dedup is per tenant: each transfer mode gets its own tenant, so nothing is "present"
+            return str(httpx.post(url + "/v1/keys", headers={"X-API-Key": admin},
+                                  json={"tenant": tenant, "role": "trainer"}).json()["api_key"])
+
+        key = new_key("bench")
         s3 = boto3.client("s3", endpoint_url=weed.endpoint_url, aws_access_key_id=access, aws_secret_access_key=secret,
                           region_name="us-east-1", config=Config(s3={"addressing_style": "path"}, signature_version="s3v4",
                                                                  max_pool_connections=32))
@@ -126,7 +130,7 @@ def main() -> None:
         rows.append(f"| raw boto3 upload_file / download_file | {t_raw_up:.2f} s ({gib / t_raw_up:.2f} GiB/s) | "
                     f"{t_raw_down:.2f} s ({gib / t_raw_down:.2f} GiB/s) | 1.00 / 1.00 |")
         for mode in ("stream", "presigned"):
-            with Client(url, key, transfer=mode) as c:
+            with Client(url, new_key(f"bench-{mode}"), transfer=mode) as c:
                 run = c.create_run("bench-base", lora_rank=32)["run_id"]
                 res: dict = {}
                 t_up = timed(lambda: res.update(c.upload_dir(ckpt, run_id=run, kind="training", name="s1")))

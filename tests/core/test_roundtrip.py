@@ -101,6 +101,9 @@ def test_big_file_multipart_both_modes(server, keys, tmp_path):
         assert res["bytes_received"] >= len(big["adapter_model.safetensors"])  # the config dedups in round 2
         out = c.download(res["tinker_path"], tmp_path / f"out-{mode}")
         assert (out / "adapter_model.safetensors").read_bytes() == big["adapter_model.safetensors"]
+        # parallel ranged GETs (1 MiB ranges here) give the same bytes
+        ranged = Client(server.url, keys.trainer, range_part=1024 * 1024).download(res["tinker_path"], tmp_path / f"r-{mode}")
+        assert (ranged / "adapter_model.safetensors").read_bytes() == big["adapter_model.safetensors"]
         assert os.path.getsize(out / "adapter_model.safetensors") > 10 * 2**20
 
 
