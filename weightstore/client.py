@@ -333,13 +333,13 @@ class Client:
         return dest
 
     def _download_ranges(self, info: dict[str, Any], partial: Path, progress: Callable[[int], None]) -> str:
-        """Parallel ranged GETs into a preallocated file, then one sequential sha256 pass."""
+        """Parallel ranged GETs into a preallocated file, hashed in order as they arrive."""
         size = info["size_bytes"]
         with open(partial, "wb") as f:
             f.truncate(size)
         fd = os.open(partial, os.O_WRONLY)
         try:
-            def fetch(offset: int) -> None:
+            def fetch(offset: int) -> bytes:
                 end = min(offset + self.range_part, size) - 1
                 r = self.raw.get(info["url"], headers={"Range": f"bytes={offset}-{end}"})
                 _raise_for(r)
@@ -347,12 +347,19 @@ class Client:
                     raise IntegrityError(f"{info['path']}: the store ignored a Range request")
                 os.pwrite(fd, r.content, offset)
                 progress(len(r.content))
+                return r.content
 
-            with ThreadPoolExecutor(max_workers=self.parallel * 2) as pool:
-                list(pool.map(fetch, range(0, size, self.range_part)))
+            # Hash in order while later ranges download; a window bounds what waits in memory.
+            h = hashlib.sha256()
+            offsets = list(range(0, size, self.range_part))
+            window = self.parallel * 2
+            with ThreadPoolExecutor(max_workers=window) as pool:
+                for i in range(0, len(offsets), window):
+                    for data in pool.map(fetch, offsets[i : i + window]):
+                        h.update(data)
         finally:
             os.close(fd)
-        return sha256_file(partial)
+        return h.hexdigest()
 
     def _download_one(self, info: dict[str, Any], dest: Path, progress: Callable[[int], None]) -> None:
         target = dest / check_file_path(info["path"])
