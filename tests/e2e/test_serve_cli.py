@@ -89,3 +89,27 @@ def test_serve_and_cli_round_trip(served):
                                                             "WEIGHTSTORE_API_KEY": reader},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "forbidden" in r.stderr and r.stdout == ""
+
+
+def test_sigterm_stops_the_embedded_store(tmp_path):
+    """The embedded SeaweedFS must not outlive `serve` (uvicorn re-raises SIGTERM after shutdown)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSTORE_")}
+    env.update({"WEIGHTSTORE_DATA_DIR": str(tmp_path / "var"), "WEIGHTSTORE_PORT": str(port),
+                "WEIGHTSTORE_EMBEDDED_GC": "false", "WEIGHTSTORE_EMBEDDED_WORKER": "false"})
+    proc = subprocess.Popen([*CLI, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "var" / "s3-endpoint.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    endpoint = json.loads(marker.read_text())["endpoint_url"]
+    assert httpx.get(endpoint + "/healthz").status_code == 200
+    proc.terminate()
+    proc.wait(timeout=40)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(endpoint + "/healthz", timeout=2)
+    assert not marker.exists()

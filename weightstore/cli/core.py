@@ -48,6 +48,9 @@ def serve() -> None:
             background.append(start_worker)
         except ImportError:
             err("weightstore: export worker not available; skipping in-process worker")
+    # Stopped last by the app's lifespan: uvicorn re-raises SIGTERM after a graceful shutdown, so
+    # code after uvicorn.run() is not a reliable place to stop the embedded S3 store.
+    background.insert(0, lambda _ctx: running.close)
     app = create_app(ctx, background=background)
     url = f"http://{settings.host}:{settings.port}"
     typer.echo(f"weightstore listening on {url}", err=True)
