@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -117,10 +118,17 @@ def bench_sweep(n: int, per_key_sample: int, raw_sample: int) -> dict[str, Any]:
     return out
 
 
+def _peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries that across execve, so
+    a child started by a big parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _catalog_pass(url: str, m: int) -> dict[str, float]:
     """Runs in a fresh process: build the catalog in bulk, then one full collector pass."""
-    import resource
-
     import sqlalchemy as sa
     from weightstore_gc import run
 
@@ -169,7 +177,7 @@ def _catalog_pass(url: str, m: int) -> dict[str, float]:
             return list(keys), {}
 
     ctx = Context(settings, engine, StubStore(), FakeClock(now))  # type: ignore[arg-type]
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = _peak_rss_mib()
     t0 = time.perf_counter()
     rep = run(ctx, check_objects=False)
     wall = time.perf_counter() - t0
@@ -178,7 +186,7 @@ def _catalog_pass(url: str, m: int) -> dict[str, float]:
     assert rep.stats["sweep"]["deleted_objects"] == expired, rep.stats
     return {"build_s": build, "pass_s": wall, "expired": expired,
             "live_blobs": rep.plan["mark"]["live_blobs"], "rss_before_pass_mib": rss_before,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": _peak_rss_mib()}
 
 
 def bench_catalog(url: str, m: int) -> dict[str, float]:
@@ -201,6 +209,7 @@ def main() -> None:
     args = ap.parse_args()
     from weightstore.settings import Settings
 
+    load0 = os.getloadavg()[0]
     sw = None if args.skip_sweep else bench_sweep(args.n, min(args.per_key_sample, args.n), min(args.raw_sample, args.n))
     print(json.dumps(sw), flush=True)
     backends: dict[str, dict[str, float]] = {}
@@ -216,7 +225,9 @@ def main() -> None:
     s = Settings()
     pass_s = max(b["pass_s"] for b in backends.values())
     bound = s.gc_interval_seconds + s.gc_grace_seconds
-    lines = ["# Collector benchmarks", ""]
+    lines = ["# Collector benchmarks", "",
+             f"Machine: {os.cpu_count()} cores, shared; 1-min load average {load0:.1f} at the start, "
+             f"{os.getloadavg()[0]:.1f} at the end (SeaweedFS, PostgreSQL and the benchmark share those cores).", ""]
     if sw is not None:
         ratio = sw["per_key_extrapolated_s"] / sw["collector_s"]
         lines += [
@@ -238,7 +249,8 @@ def main() -> None:
               "",
               "One `run()` with all phases: expires and releases the 10 % (ledger `end` rows, blob touches), marks the "
               "live set, tombstones and forgets their blobs (stub store deletes), orphans. Each backend in a fresh process.",
-              "", "| backend | build catalog (s) | full pass (s) | peak RSS (MiB) | RSS before the pass (MiB) |",
+              "",
+              "| backend | build catalog (s) | full pass (s) | peak RSS (MiB) | peak RSS after building, before the pass (MiB) |",
               "|---|---|---|---|---|"]
     for name, b in backends.items():
         lines.append(f"| {name} | {b['build_s']:.1f} | {b['pass_s']:.2f} | {b['peak_rss_mib']:.0f} | "
