@@ -1,7 +1,7 @@
 """The admin UI in a real headless Chromium (Debian's, via Playwright): sign in, overview, tenant page,
 change the window, download the invoice CSV, sign out; wrong and non-admin keys are refused.
 
-Screenshots of the main pages are written to ``docs/screenshots/`` (shown in docs/billing.md).
+Screenshots of the main pages are written to ``docs/screenshots/`` (shown in the README).
 """
 
 from __future__ import annotations
