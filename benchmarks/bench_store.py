@@ -80,7 +80,7 @@ def main() -> None:
                "WEIGHTSTORE_S3_SECRET_ACCESS_KEY": secret, "WEIGHTSTORE_EMBEDDED_GC": "false",
                "WEIGHTSTORE_EMBEDDED_WORKER": "false", "WEIGHTSTORE_LOG_LEVEL": "WARNING"}
         log_path = work / "serve.log"
-        log = open(log_path, "w")  # a file, not a pipe: a full pipe would stall the server
+        log = open(log_path, "w")  # noqa: SIM115 - a file, not a pipe: a full pipe would stall the server
         server = subprocess.Popen([sys.executable, "-m", "weightstore.cli", "serve"], env=env, stderr=log,
                                   stdout=log, text=True)
         admin = None

@@ -236,7 +236,8 @@ class Client:
 
     # --- Tinker-style save/load ---------------------------------------------------------------
     @staticmethod
-    def _weights_files(weights: Mapping[str, "torch.Tensor"] | str | Path, adapter_config: dict[str, Any] | None) -> dict[str, FileSource]:
+    def _weights_files(weights: Mapping[str, torch.Tensor] | str | Path,
+                       adapter_config: dict[str, Any] | None) -> dict[str, FileSource]:
         if isinstance(weights, str | Path):
             root = Path(weights)
             return {p.name: p for p in sorted(root.iterdir()) if p.is_file()}

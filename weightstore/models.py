@@ -44,6 +44,10 @@ def _bytes_col(nullable: bool = False) -> Any:
     return Field(default=0, sa_column=Column(sa.BigInteger(), nullable=nullable))
 
 
+# BIGINT ids on PostgreSQL; SQLite only auto-increments a column declared exactly INTEGER.
+_BIGINT_PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
 def _json_col() -> Any:
     return Field(default=None, sa_column=Column(JSON, nullable=True))
 
@@ -136,6 +140,7 @@ class Checkpoint(SQLModel, table=True):
         ),
         sa.Index("ix_checkpoint_tenant_created", "tenant_id", "created_at"),
         sa.Index("ix_checkpoint_state_expires", "state", "expires_at"),
+        sa.Index("ix_checkpoint_billing_live", "state", "tenant_id", "expires_at", "id"),  # physical bytes (0003)
     )
     id: str = Field(primary_key=True, max_length=64)
     tenant_id: str = Field(foreign_key="tenant.id", max_length=64)
@@ -157,6 +162,7 @@ class CheckpointFile(SQLModel, table=True):
     """The manifest: one row per file of a checkpoint, pointing at a content-addressed blob."""
 
     __tablename__ = "checkpoint_file"
+    __table_args__ = (sa.Index("ix_checkpoint_file_blob", "checkpoint_id", "sha256", "size_bytes"),)  # physical bytes (0003)
     checkpoint_id: str = Field(foreign_key="checkpoint.id", primary_key=True, max_length=64)
     path: str = Field(primary_key=True, max_length=255)
     size_bytes: int = _bytes_col()
@@ -226,7 +232,7 @@ class UsageEvent(SQLModel, table=True):
         sa.Index("ix_usage_event_tenant_at", "tenant_id", "at"),
         sa.Index("ix_usage_event_checkpoint", "checkpoint_id", "id"),
     )
-    id: int | None = Field(default=None, sa_column=Column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True))
+    id: int | None = Field(default=None, sa_column=Column(_BIGINT_PK, primary_key=True, autoincrement=True))
     tenant_id: str = Field(max_length=64)
     run_id: str = Field(max_length=200)
     checkpoint_id: str = Field(max_length=64)
@@ -241,7 +247,7 @@ class UsageEvent(SQLModel, table=True):
 class AuditEvent(SQLModel, table=True):
     __tablename__ = "audit_event"
     __table_args__ = (sa.Index("ix_audit_tenant_at", "tenant_id", "at"),)
-    id: int | None = Field(default=None, sa_column=Column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True))
+    id: int | None = Field(default=None, sa_column=Column(_BIGINT_PK, primary_key=True, autoincrement=True))
     at: datetime = _ts()
     tenant_id: str | None = Field(default=None, max_length=64)
     key_id: str | None = Field(default=None, max_length=64)
@@ -366,6 +372,9 @@ class UsageInterval(SQLModel, table=True):
         # covering and in grouping order: SQLite aggregates per (tenant, kind, run) without table
         # lookups or a sort; PostgreSQL can answer from it index-only
         sa.Index("ix_usage_interval_cover", "tenant_id", "kind", "run_id", "stop_s", "start_s", "size_bytes"),
+        # all tenants at once (overview, current usage): only the intervals still stored at the window's
+        # start, read index-only as one range of stop_s (migration 0003_billing_indexes)
+        sa.Index("ix_usage_interval_stop_cover", "stop_s", "start_s", "tenant_id", "kind", "size_bytes"),
     )
     checkpoint_id: str = Field(primary_key=True, max_length=64)
     tenant_id: str = Field(max_length=64)

@@ -63,6 +63,27 @@ def test_one_gb_for_72_hours_costs_exactly_one_cent(engine, ledger):
     assert [(ln.run_id, ln.kind, ln.amount_usd) for ln in inv.lines] == [("run-1", "training", Decimal("0.01"))]
 
 
+def test_huge_checkpoints_over_long_windows_stay_exact(engine, ledger):
+    # 10^15 bytes x ~400 days of seconds is ~3.5e22 byte-seconds: far beyond 64 bits, per row
+    big = 10**15 + 7
+    ledger.commit("big", T0, big)
+    ledger.commit("big2", T0 + h(5), big, kind="sampler")
+    ledger.end("big2", T0 + h(29), big, kind="sampler")
+    ledger.commit("small", T0 + h(1), 3)
+    start, end = T0 - h(24), T0 + h(24 * 400)
+    [row] = total(engine, start, end, group_by=())
+    assert row.byte_seconds == big * 400 * 86400 + big * 24 * 3600 + 3 * (400 * 86400 - 3600)
+    daily = total(engine, start, end, group_by=(), bucket_seconds=DAY)
+    assert sum(r.byte_seconds for r in daily) == row.byte_seconds
+    by_day = {r.key["bucket"]: r.byte_seconds for r in daily}
+    assert by_day["2026-01-10"] == big * 86400 + big * 19 * 3600 + 3 * 23 * 3600  # T0's day
+    assert by_day["2026-01-11"] == big * 86400 + big * 5 * 3600 + 3 * 86400
+    with session_scope(engine) as s:
+        ov = metering.overview(s, PRICE, now=end, start=start)
+    assert [(r.checkpoint_count, r.logical_bytes) for r in ov.current] == [(2, big + 3)]
+    assert [r.byte_seconds for r in ov.daily] == [r.byte_seconds for r in daily]
+
+
 def test_created_and_deleted_in_the_same_hour_costs_its_fraction(engine, ledger):
     ledger.commit("c1", T0 + timedelta(minutes=10), GB)
     ledger.end("c1", T0 + timedelta(minutes=40), GB)
@@ -227,6 +248,52 @@ def test_property_buckets_and_tenants_add_up(engine, ledger, events, ws, wlen):
     assert sum(r.cost_exact_usd for r in by_tenant) == (grand[0].cost_exact_usd if grand else 0)
     assert abs(Fraction(sum(r.cost_usd for r in by_tenant)) - Fraction(grand[0].cost_usd if grand else 0)) \
         <= Fraction(5, 1000) * len(by_tenant)
+
+
+@hsettings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(events=_EVENTS, ws=st.integers(0, 3 * DAY), wlen=st.integers(1, 9 * DAY))
+def test_property_overview_is_current_plus_daily_buckets_in_one_pass(engine, ledger, events, ws, wlen):
+    ledger.reset()
+    ledger.batch_begin()
+    for i, (tenant, kind, start, life, ttl, size) in enumerate(events):
+        at = T0 + timedelta(seconds=start)
+        exp = None if ttl is None else at + timedelta(seconds=ttl)
+        ledger.commit(f"c{i}", at, size, tenant=tenant, kind=kind, expires_at=exp)
+        if life is not None:
+            ledger.end(f"c{i}", at + timedelta(seconds=life), size, tenant=tenant, kind=kind, expires_at=exp)
+    # one checkpoint committed exactly at `now`: current, but no usage yet
+    ledger.commit("at-now", T0 + timedelta(seconds=ws + wlen), 7, tenant="t4")
+    ledger.batch_flush()
+    start, now = T0 + timedelta(seconds=ws), T0 + timedelta(seconds=ws + wlen)
+    pricing = Pricing(default=Decimal("0.10"), per_kind={"sampler": Decimal("0.07")})
+    with session_scope(engine) as s:
+        ov = metering.overview(s, pricing, now=now, start=start, bucket_seconds=DAY)
+        cur = metering.current(s, pricing, now=now)
+        daily = metering.usage(s, pricing, start=start, end=now, bucket_seconds=DAY)
+    assert ov.current == cur
+    assert ov.daily == daily
+    assert any(r.key == {"tenant_id": "t4"} and r.checkpoint_count == 1 for r in ov.current)
+    # reference per (tenant, day): plain Python overlap of each interval with each bucket
+    expected: dict[tuple[str, str], int] = {}
+    t0 = metering.epoch(T0)
+    for tenant, _kind, s0, life, ttl, size in events:
+        e0 = min(s0 + (life or 10**9), s0 + (ttl or 10**9))
+        a, z = t0 + max(s0, ws), t0 + min(e0, ws + wlen)
+        b = a // DAY
+        while b * DAY < z:
+            overlap = min(z, (b + 1) * DAY) - max(a, b * DAY)
+            if overlap > 0:
+                key = (tenant, metering.from_epoch(b * DAY).date().isoformat())
+                expected[key] = expected.get(key, 0) + size * overlap
+            b += 1
+    assert {(r.key["tenant_id"], r.key["bucket"]): r.byte_seconds for r in ov.daily} == expected
+    with session_scope(engine) as s:  # one tenant at a time (PostgreSQL reads it another way)
+        for tenant in ("t1", "t2", "t3"):
+            one = metering.usage(s, pricing, start=start, end=now, bucket_seconds=DAY, tenant_id=tenant)
+            assert {r.key["bucket"]: r.byte_seconds for r in one} == \
+                {b: v for (t, b), v in expected.items() if t == tenant}
+            assert metering.current(s, pricing, now=now, tenant_id=tenant) == \
+                [r for r in ov.current if r.key["tenant_id"] == tenant]
 
 
 # --- the derived usage_interval table ------------------------------------------------------------

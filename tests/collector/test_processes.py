@@ -28,8 +28,9 @@ CLI = [sys.executable, "-c", "from weightstore.cli import main; main()"]
 
 def _env(ctx, tmp_path: Path, **extra: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
     s = ctx.settings
+    secret = s.s3_secret_access_key.get_secret_value()
     env = {**os.environ, "WEIGHTSTORE_DATABASE_URL": s.resolved_database_url, "WEIGHTSTORE_S3_ENDPOINT_URL": s.s3_endpoint_url,
-           "WEIGHTSTORE_S3_ACCESS_KEY_ID": s.s3_access_key_id, "WEIGHTSTORE_S3_SECRET_ACCESS_KEY": s.s3_secret_access_key.get_secret_value(),
+           "WEIGHTSTORE_S3_ACCESS_KEY_ID": s.s3_access_key_id, "WEIGHTSTORE_S3_SECRET_ACCESS_KEY": secret,
            "WEIGHTSTORE_S3_BUCKET": s.s3_bucket, "WEIGHTSTORE_DATA_DIR": str(tmp_path / "var"),
            "WEIGHTSTORE_GC_GRACE_SECONDS": "0", "WEIGHTSTORE_GC_LEASE_SECONDS": "3", "WEIGHTSTORE_GC_DELETE_BATCH": "2"}
     env.update(extra)

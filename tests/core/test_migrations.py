@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from alembic import command
-
 from weightstore import db
 
 

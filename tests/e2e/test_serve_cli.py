@@ -26,7 +26,7 @@ def served(tmp_path: Path):
            "WEIGHTSTORE_EMBEDDED_GC": "false", "WEIGHTSTORE_EMBEDDED_WORKER": "false"}
     for k in [k for k in env if k.startswith("WEIGHTSTORE_") and ("S3" in k or "DATABASE" in k)]:
         env.pop(k)
-    log = open(tmp_path / "serve.log", "w+")
+    log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115 - closed in the fixture's finally
     proc = subprocess.Popen([*CLI, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -187,3 +187,15 @@ def test_io_failure_mid_write_leaves_nothing(models: dict[str, Path], tmp_path: 
         export_merged(adapter.path, models["llama"], tmp_path / "out", shard_size=20_000)
     assert calls["n"] == 5
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_two_modules_onto_one_slice_refused_at_plan_time(models: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from weightstore.export import _qwen3_moe
+
+    monkeypatch.setattr(_qwen3_moe, "EXPERT_PROJECTIONS", {"w1": "gate_proj", "w3": "gate_proj", "w2": "down_proj"})
+    adapter = build_adapter(tmp_path / "adapter", "qwen3_moe")
+    for base in (models["qwen3_moe"], models["qwen3_moe_fused"]):
+        with pytest.raises(InvalidRequest, match="write the same rows"):
+            export_merged(adapter.path, base, tmp_path / "out")
+        assert not (tmp_path / "out").exists()

@@ -80,9 +80,10 @@ def test_buggy_profile_tables_caught(models: dict[str, Path], tmp_path: Path,
     """A profile whose mapping table is wrong fails its own exports, merged and PEFT."""
     monkeypatch.setattr(_qwen3_moe, "EXPERT_PROJECTIONS", {"w1": "up_proj", "w3": "gate_proj", "w2": "down_proj"})
     adapter = build_adapter(tmp_path / "adapter", "qwen3_moe")
-    for to, export in (("merged", export_merged), ("peft", export_peft)):
+    for to, export, base in (("merged", export_merged, "qwen3_moe"), ("merged_fused", export_merged, "qwen3_moe_fused"),
+                             ("peft", export_peft, "qwen3_moe")):
         with pytest.raises(VerificationFailed, match="forward pass"):
-            export(adapter.path, models["qwen3_moe"], tmp_path / to)
+            export(adapter.path, models[base], tmp_path / to)
         assert not (tmp_path / to).exists()
 
     monkeypatch.setattr(_gpt_oss, "INTERLEAVE_OFFSET", {"w1": 1, "w3": 0})

@@ -8,6 +8,8 @@ index agrees with the shards, and the adapter's keys pair up into LoRA modules o
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import torch
 
 from weightstore.errors import InvalidFormat, InvalidRequest
 from weightstore.export._ops import FactorRef
-from weightstore.export._safetensors import TensorInfo, check_sha256, read_header
+from weightstore.export._safetensors import TensorInfo, check_sha256, read_header, read_tensor
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -248,25 +250,29 @@ def open_adapter(adapter_dir: Path, *, expected_sha256: Mapping[str, str] | None
 
 
 class FactorReader:
-    """Lazy access to adapter factors as fp32 2-D matrices (one expert sliced out of 3-D factors).
+    """Lazy access to adapter factors as 2-D matrices (one expert sliced out of 3-D factors).
 
-    The adapter file is memory-mapped by ``safe_open`` and only the slices an op needs are read,
-    so a large MoE adapter never sits in memory whole. Shared factors (the size-1 side of Tinker's
-    shared-outer layout) are cached until :meth:`clear`, since every expert of a tensor reuses them.
+    Factors are read with ``pread`` (like base tensors, see ``_safetensors``), one expert's slice
+    at a time, instead of memory-mapping the adapter: mapped pages that have been touched count
+    towards the resident set until unmapped, and a large MoE adapter would then sit in memory whole
+    (it grows with the model). Shared factors (the size-1 side of Tinker's shared-outer layout) are
+    cached until :meth:`clear`, since every expert of a tensor reuses them.
     """
 
     def __init__(self, adapter: TinkerAdapter) -> None:
-        from safetensors import safe_open  # local: keeps header-only users free of the native module
-
-        self._ctx = safe_open(str(adapter.weights_file), framework="pt")
-        self._file = self._ctx.__enter__()
+        self._infos = {i.name: i for m in adapter.modules.values() for i in (m.a, m.b)}
+        self._fd = os.open(adapter.weights_file, os.O_RDONLY)
         self._cache: dict[tuple[str, int | None], torch.Tensor] = {}
 
     def raw(self, ref: FactorRef) -> torch.Tensor:
-        """The factor in its stored dtype (2-D)."""
+        """The factor in its stored dtype (2-D; 3-D when a whole 3-D factor is asked for)."""
+        info = self._infos[ref.key]
         if ref.index is None:
-            return self._file.get_tensor(ref.key)
-        return self._file.get_slice(ref.key)[ref.index : ref.index + 1][0]
+            return read_tensor(self._fd, info).view(info.torch_dtype).view(info.shape)
+        slab_shape = info.shape[1:]
+        slab_bytes = math.prod(slab_shape) * info.itemsize
+        data = read_tensor(self._fd, info, start=ref.index * slab_bytes, nbytes=slab_bytes)
+        return data.view(info.torch_dtype).view(slab_shape)
 
     def fp32(self, ref: FactorRef) -> torch.Tensor:
         key = (ref.key, ref.index)
@@ -281,7 +287,7 @@ class FactorReader:
 
     def close(self) -> None:
         self._cache.clear()
-        self._ctx.__exit__(None, None, None)
+        os.close(self._fd)
 
     def __enter__(self) -> FactorReader:
         return self

@@ -14,7 +14,7 @@ Execution (``_merge``, ``_peft``) then only moves bytes and does arithmetic.
 
 from __future__ import annotations
 
-import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 from weightstore.errors import InvalidRequest
 from weightstore.export._checkpoint import BaseCheckpoint, TinkerAdapter, open_adapter, open_base
-from weightstore.export._ops import MergeOp
-from weightstore.export._profile import LM_HEAD, PeftTensorSpec
+from weightstore.export._ops import MergeOp, Rows
+from weightstore.export._profile import LM_HEAD, FamilyProfile, PeftTensorSpec
 from weightstore.export._registry import profile_for
 from weightstore.export._safetensors import OutEntry, TensorInfo, order_for_alignment
 
@@ -157,11 +157,20 @@ def _factor_shape(shapes: Mapping[str, tuple[int, ...]], key: str, index: int | 
     return shape[1:]
 
 
+def _overlap(a: Rows, b: Rows) -> bool:
+    """Whether two strided row ranges share an index (arithmetic for the layouts that occur)."""
+    if a.step == b.step:
+        if (a.start - b.start) % a.step:
+            return False  # interleaved: different residues never meet
+        return a.start < b.stop and b.start < a.stop
+    return bool(set(a.indices()) & set(b.indices()))
+
+
 def check_merge_ops(name: str, source: TensorInfo, ops: list[MergeOp] | tuple[MergeOp, ...],
                     shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Every op fits the target's view, and ops on the same view never write the same rows."""
-    source.torch_dtype  # noqa: B018 -- refuses integer/fp8 targets before any work
-    written: dict[int | None, set[int]] = {}
+    _ = source.torch_dtype  # refuses integer/fp8 targets before any work
+    by_unit: dict[int | None, list[MergeOp]] = {}
     for op in ops:
         out_dim, in_dim = _view_shape(source, op)
         a_shape = _factor_shape(shapes, op.a.key, op.a.index)
@@ -170,13 +179,12 @@ def check_merge_ops(name: str, source: TensorInfo, ops: list[MergeOp] | tuple[Me
             raise InvalidRequest(
                 f"{op.module}: delta {b_shape[0]}x{a_shape[1]} does not fit rows {op.rows} of {name} "
                 f"(view {out_dim}x{in_dim})", module=op.module, target=name)
-        rows = set(op.rows.indices())
-        seen = written.setdefault(op.expert, set())
-        if seen & rows:
-            raise InvalidRequest(f"{op.module}: overlaps another module's delta in {name}"
-                                 f"{'' if op.expert is None else f' expert {op.expert}'}", module=op.module,
-                                 target=name)
-        seen |= rows
+        for other in by_unit.get(op.expert, ()):
+            if _overlap(op.rows, other.rows):
+                where = "" if op.expert is None else f" expert {op.expert}"
+                raise InvalidRequest(f"{op.module} and {other.module} write the same rows of {name}{where}",
+                                     module=op.module, target=name)
+        by_unit.setdefault(op.expert, []).append(op)
 
 
 def assign_shards(entries: list[OutEntry], shard_bytes: int) -> tuple[OutputShard, ...]:
@@ -220,7 +228,7 @@ def build_plan(base: BaseCheckpoint, adapter: TinkerAdapter, *, to: ExportTarget
     for path in modules:
         for mt in profile.merge_ops(adapter.modules[path], base):
             source, ops = by_target.setdefault(mt.target, (mt.source, []))
-            if source is not mt.source and source != mt.source:
+            if source != mt.source:
                 raise InvalidRequest(f"{path}: {mt.target} has two different sources", target=mt.target)
             ops.append(mt.op)
             used.update((mt.op.a.key, mt.op.b.key))
@@ -248,12 +256,12 @@ def build_plan(base: BaseCheckpoint, adapter: TinkerAdapter, *, to: ExportTarget
     )
 
 
-def _plan_peft(base: BaseCheckpoint, adapter: TinkerAdapter, profile: Any, modules: tuple[str, ...],
+def _plan_peft(base: BaseCheckpoint, adapter: TinkerAdapter, profile: FamilyProfile, modules: tuple[str, ...],
                base_model_name: str | None) -> ExportPlan:
     layout = profile.peft_layout(adapter, base)
-    names = [t.name for t in layout.tensors]
-    if len(set(names)) != len(names):
-        dupes = sorted({n for n in names if names.count(n) > 1})
+    counts = Counter(t.name for t in layout.tensors)
+    dupes = sorted(n for n, c in counts.items() if c > 1)
+    if dupes:
         raise InvalidRequest(f"PEFT mapping produced duplicate keys: {', '.join(dupes[:5])}", keys=dupes[:20])
     used = {b.source.key for t in layout.tensors for b in t.blocks}
     unused = _unused_keys(adapter, used)
@@ -305,11 +313,3 @@ def plan_export(adapter_dir: str | Path, base_dir: str | Path, *, to: ExportTarg
     base = open_base(Path(base_dir), expected_sha256=base_sha256)
     adapter = open_adapter(Path(adapter_dir), expected_sha256=adapter_sha256)
     return build_plan(base, adapter, to=to, shard_bytes=shard_size, base_model_name=base_model_name)
-
-
-def human_bytes(n: int) -> str:
-    if n <= 0:
-        return "0 B"
-    units = ("B", "KB", "MB", "GB", "TB")
-    k = min(int(math.log(n, 1000)), len(units) - 1)
-    return f"{n / 1000 ** k:.1f} {units[k]}"

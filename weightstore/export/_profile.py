@@ -153,6 +153,11 @@ class FamilyProfile:
         if len(module.a.shape) != 2:
             raise InvalidRequest(f"adapter module {module.path}: expected 2-D LoRA factors, got lora_A "
                                  f"{module.a.shape}", module=module.path)
+        if hf.endswith("embed_tokens"):
+            # nn.Embedding LoRA has the transposed convention (delta = (B @ A).T); Tinker never
+            # trains input embeddings, so an adapter that does is refused rather than guessed at.
+            raise InvalidRequest(f"adapter module {module.path}: LoRA on input embeddings is not supported",
+                                 module=module.path)
         target = f"{hf}.weight"
         if hf == LM_HEAD and base.ties_embeddings:
             # The merged model gets its own lm_head = embed_tokens + delta; folding the delta into

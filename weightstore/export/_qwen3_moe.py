@@ -43,6 +43,8 @@ from weightstore.export._profile import (
 
 # Tinker expert names -> transformers projection names (Qwen/DeepSeek convention: w1 gate, w3 up).
 EXPERT_PROJECTIONS: Mapping[str, str] = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+# Order of the projections stacked in a fused (E, 2*ffn, hidden) gate_up_proj.
+FUSED_GATE_UP: tuple[str, str] = ("gate_proj", "up_proj")
 
 
 class Qwen3MoeProfile(FamilyProfile):
@@ -82,7 +84,7 @@ class Qwen3MoeProfile(FamilyProfile):
             rows = Rows.all(out_dim)
         else:
             expected = (num_experts, 2 * out_dim, in_dim)  # (E, 2*ffn, hidden): [gate rows | up rows]
-            rows = Rows(0 if kind == "w1" else out_dim, 1, out_dim)
+            rows = Rows(FUSED_GATE_UP.index(proj) * out_dim, 1, out_dim)
         if source.shape != expected:
             raise InvalidRequest(f"adapter module {module.path}: {fused} is {source.shape}, expected {expected}",
                                  module=module.path, target=fused)

@@ -79,19 +79,23 @@ def noop_guard(deltas: list[TensorDelta], warn_fraction: float, *, adapter_is_ze
 
 
 def module_delta_norms(adapter: TinkerAdapter) -> list[TensorDelta]:
-    """Norm of each module's ``scale * B @ A`` (per expert, summed) via ``||BA||^2 = <A A^T, B^T B>``."""
+    """Norm of each module's ``scale * B @ A`` (per expert, summed) via ``||BA||^2 = <A A^T, B^T B>``.
+
+    r x r products in fp32 (summed in fp64): cheap, accurate enough for a norm, and exactly zero
+    for a zero factor -- which is what decides "the adapter is zero".
+    """
     out = []
     with FactorReader(adapter) as factors:
         for module in adapter.modules.values():
             if module.is_empty:
                 continue
-            a = factors.raw(FactorRef(module.a.name, None)).double()
-            b = factors.raw(FactorRef(module.b.name, None)).double()
+            a = factors.raw(FactorRef(module.a.name, None)).float()
+            b = factors.raw(FactorRef(module.b.name, None)).float()
             if a.dim() == 2:
-                sq = float(((a @ a.T) * (b.T @ b)).sum())
-            else:  # broadcast the shared side; sum over experts
+                sq = float(((a @ a.T) * (b.T @ b)).sum(dtype=torch.float64))
+            else:
                 # (1|E, r, r) * (E|1, r, r) broadcasts the shared factor to every expert
-                sq = float(((a @ a.transpose(1, 2)) * (b.transpose(1, 2) @ b)).sum())
+                sq = float(((a @ a.transpose(1, 2)) * (b.transpose(1, 2) @ b)).sum(dtype=torch.float64))
             norm = adapter.scale * math.sqrt(max(sq, 0.0))
             out.append(TensorDelta(module.path, norm > 0, norm, 0.0))
     return out
@@ -161,7 +165,7 @@ def _check_slab(t: MergedTensor, expert: int | None, out_slab: torch.Tensor, bas
         k = torch.tensor([(r - op.rows.start) // op.rows.step for r in sel])
         at = torch.tensor([pos[r] for r in sel])
         a = factors.raw(op.a).double()
-        b = factors.raw(op.b).double()[k]
+        b = factors.raw(op.b)[k].double()
         expected[at] += scale * (b @ a)
         magnitude[at] += scale * (b.abs() @ a.abs())
     dtype = t.source.dtype
@@ -188,13 +192,18 @@ def output_tensors(out_dir: Path) -> dict[str, TensorInfo]:
     return written
 
 
-def _same_bytes(a: TensorInfo, b: TensorInfo, chunk: int = 8 << 20) -> bool:
-    """Compare two tensors' bytes on disk, a chunk at a time (an embedding can be gigabytes)."""
+def _same_bytes(a: TensorInfo, b: TensorInfo, chunk: int = 1 << 20) -> bool:
+    """Compare two tensors' bytes on disk: all of a small tensor, three 1 MB windows of a big one.
+
+    Windows (start, middle, end) catch a wrong source, offset or length of the kernel copy without
+    re-reading gigabytes of embeddings on every export.
+    """
     if a.nbytes != b.nbytes:
         return False
+    starts = [0] if a.nbytes <= 3 * chunk else [0, (a.nbytes - chunk) // 2, a.nbytes - chunk]
     with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
-        for start in range(0, a.nbytes, chunk):
-            n = min(chunk, a.nbytes - start)
+        for start in starts:
+            n = min(chunk, a.nbytes - start) if a.nbytes > 3 * chunk else a.nbytes
             fa.seek(a.offset + start)
             fb.seek(b.offset + start)
             if fa.read(n) != fb.read(n):
