@@ -1,9 +1,9 @@
 """Alembic environment: URL from the config (set by weightstore.db.upgrade) or the settings."""
 
-from alembic import context
 from sqlmodel import SQLModel
 
 import weightstore.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from alembic import context
 from weightstore.db import make_engine
 from weightstore.settings import Settings
 

@@ -12,18 +12,30 @@ the maintained table equals a rebuild), then times:
 * ``usage 30d by day``: the tenant page's chart query for the largest tenant.
 
 Writes ``benchmarks/results/billing.md``. Usage: ``python benchmarks/bench_billing.py [--n 1000000]``.
+
+``--cache DIR`` keeps the loaded and derived data between runs (loading and deriving take minutes):
+the SQLite file is copied there, the PostgreSQL ``usage_event``/``usage_interval`` rows are saved
+with ``COPY TO``; a later run with the same ``--n`` copies them back (``COPY FROM``) into a freshly
+migrated database (so new migrations apply) instead of loading and deriving again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import shutil
+import signal
 import sqlite3
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+
+import sqlalchemy as sa
 
 from weightstore import db, intervals, metering
 from weightstore.db import session_scope
@@ -31,14 +43,6 @@ from weightstore.metering import Pricing
 
 NOW = datetime(2026, 3, 20, tzinfo=UTC)
 START = NOW - timedelta(days=90)
-# the same queries before usage_interval existed (one self-join of the ledger per query), measured with
-# this script at 1,000,000 intervals on the same machine (commit e3ff8ef, benchmarks/results/billing.md)
-BEFORE = {
-    "SQLite": {"invoice, largest tenant (20% of ledger)": 11.352, "invoice, typical tenant (0.8%)": 0.358,
-               "tenant chart, 30 days by day (largest)": 10.970, "overview page (all tenants: current + 14 days)": 42.429},
-    "PostgreSQL": {"invoice, largest tenant (20% of ledger)": 2.099, "invoice, typical tenant (0.8%)": 0.082,
-                   "tenant chart, 30 days by day (largest)": 3.155, "overview page (all tenants: current + 14 days)": 40.508},
-}
 COLS = ("tenant_id", "run_id", "checkpoint_id", "kind", "event", "at", "size_bytes", "expires_at", "recorded_at")
 
 
@@ -90,6 +94,44 @@ def load_pg(url: str, n: int) -> None:
         con.execute("ANALYZE usage_event")
 
 
+def load_catalog(url: str, every: int = 5) -> int:
+    """Catalog rows for the physical-bytes query: every ``every``-th checkpoint stored at NOW (about
+    100,000 at 1,000,000 intervals) gets a ``checkpoint`` row and two files: its own blob (size - 1 MB)
+    and a 1 MB blob shared by all checkpoints of its run (dedup). Returns the checkpoint count."""
+    engine = db.make_engine(url)
+    pg = engine.dialect.name == "postgresql"
+    ts = "CAST(:t0 AS TIMESTAMP WITH TIME ZONE)" if pg else ":t0"
+    now = int(NOW.timestamp())
+    live = (f"FROM usage_interval WHERE start_s <= {now} AND stop_s > {now} "
+            f"AND CAST(substr(checkpoint_id, 4) AS INTEGER) % {every} = 0")
+    stmts = [
+        f"INSERT INTO tenant (id, name, created_at) SELECT DISTINCT tenant_id, tenant_id, {ts} FROM usage_interval",
+        f"""INSERT INTO training_run (id, tenant_id, base_model, train_mlp, train_attn, train_unembed, trainable,
+              created_at, last_request_time)
+            SELECT DISTINCT run_id, tenant_id, 'base', true, true, false, true, {ts}, {ts} FROM usage_interval""",
+        f"""INSERT INTO blob (sha256, size_bytes, state, created_at, last_referenced_at)
+            SELECT DISTINCT 's-' || run_id, 1000000, 'live', {ts}, {ts} {live}""",
+        f"""INSERT INTO blob (sha256, size_bytes, state, created_at, last_referenced_at)
+            SELECT 'u-' || checkpoint_id, size_bytes - 1000000, 'live', {ts}, {ts} {live}""",
+        f"""INSERT INTO checkpoint (id, tenant_id, run_id, kind, name, state, size_bytes, created_at, public)
+            SELECT checkpoint_id, tenant_id, run_id, kind, checkpoint_id, 'committed', size_bytes, {ts}, false {live}""",
+        f"""INSERT INTO checkpoint_file (checkpoint_id, path, size_bytes, sha256)
+            SELECT checkpoint_id, 'adapter.bin', size_bytes - 1000000, 'u-' || checkpoint_id {live}""",
+        f"""INSERT INTO checkpoint_file (checkpoint_id, path, size_bytes, sha256)
+            SELECT checkpoint_id, 'shared.bin', 1000000, 's-' || run_id {live}""",
+    ]
+    t0 = "2026-01-01 00:00:00+00:00" if pg else "2026-01-01 00:00:00.000000"
+    with session_scope(engine) as s:
+        for stmt in stmts:
+            s.execute(sa.text(stmt), {"t0": t0})
+        n = int(s.execute(sa.text("SELECT COUNT(*) FROM checkpoint")).scalar_one())
+    with engine.connect() as c:
+        c.exec_driver_sql("ANALYZE")
+        c.commit()
+    engine.dispose()
+    return n
+
+
 def derive(url: str) -> float:
     """Populate usage_interval from the bulk-loaded ledger; returns seconds."""
     engine = db.make_engine(url)
@@ -101,6 +143,33 @@ def derive(url: str) -> float:
         c.commit()
     engine.dispose()
     return time.perf_counter() - t
+
+
+def _pg_conn(url: str):  # type: ignore[no-untyped-def]
+    import psycopg
+
+    return psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
+
+
+def pg_save(url: str, cache: Path) -> None:
+    with _pg_conn(url) as con, con.cursor() as cur:
+        for table in ("usage_event", "usage_interval"):
+            with (cache / f"{table}.copy").open("wb") as f, cur.copy(f"COPY {table} TO STDOUT") as cp:
+                for chunk in cp:
+                    f.write(chunk)
+
+
+def pg_restore(url: str, cache: Path) -> None:
+    with _pg_conn(url) as con:
+        with con.cursor() as cur:
+            for table in ("usage_event", "usage_interval"):
+                with (cache / f"{table}.copy").open("rb") as f, cur.copy(f"COPY {table} FROM STDIN") as cp:
+                    while chunk := f.read(1 << 20):
+                        cp.write(chunk)
+            cur.execute("SELECT setval(pg_get_serial_sequence('usage_event', 'id'), (SELECT MAX(id) FROM usage_event))")
+        con.commit()
+        con.autocommit = True
+        con.execute("VACUUM ANALYZE")
 
 
 def timed(fn, repeat: int = 2) -> float:  # type: ignore[no-untyped-def]
@@ -126,11 +195,15 @@ def measure(url: str) -> dict[str, float]:
                                    bucket_seconds=metering.DAY, tenant_id="tenant-000"))
 
         def overview() -> None:
-            metering.current(s, price, now=NOW)
+            if hasattr(metering, "overview"):  # one pass: current usage + 14 daily buckets
+                metering.overview(s, price, now=NOW, start=NOW - timedelta(days=14))
+            else:  # before (this script also runs against the previous commit for the "before" column)
+                metering.current(s, price, now=NOW)
+                metering.usage(s, price, start=NOW - timedelta(days=14), end=NOW, bucket_seconds=metering.DAY)
             metering.physical_current(s, now=NOW)
-            metering.usage(s, price, start=NOW - timedelta(days=14), end=NOW, bucket_seconds=metering.DAY)
 
-        out["overview page (all tenants: current + 14 days)"] = timed(overview)
+        out["physical bytes, all tenants"] = timed(lambda: metering.physical_current(s, now=NOW))
+        out["overview page (all tenants: current + physical + 14 days)"] = timed(overview)
     engine.dispose()
     return out
 
@@ -139,55 +212,104 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--skip-pg", action="store_true")
+    ap.add_argument("--skip-sqlite", action="store_true")
+    ap.add_argument("--serve", help="(profiling) after loading PostgreSQL, write its URL to this file and wait")
+    ap.add_argument("--json-out", type=Path, help="also write the timings as JSON here")
+    ap.add_argument("--before", type=Path, help="JSON timings of the previous code (its --json-out), for the table")
+    ap.add_argument("--before-label", default="before", help="what --before measured, for the text")
+    ap.add_argument("--no-write", action="store_true", help="print the table, leave results/billing.md alone")
+    ap.add_argument("--cache", type=Path, help="keep/reuse loaded data here between runs")
     args = ap.parse_args()
+    cache = args.cache / f"n{args.n}" if args.cache else None
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, float]] = {}
     derived: dict[str, float] = {}
+    catalog: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.db"
-        db.upgrade(f"sqlite:///{path}")
-        t = time.perf_counter()
-        load_sqlite(path, args.n)
-        print(f"sqlite: loaded {args.n} intervals in {time.perf_counter() - t:.1f}s", flush=True)
-        derived["SQLite"] = derive(f"sqlite:///{path}")
-        print(f"sqlite: derived usage_interval in {derived['SQLite']:.1f}s", flush=True)
-        results["SQLite"] = measure(f"sqlite:///{path}")
-        print(results["SQLite"], flush=True)
+        if args.skip_sqlite:
+            pass
+        elif cache and (cache / "sqlite.db").exists():
+            shutil.copyfile(cache / "sqlite.db", path)
+            db.upgrade(f"sqlite:///{path}")  # migrations added since the cache was made
+            with sqlite3.connect(path) as con:
+                con.execute("ANALYZE")
+            print("sqlite: reused cached data", flush=True)
+        else:
+            db.upgrade(f"sqlite:///{path}")
+            t = time.perf_counter()
+            load_sqlite(path, args.n)
+            print(f"sqlite: loaded {args.n} intervals in {time.perf_counter() - t:.1f}s", flush=True)
+            derived["SQLite"] = derive(f"sqlite:///{path}")
+            print(f"sqlite: derived usage_interval in {derived['SQLite']:.1f}s", flush=True)
+            if cache:
+                with sqlite3.connect(path) as con:
+                    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                shutil.copyfile(path, cache / "sqlite.db")
+        if not args.skip_sqlite:
+            catalog["SQLite"] = load_catalog(f"sqlite:///{path}")
+            results["SQLite"] = measure(f"sqlite:///{path}")
+            print(results["SQLite"], flush=True)
     if not args.skip_pg:
         from weightstore.localpg import LocalPostgres
 
         with LocalPostgres() as pg:
             url = pg.create_database("bench")  # type: ignore[attr-defined]
             db.upgrade(url)
-            t = time.perf_counter()
-            load_pg(url, args.n)
-            print(f"postgresql: loaded {args.n} intervals in {time.perf_counter() - t:.1f}s", flush=True)
-            derived["PostgreSQL"] = derive(url)
-            print(f"postgresql: derived usage_interval in {derived['PostgreSQL']:.1f}s", flush=True)
+            if cache and (cache / "usage_interval.copy").exists():
+                pg_restore(url, cache)
+                print("postgresql: reused cached data", flush=True)
+            else:
+                t = time.perf_counter()
+                load_pg(url, args.n)
+                print(f"postgresql: loaded {args.n} intervals in {time.perf_counter() - t:.1f}s", flush=True)
+                derived["PostgreSQL"] = derive(url)
+                print(f"postgresql: derived usage_interval in {derived['PostgreSQL']:.1f}s", flush=True)
+                if cache:
+                    pg_save(url, cache)
+            catalog["PostgreSQL"] = load_catalog(url)
+            if args.serve:
+                print(f"postgresql: serving {url} until interrupted", flush=True)
+                Path(args.serve).write_text(url)
+                signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the cluster on `kill PID` too
+                try:
+                    while True:
+                        time.sleep(3600)
+                except (KeyboardInterrupt, SystemExit):
+                    return
             results["PostgreSQL"] = measure(url)
             print(results["PostgreSQL"], flush=True)
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"results": results, "catalog": catalog}, indent=1))
+    before: dict[str, dict[str, float]] = json.loads(args.before.read_text())["results"] if args.before else {}
     names = list(next(iter(results.values())))
     backends = list(results)
+    cat = ", ".join(f"{b} {n:,}" for b, n in catalog.items())
     lines = [f"# Billing latency, ledger of {args.n:,} checkpoint intervals", "",
-             "Seconds, best of 2, one process on the shared 2-core dev machine. Queries read the derived "
-             "`usage_interval` table (one row per checkpoint, maintained by the ledger writers); *before* = the "
-             "same query regrouping the ledger with a self-join each time (previous run of this script at "
-             "1,000,000 intervals, commit e3ff8ef). Overview = current usage + physical bytes of all tenants "
-             "+ 14 daily buckets of all tenants.", "",
+             "Seconds, best of 2, one process on the shared 2-core dev machine (load average during the run: "
+             f"{os.getloadavg()[0]:.1f}; other engineers' jobs, so absolute figures are inflated and noisy). "
+             "Queries read the derived `usage_interval` table (one row per checkpoint, maintained by the ledger "
+             f"writers). *Before* = {args.before_label}, measured by this script in the same session against the "
+             "same cached data. Overview = current usage + physical bytes + 14 daily buckets of all tenants; "
+             f"the catalog holds checkpoints stored now with two files each, one blob shared per run ({cat}).", "",
              "| query | " + " | ".join(f"{b} before | {b} now | speed-up" for b in backends) + " |",
              "|---|" + "---|---|---|" * len(backends)]
     for name in names:
         cells = []
         for b in backends:
-            old = BEFORE.get(b, {}).get(name) if args.n == 1_000_000 else None
+            old = before.get(b, {}).get(name)
             now_s = results[b][name]
-            cells += [f"{old:.3f}" if old else "-", f"{now_s:.3f}", f"{old / now_s:.0f}x" if old else "-"]
+            cells += [f"{old:.3f}" if old else "-", f"{now_s:.3f}", f"{old / now_s:.1f}x" if old else "-"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "One-off: deriving `usage_interval` from the bulk-loaded ledger (`rebuild_intervals`, what "
-              "migration 0002 runs on an existing ledger): "
-              + ", ".join(f"{b} {derived[b]:.1f} s" for b in backends) + "."]
-    out = Path(__file__).resolve().parent / "results" / "billing.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    if derived:
+        lines += ["", "One-off: deriving `usage_interval` from the bulk-loaded ledger (`rebuild_intervals`, what "
+                  "migration 0002 runs on an existing ledger): "
+                  + ", ".join(f"{b} {derived[b]:.1f} s" for b in derived) + "."]
+    if not args.no_write:
+        out = Path(__file__).resolve().parent / "results" / "billing.md"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -211,14 +211,15 @@ def _window_sums(session: Session, fine: list[str], *, ws: int, we: int, bucket_
     """Byte-seconds per ``fine`` group (and bucket) in ``[ws, we)``, from ONE statement.
 
     Without buckets: one pass, ``SUM(size * (clipped stop - clipped start))``. With buckets, the
-    overlapping intervals fall in two disjoint halves of one ``UNION ALL``, each a range of the
-    ``stop_s`` index with plain column arithmetic: *A* still stored at ``we`` (``stop_s > we``) and
-    *B* stopping inside the window; per (group, start bucket[, stop bucket]) the sums of size and
-    of size times the offset of the start/stop inside its bucket (offsets < bucket length, so the
-    products stay small). Intervals that started at or before ``ws`` get start bucket -1 (clipped).
+    overlapping intervals are read by two disjoint halves of one ``UNION ALL`` (docs/design-billing.md
+    §4): *classes* (spanning the window / edged) for all tenants and on SQLite, *halves on stop_s*
+    (A: ``stop_s > we``, B: stopping inside) for one tenant on PostgreSQL. Each returns per (group,
+    start bucket[, stop bucket]) the sums of size and of size times the offset of the start/stop
+    inside its bucket (offsets < bucket length, so the products stay small); a start at or before
+    ``ws`` gets bucket -1 (clipped to ``ws``), a stop at or after ``we`` stop bucket -1 (clipped to ``we``).
 
     With ``current_at_end`` the same statement also returns, per group, ``[count, bytes]`` of the
-    checkpoints still stored at ``we`` (half A: what ``current(now=we)`` returns)."""
+    checkpoints still stored at ``we`` (what ``current(now=we)`` returns)."""
     _tune(session)
     g = ", ".join(fine)
     n = len(fine)
@@ -484,9 +485,8 @@ def overview(session: Session, pricing_: Pricing, *, now: datetime, start: datet
              bucket_seconds: int = DAY) -> Overview:
     """``current(now)`` and ``usage(start, now, bucket_seconds)`` of all tenants in one query.
 
-    The intervals overlapping ``[start, now)`` are read once (ranges of the ``stop_s`` index); the
-    ones still stored at ``now`` are exactly half A of ``_window_sums`` (``stop_s > now``), so its
-    ``COUNT``/``SUM(size)`` are the current usage."""
+    The intervals overlapping ``[start, now)`` are read once; the ones still stored at ``now`` are
+    exactly those among them with ``stop_s > now``, so the same statement also counts them."""
     ws, we = epoch(start), epoch(now)
     if we <= ws:
         raise InvalidRequest("the window must end after it starts")

@@ -165,12 +165,14 @@ def overview(request: Request, ctx: CtxDep) -> HTMLResponse:
         _admin_key_id(request, ctx, session)
         prices = metering.pricing(session, ctx.settings)
         tenants = [t.id for t in session.exec(select(Tenant).order_by(Tenant.id))]
-        cur = {r.key["tenant_id"]: r for r in metering.current(session, prices, now=now)}
-        physical = metering.physical_current(session, now=now)
         end = _day_floor(now) + timedelta(days=1)
         start = end - timedelta(days=TREND_DAYS)
-        # never bill the future: open-ended checkpoints accrue until now, not until the bucket's end
-        daily = metering.usage(session, prices, start=start, end=now, bucket_seconds=metering.DAY)
+        # one pass over the intervals: current usage + daily buckets up to now (never bill the future:
+        # open-ended checkpoints accrue until now, not until the bucket's end)
+        ov = metering.overview(session, prices, now=now, start=start)
+        cur = {r.key["tenant_id"]: r for r in ov.current}
+        daily = ov.daily
+        physical = metering.physical_current(session, now=now)
     by_tenant: dict[str, list[metering.UsageRow]] = {}
     for r in daily:
         by_tenant.setdefault(r.key["tenant_id"], []).append(r)
