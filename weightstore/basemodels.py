@@ -44,6 +44,7 @@ from weightstore.errors import (
     NotFound,
     UploadIncomplete,
 )
+from weightstore.hashing import sha256_file
 from weightstore.models import BaseModel, BaseModelFile, Blob, BlobState, Checkpoint, ExportJob, TrainingRun
 from weightstore.names import check_file_path, check_sha256
 from weightstore.objectstore import blob_key
@@ -78,14 +79,6 @@ class LocalFile:
     local: Path
     size_bytes: int
     sha256: str
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(CHUNK):
-            h.update(data)
-    return h.hexdigest()
 
 
 def scan_dir(directory: Path) -> list[LocalFile]:

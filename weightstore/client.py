@@ -36,6 +36,7 @@ from weightstore.errors import (
     error_for_code,
 )
 from weightstore.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER_STATE
+from weightstore.hashing import sha256_file
 from weightstore.names import TinkerPath, check_file_path
 
 if TYPE_CHECKING:  # torch is imported only by the calls that need it: the CLI starts fast without it
@@ -60,14 +61,6 @@ def _raise_for(response: httpx.Response) -> None:
     err = cls(f"{message} (HTTP {response.status_code})", **(body.get("details") or {}) if isinstance(body, dict) else {})
     err.status_code = response.status_code  # type: ignore[attr-defined]
     raise err
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(CHUNK):
-            h.update(data)
-    return h.hexdigest()
 
 
 class RawHTTP:
