@@ -1,10 +1,11 @@
-"""The merge loop: stream every output shard front to back, folding LoRA deltas in on the way.
+"""The merge loop: every output byte written in place, block by block, LoRA deltas folded in on the way.
 
-Memory is bounded by a *row block*, not by a shard or even a tensor: untouched tensors move
+Memory is bounded by a few *row blocks*, not by a shard or even a tensor: untouched tensors move
 file-to-file in the kernel; a dense adapted tensor is read, merged and written a block of rows at a
 time (``W[rows] + scale * B[rows] @ A``, accumulated in fp32, cast back to the base dtype); a 3-D
 expert tensor one expert slab at a time. Peak memory therefore does not grow with model size --
-only with the widest row block or the largest single expert slab.
+only with the widest row block or the largest single expert slab. Blocks run on a few threads
+(see :class:`_Pipeline`); output positions are fixed by the plan, so no block waits for another.
 
 Each adapted tensor also yields a :class:`TensorDelta` (did it change; how much of the delta did
 rounding swallow) for the no-op guard, measured on the values actually written.
@@ -26,11 +27,12 @@ from pathlib import Path
 
 import torch
 
+from weightstore.export import _safetensors
 from weightstore.export._checkpoint import CONFIG_FILE, FactorReader
 from weightstore.export._ops import MergeOp
 from weightstore.export._plan import MERGED_INDEX, ExportPlan, MergedTensor
 from weightstore.export._results import TensorDelta
-from weightstore.export._safetensors import FdCache, StreamWriter, TensorInfo, read_into
+from weightstore.export._safetensors import FdCache, ShardWriter, TensorInfo, pwrite_all, read_into
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)`` -- called after every output tensor."""
@@ -125,12 +127,22 @@ def _dense_fast_path(t: MergedTensor) -> bool:
             and op.rows.start == 0 and op.rows.count == t.source.shape[0] and len(t.source.shape) == 2)
 
 
-BlockResult = tuple[torch.Tensor, _BlockStats | None]
+# What a task reports back: data bytes written, and rounding statistics for adapted blocks.
+TaskResult = tuple[int, _BlockStats | None]
+# Untouched tensors are copied in pieces of this size, so a huge embedding overlaps with merging.
+COPY_CHUNK = 64 << 20
+
+
+def _copy_task(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int,
+               ws: _Workspace | None) -> TaskResult:
+    _safetensors.copy_range(src_fd, src_offset, dst_fd, dst_offset, count)
+    return count, None
 
 
 def _dense_block(fd: int, info: TensorInfo, r0: int, n: int, a: torch.Tensor, b: torch.Tensor, scale: float,
-                 ws: _Workspace) -> BlockResult:
-    """Rows ``r0:r0+n`` of a dense tensor: read, ``W + scale * B[rows] @ A`` in fp32, cast back."""
+                 dst_fd: int, dst_offset: int, ws: _Workspace | None) -> TaskResult:
+    """Rows ``r0:r0+n`` of a dense tensor: read, ``W + scale * B[rows] @ A`` in fp32, cast back, write."""
+    assert ws is not None
     dtype = info.torch_dtype
     in_dim = info.shape[1]
     row_bytes = in_dim * info.itemsize
@@ -141,19 +153,22 @@ def _dense_block(fd: int, info: TensorInfo, r0: int, n: int, a: torch.Tensor, b:
     merged32.copy_(base).addmm_(b[r0 : r0 + n], a, alpha=scale)
     written = ws.get("out", dtype, (n, in_dim))
     written.copy_(merged32)
-    return written, _observe(merged32, written, base, ws)
+    stats = _observe(merged32, written, base, ws)
+    return pwrite_all(dst_fd, written, dst_offset + r0 * row_bytes), stats
 
 
 def _slab_block(fd: int, info: TensorInfo, slab: int, ops: list[tuple[MergeOp, torch.Tensor, torch.Tensor]],
-                scale: float, ws: _Workspace) -> BlockResult:
+                scale: float, dst_fd: int, dst_offset: int, ws: _Workspace | None) -> TaskResult:
     """One 2-D slab (a whole 2-D tensor, or one expert of a 3-D one) with its ops, possibly transposed."""
+    assert ws is not None
     dtype = info.torch_dtype
     slab_shape = info.shape if len(info.shape) == 2 else info.shape[1:]
     slab_bytes = math.prod(slab_shape) * info.itemsize
     raw = ws.get("raw", torch.uint8, (slab_bytes,))
     read_into(fd, info.offset + slab * slab_bytes, raw)
+    at = dst_offset + slab * slab_bytes
     if not ops:
-        return raw, None
+        return pwrite_all(dst_fd, raw, at), None
     view = raw.view(dtype).view(*slab_shape)
     transposed = ops[0][0].transposed
     base = view.T if transposed else view
@@ -164,84 +179,69 @@ def _slab_block(fd: int, info: TensorInfo, slab: int, ops: list[tuple[MergeOp, t
     written = ws.get("out", dtype, tuple(base.shape))
     written.copy_(merged32)
     stats = _observe(merged32, written, base, ws)
-    if not transposed:
-        return written, stats
-    return ws.get("out_t", dtype, tuple(view.shape)).copy_(written.T), stats
+    if transposed:
+        written = ws.get("out_t", dtype, tuple(view.shape)).copy_(written.T)
+    return pwrite_all(dst_fd, written, at), stats
 
 
-class _Merger:
-    """Merges adapted tensors block by block on a few worker threads, writing results in order.
+@dataclass
+class _Task:
+    """One unit of work, in output order."""
 
-    torch's own intra-op parallelism is switched to one thread for the duration: its OpenMP teams
-    spin at barriers, and on a shared 2-core machine a descheduled team member turned a 0.5 s merge
-    into 5 s of spinning (measured). Independent blocks on plain threads (torch releases the GIL)
-    degrade gracefully instead. Each in-flight block owns a :class:`_Workspace`, so memory stays
-    at ``(workers + 1)`` blocks.
+    run: Callable[[_Workspace | None], TaskResult]
+    needs_workspace: bool
+    writer: ShardWriter
+    tensor: int  # index into the tensor bookkeeping of this export
+    last: bool  # the tensor's final task: its statistics are complete once this one is
+
+
+class _Pipeline:
+    """Runs tasks on a few worker threads; results are collected in submission order.
+
+    Every output byte has a known position (see ``ShardWriter``), so workers read, merge and
+    write their block independently. torch's own intra-op parallelism is switched to one thread
+    for the duration: its OpenMP teams spin at barriers, and on a shared 2-core machine a
+    descheduled team member turned a 0.5 s merge into 5 s of spinning (measured). Independent
+    blocks on plain threads (torch releases the GIL) degrade gracefully instead. Each in-flight
+    merge task owns a :class:`_Workspace`, so memory stays at ``workers + 1`` blocks.
     """
 
-    def __init__(self, factors: FactorReader, scale: float, workers: int) -> None:
-        self.factors = factors
-        self.scale = scale
+    def __init__(self, workers: int) -> None:
         self.workers = workers
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="merge") if workers > 1 else None
         self.spaces = [_Workspace() for _ in range(workers + 1)]
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-
-    def _run(self, tasks: Iterator[Callable[[_Workspace], BlockResult]], writer: StreamWriter,
-             acc: _Accumulator) -> None:
-        """Run block tasks (in order of output), keeping at most ``workers + 1`` in flight."""
+    def run(self, tasks: Iterator[_Task], done: Callable[[_Task, TaskResult], None]) -> None:
         free = list(self.spaces)
-        pending: deque[tuple[Future[BlockResult], _Workspace]] = deque()
+        pending: deque[tuple[_Task, Future[TaskResult], _Workspace | None]] = deque()
+        max_in_flight = self.workers + 1
 
         def drain_one() -> None:
-            future, ws = pending.popleft()
-            data, stats = future.result()
-            writer.write(data)
-            if stats is not None:
-                acc.add_block(stats)
-            free.append(ws)
+            task, future, ws = pending.popleft()
+            result = future.result()
+            if ws is not None:
+                free.append(ws)
+            done(task, result)
 
         try:
             for task in tasks:
-                if not free:
+                while len(pending) >= max_in_flight or (task.needs_workspace and not free):
                     drain_one()
-                ws = free.pop()
+                ws = free.pop() if task.needs_workspace else None
                 if self.pool is None:
-                    done: Future[BlockResult] = Future()
-                    done.set_result(task(ws))
-                    pending.append((done, ws))
+                    future: Future[TaskResult] = Future()
+                    future.set_result(task.run(ws))
                 else:
-                    pending.append((self.pool.submit(task, ws), ws))
+                    future = self.pool.submit(task.run, ws)
+                pending.append((task, future, ws))
             while pending:
                 drain_one()
         finally:
-            for future, _ in pending:  # on error: let in-flight blocks finish before buffers go away
-                future.cancel() or future.exception()
-
-    def merge(self, t: MergedTensor, fd: int, writer: StreamWriter) -> TensorDelta:
-        acc = _Accumulator()
-        info, scale = t.source, self.scale
-        if _dense_fast_path(t):
-            op = t.ops[0]
-            a, b = self.factors.fp32(op.a), self.factors.fp32(op.b)
-            acc.add_op(a, b, scale)
-            rows = max(1, BLOCK_ELEMENTS // max(info.shape[1], 1))
-            tasks = (partial(_dense_block, fd, info, r0, min(rows, info.shape[0] - r0), a, b, scale)
-                     for r0 in range(0, info.shape[0], rows))
-        else:
-            by_slab: dict[int, list[tuple[MergeOp, torch.Tensor, torch.Tensor]]] = {}
-            for op in t.ops:  # factors are fetched here, on the calling thread
-                a, b = self.factors.fp32(op.a), self.factors.fp32(op.b)
-                acc.add_op(a, b, scale)
-                by_slab.setdefault(0 if op.expert is None else op.expert, []).append((op, a, b))
-            slabs = 1 if len(info.shape) == 2 else info.shape[0]
-            tasks = (partial(_slab_block, fd, info, s, by_slab.get(s, []), scale) for s in range(slabs))
-        self._run(tasks, writer, acc)
-        self.factors.clear()
-        return acc.result(t.name)
+            for _, future, _ in pending:  # on error: let in-flight tasks finish before files close
+                if not future.cancel():
+                    future.exception()
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
 
 
 @contextmanager
@@ -263,43 +263,82 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def _tasks(plan: ExportPlan, writers: dict[str, ShardWriter], fds: FdCache, factors: FactorReader,
+           accs: list[_Accumulator], tensors: list[MergedTensor]) -> Iterator[_Task]:
+    """Every task of the export, shard by shard and tensor by tensor (runs on the calling thread)."""
+    by_name = {t.name: t for t in plan.merged}
+    scale = plan.scale
+    for shard in plan.shards:
+        writer = writers[shard.file]
+        for entry in shard.entries:
+            t = by_name[entry.name]
+            index = len(tensors)
+            tensors.append(t)
+            accs.append(_Accumulator())
+            info, src_fd, dst = t.source, fds.get(t.source.file), writer.offset(entry.name)
+            runs: list[tuple[Callable[[_Workspace | None], TaskResult], bool]] = []
+            if not t.ops:
+                for start in range(0, max(info.nbytes, 1), COPY_CHUNK):
+                    n = min(COPY_CHUNK, info.nbytes - start)
+                    runs.append((partial(_copy_task, src_fd, info.offset + start, writer.fd, dst + start, n), False))
+            elif _dense_fast_path(t):
+                op = t.ops[0]
+                a, b = factors.fp32(op.a), factors.fp32(op.b)
+                accs[index].add_op(a, b, scale)
+                rows = max(1, BLOCK_ELEMENTS // max(info.shape[1], 1))
+                runs = [(partial(_dense_block, src_fd, info, r0, min(rows, info.shape[0] - r0), a, b, scale,
+                                 writer.fd, dst), True) for r0 in range(0, info.shape[0], rows)]
+            else:
+                by_slab: dict[int, list[tuple[MergeOp, torch.Tensor, torch.Tensor]]] = {}
+                for op in t.ops:  # factors are read here, on the calling thread
+                    a, b = factors.fp32(op.a), factors.fp32(op.b)
+                    accs[index].add_op(a, b, scale)
+                    by_slab.setdefault(0 if op.expert is None else op.expert, []).append((op, a, b))
+                slabs = 1 if len(info.shape) == 2 else info.shape[0]
+                runs = [(partial(_slab_block, src_fd, info, s, by_slab.get(s, []), scale, writer.fd, dst), True)
+                        for s in range(slabs)]
+            factors.clear()
+            for i, (run, needs_ws) in enumerate(runs):
+                yield _Task(run, needs_ws, writer, index, i == len(runs) - 1)
+
+
 def write_merged(plan: ExportPlan, out: Path, progress: Progress | None = None,
                  workers: int | None = None) -> list[TensorDelta]:
     """Write the merged model described by ``plan`` into the (empty, existing) directory ``out``."""
-    by_name = {t.name: t for t in plan.merged}
-    deltas: list[TensorDelta] = []
     workers = workers or default_workers()
-    with FdCache() as fds, FactorReader(plan.adapter) as factors, _torch_threads(1 if workers > 1 else None):
-        merger = _Merger(factors, plan.scale, workers)
-        try:
-            _write_shards(plan, out, by_name, fds, merger, deltas, progress, plan.output_bytes)
-        finally:
-            merger.close()
+    writers: dict[str, ShardWriter] = {}
+    tensors: list[MergedTensor] = []
+    accs: list[_Accumulator] = []
+    deltas: list[TensorDelta] = []
+    done_bytes = 0
+
+    def done(task: _Task, result: TaskResult) -> None:
+        nonlocal done_bytes
+        nbytes, stats = result
+        task.writer.account(nbytes)
+        if stats is not None:
+            accs[task.tensor].add_block(stats)
+        if task.last:
+            t = tensors[task.tensor]
+            if t.ops:
+                deltas.append(accs[task.tensor].result(t.name))
+            done_bytes += t.entry.nbytes
+            if progress is not None:
+                progress(done_bytes, plan.output_bytes)
+
+    try:
+        for shard in plan.shards:
+            writers[shard.file] = ShardWriter(out / shard.file, shard.entries, SAFETENSORS_METADATA)
+        with FdCache() as fds, FactorReader(plan.adapter) as factors, _torch_threads(1 if workers > 1 else None):
+            _Pipeline(workers).run(_tasks(plan, writers, fds, factors, accs, tensors), done)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    for writer in writers.values():
+        writer.close()
     _write_side_files(plan, out)
     return deltas
-
-
-def _write_shards(plan: ExportPlan, out: Path, by_name: dict[str, MergedTensor], fds: FdCache, merger: _Merger,
-                  deltas: list[TensorDelta], progress: Progress | None, total: int) -> None:
-    done = 0
-    for shard in plan.shards:
-        writer = StreamWriter(out / shard.file, shard.entries, SAFETENSORS_METADATA)
-        try:
-            for entry in shard.entries:
-                t = by_name[entry.name]
-                writer.begin(entry.name)
-                fd = fds.get(t.source.file)
-                if not t.ops:
-                    writer.copy(fd, t.source.offset, t.source.nbytes)
-                else:
-                    deltas.append(merger.merge(t, fd, writer))
-                done += entry.nbytes
-                if progress is not None:
-                    progress(done, total)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
 
 
 def _write_side_files(plan: ExportPlan, out: Path) -> None:

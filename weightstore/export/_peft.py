@@ -16,7 +16,7 @@ import torch
 from weightstore.export._checkpoint import FactorReader
 from weightstore.export._plan import PEFT_CONFIG, ExportPlan
 from weightstore.export._profile import PeftTensorSpec
-from weightstore.export._safetensors import TORCH_DTYPES, StreamWriter
+from weightstore.export._safetensors import TORCH_DTYPES, ShardWriter, pwrite_all
 
 PEFT_METADATA = {"format": "pt"}
 
@@ -35,11 +35,10 @@ def write_peft(plan: ExportPlan, out: Path, progress: Callable[[int, int], None]
     (shard,) = plan.shards
     total, done = shard.nbytes, 0
     with FactorReader(plan.adapter) as factors:
-        writer = StreamWriter(out / shard.file, shard.entries, PEFT_METADATA)
+        writer = ShardWriter(out / shard.file, shard.entries, PEFT_METADATA)
         try:
             for entry in shard.entries:
-                writer.begin(entry.name)
-                writer.write(assemble(specs[entry.name], factors))
+                writer.account(pwrite_all(writer.fd, assemble(specs[entry.name], factors), writer.offset(entry.name)))
                 done += entry.nbytes
                 if progress is not None:
                     progress(done, total)

@@ -10,7 +10,8 @@ tensor's *header entry* to plan, then moves bytes tensor by tensor (or row block
 - Copying: untouched tensors move file-to-file with ``os.copy_file_range`` (the kernel copies; the
   bytes never enter user space), which is what "copied byte-for-byte" means here.
 - Writing: the output header is computed from the plan *before* any data exists (all shapes and
-  dtypes are known), so a shard is written front to back in one pass and never held in memory.
+  dtypes are known), so every tensor's offset is known and blocks are written in place by
+  position (from several threads at once); a shard is never held in memory.
 """
 
 from __future__ import annotations
@@ -149,28 +150,27 @@ def read_tensor(fd: int, info: TensorInfo, *, start: int = 0, nbytes: int | None
     return buf
 
 
-def write_all(fd: int, data: torch.Tensor | bytes | memoryview) -> int:
-    """Write a contiguous tensor's raw bytes (or a bytes-like) to ``fd``; return the byte count."""
-    if isinstance(data, torch.Tensor):
-        view = data.contiguous().view(torch.uint8).reshape(-1).numpy().data.cast("B")
-    else:
-        view = memoryview(data).cast("B")
+def pwrite_all(fd: int, data: torch.Tensor, offset: int) -> int:
+    """Write a contiguous tensor's raw bytes at ``offset`` of ``fd``; return the byte count."""
+    view = data.contiguous().view(torch.uint8).reshape(-1).numpy().data.cast("B")
     done = 0
     while done < len(view):
-        done += os.write(fd, view[done : done + _IO_CHUNK])
+        done += os.pwrite(fd, view[done : done + _IO_CHUNK], offset + done)
     return done
 
 
-def copy_range(src_fd: int, src_offset: int, dst_fd: int, count: int) -> None:
-    """Append ``count`` bytes of ``src_fd`` (from ``src_offset``) at ``dst_fd``'s current position.
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:
+    """Copy ``count`` bytes from ``src_fd`` at ``src_offset`` to ``dst_fd`` at ``dst_offset``.
 
     ``copy_file_range`` keeps the bytes in the kernel; filesystems or kernels that refuse it
-    (cross-device on old kernels, some FUSE mounts) fall back to a user-space pread/write loop.
+    (cross-device on old kernels, some FUSE mounts) fall back to a user-space pread/pwrite loop.
+    Explicit offsets on both sides make it safe to run from several threads at once.
     """
     done = 0
     try:
         while done < count:
-            n = os.copy_file_range(src_fd, dst_fd, min(_IO_CHUNK, count - done), src_offset + done)
+            n = os.copy_file_range(src_fd, dst_fd, min(_IO_CHUNK, count - done), src_offset + done,
+                                   dst_offset + done)
             if n == 0:
                 raise IntegrityError(f"unexpected end of file copying {count} bytes at offset {src_offset}")
             done += n
@@ -182,7 +182,7 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, count: int) -> None:
     while done < count:
         part = buf[: min(len(buf), count - done)]
         read_into(src_fd, src_offset + done, part)
-        write_all(dst_fd, part)
+        pwrite_all(dst_fd, part, dst_offset + done)
         done += len(part)
 
 
@@ -225,59 +225,52 @@ def build_header(entries: Sequence[OutEntry], metadata: Mapping[str, str]) -> by
     return len(raw).to_bytes(8, "little") + raw
 
 
-class StreamWriter:
-    """Writes one safetensors file front to back whose header was fixed in advance.
+class ShardWriter:
+    """One output safetensors file whose layout was fixed in advance, written by position.
 
-    Callers announce each tensor with :meth:`begin` (in header order) and then write exactly its
-    byte length through :meth:`write` / :meth:`copy`; :meth:`close` checks nothing was left out.
-    This turns any plan/producer mismatch into an error instead of a silently shifted file.
+    The header (and hence every tensor's offset) comes from the plan, so tensors -- or row blocks
+    of them -- can be written in any order and from several threads (``pwrite``,
+    ``copy_file_range`` with explicit offsets). The caller reports each written span through
+    :meth:`account`; :meth:`close` refuses a file whose data bytes do not add up, turning any
+    plan/producer mismatch into an error instead of a file with holes.
     """
 
     def __init__(self, path: Path, entries: Sequence[OutEntry], metadata: Mapping[str, str]) -> None:
         self.path = path
-        self._entries = list(entries)
-        self._next = 0
-        self._remaining = 0
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self.bytes_written = write_all(self._fd, build_header(self._entries, metadata))
+        header = build_header(entries, metadata)
+        self._offsets: dict[str, int] = {}
+        offset = len(header)
+        for entry in entries:
+            self._offsets[entry.name] = offset
+            offset += entry.nbytes
+        self.size = offset
+        self._expected = offset - len(header)
+        self._written = 0
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            pwrite_all(self.fd, torch.frombuffer(bytearray(header), dtype=torch.uint8), 0)
+            os.ftruncate(self.fd, self.size)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
-    @property
-    def fd(self) -> int:
-        return self._fd
+    def offset(self, name: str) -> int:
+        """Absolute file offset of tensor ``name``'s first data byte."""
+        return self._offsets[name]
 
-    def begin(self, name: str) -> OutEntry:
-        if self._remaining:
-            raise ExportFailed(f"internal: {self._entries[self._next - 1].name} is {self._remaining} bytes short")
-        entry = self._entries[self._next]
-        if entry.name != name:
-            raise ExportFailed(f"internal: expected tensor {entry.name}, got {name}")
-        self._next += 1
-        self._remaining = entry.nbytes
-        return entry
-
-    def _account(self, n: int) -> None:
-        self._remaining -= n
-        if self._remaining < 0:
-            raise ExportFailed(f"internal: wrote past the end of {self._entries[self._next - 1].name}")
-        self.bytes_written += n
-
-    def write(self, data: torch.Tensor) -> None:
-        self._account(data.numel() * data.element_size())
-        write_all(self._fd, data)
-
-    def copy(self, src_fd: int, src_offset: int, count: int) -> None:
-        self._account(count)
-        copy_range(src_fd, src_offset, self._fd, count)
+    def account(self, nbytes: int) -> None:
+        self._written += nbytes
 
     def close(self) -> None:
         try:
-            if self._remaining or self._next != len(self._entries):
-                raise ExportFailed(f"internal: {self.path.name} was not written completely")
+            if self._written != self._expected:
+                raise ExportFailed(f"internal: {self.path.name} got {self._written} data bytes, "
+                                   f"its header describes {self._expected}")
         finally:
-            os.close(self._fd)
+            os.close(self.fd)
 
     def abort(self) -> None:
-        os.close(self._fd)
+        os.close(self.fd)
 
 
 class FdCache:
