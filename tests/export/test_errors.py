@@ -20,7 +20,7 @@ from weightstore.errors import (
     WeightstoreError,
 )
 from weightstore.export import _safetensors, export_merged, export_peft, known_families
-from weightstore.export._safetensors import sha256_file
+from weightstore.hashing import sha256_file
 
 P = "base_model.model."
 

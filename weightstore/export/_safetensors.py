@@ -17,7 +17,6 @@ tensor's *header entry* to plan, then moves bytes tensor by tensor (or row block
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import torch
 
 from weightstore.errors import ExportFailed, IntegrityError, InvalidFormat
 from weightstore.formats import DTYPE_SIZES, parse_safetensors_header
+from weightstore.hashing import sha256_file
 
 # safetensors itself refuses headers above 100 MB; a header that large is corrupt or hostile.
 MAX_HEADER_BYTES = 100_000_000
@@ -106,11 +106,6 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             offset=data_start + begin, nbytes=end - begin,
         )
     return tensors, dict(metadata)
-
-
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def check_sha256(root: Path, names: Iterable[str], expected: Mapping[str, str], *, what: str) -> None:

@@ -22,6 +22,7 @@ from markupsafe import Markup, escape
 from sqlmodel import Session, select
 
 from weightstore import auth, bootstrap, metering
+from weightstore.context import Context
 from weightstore.db import session_scope
 from weightstore.errors import AuthenticationFailed, InvalidRequest, NotFound
 from weightstore.models import ApiKey, Role, Tenant
@@ -273,21 +274,22 @@ def tenant_page(request: Request, tenant_id: str, ctx: CtxDep, days: int = 30, s
         rate=rate, months=list(reversed(months)))
 
 
-@router.get("/tenants/{tenant_id}/invoices/{month}", response_class=HTMLResponse)
-def invoice_page(request: Request, tenant_id: str, month: str, ctx: CtxDep) -> HTMLResponse:
+def _load_invoice(request: Request, ctx: Context, tenant_id: str, month: str) -> tuple[str, Any]:
+    """Signed-in admin check, tenant look-up and the month's invoice (shared by page and CSV)."""
     with session_scope(ctx.engine) as session:
         _admin_key_id(request, ctx, session)
         tenant = _tenant_or_404(session, tenant_id)
         inv = metering.invoice(session, metering.pricing(session, ctx.settings), tenant_id=tenant.id, month=month,
-                                   now=ctx.clock.now())
-    return _render(request, "invoice.html", inv=inv, tenant=tenant.id, by_kind=inv.by_kind(), month=month)
+                               now=ctx.clock.now())
+    return tenant.id, inv
+
+
+@router.get("/tenants/{tenant_id}/invoices/{month}", response_class=HTMLResponse)
+def invoice_page(request: Request, tenant_id: str, month: str, ctx: CtxDep) -> HTMLResponse:
+    tenant, inv = _load_invoice(request, ctx, tenant_id, month)
+    return _render(request, "invoice.html", inv=inv, tenant=tenant, by_kind=inv.by_kind(), month=month)
 
 
 @router.get("/tenants/{tenant_id}/invoices/{month}/csv")
 def invoice_download(request: Request, tenant_id: str, month: str, ctx: CtxDep) -> Response:
-    with session_scope(ctx.engine) as session:
-        _admin_key_id(request, ctx, session)
-        tenant = _tenant_or_404(session, tenant_id)
-        inv = metering.invoice(session, metering.pricing(session, ctx.settings), tenant_id=tenant.id, month=month,
-                                   now=ctx.clock.now())
-    return invoice_csv(inv)
+    return invoice_csv(_load_invoice(request, ctx, tenant_id, month)[1])
