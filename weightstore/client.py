@@ -15,12 +15,16 @@ across the wire.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,10 +46,16 @@ from weightstore.names import TinkerPath, check_file_path
 if TYPE_CHECKING:  # torch is imported only by the calls that need it: the CLI starts fast without it
     import torch
 
+log = logging.getLogger(__name__)
+
 CHUNK = 8 * 1024 * 1024
 RETRIES = 4
 RANGE_PART = 32 * 1024 * 1024  # large downloads: parallel ranged GETs of this size
 FileSource = bytes | Path
+TRANSFERS = ("auto", "presigned", "stream")
+"""``presigned``: bytes go straight to the object store (fastest, keeps bulk bytes off the API tier);
+``stream``: through the service (trainers that cannot reach the store); ``auto`` (default): presigned,
+falling back to stream for this client once the store turns out to be unreachable from here."""
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -74,9 +84,16 @@ class RawHTTP:
         self.pool = urllib3.PoolManager(maxsize=maxsize, retries=False,
                                         timeout=urllib3.Timeout(connect=10, read=timeout))
 
-    def request(self, method: str, url: str, *, body: bytes | None = None, headers: dict[str, str] | None = None,
+    def request(self, method: str, url: str, *, body: Any = None, headers: dict[str, str] | None = None,
                 stream: bool = False) -> Any:
-        r = self.pool.request(method, url, body=body, headers=headers or {}, preload_content=not stream)
+        import urllib3
+
+        try:
+            r = self.pool.request(method, url, body=body, headers=headers or {}, preload_content=not stream)
+        except urllib3.exceptions.HTTPError as exc:
+            err = StoreUnavailable(f"cannot reach the object store behind a presigned URL: {exc}")
+            err.unreachable = True  # type: ignore[attr-defined]
+            raise err from exc
         if r.status >= 400:
             detail = r.data[:300].decode("utf-8", "replace") if not stream else ""
             r.release_conn()
@@ -153,6 +170,18 @@ def _chunks(src: FileSource, progress: Callable[[int], None] | None) -> Iterator
             yield data
 
 
+class _ProgressReader:
+    """A file object for a streamed request body that reports progress as it is read."""
+
+    def __init__(self, f: Any, progress: Callable[[int], None]) -> None:
+        self.f, self.progress = f, progress
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self.f.read(max(n, CHUNK) if n > 0 else n)
+        self.progress(len(data))
+        return data
+
+
 def _read_part(src: FileSource, offset: int, length: int) -> bytes:
     if isinstance(src, bytes | bytearray):
         return bytes(src[offset : offset + length])
@@ -163,11 +192,14 @@ def _read_part(src: FileSource, offset: int, length: int) -> bytes:
 
 class Client:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 300,
-                 transfer: str = "stream", progress: bool = False, parallel: int = 4,
+                 transfer: str = "auto", progress: bool = False, parallel: int = 4,
                  hash_cache: HashCache | None | bool = True, range_part: int = RANGE_PART) -> None:
         self.base_url = (base_url or os.environ.get("WEIGHTSTORE_URL") or "http://127.0.0.1:8000").rstrip("/")
         key = api_key or os.environ.get("WEIGHTSTORE_API_KEY")
+        if transfer not in TRANSFERS:
+            raise ValueError(f"transfer must be one of {TRANSFERS}")
         self.transfer = transfer
+        self._store_unreachable = False  # "auto" learned that presigned URLs cannot be reached from here
         self.progress = progress
         self.parallel = parallel
         self.hash_cache = HashCache() if hash_cache is True else (hash_cache or None)
@@ -208,12 +240,27 @@ class Client:
                transfer: str | None = None) -> dict[str, Any]:
         """Declare → send what the service does not have → commit. Returns the commit answer
         (``tinker_path``, ``checkpoint``, ``bytes_received``)."""
+        mode = transfer or self.transfer
         for p in files:
             check_file_path(p)
-        digests = {p: _digest(src, self.hash_cache) for p, src in files.items()}
+        # Hash files in parallel (hashlib releases the GIL): the declare needs every digest first.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1, 8))) as pool:
+            digests = dict(zip(files, pool.map(lambda src: _digest(src, self.hash_cache), files.values()), strict=True))
         body = {"run_id": run_id, "kind": kind, "name": name, "ttl_seconds": ttl_seconds, "overwrite": overwrite,
-                "user_metadata": user_metadata, "transfer": transfer or self.transfer,
+                "user_metadata": user_metadata,
                 "files": [{"path": p, "size_bytes": s, "sha256": h} for p, (s, h) in sorted(digests.items())]}
+        if mode != "auto":
+            return self._upload_once({**body, "transfer": mode}, files, name)
+        try:
+            return self._upload_once({**body, "transfer": "stream" if self._store_unreachable else "presigned"}, files, name)
+        except StoreUnavailable as exc:
+            if not getattr(exc, "unreachable", False) or self._store_unreachable:
+                raise
+            log.warning("object store unreachable from this client (%s): sending through the service instead", exc)
+            self._store_unreachable = True
+            return self._upload_once({**body, "transfer": "stream"}, files, name)
+
+    def _upload_once(self, body: dict[str, Any], files: Mapping[str, FileSource], name: str) -> dict[str, Any]:
         ans = self._call("POST", "/v1/uploads", json=body)
         todo = [f for f in ans["files"] if f["transfer"] != "present"]
         bar = tqdm(total=sum(f["size_bytes"] for f in todo), unit="B", unit_scale=True, desc=f"upload {name}",
@@ -222,6 +269,10 @@ class Client:
             with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(todo) or 1))) as pool:
                 for fut in [pool.submit(self._send, ans["upload_id"], f, files[f["path"]], bar.update) for f in todo]:
                     fut.result()
+        except BaseException:
+            with contextlib.suppress(Exception):  # close it now rather than at its expiry
+                self._call("DELETE", f"/v1/uploads/{ans['upload_id']}")
+            raise
         finally:
             bar.close()
         return dict(self._call("POST", f"/v1/uploads/{ans['upload_id']}/commit"))
@@ -255,9 +306,13 @@ class Client:
             with ThreadPoolExecutor(max_workers=self.parallel) as pool:
                 list(pool.map(put_part, enumerate(answer["part_urls"])))
             return
-        data = src if isinstance(src, bytes | bytearray) else Path(src).read_bytes()
-        self.raw.request("PUT", answer["url"], body=bytes(data), headers=answer.get("headers") or {})
-        progress(len(data))
+        headers = {**(answer.get("headers") or {}), "Content-Length": str(answer["size_bytes"])}
+        if isinstance(src, bytes | bytearray):
+            self.raw.request("PUT", answer["url"], body=bytes(src), headers=headers)
+            progress(len(src))
+            return
+        with open(src, "rb") as f:  # streamed from disk: a multi-GiB file never sits in memory
+            self.raw.request("PUT", answer["url"], body=_ProgressReader(f, progress), headers=headers)
 
     def upload_dir(self, directory: str | Path, *, run_id: str, kind: str, name: str, **kw: Any) -> dict[str, Any]:
         root = Path(directory)
@@ -379,14 +434,18 @@ class Client:
                 progress(len(data))
                 return data
 
-            # Hash in order while later ranges download; a window bounds what waits in memory.
+            # Hash in order while later ranges download: a sliding window keeps `window` ranges in
+            # flight (no stall at batch edges) and bounds what waits in memory.
             h = hashlib.sha256()
-            offsets = list(range(0, size, self.range_part))
-            window = self.parallel * 2
+            offsets = iter(range(0, size, self.range_part))
+            window = max(2, self.parallel * 2)
             with ThreadPoolExecutor(max_workers=window) as pool:
-                for i in range(0, len(offsets), window):
-                    for data in pool.map(fetch, offsets[i : i + window]):
-                        h.update(data)
+                pending = deque(pool.submit(fetch, off) for off in islice(offsets, window))
+                while pending:
+                    data = pending.popleft().result()
+                    if (nxt := next(offsets, None)) is not None:
+                        pending.append(pool.submit(fetch, nxt))
+                    h.update(data)
         finally:
             os.close(fd)
         return h.hexdigest()

@@ -2,9 +2,13 @@
 
 Keys:
 - ``blobs/sha256/<2 hex>/<64 hex>``: a blob, written once (conditional put), never modified;
-- ``staging/<upload id>/<n>``: bytes a trainer sent through a presigned URL, verified at commit
-  and then copied into place. Staging keys are what presigned PUTs point at, so a URL never
-  reveals whether some blob already exists (no cross-tenant dedup side channel).
+- ``staging/<upload id>/<n>``: bytes a trainer sent as a presigned *multipart* upload (files
+  over the single-PUT limit), verified at commit and then copied into place.
+
+Presigned single PUTs go straight to the blob key, but only with the SHA-256 checksum and the
+upload id (user metadata) inside the signature: the store refuses any other bytes, and the commit
+reads back which upload wrote the object last, so a URL neither reveals nor lets anyone claim a
+blob they did not send (docs/design.md, presigned uploads).
 
 Every botocore error is translated into the core hierarchy: connection problems and 5xx become
 ``StoreUnavailable`` (retryable), a missing key becomes ``NotFound``.
@@ -17,7 +21,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import boto3
@@ -54,6 +58,7 @@ class ObjectInfo:
     size: int
     last_modified: Any
     checksum_sha256: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,8 @@ class ObjectStore:
                 if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
                     return None
                 raise
-        return ObjectInfo(key, int(r["ContentLength"]), r.get("LastModified"), r.get("ChecksumSHA256"))
+        return ObjectInfo(key, int(r["ContentLength"]), r.get("LastModified"), r.get("ChecksumSHA256"),
+                          dict(r.get("Metadata") or {}))
 
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
@@ -284,15 +290,20 @@ class ObjectStore:
         with translate_errors("presign"):
             return str(self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires))
 
-    def presign_put(self, key: str, expires: int, *, sha256: str | None = None) -> tuple[str, dict[str, str]]:
+    def presign_put(self, key: str, expires: int, *, sha256: str | None = None,
+                    metadata: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
         """A presigned single PUT. With ``sha256`` the checksum header is part of the signature, so
-        the store itself refuses a body whose SHA-256 differs. Returns (url, headers to send)."""
+        the store itself refuses a body whose SHA-256 differs; ``metadata`` (x-amz-meta-*) is signed
+        too, so the object records exactly these values. Returns (url, headers the PUT must send)."""
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         headers: dict[str, str] = {}
         if sha256:
             b64 = base64.b64encode(bytes.fromhex(sha256)).decode()
             params["ChecksumSHA256"] = b64
             headers["x-amz-checksum-sha256"] = b64
+        if metadata:
+            params["Metadata"] = dict(metadata)
+            headers.update({f"x-amz-meta-{k}": v for k, v in metadata.items()})
         with translate_errors("presign"):
             url = self.client.generate_presigned_url("put_object", Params=params, ExpiresIn=expires)
         return str(url), headers

@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     multipart_threshold_bytes: int = Field(64 * MiB, ge=5 * MiB)
     """Files at least this large are uploaded/copied in parts."""
     part_size_bytes: int = Field(64 * MiB, ge=5 * MiB, le=5 * 1024 * MiB)
+    presigned_single_put_max_bytes: int = Field(5 * 1024 * MiB, ge=0, le=5 * 1024 * MiB)
+    """Presigned uploads of files up to this size are one PUT straight to the blob key, checked by
+    the store's SHA-256 checksum (no copy, no read-back at commit); larger files go in parts to a
+    staging key that the commit re-hashes and copies. 5 GiB is S3's single-PUT limit."""
+    s3_verifies_checksums: bool = True
+    """The store enforces ``x-amz-checksum-sha256`` on PUT (AWS S3, SeaweedFS, MinIO do). Set false
+    for a store that does not: presigned single PUTs then go to staging keys and are re-hashed."""
     presign_ttl_seconds: int = Field(900, ge=1, le=7 * 24 * HOUR)
     """Lifetime of presigned GET/PUT URLs: short on purpose, a leaked URL is a leaked checkpoint."""
 

@@ -8,15 +8,21 @@ Transfer modes:
 - ``stream``: the bytes go through the service (``BlobWriter``), which hashes them on the way and
   only completes the S3 multipart upload if the hash matches, so a wrong byte never lands at a
   content-addressed key.
-- ``presigned``: the client PUTs straight to S3 at a *staging* key (single PUT with a signed
-  SHA-256 checksum, or multipart); commit verifies, then copies into place. Staging keys mean the
-  URL never tells whether a blob already exists elsewhere (no cross-tenant side channel).
+- ``presigned``, files up to ``presigned_single_put_max_bytes`` (5 GiB): one PUT straight to the
+  blob key. The signature covers the SHA-256 checksum (the store refuses other bytes) and the
+  upload id as object metadata; commit reads both back with one HEAD: no copy, no re-read. Every
+  tenant that does not hold the bytes gets such a URL whether or not the blob exists elsewhere,
+  and must have written the object itself (metadata names one of its uploads), so the answer
+  never reveals, and a commit never borrows, another tenant's blob.
+- ``presigned``, larger files: multipart to a *staging* key; commit completes it, re-hashes it
+  (multipart objects carry no whole-file SHA-256) and copies it into place.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import math
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,10 +62,14 @@ from weightstore.models import (
 )
 from weightstore.names import TinkerPath, check_file_path, check_name, check_sha256, new_id
 from weightstore.objectstore import ObjectStore, blob_key, staging_key
+from weightstore.settings import Settings
+
+log = logging.getLogger(__name__)
 
 MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
 MIN_PART = 5 * 1024 * 1024  # S3's minimum part size (except the last)
 USER_KINDS = {"training", "sampler"}  # kinds a trainer may upload; the others are made by exports
+WRITER_META = "weightstore-upload"  # object metadata: the upload whose presigned PUT wrote the blob
 
 
 @dataclass(frozen=True)
@@ -186,6 +196,9 @@ def declare(ctx: Context, principal: Principal, req: UploadRequest, *, internal:
                              transfer=ans.transfer, received=ans.transfer == "present")
             if ans.transfer == "stream":
                 ans.url = f"/v1/uploads/{upload_id}/files/{f.path}"
+            elif ans.transfer == "presigned" and direct_put(s, f.size_bytes):
+                ans.url, ans.headers = ctx.store.presign_put(blob_key(f.sha256), s.presign_ttl_seconds, sha256=f.sha256,
+                                                             metadata={WRITER_META: upload_id})
             elif ans.transfer == "presigned":
                 row.staging_key = staging_key(upload_id, i)
                 _presign(ctx.store, s.presign_ttl_seconds, row, ans, s.multipart_threshold_bytes, s.part_size_bytes)
@@ -199,6 +212,11 @@ def declare(ctx: Context, principal: Principal, req: UploadRequest, *, internal:
                      target=str(TinkerPath(req.run_id, req.kind, req.name)), upload_id=upload_id,
                      files=len(req.files), bytes_to_send=sum(a.size_bytes for a in answers if a.transfer != "present"))
     return UploadAnswer(upload_id, upload.expires_at, str(TinkerPath(req.run_id, req.kind, req.name)), answers)
+
+
+def direct_put(s: Settings, size: int) -> bool:
+    """A presigned file goes as one checksummed PUT to its blob key (else: staging, see module doc)."""
+    return s.s3_verifies_checksums and size <= s.presigned_single_put_max_bytes
 
 
 def _presign(store: ObjectStore, ttl: int, row: UploadFile, ans: FileAnswer, threshold: int, part: int) -> None:
@@ -387,10 +405,39 @@ def mark_live(session: Session, sha256: str, size: int, now: datetime) -> None:
         session.add(blob)
 
 
-def _finalize_presigned(ctx: Context, row: UploadFile) -> None:
-    """Verify a presigned transfer at its staging key and move it into place."""
+def _finalize_direct(ctx: Context, row: UploadFile, tenant_id: str) -> None:
+    """Check a presigned single PUT at its blob key: one HEAD, no read-back (module doc)."""
     store = ctx.store
-    key = row.staging_key or ""
+    final = blob_key(row.sha256)
+    info = store.head(final, checksum=True)
+    writer = info.metadata.get(WRITER_META) if info is not None else None
+    if info is None or writer is None:
+        raise UploadIncomplete(f"{row.path}: not uploaded yet", files=[row.path])
+    if writer != row.upload_id:
+        # Another upload PUT the same bytes after ours. Fine if it was this tenant's (e.g. a state
+        # and a sampler save of one step in parallel); otherwise nothing proves we sent them.
+        with session_scope(ctx.engine) as session:
+            other = session.get(Upload, writer)
+            if other is None or other.tenant_id != tenant_id:
+                raise UploadIncomplete(f"{row.path}: not uploaded yet (or overwritten by another upload of the same "
+                                       "bytes): send it again", files=[row.path])
+    want_b64 = base64.b64encode(bytes.fromhex(row.sha256)).decode()
+    if info.size == row.size_bytes and info.checksum_sha256 == want_b64:
+        return
+    # The store kept no checksum (or a different one): it did not enforce the signed one, so check
+    # the bytes. A mismatch means s3_verifies_checksums is wrong for this store.
+    if info.size != row.size_bytes or store.hash_object(final)[0] != row.sha256:
+        log.error("object store accepted a presigned PUT whose bytes differ from the signed checksum: %s "
+                  "(set WEIGHTSTORE_S3_VERIFIES_CHECKSUMS=false for this store)", final)
+        raise IntegrityError(f"{row.path}: stored bytes do not match sha256 {row.sha256}", file=row.path)
+
+
+def _finalize_presigned(ctx: Context, row: UploadFile, tenant_id: str) -> None:
+    """Verify a presigned transfer (at its blob key, or at its staging key, then moved into place)."""
+    if row.staging_key is None:
+        return _finalize_direct(ctx, row, tenant_id)
+    store = ctx.store
+    key = row.staging_key
     if row.multipart_upload_id:
         parts = store.list_parts(key, row.multipart_upload_id)
         if sum(p["Size"] for p in parts) != row.size_bytes:
@@ -404,7 +451,7 @@ def _finalize_presigned(ctx: Context, row: UploadFile) -> None:
         store.delete(key)
         raise IntegrityError(f"{row.path}: {info.size} bytes stored, {row.size_bytes} declared", file=row.path)
     want_b64 = base64.b64encode(bytes.fromhex(row.sha256)).decode()
-    if not (info.checksum_sha256 == want_b64 and not row.multipart_upload_id):
+    if not (info.checksum_sha256 == want_b64 and not row.multipart_upload_id and ctx.settings.s3_verifies_checksums):
         # Multipart objects carry a composite checksum, not the whole-file sha256: read it back.
         digest, _ = store.hash_object(key)
         if digest != row.sha256:
@@ -455,7 +502,7 @@ def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: st
     received = 0
     for row in rows:
         if row.transfer == "presigned" and not row.received:
-            _finalize_presigned(ctx, row)
+            _finalize_presigned(ctx, row, principal.tenant_id)
             received += row.size_bytes
             with session_scope(ctx.engine) as session:
                 mark_live(session, row.sha256, row.size_bytes, ctx.clock.now())

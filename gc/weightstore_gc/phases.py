@@ -408,11 +408,15 @@ def orphans(c: Collection) -> PhaseResult:
 
 
 def _without_row(c: Collection, infos: Sequence[ObjectInfo]) -> list[ObjectInfo]:
-    """The listed ``blobs/`` objects that have no blob row (one IN query per ≤1000 objects)."""
+    """The listed ``blobs/`` objects that have no blob row and that no open upload declares (a
+    presigned PUT writes the blob key before its commit adds the row); one IN query each per ≤1000."""
+    shas = [sha256_from_key(i.key) for i in infos]
     with session_scope(c.ctx.engine) as s:
-        has_row = {r[0] for r in s.execute(sa.select(Blob.sha256).where(  # type: ignore[call-overload]
-            Blob.sha256.in_([sha256_from_key(i.key) for i in infos]))).all()}  # type: ignore[attr-defined]
-    return [i for i in infos if sha256_from_key(i.key) not in has_row]
+        keep = {r[0] for r in s.execute(sa.select(Blob.sha256).where(Blob.sha256.in_(shas))).all()}  # type: ignore[call-overload,attr-defined]
+        keep |= {r[0] for r in s.execute(sa.select(UploadFile.sha256).join(Upload, Upload.id == UploadFile.upload_id)  # type: ignore[call-overload,arg-type]
+                                         .where(UploadFile.sha256.in_(shas), Upload.state == UploadState.open.value,  # type: ignore[attr-defined]
+                                                Upload.expires_at > c.now)).all()}
+    return [i for i in infos if sha256_from_key(i.key) not in keep]
 
 
 def _older(info: ObjectInfo, cutoff: datetime) -> bool:

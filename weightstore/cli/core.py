@@ -130,7 +130,8 @@ def upload(directory: Path = typer.Argument(..., exists=True, file_okay=False), 
            kind: str = typer.Option(..., "--kind", help="state (full state) or sampler"),
            name: str = typer.Option(..., "--name"), ttl: int = typer.Option(None, "--ttl", help="TTL in seconds"),
            overwrite: bool = typer.Option(False, "--overwrite"),
-           transfer: str = typer.Option("stream", "--transfer", help="stream or presigned"),
+           transfer: str = typer.Option("auto", "--transfer",
+                                         help="auto (presigned, else through the service), presigned or stream"),
            url: str = URL_OPTION, api_key: str = KEY_OPTION, fmt: str = FORMAT_OPTION) -> None:
     """Upload a checkpoint directory; prints its tinker:// path."""
     kinds = {"state": "training", "training": "training", "sampler": "sampler"}
