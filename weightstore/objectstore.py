@@ -121,6 +121,7 @@ class ObjectStore:
             region_name=location.region,
             config=cfg,
         )
+        self._raw: Any = None  # urllib3 pool for put_stream, made on first use
         self.transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold, multipart_chunksize=part_size,
             max_concurrency=8, use_threads=True,
@@ -227,6 +228,28 @@ class ObjectStore:
                     return False
                 raise
         return True
+
+    def put_stream(self, key: str, body: Any, size: int, *, sha256: str, timeout: float = 300) -> None:
+        """One PUT of ``size`` bytes read from ``body`` (anything with ``read``), which the store
+        verifies against ``sha256`` before the object appears. Sent with urllib3 to a presigned URL:
+        botocore signs a plain-HTTP payload by hashing it first, which a stream cannot afford."""
+        import urllib3
+
+        url, headers = self.presign_put(key, 600, sha256=sha256)
+        headers["Content-Length"] = str(size)
+        if self._raw is None:
+            self._raw = urllib3.PoolManager(maxsize=32, retries=False,
+                                            timeout=urllib3.Timeout(connect=10, read=timeout))
+        try:
+            r = self._raw.request("PUT", url, body=body, headers=headers)
+        except urllib3.exceptions.HTTPError as exc:
+            raise StoreUnavailable(f"put {key}: object store unreachable ({type(exc).__name__})") from exc
+        if r.status < 300:
+            return
+        detail = r.data[:500].decode("utf-8", "replace")
+        if r.status == 400 and any(c in detail for c in ("BadDigest", "Checksum", "InvalidDigest")):
+            raise IntegrityError(f"put {key}: the store refused bytes that do not match sha256 {sha256}")
+        raise StoreUnavailable(f"put {key}: object store refused the request ({r.status})")
 
     def upload_fileobj(self, key: str, fileobj: IO[bytes], *, callback: Callable[[int], None] | None = None) -> None:
         with translate_errors(f"upload {key}"):

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     multipart_threshold_bytes: int = Field(64 * MiB, ge=5 * MiB)
     """Files at least this large are uploaded/copied in parts."""
     part_size_bytes: int = Field(64 * MiB, ge=5 * MiB, le=5 * 1024 * MiB)
-    presigned_single_put_max_bytes: int = Field(5 * 1024 * MiB, ge=0, le=5 * 1024 * MiB)
+    single_put_max_bytes: int = Field(5 * 1024 * MiB, ge=0, le=5 * 1024 * MiB)
     """Presigned uploads of files up to this size are one PUT straight to the blob key, checked by
     the store's SHA-256 checksum (no copy, no read-back at commit); larger files go in parts to a
     staging key that the commit re-hashes and copies. 5 GiB is S3's single-PUT limit."""

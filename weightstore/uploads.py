@@ -8,7 +8,7 @@ Transfer modes:
 - ``stream``: the bytes go through the service (``BlobWriter``), which hashes them on the way and
   only completes the S3 multipart upload if the hash matches, so a wrong byte never lands at a
   content-addressed key.
-- ``presigned``, files up to ``presigned_single_put_max_bytes`` (5 GiB): one PUT straight to the
+- ``presigned``, files up to ``single_put_max_bytes`` (5 GiB): one PUT straight to the
   blob key. The signature covers the SHA-256 checksum (the store refuses other bytes) and the
   upload id as object metadata; commit reads both back with one HEAD: no copy, no re-read. Every
   tenant that does not hold the bytes gets such a URL whether or not the blob exists elsewhere,
@@ -21,9 +21,11 @@ Transfer modes:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import math
+import queue
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ from weightstore.errors import (
     IntegrityError,
     InvalidRequest,
     NotFound,
+    StoreUnavailable,
     UploadExpired,
     UploadIncomplete,
 )
@@ -216,7 +219,7 @@ def declare(ctx: Context, principal: Principal, req: UploadRequest, *, internal:
 
 def direct_put(s: Settings, size: int) -> bool:
     """A presigned file goes as one checksummed PUT to its blob key (else: staging, see module doc)."""
-    return s.s3_verifies_checksums and size <= s.presigned_single_put_max_bytes
+    return s.s3_verifies_checksums and size <= s.single_put_max_bytes
 
 
 def _presign(store: ObjectStore, ttl: int, row: UploadFile, ans: FileAnswer, threshold: int, part: int) -> None:
@@ -242,37 +245,74 @@ def _load_open_upload(session: Session, principal: Principal, upload_id: str, no
     return upload
 
 
-class BlobWriter:
-    """Receives one file's bytes in order, hashes them and writes them to their blob key.
+class _Pipe:
+    """A bounded queue that a PUT running on another thread reads as its request body."""
 
-    The object only becomes visible (single PUT, or multipart completion) once size and sha256
-    match the declaration; otherwise the multipart upload is aborted and nothing is left behind.
+    def __init__(self, depth: int) -> None:
+        self.q: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
+
+    def read(self, n: int = -1) -> bytes:
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item or b""
+
+    def fail(self) -> None:
+        """Make the reader raise (the PUT is cut off before its Content-Length: nothing is stored)."""
+        while True:
+            try:
+                self.q.put_nowait(InterruptedError("upload aborted"))
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self.q.get_nowait()
+
+
+class BlobWriter:
+    """Receives one file's bytes in order and writes them to their blob key.
+
+    The object only becomes visible once size and sha256 match the declaration; otherwise nothing
+    is left behind. Three ways, by size:
+    - small files: hashed, then one PUT with the SHA-256 checksum;
+    - up to ``single_put_max`` (stores that verify checksums): piped as they arrive into one PUT
+      carrying the declared SHA-256, which the store checks before the object appears (a short or
+      failed body cuts the PUT off) — no hashing here, no parts;
+    - otherwise: hashed, sent as multipart parts, completed only if the hash matches.
     When the blob already exists, the bytes are only hashed (the tenant proves it holds them).
     """
 
     def __init__(self, store: ObjectStore, *, sha256: str, size: int, exists: bool, part_size: int,
-                 threshold: int, max_inflight: int = 3) -> None:
+                 threshold: int, max_inflight: int = 3, single_put_max: int = 0) -> None:
         self.store, self.sha256, self.size, self.exists = store, sha256, size, exists
         self.key = blob_key(sha256)
         self.hash = hashlib.sha256()
         self.received = 0
         self.part_size = part_size_for(size, part_size)
-        self.multipart = not exists and size >= threshold
+        self.piped = not exists and threshold <= size <= single_put_max
+        self.multipart = not exists and size >= threshold and not self.piped
         self.pending: list[memoryview] = []
         self.pending_len = 0
         self.parts: list[Future[str]] = []
         self.pool: ThreadPoolExecutor | None = None
         self.mpu_id: str | None = None
         self.max_inflight = max_inflight
+        self.pipe: _Pipe | None = None
+        self.put: Future[None] | None = None
         if self.multipart:
             self.mpu_id = store.create_multipart(self.key)
             self.pool = ThreadPoolExecutor(max_workers=max_inflight)
+        elif self.piped:
+            self.pipe = _Pipe(depth=max_inflight)
+            self.pool = ThreadPoolExecutor(max_workers=1)
+            self.put = self.pool.submit(store.put_stream, self.key, self.pipe, size, sha256=sha256)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.received += len(data)
         if self.received > self.size:
             self.abort()
             raise IntegrityError(f"received more than the declared {self.size} bytes")
+        if self.piped:
+            return self._feed(bytes(data))
         self.hash.update(data)
         if self.exists:
             return
@@ -306,10 +346,32 @@ class BlobWriter:
             inflight[0].result()
         self.parts.append(self.pool.submit(self.store.upload_part, self.key, self.mpu_id, len(self.parts) + 1, chunk))
 
+    def _feed(self, data: bytes | None) -> None:
+        assert self.pipe and self.put
+        while True:  # bounded memory: wait while the PUT is behind, but notice when it died
+            if self.put.done():
+                self.put.result()
+                raise StoreUnavailable(f"put {self.key}: the object store ended the upload early")
+            try:
+                self.pipe.q.put(data, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
     def finish(self) -> None:
         if self.received != self.size:
             self.abort()
             raise IntegrityError(f"received {self.received} bytes, declared {self.size}")
+        if self.piped:
+            assert self.pipe and self.put
+            try:
+                self._feed(None)  # end of body; the store checks the SHA-256 before answering
+                self.put.result()
+            except IntegrityError as exc:
+                raise IntegrityError(f"sha256 mismatch: the bytes received do not hash to the declared {self.sha256}") from exc
+            finally:
+                self._shutdown()
+            return
         if self.hash.hexdigest() != self.sha256:
             self.abort()
             raise IntegrityError(f"sha256 mismatch: declared {self.sha256}, received {self.hash.hexdigest()}")
@@ -330,6 +392,10 @@ class BlobWriter:
         self._shutdown()
 
     def abort(self) -> None:
+        if self.pipe is not None and self.put is not None and not self.put.done():
+            self.pipe.fail()
+            with contextlib.suppress(Exception):
+                self.put.result(timeout=30)
         if self.mpu_id:
             for p in self.parts:
                 p.cancel()
@@ -362,7 +428,8 @@ def open_stream(ctx: Context, principal: Principal, upload_id: str, path: str) -
         exists = blob is not None and blob.state == BlobState.live
     s = ctx.settings
     return BlobWriter(ctx.store, sha256=row.sha256, size=row.size_bytes, exists=exists,
-                      part_size=s.part_size_bytes, threshold=s.multipart_threshold_bytes)
+                      part_size=s.part_size_bytes, threshold=s.multipart_threshold_bytes,
+                      single_put_max=s.single_put_max_bytes if s.s3_verifies_checksums else 0)
 
 
 def finish_stream(ctx: Context, principal: Principal, upload_id: str, path: str, writer: BlobWriter) -> None:

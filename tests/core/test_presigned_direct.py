@@ -176,3 +176,57 @@ def test_auto_transfer_falls_back_to_the_service_when_the_store_is_unreachable(s
     with session_scope(ctx.engine) as s:
         states = sorted(u.state for u in s.query(Upload).filter(Upload.run_id == run_id))
     assert states == ["aborted", "committed", "committed"]  # the failed attempt was closed at once
+
+
+def _big_weights(seed: int) -> dict[str, bytes]:
+    import torch
+
+    from weightstore import tensorio
+
+    w = torch.randn(3 * 1024 * 1024, generator=torch.Generator().manual_seed(seed))  # 12 MiB > 5 MiB threshold
+    return {"adapter_model.safetensors": tensorio.weights_bytes({"w": w}),
+            "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'}
+
+
+def test_streamed_file_is_piped_into_one_checksummed_put(api, ctx):
+    """Through the service, a file over the multipart threshold is piped into one PUT that the store
+    verifies; wrong bytes, short bodies and a store that goes away leave nothing at the blob key."""
+    from weightstore.objectstore import ObjectStore, S3Location
+
+    run_id = _run(api)
+    good, other_bytes = _big_weights(30), _big_weights(31)
+    name = "adapter_model.safetensors"
+    sha = hashlib.sha256(good[name]).hexdigest()
+
+    def declare_stream(ck: str, files: dict[str, bytes], declared: dict[str, bytes] | None = None) -> dict:
+        r = api.post("/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": ck, "transfer": "stream",
+                                          "files": decl(declared or files)})
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    # wrong bytes (declared sha256 of `good`, sent `other_bytes` of the same size): the store refuses them
+    up = declare_stream("wrong", good)
+    assert_error(api.put(f"/v1/uploads/{up['upload_id']}/files/{name}", content=other_bytes[name]), 400, "integrity_mismatch")
+    assert ctx.store.head(blob_key(sha)) is None
+    # a short body: cut off before its declared length
+    up = declare_stream("short", good)
+    assert_error(api.put(f"/v1/uploads/{up['upload_id']}/files/{name}", content=good[name][:-1000]), 400, "integrity_mismatch")
+    assert ctx.store.head(blob_key(sha)) is None
+    # the store goes away: a retryable 503, nothing stored
+    real = ctx.store
+    ctx.store = ObjectStore(S3Location("http://127.0.0.1:9", "x", "y", real.bucket), connect_timeout=1, max_attempts=1)
+    try:
+        up = declare_stream("down", good)
+        r = api.put(f"/v1/uploads/{up['upload_id']}/files/{name}", content=good[name])
+        assert_error(r, 503, "store_unavailable")
+    finally:
+        ctx.store = real
+    assert ctx.store.head(blob_key(sha)) is None
+    assert_nothing_stored(api, run_id)
+    # and the real thing: one object, no multipart, byte-identical
+    up = declare_stream("ok", good)
+    for f in up["files"]:
+        assert api.put(f"/v1/uploads/{up['upload_id']}/files/{f['path']}", content=good[f["path"]]).status_code == 200
+    assert api.post(f"/v1/uploads/{up['upload_id']}/commit").status_code == 200
+    assert b"".join(ctx.store.iter_chunks(blob_key(sha))) == good[name]
+    assert not list(ctx.store.list_multipart_uploads(""))

@@ -81,7 +81,7 @@ def test_presigned_urls_are_short_lived_and_tamper_proof(server, keys, ctx):
 def test_big_file_multipart_both_modes(server, keys, tmp_path, ctx):
     """Files over the multipart threshold (5 MiB in tests) go in parts, both ways, and dedup.
     Presigned files over the single-PUT limit (lowered here) go as parts to a staging key."""
-    ctx.settings = ctx.settings.model_copy(update={"presigned_single_put_max_bytes": 5 * 1024 * 1024})
+    ctx.settings = ctx.settings.model_copy(update={"single_put_max_bytes": 5 * 1024 * 1024})
     import os
 
     big = {"adapter_model.safetensors": b"", "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'}
