@@ -9,14 +9,21 @@ the maintained table equals a rebuild), then times:
 * ``invoice``: one month's invoice of the largest tenant and of a typical one;
 * ``overview``: what the admin overview page computes (current usage of all tenants, physical
   bytes, 14 daily buckets of all tenants);
-* ``usage 30d by day``: the tenant page's chart query for the largest tenant.
+* ``usage 30d by day``: the tenant page's chart query for the largest tenant;
+* ``current usage, all tenants`` and the overview without physical bytes, separately;
+* ``ledger write``: one ledger event with its derived rows (``usage_interval``, ``usage_day``), in its
+  own transaction, on the loaded tables (milliseconds per event, median).
+
+With the ``usage_day`` code, a cross-check (untimed) asserts that its read path equals the
+interval-based one on this data for windows on and off day boundaries.
 
 Writes ``benchmarks/results/billing.md``. Usage: ``python benchmarks/bench_billing.py [--n 1000000]``.
 
 ``--cache DIR`` keeps the loaded and derived data between runs (loading and deriving take minutes):
 the SQLite file is copied there, the PostgreSQL ``usage_event``/``usage_interval`` rows are saved
-with ``COPY TO``; a later run with the same ``--n`` copies them back (``COPY FROM``) into a freshly
-migrated database (so new migrations apply) instead of loading and deriving again.
+with ``COPY TO``; a later run with the same ``--n`` copies them back (``COPY FROM``) into a database
+migrated to ``CACHE_REVISION``, then applies the newer migrations (0004 derives ``usage_day`` from the
+restored intervals), instead of loading and deriving again.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ from weightstore.metering import Pricing
 
 NOW = datetime(2026, 3, 20, tzinfo=UTC)
 START = NOW - timedelta(days=90)
+CACHE_REVISION = "0003_billing_indexes"
+"""Schema of the saved PostgreSQL rows (``usage_event``, ``usage_interval``): a cached run restores them
+into a database migrated to this revision, then applies the newer migrations (their data steps run)."""
 COLS = ("tenant_id", "run_id", "checkpoint_id", "kind", "event", "at", "size_bytes", "expires_at", "recorded_at")
 
 
@@ -194,18 +204,60 @@ def measure(url: str) -> dict[str, float]:
             lambda: metering.usage(s, price, start=NOW - timedelta(days=30), end=NOW, group_by=(),
                                    bucket_seconds=metering.DAY, tenant_id="tenant-000"))
 
-        def overview() -> None:
-            if hasattr(metering, "overview"):  # one pass: current usage + 14 daily buckets
+        def current_and_days() -> None:
+            if hasattr(metering, "overview"):
                 metering.overview(s, price, now=NOW, start=NOW - timedelta(days=14))
-            else:  # before (this script also runs against the previous commit for the "before" column)
+            else:  # older code (this script also measures the previous commit for the "before" column)
                 metering.current(s, price, now=NOW)
                 metering.usage(s, price, start=NOW - timedelta(days=14), end=NOW, bucket_seconds=metering.DAY)
+
+        def overview() -> None:  # what /admin computes
+            current_and_days()
             metering.physical_current(s, now=NOW)
 
+        out["current usage, all tenants"] = timed(lambda: metering.current(s, price, now=NOW))
+        out["overview without physical (current + 14 days)"] = timed(current_and_days)
         out["physical bytes, all tenants"] = timed(lambda: metering.physical_current(s, now=NOW))
         out["overview page (all tenants: current + physical + 14 days)"] = timed(overview)
+        if hasattr(metering, "_day_sums"):
+            cross_check(s)
+    out["ledger write (1 event + derived rows, own transaction), ms per event"] = write_ms(engine)
     engine.dispose()
     return out
+
+
+def write_ms(engine, n: int = 100) -> float:  # type: ignore[no-untyped-def]
+    """The writers' cost: ``ledger.record`` of a commit and an end per new checkpoint, each event in
+    its own transaction (what a commit/delete request pays), on the loaded tables. Milliseconds per
+    event, median of 2n."""
+    from weightstore import ledger
+
+    times = []
+    for i in range(n):
+        ck, at = f"bench-write-{i}", NOW - timedelta(hours=1 + i)
+        for event, when in (("commit", at), ("end", at + timedelta(minutes=30))):
+            t = time.perf_counter()
+            with session_scope(engine) as s:
+                ledger.record(s, tenant_id=f"tenant-{i % 100:03d}", run_id="bench-run", checkpoint_id=ck,
+                              kind="training", event=event, at=when, size_bytes=10**9 + i, expires_at=None,
+                              recorded_at=when)
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return 1000 * times[len(times) // 2]
+
+
+def cross_check(s) -> None:  # type: ignore[no-untyped-def]
+    """The usage_day path (overview, current, daily usage) equals the interval-based one on this data,
+    exactly, including windows whose ends are not day boundaries (untimed)."""
+    fine = ["tenant_id", "kind"]
+    for now in (NOW, NOW - timedelta(hours=7, seconds=13)):
+        for start in (now - timedelta(days=14), now - timedelta(days=14, hours=5, seconds=3), now - timedelta(hours=3)):
+            ws, we = metering.epoch(start), metering.epoch(now)
+            by_days = metering._day_sums(s, ws=ws, we=we, tenant_id=None)
+            by_intervals = metering._window_sums(s, fine, ws=ws, we=we, bucket_seconds=metering.DAY, tenant_id=None,
+                                                 current_at_end=True)
+            assert by_days == by_intervals, (now, start)
+    print("cross-check: usage_day path == usage_interval path (6 windows, all tenants)", flush=True)
 
 
 def main() -> None:
@@ -225,6 +277,7 @@ def main() -> None:
         cache.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, float]] = {}
     derived: dict[str, float] = {}
+    migrated: dict[str, float] = {}
     catalog: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.db"
@@ -232,10 +285,12 @@ def main() -> None:
             pass
         elif cache and (cache / "sqlite.db").exists():
             shutil.copyfile(cache / "sqlite.db", path)
+            t = time.perf_counter()
             db.upgrade(f"sqlite:///{path}")  # migrations added since the cache was made
+            migrated["SQLite"] = time.perf_counter() - t
             with sqlite3.connect(path) as con:
                 con.execute("ANALYZE")
-            print("sqlite: reused cached data", flush=True)
+            print(f"sqlite: reused cached data, newer migrations in {migrated['SQLite']:.1f}s", flush=True)
         else:
             db.upgrade(f"sqlite:///{path}")
             t = time.perf_counter()
@@ -256,11 +311,15 @@ def main() -> None:
 
         with LocalPostgres() as pg:
             url = pg.create_database("bench")  # type: ignore[attr-defined]
-            db.upgrade(url)
             if cache and (cache / "usage_interval.copy").exists():
+                db.upgrade(url, CACHE_REVISION)  # the schema the cache was saved from
                 pg_restore(url, cache)
-                print("postgresql: reused cached data", flush=True)
+                t = time.perf_counter()
+                db.upgrade(url)  # migrations added since (0004 derives usage_day from usage_interval)
+                migrated["PostgreSQL"] = time.perf_counter() - t
+                print(f"postgresql: reused cached data, newer migrations in {migrated['PostgreSQL']:.1f}s", flush=True)
             else:
+                db.upgrade(url)
                 t = time.perf_counter()
                 load_pg(url, args.n)
                 print(f"postgresql: loaded {args.n} intervals in {time.perf_counter() - t:.1f}s", flush=True)
@@ -289,8 +348,9 @@ def main() -> None:
     lines = [f"# Billing latency, ledger of {args.n:,} checkpoint intervals", "",
              "Seconds, best of 2, one process on the shared 2-core dev machine (load average during the run: "
              f"{os.getloadavg()[0]:.1f}; other engineers' jobs, so absolute figures are inflated and noisy). "
-             "Queries read the derived `usage_interval` table (one row per checkpoint, maintained by the ledger "
-             f"writers). *Before* = {args.before_label}, measured by this script in the same session against the "
+             "Queries read the derived tables `usage_interval` (one row per checkpoint) and, since migration 0004, "
+             "`usage_day` (per tenant, kind and UTC day), both maintained by the ledger writers. "
+             f"*Before* = {args.before_label}, measured by this script in the same session against the "
              "same cached data. Overview = current usage + physical bytes + 14 daily buckets of all tenants; "
              f"the catalog holds checkpoints stored now with two files each, one blob shared per run ({cat}).", "",
              "| query | " + " | ".join(f"{b} before | {b} now | speed-up" for b in backends) + " |",
@@ -302,6 +362,10 @@ def main() -> None:
             now_s = results[b][name]
             cells += [f"{old:.3f}" if old else "-", f"{now_s:.3f}", f"{old / now_s:.1f}x" if old else "-"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if migrated:
+        lines += ["", "One-off, this run: migrations newer than the cache applied to the cached 1M-interval data "
+                  "(0004 creates `usage_day` and derives it from `usage_interval`, plus one index): "
+                  + ", ".join(f"{b} {migrated[b]:.1f} s" for b in migrated) + "."]
     if derived:
         lines += ["", "One-off: deriving `usage_interval` from the bulk-loaded ledger (`rebuild_intervals`, what "
                   "migration 0002 runs on an existing ledger): "

@@ -13,11 +13,19 @@ checkpoint). One SQL statement (``_derive_sql``) defines it, used two ways:
 Interval rule (docs/design-billing.md §2): start = first ``commit``; stop = min(first ``end`` not
 cancelled by a later ``restore``, ``expires_at`` of the latest ledger row), clamped to ≥ start;
 ``OPEN_END_S`` while neither exists. Times are whole epoch seconds (floored).
+
+Second derived table, ``usage_day`` (``weightstore.models.UsageDay``): per (tenant, kind, UTC day)
+the sums over the intervals' edges (starts and finite stops) in that day. ``refresh_intervals``
+applies (new edges - old edges) of the checkpoints it refreshes, in the same transaction;
+``rebuild_intervals`` recomputes it too (``rebuild_days``: one ``INSERT ... SELECT ... GROUP BY``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from functools import cache
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -85,21 +93,105 @@ def lock_intervals(session: Session, checkpoint_ids: Sequence[str]) -> None:
                         .order_by(UsageInterval.checkpoint_id).with_for_update()).all()
 
 
+DAY = 86400
+SPLIT = 1_000_000
+"""``size x offset`` sums in ``usage_day`` are kept as (size // SPLIT) x offset and (size % SPLIT) x offset."""
+DAY_SUMS = ("starts", "start_bytes", "start_off_hi", "start_off_lo", "stops", "stop_bytes", "stop_off_hi", "stop_off_lo")
+_EDGE_COLS = "checkpoint_id, tenant_id, kind, size_bytes, start_s, stop_s"
+
+
+def _edges(rows: Iterable[Any], sign: int, into: dict[tuple[str, str, int], list[int]]) -> None:
+    """Add ``sign`` x the ``usage_day`` sums of these interval rows' edges into ``into``."""
+    for _ck, tenant, kind, size, start_s, stop_s in rows:
+        size, start_s, stop_s = int(size), int(start_s), int(stop_s)
+        hi, lo = divmod(size, SPLIT)
+        edges = [(0, start_s)] if stop_s == OPEN_END_S else [(0, start_s), (4, stop_s)]
+        for base, at in edges:
+            day, off = divmod(at, DAY)
+            slot = into[(tenant, kind, day)]
+            slot[base] += sign
+            slot[base + 1] += sign * size
+            slot[base + 2] += sign * hi * off
+            slot[base + 3] += sign * lo * off
+
+
+@cache
+def _refresh_statements(dialect: str) -> tuple[sa.TextClause, sa.TextClause, sa.TextClause]:
+    """(upsert of interval rows, read of their edges, upsert of usage_day deltas): built and parsed
+    once per dialect, since every ledger write runs them."""
+    derive = sa.text(_derive_sql(dialect, only_some=True)).bindparams(sa.bindparam("ids", expanding=True))
+    read = sa.text(f"SELECT {_EDGE_COLS} FROM usage_interval WHERE checkpoint_id IN :ids").bindparams(
+        sa.bindparam("ids", expanding=True))
+    cols = ", ".join(DAY_SUMS)
+    values = ", ".join(f":{c}" for c in DAY_SUMS)
+    updates = ", ".join(f"{c} = usage_day.{c} + excluded.{c}" for c in DAY_SUMS)
+    upsert = sa.text(f"INSERT INTO usage_day (tenant_id, kind, day, {cols}) VALUES (:tenant_id, :kind, :day, {values}) "
+                     f"ON CONFLICT (tenant_id, kind, day) DO UPDATE SET {updates}")
+    return derive, read, upsert
+
+
 def refresh_intervals(session: Session, checkpoint_ids: Sequence[str]) -> None:
-    """Recompute these checkpoints' interval rows from all their ledger rows (flushes first)."""
+    """Recompute these checkpoints' interval rows from all their ledger rows (flushes first), and
+    apply the change of their edges (new minus old) to ``usage_day``, in the caller's transaction.
+
+    The ``usage_day`` rows are updated in sorted key order, so two transactions touching the same
+    days take the row locks in the same order (no deadlock on PostgreSQL); writers of one checkpoint
+    are already serialised by ``lock_intervals``."""
     if not checkpoint_ids:
         return
     session.flush()
-    stmt = sa.text(_derive_sql(_dialect(session), only_some=True)).bindparams(sa.bindparam("ids", expanding=True))
+    stmt, read, upsert = _refresh_statements(_dialect(session))
+    deltas: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0] * len(DAY_SUMS))
     for i in range(0, len(checkpoint_ids), 500):
-        session.execute(stmt, {"ids": list(checkpoint_ids[i:i + 500])})
+        ids = list(checkpoint_ids[i:i + 500])
+        _edges(session.execute(read, {"ids": ids}).all(), -1, deltas)
+        session.execute(stmt, {"ids": ids})
+        _edges(session.execute(read, {"ids": ids}).all(), +1, deltas)
+    params = [{"tenant_id": t, "kind": k, "day": d, **dict(zip(DAY_SUMS, v, strict=True))}
+              for (t, k, d), v in sorted(deltas.items()) if any(v)]
+    if params:
+        session.execute(upsert, params)
+
+
+def _rebuild_days_sql() -> str:
+    def sums(col: str) -> list[str]:
+        off = f"({col} % {DAY})"
+        return ["1", "size_bytes", f"size_bytes / {SPLIT} * {off}", f"size_bytes % {SPLIT} * {off}"]
+
+    starts = [f"{x} AS {c}" for x, c in zip(sums("start_s") + ["0"] * 4, DAY_SUMS, strict=True)]
+    stops = ["0"] * 4 + sums("stop_s")
+    cols = ", ".join(DAY_SUMS)
+    return f"""
+INSERT INTO usage_day (tenant_id, kind, day, {cols})
+SELECT tenant_id, kind, day, {", ".join(f"SUM({c})" for c in DAY_SUMS)} FROM (
+  SELECT tenant_id, kind, start_s / {DAY} AS day, {", ".join(starts)} FROM usage_interval
+  UNION ALL
+  SELECT tenant_id, kind, stop_s / {DAY}, {", ".join(stops)} FROM usage_interval WHERE stop_s < {OPEN_END_S}
+) e
+GROUP BY tenant_id, kind, day"""
+
+
+def rebuild_days(session: Session | Connection) -> int:
+    """Recompute ``usage_day`` from ``usage_interval`` (the migration's data step; ``rebuild_intervals``);
+    returns the number of rows."""
+    session.execute(sa.text("DELETE FROM usage_day"))
+    session.execute(sa.text(_rebuild_days_sql()))
+    return int(session.execute(sa.text("SELECT COUNT(*) FROM usage_day")).scalar_one())
+
+
+def _has_usage_day(session: Session | Connection) -> bool:
+    conn = session.connection() if isinstance(session, Session) else session
+    return sa.inspect(conn).has_table("usage_day")
 
 
 def rebuild_intervals(session: Session | Connection) -> int:
-    """Recompute ``usage_interval`` from the whole ledger (same SQL as the writers' refresh);
-    returns the number of rows. Takes a session or a connection (the migration's data step)."""
+    """Recompute ``usage_interval`` from the whole ledger (same SQL as the writers' refresh) and
+    ``usage_day`` from it; returns the number of interval rows. Takes a session or a connection (the
+    migration's data step: migration 0002 runs before ``usage_day`` exists, so it is skipped then)."""
     if isinstance(session, Session):
         session.flush()
     session.execute(sa.text("DELETE FROM usage_interval"))
     session.execute(sa.text(_derive_sql(_dialect(session), only_some=False)))
+    if _has_usage_day(session):
+        rebuild_days(session)
     return int(session.execute(sa.text("SELECT COUNT(*) FROM usage_interval")).scalar_one())

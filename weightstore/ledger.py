@@ -5,8 +5,9 @@ Rows are only ever inserted. Storage of a checkpoint accrues from its ``commit``
 moment the collector noticed), and ``ttl`` events record every change of ``expires_at`` so that a
 bill for any past window can be recomputed from the rows alone.
 
-Every writer also refreshes the checkpoint's derived ``usage_interval`` row (``weightstore.intervals``)
-in the same transaction, so billing queries read one row per checkpoint instead of regrouping the ledger.
+Every writer also refreshes the checkpoint's derived ``usage_interval`` row and the per-day edge sums
+in ``usage_day`` (``weightstore.intervals.refresh_intervals``) in the same transaction, so billing
+queries read one row per checkpoint (or per tenant, kind and day) instead of regrouping the ledger.
 """
 
 from __future__ import annotations

@@ -25,7 +25,10 @@ writers, rebuildable from the ledger). A window total is one range-overlap sum; 
 return per (group, bucket) only the sums over interval starts and stops falling in each bucket and
 run the prefix sums here, so the database returns O(groups × buckets) rows, never one row per
 checkpoint; the admin overview's current usage and daily buckets come from one statement
-(``overview``). SQLite's ``sum`` raises on 64-bit overflow (and its products turn float), so there
+(``overview``). Views per (tenant, kind) by day or at an instant (overview, ``current()``, daily or
+whole-window ``usage()`` without ``run_id``) read the second derived table ``usage_day`` instead
+(``_day_sums``: whole days as prefix sums, partial days from ``usage_interval``), so they cost
+O(tenants x kinds x days), not O(checkpoints). SQLite's ``sum`` raises on 64-bit overflow (and its products turn float), so there
 byte-seconds are summed in two parts (megabytes and the remainder) and recombined in Python;
 PostgreSQL multiplies in ``bigint`` (an overflow raises and the split form is used instead).
 """
@@ -201,8 +204,118 @@ def usage(session: Session, pricing_: Pricing, *, start: datetime, end: datetime
     if bucket_seconds is not None and (we - ws) // bucket_seconds > 24 * 400:
         raise InvalidRequest("too many buckets for this window")
     fine = _fine(cols)
-    acc, _ = _window_sums(session, fine, ws=ws, we=we, bucket_seconds=bucket_seconds, tenant_id=tenant_id)
+    if "run_id" not in fine and bucket_seconds in (None, DAY):
+        # per (tenant, kind): whole days from usage_day, partial days from usage_interval (§4)
+        acc, _ = _day_sums(session, ws=ws, we=we, tenant_id=tenant_id, mode="days" if bucket_seconds else "total")
+    else:
+        acc, _ = _window_sums(session, fine, ws=ws, we=we, bucket_seconds=bucket_seconds, tenant_id=tenant_id)
     return _usage_rows(pricing_, acc, fine, cols, bucket_seconds)
+
+
+def _day_sums(session: Session, *, ws: int, we: int, tenant_id: str | None, mode: str = "days",
+              ) -> tuple[dict[tuple[Any, ...], int], dict[tuple[Any, ...], list[int]]]:
+    """Byte-seconds per (tenant, kind, UTC day) in ``[ws, we)`` and ``[count, bytes]`` per (tenant,
+    kind) stored at ``we`` (what ``current(now=we)`` returns), from ``usage_day`` plus the edges of
+    the partial days read from ``usage_interval`` (docs/design-billing.md §4): O(tenants x kinds x
+    days) rows, whatever the number of intervals. ``mode``: ``"days"`` (per day), ``"total"`` (per
+    (tenant, kind) over the window, O(rows) however long it is), ``"state"`` (only the state at ``we``).
+
+    With ``T0`` = the start of ``ws``'s day, ``F(t) = C(t) - C(T0)`` (byte-seconds stored in
+    ``[T0, t)``) is ``(S(T0) + NB(t)) x (t - T0) - W(t)``, where ``S(T0)`` is the bytes stored at
+    ``T0`` (sum of the edges of all earlier days) and ``NB(t)``, ``W(t)`` the sums of ``±size`` and
+    ``±size x (x - T0)`` over the edges ``x`` in ``[T0, t)`` (+ for starts, - for stops). Whole days
+    ``[T0, day(we))`` come from usage_day; the edges in ``[T0, ws)`` (for ``F(ws)``) and in
+    ``[day(we), we]`` (for ``F(we)`` and the state at ``we``) from usage_interval's start/stop indexes
+    (rows of ``we``'s day in usage_day may hold later edges: planned expiries)."""
+    _tune(session)
+    if mode == "state":
+        ws = we
+    k_a, k_n = ws // DAY, we // DAY
+    t0, tn = k_a * DAY, k_n * DAY
+    params: dict[str, Any] = {"ka": k_a, "kn": k_n}
+    t_where = ""
+    if tenant_id is not None:
+        t_where = " AND tenant_id = :tenant"
+        params["tenant"] = tenant_id
+    # usage_day: one row per group for the days before T0 (bytes stored at T0; byte sums split at
+    # 10^6 so SQLite's 64-bit sum cannot overflow), one per group and day in [T0, day(we))
+    sql = [f"""SELECT tenant_id, kind, -1, SUM(starts) - SUM(stops), SUM(start_bytes / {_SPLIT}) - SUM(stop_bytes / {_SPLIT}),
+    SUM(start_bytes % {_SPLIT}) - SUM(stop_bytes % {_SPLIT}), 0, 0
+  FROM usage_day WHERE day < :ka{t_where} GROUP BY tenant_id, kind""",
+           f"""SELECT tenant_id, kind, day, starts - stops, 0, start_bytes - stop_bytes,
+    start_off_hi - stop_off_hi, start_off_lo - stop_off_lo
+  FROM usage_day WHERE day >= :ka AND day < :kn{t_where}"""]
+
+    # usage_interval: the edges of a part of one day, per group, offsets from the part's start. SQLite
+    # is told the index: its planner chose a skip-scan of ix_usage_interval_cover for the stop range
+    # (0.06 s instead of ~1 ms at 1M intervals)
+    sqlite = session.get_bind().dialect.name == "sqlite"
+
+    def part(label: int, lo: int, hi: int) -> None:
+        params[f"lo{label}"], params[f"hi{label}"] = lo, hi
+        for col, sign, index in (("start_s", "", "start"), ("stop_s", "-", "stop")):
+            off = f"({col} - :lo{label})"
+            hint = f" INDEXED BY ix_usage_interval_{index}_cover" if sqlite else ""
+            sql.append(f"""SELECT tenant_id, kind, {-2 - label}, {sign}COUNT(*), 0, {sign}SUM(size_bytes),
+    {sign}SUM(size_bytes / {_SPLIT} * {off}), {sign}SUM(size_bytes % {_SPLIT} * {off})
+  FROM usage_interval{hint} WHERE {col} >= :lo{label} AND {col} < :hi{label}{t_where} GROUP BY tenant_id, kind""")
+
+    if mode != "state" and ws > t0:
+        part(0, t0, ws)  # edges in [T0, ws): F(ws)
+    part(1, tn, we + 1)  # edges in [day(we), we], `we` included: the state at `we` counts a start at `we`
+    hist: dict[tuple[str, str], list[int]] = {}  # [count, bytes] stored at T0
+    days: dict[tuple[str, str], dict[int, list[int]]] = defaultdict(dict)  # day -> net [count, bytes, size x offset]
+    parts: dict[int, dict[tuple[str, str], list[int]]] = {0: {}, 1: {}}  # net [count, bytes, size x offset]
+    for row in session.execute(sa.text("\nUNION ALL\n".join(sql)), params):
+        key, tag = (row[0], row[1]), int(row[2])
+        n, b_hi, b_lo, w_hi, w_lo = (int(x or 0) for x in row[3:8])
+        sums = [n, b_hi * _SPLIT + b_lo, w_hi * _SPLIT + w_lo]
+        if tag == -1:
+            hist[key] = sums[:2]
+        elif tag >= 0:
+            days[key][tag] = sums
+        else:
+            slot = parts[-2 - tag].setdefault(key, [0, 0, 0])
+            for i in range(3):
+                slot[i] += sums[i]
+    zero = [0, 0, 0]
+    cur: dict[tuple[Any, ...], list[int]] = {}
+    for key in set(hist) | set(days) | set(parts[1]):
+        whole = days.get(key, {}).values()
+        n = hist.get(key, zero)[0] + sum(x[0] for x in whole) + parts[1].get(key, zero)[0]
+        if n:
+            b = hist.get(key, zero)[1] + sum(x[1] for x in whole) + parts[1].get(key, zero)[1]
+            cur[key] = [n, b]
+    if mode == "state":
+        return {}, cur
+    acc: dict[tuple[Any, ...], int] = {}
+    last = (we - 1) // DAY
+    for key in set(hist) | set(days) | set(parts[0]) | set(parts[1]):
+        s0 = hist.get(key, zero)[1]
+        by_day = days.get(key, {})
+        p0, p1 = parts[0].get(key, zero), parts[1].get(key, zero)
+        f_prev = (s0 + p0[1]) * (ws - t0) - p0[2]  # F(ws)
+        nb = w = 0  # net bytes and size x (x - T0) of the whole days' edges so far
+        if mode == "total":  # F(we) - F(ws), summing the day rows there are (no loop over empty days)
+            for d, (_, b, w_d) in by_day.items():
+                nb += b
+                w += w_d + b * (d * DAY - t0)
+            f_end = (s0 + nb + p1[1]) * (we - t0) - (w + p1[2] + p1[1] * (tn - t0))
+            if f_end != f_prev:
+                acc[key] = f_end - f_prev
+            continue
+        for d in range(k_a, last + 1):
+            if d < k_n:
+                _, b, w_d = by_day.get(d, zero)
+                nb += b
+                w += w_d + b * (d * DAY - t0)
+                f_end = (s0 + nb) * ((d + 1) * DAY - t0) - w
+            else:  # we's own day: its edges in [day(we), we] from usage_interval
+                f_end = (s0 + nb + p1[1]) * (we - t0) - (w + p1[2] + p1[1] * (tn - t0))
+            if f_end != f_prev:
+                acc[(*key, d)] = f_end - f_prev
+            f_prev = f_end
+    return acc, cur
 
 
 def _window_sums(session: Session, fine: list[str], *, ws: int, we: int, bucket_seconds: int | None,
@@ -443,6 +556,9 @@ def current(session: Session, pricing_: Pricing, *, now: datetime, group_by: Seq
     """Checkpoints storing bytes at ``now`` per group, with a 720-hour cost projection."""
     cols = _check_groups(group_by)
     fine = _fine(cols)
+    if "run_id" not in fine:  # per (tenant, kind): from usage_day and today's edges (§4)
+        _, found = _day_sums(session, ws=epoch(now), we=epoch(now), tenant_id=tenant_id, mode="state")
+        return _current_rows(pricing_, found, fine, cols)
     g = ", ".join(fine)
     _tune(session)
     tenant_where = " AND tenant_id = :tenant" if tenant_id is not None else ""
@@ -493,8 +609,11 @@ def overview(session: Session, pricing_: Pricing, *, now: datetime, start: datet
     if (we - ws) // bucket_seconds > 24 * 400:
         raise InvalidRequest("too many buckets for this window")
     fine = ["tenant_id", "kind"]
-    acc, cur = _window_sums(session, fine, ws=ws, we=we, bucket_seconds=bucket_seconds, tenant_id=None,
-                            current_at_end=True)
+    if bucket_seconds == DAY:  # whole days from usage_day: O(tenants x kinds x days) rows (§4)
+        acc, cur = _day_sums(session, ws=ws, we=we, tenant_id=None)
+    else:
+        acc, cur = _window_sums(session, fine, ws=ws, we=we, bucket_seconds=bucket_seconds, tenant_id=None,
+                                current_at_end=True)
     return Overview(current=_current_rows(pricing_, cur, fine, ["tenant_id"]),
                     daily=_usage_rows(pricing_, acc, fine, ["tenant_id"], bucket_seconds))
 

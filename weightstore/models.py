@@ -375,6 +375,9 @@ class UsageInterval(SQLModel, table=True):
         # all tenants at once (overview, current usage): only the intervals still stored at the window's
         # start, read index-only as one range of stop_s (migration 0003_billing_indexes)
         sa.Index("ix_usage_interval_stop_cover", "stop_s", "start_s", "tenant_id", "kind", "size_bytes"),
+        # the starts inside a partial day (window edges that are not day boundaries), all tenants, read
+        # index-only as one range of start_s; the rest of a window comes from usage_day (migration 0004)
+        sa.Index("ix_usage_interval_start_cover", "start_s", "tenant_id", "kind", "size_bytes"),
     )
     checkpoint_id: str = Field(primary_key=True, max_length=64)
     tenant_id: str = Field(max_length=64)
@@ -390,3 +393,41 @@ class UsageInterval(SQLModel, table=True):
     """Epoch seconds of the ``expires_at`` carried by the checkpoint's latest ledger row; NULL if none."""
     stop_s: int = Field(default=OPEN_END_S, sa_column=Column(sa.BigInteger(), nullable=False))
     """Billing stops here: max(start_s, min(end_s, expires_s)), or ``OPEN_END_S`` while both are NULL."""
+
+
+def _sum_col() -> Any:
+    return Field(default=0, sa_column=Column(sa.BigInteger(), nullable=False))
+
+
+class UsageDay(SQLModel, table=True):
+    """Derived from ``usage_interval``: per (tenant, kind, UTC day) the sums over the interval *edges*
+    (starts, and finite stops) falling in that day (docs/design-billing.md §3).
+
+    With them, the bytes stored at a day boundary and the byte-seconds of whole days are prefix sums
+    over days (``C(t)`` in §4), so all-tenant views read O(tenants x kinds x days) rows, not one per
+    checkpoint. Maintained with ``usage_interval`` in the same transaction by
+    ``weightstore.intervals.refresh_intervals`` (new edges minus old edges), recomputed by
+    ``rebuild_intervals``. Rows of days after "now" hold future edges (planned expiries): readers use
+    rows of days that end before the instant they need and read the rest from ``usage_interval``.
+    ``size x offset`` sums are split at 10^6 bytes (``*_off_hi`` = sum of ``size // 10^6 x offset``,
+    ``*_off_lo`` = sum of ``size % 10^6 x offset``; offset = seconds since the day's start, < 86400),
+    so they stay far inside 64 bits on both backends; Python recombines them exactly.
+    """
+
+    __tablename__ = "usage_day"
+    tenant_id: str = Field(primary_key=True, max_length=64)
+    kind: str = Field(primary_key=True, max_length=16)
+    day: int = Field(sa_column=Column(sa.BigInteger(), primary_key=True, autoincrement=False))
+    """UTC day number: epoch seconds // 86400."""
+    starts: int = _sum_col()
+    """Intervals starting in the day."""
+    start_bytes: int = _sum_col()
+    """Sum of their sizes."""
+    start_off_hi: int = _sum_col()
+    start_off_lo: int = _sum_col()
+    """Sum of size x (start_s - day start) = start_off_hi x 10^6 + start_off_lo."""
+    stops: int = _sum_col()
+    """Intervals stopping in the day (open-ended ones, ``stop_s = OPEN_END_S``, have no stop edge)."""
+    stop_bytes: int = _sum_col()
+    stop_off_hi: int = _sum_col()
+    stop_off_lo: int = _sum_col()

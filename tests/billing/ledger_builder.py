@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 
 from weightstore import ledger
 from weightstore.db import session_scope
-from weightstore.models import UsageEvent, UsageInterval
+from weightstore.models import UsageDay, UsageEvent, UsageInterval
 
 T0 = datetime(2026, 1, 10, tzinfo=UTC)  # an hour-aligned instant inside a month
 
@@ -61,8 +61,42 @@ class LedgerBuilder:
                 run: str = "run-1", kind: str = "training") -> None:
         self._add(ckpt, "restore", at, tenant=tenant, run=run, kind=kind, size=size, expires_at=expires_at)
 
+    def replay(self, events: list[tuple], ops: list[tuple], *, ops_one_transaction_each: bool) -> list[tuple]:
+        """Random-history helper for property tests: ``events`` = (tenant, kind, start offset, life or
+        None, ttl or None, size) commits (and ends), then ``ops`` = (index, end|ttl|ttl-none|restore,
+        offset) on them. Commits go in one transaction; ops too, or one each. Returns the commits as
+        (checkpoint, tenant, kind, at, size)."""
+        self.batch_begin()
+        made = []
+        for i, (tenant, kind, start, life, ttl, size) in enumerate(events):
+            at = T0 + timedelta(seconds=start)
+            exp = None if ttl is None else at + timedelta(seconds=ttl)
+            self.commit(f"c{i}", at, size, tenant=tenant, kind=kind, expires_at=exp)
+            made.append((f"c{i}", tenant, kind, at, size))
+            if life is not None:
+                self.end(f"c{i}", at + timedelta(seconds=life), size, tenant=tenant, kind=kind, expires_at=exp)
+        if ops_one_transaction_each:
+            self.batch_flush()
+        for idx, op, offset in ops:
+            if idx >= len(made):
+                continue
+            ck, tenant, kind, at, size = made[idx]
+            when = at + timedelta(seconds=offset)
+            if op == "end":
+                self.end(ck, when, size, tenant=tenant, kind=kind, expires_at=None)
+            elif op == "ttl":
+                self.ttl(ck, when, size, when + timedelta(hours=5), tenant=tenant, kind=kind)
+            elif op == "ttl-none":
+                self.ttl(ck, when, size, None, tenant=tenant, kind=kind)
+            else:
+                self.restore(ck, when, size, None, tenant=tenant, kind=kind)
+        if not ops_one_transaction_each:
+            self.batch_flush()
+        return made
+
     def reset(self) -> None:
         """Tests only: the ledger is append-only in the service."""
         with session_scope(self.engine) as s:
             s.execute(sa.delete(UsageEvent))
             s.execute(sa.delete(UsageInterval))
+            s.execute(sa.delete(UsageDay))

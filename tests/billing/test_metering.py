@@ -337,29 +337,7 @@ def test_property_derived_intervals_equal_the_ledger(engine, ledger, events, ops
     writers maintain equals a rebuild from the ledger and a plain-Python recomputation; and
     billing over it equals the reference overlap sum."""
     ledger.reset()
-    ledger.batch_begin()
-    made = []
-    for i, (tenant, kind, start, life, ttl, size) in enumerate(events):
-        at = T0 + timedelta(seconds=start)
-        exp = None if ttl is None else at + timedelta(seconds=ttl)
-        ledger.commit(f"c{i}", at, size, tenant=tenant, kind=kind, expires_at=exp)
-        made.append((f"c{i}", tenant, kind, at, size))
-        if life is not None:
-            ledger.end(f"c{i}", at + timedelta(seconds=life), size, tenant=tenant, kind=kind, expires_at=exp)
-    for idx, op, offset in ops:
-        if idx >= len(made):
-            continue
-        ck, tenant, kind, at, size = made[idx]
-        when = at + timedelta(seconds=offset)
-        if op == "end":
-            ledger.end(ck, when, size, tenant=tenant, kind=kind, expires_at=None)
-        elif op == "ttl":
-            ledger.ttl(ck, when, size, when + timedelta(hours=5), tenant=tenant, kind=kind)
-        elif op == "ttl-none":
-            ledger.ttl(ck, when, size, None, tenant=tenant, kind=kind)
-        else:
-            ledger.restore(ck, when, size, None, tenant=tenant, kind=kind)
-    ledger.batch_flush()
+    ledger.replay(events, ops, ops_one_transaction_each=False)
     maintained = _interval_rows(engine)
     assert maintained == _recompute_from_ledger(engine)
     with session_scope(engine) as s:
