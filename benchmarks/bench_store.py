@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,37 @@ def timed(fn) -> float:  # type: ignore[no-untyped-def]
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def raw_round(s3, tcfg, src: Path, tag: str, dest: Path) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """raw boto3 upload_file then download_file of every file of ``src``: (up s, down s)."""
+    def up() -> None:
+        for p in src.iterdir():
+            s3.upload_file(str(p), "raw", f"{tag}/{p.name}", Config=tcfg)
+
+    def down() -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in src.iterdir():
+            s3.download_file("raw", f"{tag}/{p.name}", str(dest / p.name), Config=tcfg)
+
+    os.sync()
+    t_up = timed(up)
+    os.sync()
+    t_down = timed(down)
+    shutil.rmtree(dest)
+    return t_up, t_down
+
+
+def client_round(c: Client, src: Path, dest: Path) -> tuple[float, float]:
+    """Our client's save (hash, declare, transfer, commit) then download (+ sha256 check): (up s, down s)."""
+    run = c.create_run("bench-base", lora_rank=32)["run_id"]
+    res: dict = {}
+    os.sync()
+    t_up = timed(lambda: res.update(c.upload_dir(src, run_id=run, kind="training", name="s1")))
+    os.sync()
+    t_down = timed(lambda: c.download(res["tinker_path"], dest))
+    shutil.rmtree(dest)
+    return t_up, t_down
 
 
 def main() -> None:
@@ -113,42 +145,48 @@ def main() -> None:
 
         load_before = os.getloadavg()[0]
         gib = 0.0
-        # Each mode gets its own bytes (a blob that already exists is only hashed, never rewritten,
-        # so reusing bytes across modes would flatter the second one) and its own raw baseline on
-        # exactly those bytes, measured right before it.
-        for seed, mode in enumerate(("presigned", "stream"), start=1):
-            ckpt = work / f"state-{mode}"
-            make_state(ckpt, args.size_mib * 2**20, seed=seed)
-            total = dir_bytes(ckpt)
-            gib = total / 2**30
-
-            def raw_up(src: Path = ckpt, tag: str = mode) -> None:
-                for p in src.iterdir():
-                    s3.upload_file(str(p), "raw", f"{tag}/{p.name}", Config=tcfg)
-
-            def raw_down(dest: Path, src: Path = ckpt, tag: str = mode) -> None:
-                dest.mkdir(parents=True, exist_ok=True)
-                for p in src.iterdir():
-                    s3.download_file("raw", f"{tag}/{p.name}", str(dest / p.name), Config=tcfg)
-
-            t_raw_up = timed(raw_up)
-            t_raw_down = timed(lambda: raw_down(work / f"raw-dl-{mode}"))
-            with Client(url, new_key(f"bench-{mode}"), transfer=mode) as c:
-                run = c.create_run("bench-base", lora_rank=32)["run_id"]
-                res: dict = {}
-                t_up = timed(lambda: res.update(c.upload_dir(ckpt, run_id=run, kind="training", name="s1")))
-                t_down = timed(lambda: c.download(res["tinker_path"], work / f"dl-{mode}"))
-                print(f"{mode}: up {t_up:.2f} s down {t_down:.2f} s (raw {t_raw_up:.2f} / {t_raw_down:.2f})", flush=True)
-                label = {"presigned": "presigned: the client default (`auto`)",
-                         "stream": "stream: through the service (fallback)"}[mode]
-                ratio = f"**{t_raw_up / t_up:.2f} / {t_raw_down / t_down:.2f}**"
-                rows.append(f"| {label} | {t_raw_up:.2f} s / {t_raw_down:.2f} s | {t_up:.2f} s ({gib / t_up:.2f} GiB/s) | "
-                            f"{t_down:.2f} s ({gib / t_down:.2f} GiB/s) | {ratio} |")
-                if mode == "presigned":
-                    again: dict = {}
-                    t_again = timed(lambda: again.update(c.upload_dir(ckpt, run_id=run, kind="training", name="s2")))
-                    dedup_row = (f"| re-save identical {gib:.2f} GiB state | {again['bytes_received']} bytes moved | "
-                                 f"{t_again:.3f} s = {100 * t_again / t_up:.1f} % of first save |")
+        # Each round gets its own bytes (a blob that already exists is only hashed, never rewritten, so
+        # reusing bytes would flatter the later upload) and its raw boto3 baseline on exactly those bytes.
+        # SeaweedFS throughput on this VM drifts with disk writeback, so every timed step starts after
+        # os.sync(), and each mode runs two rounds in opposite orders (raw first, then ours first);
+        # the ratio is total raw time / total client time over both rounds.
+        seed = 0
+        for mode in ("presigned", "stream"):
+            raw_t = {"up": 0.0, "down": 0.0}
+            our_t = {"up": 0.0, "down": 0.0}
+            runs_txt: list[str] = []
+            for order in (("raw", "ours"), ("ours", "raw")):
+                seed += 1
+                ckpt = work / f"state-{seed}"
+                make_state(ckpt, args.size_mib * 2**20, seed=seed)
+                gib = dir_bytes(ckpt) / 2**30
+                got: dict[str, tuple[float, float]] = {}
+                for who in order:
+                    if who == "raw":
+                        got["raw"] = raw_round(s3, tcfg, ckpt, f"{seed}", work / f"raw-dl-{seed}")
+                    else:
+                        with Client(url, new_key(f"bench-{seed}"), transfer=mode) as c:
+                            got["ours"] = client_round(c, ckpt, work / f"dl-{seed}")
+                            if mode == "presigned" and seed == 1:
+                                first_up = got["ours"][0]
+                                again: dict = {}
+                                os.sync()
+                                t_again = timed(lambda c=c, ckpt=ckpt: again.update(
+                                    c.upload_dir(ckpt, run_id=c.list_runs()["runs"][0]["run_id"], kind="training",
+                                                 name="again")))
+                                dedup_row = (f"| re-save identical {gib:.2f} GiB state | {again['bytes_received']} bytes "
+                                             f"moved | {t_again:.3f} s = {100 * t_again / first_up:.1f} % of first save |")
+                for k, i in (("up", 0), ("down", 1)):
+                    raw_t[k] += got["raw"][i]
+                    our_t[k] += got["ours"][i]
+                runs_txt.append(f"{got['raw'][0]:.1f}/{got['raw'][1]:.1f} vs {got['ours'][0]:.1f}/{got['ours'][1]:.1f}")
+                print(f"{mode} {order}: raw {got['raw']} ours {got['ours']}", flush=True)
+                shutil.rmtree(ckpt)
+            label = {"presigned": "presigned: the client default (`auto`)",
+                     "stream": "stream: through the service (fallback)"}[mode]
+            ratio = f"**{raw_t['up'] / our_t['up']:.2f} / {raw_t['down'] / our_t['down']:.2f}**"
+            rows.append(f"| {label} | {raw_t['up']:.1f} s / {raw_t['down']:.1f} s | {our_t['up']:.1f} s | "
+                        f"{our_t['down']:.1f} s | {ratio} | {'; '.join(runs_txt)} |")
 
         # commit latency of a 100 MB sampler checkpoint (fresh bytes each time: no dedup)
         lat: list[float] = []
@@ -172,9 +210,9 @@ def main() -> None:
             "Our save includes hashing every byte (sha256, for content addressing) and the commit's checks; "
             "our load verifies every byte's sha256; raw boto3 does neither.",
             "",
-            "| client transfer mode | raw boto3 upload_file / download_file (same bytes) | client save | client load "
-            "| ratio save / load |",
-            "|---|---|---|---|---|",
+            "| client transfer mode | raw boto3 upload_file / download_file (same bytes), 2 rounds | client save, 2 rounds "
+            "| client load, 2 rounds | ratio save / load | rounds (raw up/down vs ours up/down, s) |",
+            "|---|---|---|---|---|---|",
             *rows,
             "",
             "| dedup | bytes moved | time |",
