@@ -208,7 +208,9 @@ def main() -> None:
             "in its own process; 2 cores; 1-minute load average before/after: "
             f"{load_before:.2f} / {os.getloadavg()[0]:.2f}. Ratio = raw time / our time (≥ 0.9 is the target). "
             "Our save includes hashing every byte (sha256, for content addressing) and the commit's checks; "
-            "our load verifies every byte's sha256; raw boto3 does neither.",
+            "our load verifies every byte's sha256; raw boto3 does neither. Two rounds per mode, each on fresh bytes with "
+            "its own raw baseline on exactly those bytes (round 1 raw first, round 2 ours first), `os.sync()` before every "
+            "timed step (SeaweedFS throughput here drifts with disk writeback); ratio = total raw time / total client time.",
             "",
             "| client transfer mode | raw boto3 upload_file / download_file (same bytes), 2 rounds | client save, 2 rounds "
             "| client load, 2 rounds | ratio save / load | rounds (raw up/down vs ours up/down, s) |",
