@@ -36,6 +36,7 @@ from weightstore.errors import (
     IntegrityError,
     NotFound,
     StoreUnavailable,
+    UploadIncomplete,
     WeightstoreError,
     error_for_code,
 )
@@ -284,6 +285,15 @@ class Client:
             return self._upload_once({**body, "transfer": "stream"}, files, name)
 
     def _upload_once(self, body: dict[str, Any], files: Mapping[str, FileSource], name: str) -> dict[str, Any]:
+        try:
+            return self._declare_send_commit(body, files, name)
+        except UploadIncomplete as exc:
+            # The commit found bytes missing that were sent: the collector was deleting that blob, or
+            # another tenant's upload of identical bytes overwrote ours. A fresh upload sends them again.
+            log.warning("%s: sending again (%s)", name, exc)
+            return self._declare_send_commit(body, files, name)
+
+    def _declare_send_commit(self, body: dict[str, Any], files: Mapping[str, FileSource], name: str) -> dict[str, Any]:
         ans = self._call("POST", "/v1/uploads", json=body)
         todo = [f for f in ans["files"] if f["transfer"] != "present"]
         bar = tqdm(total=sum(f["size_bytes"] for f in todo), unit="B", unit_scale=True, desc=f"upload {name}",
@@ -292,13 +302,14 @@ class Client:
             with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(todo) or 1))) as pool:
                 for fut in [pool.submit(self._send, ans["upload_id"], f, files[f["path"]], bar.update) for f in todo]:
                     fut.result()
+            bar.close()
+            return dict(self._call("POST", f"/v1/uploads/{ans['upload_id']}/commit"))
         except BaseException:
-            with contextlib.suppress(Exception):  # close it now rather than at its expiry
+            with contextlib.suppress(Exception):  # close it now rather than at its expiry (no-op if committed)
                 self._call("DELETE", f"/v1/uploads/{ans['upload_id']}")
             raise
         finally:
             bar.close()
-        return dict(self._call("POST", f"/v1/uploads/{ans['upload_id']}/commit"))
 
     def _send(self, upload_id: str, answer: dict[str, Any], src: FileSource, progress: Callable[[int], None]) -> None:
         for attempt in range(RETRIES):

@@ -230,3 +230,28 @@ def test_streamed_file_is_piped_into_one_checksummed_put(api, ctx):
     assert api.post(f"/v1/uploads/{up['upload_id']}/commit").status_code == 200
     assert b"".join(ctx.store.iter_chunks(blob_key(sha))) == good[name]
     assert not list(ctx.store.list_multipart_uploads(""))
+
+
+def test_client_sends_again_when_another_tenant_overwrote_its_put(server, keys, other, ctx, monkeypatch):
+    """Fault injection: right after our PUT, another tenant's upload of identical bytes overwrites
+    the object (its metadata now names that upload). The commit says upload_incomplete; the client
+    declares again, sends again and commits, and the first attempt is closed."""
+    files = sampler_files(40)
+    theirs = _declare(other, _run(other), "same-bytes", files)
+    real = Client._send_once
+    raced = {"done": False}
+
+    def send_then_race(self, upload_id, answer, src, progress):  # type: ignore[no-untyped-def]
+        real(self, upload_id, answer, src, progress)
+        if not raced["done"]:
+            raced["done"] = True
+            _put_all(theirs, files)
+
+    monkeypatch.setattr(Client, "_send_once", send_then_race)
+    with Client(server.url, keys.trainer, transfer="presigned") as c:
+        run_id = c.create_run("tiny-llama")["run_id"]
+        res = c.upload(run_id, "sampler", "raced", files)
+    assert raced["done"] and res["tinker_path"].endswith("/sampler_weights/raced")
+    with session_scope(ctx.engine) as s:
+        states = sorted(u.state for u in s.query(Upload).filter(Upload.run_id == run_id))
+    assert states == ["aborted", "committed"]
