@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 
-import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlmodel import select
 
-from tests.billing.ledger_builder import T0, LedgerBuilder, h
-from weightstore import db, metering
+from tests.billing.ledger_builder import T0, h
+from weightstore import metering
 from weightstore.db import session_scope
 from weightstore.intervals import rebuild_intervals
 from weightstore.metering import DAY, HOUR, Pricing
@@ -31,18 +29,6 @@ from weightstore.models import (
 
 GB = 10**9
 PRICE = Pricing(default=Decimal("0.10"))
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[object]:
-    eng = db.make_engine(db_url, pool_size=2)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def ledger(engine) -> LedgerBuilder:  # type: ignore[no-untyped-def]
-    return LedgerBuilder(engine)
 
 
 def total(engine, start, end, **kw):  # type: ignore[no-untyped-def]
@@ -213,14 +199,7 @@ _EVENTS = st.lists(st.tuples(
 @given(events=_EVENTS, ws=st.integers(0, 3 * DAY), wlen=st.integers(1, 9 * DAY))
 def test_property_buckets_and_tenants_add_up(engine, ledger, events, ws, wlen):
     ledger.reset()
-    ledger.batch_begin()
-    for i, (tenant, kind, start, life, ttl, size) in enumerate(events):
-        at = T0 + timedelta(seconds=start)
-        exp = None if ttl is None else at + timedelta(seconds=ttl)
-        ledger.commit(f"c{i}", at, size, tenant=tenant, kind=kind, expires_at=exp)
-        if life is not None:
-            ledger.end(f"c{i}", at + timedelta(seconds=life), size, tenant=tenant, kind=kind, expires_at=exp)
-    ledger.batch_flush()
+    ledger.replay(events, [], ops_one_transaction_each=False)
     start, end = T0 + timedelta(seconds=ws), T0 + timedelta(seconds=ws + wlen)
     pricing = Pricing(default=Decimal("0.10"), per_kind={"sampler": Decimal("0.07")})
     by_tenant = total(engine, start, end, group_by=("tenant_id",), pricing=pricing)
@@ -254,16 +233,9 @@ def test_property_buckets_and_tenants_add_up(engine, ledger, events, ws, wlen):
 @given(events=_EVENTS, ws=st.integers(0, 3 * DAY), wlen=st.integers(1, 9 * DAY))
 def test_property_overview_is_current_plus_daily_buckets_in_one_pass(engine, ledger, events, ws, wlen):
     ledger.reset()
-    ledger.batch_begin()
-    for i, (tenant, kind, start, life, ttl, size) in enumerate(events):
-        at = T0 + timedelta(seconds=start)
-        exp = None if ttl is None else at + timedelta(seconds=ttl)
-        ledger.commit(f"c{i}", at, size, tenant=tenant, kind=kind, expires_at=exp)
-        if life is not None:
-            ledger.end(f"c{i}", at + timedelta(seconds=life), size, tenant=tenant, kind=kind, expires_at=exp)
+    ledger.replay(events, [], ops_one_transaction_each=False)
     # one checkpoint committed exactly at `now`: current, but no usage yet
     ledger.commit("at-now", T0 + timedelta(seconds=ws + wlen), 7, tenant="t4")
-    ledger.batch_flush()
     start, now = T0 + timedelta(seconds=ws), T0 + timedelta(seconds=ws + wlen)
     pricing = Pricing(default=Decimal("0.10"), per_kind={"sampler": Decimal("0.07")})
     with session_scope(engine) as s:

@@ -5,11 +5,9 @@ code path, ``metering._window_sums``) and plain Python."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 
-import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
@@ -17,7 +15,7 @@ from hypothesis import strategies as st
 from sqlmodel import select
 
 from alembic import command
-from tests.billing.ledger_builder import T0, LedgerBuilder, h
+from tests.billing.ledger_builder import T0, h
 from tests.billing.test_metering import _EVENTS, _OPS
 from weightstore import db, metering
 from weightstore.db import session_scope
@@ -27,18 +25,6 @@ from weightstore.models import OPEN_END_S, Checkpoint, Tenant, TrainingRun, Usag
 
 GB = 10**9
 PRICE = Pricing(default=Decimal("0.10"), per_kind={"sampler": Decimal("0.07")})
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[object]:
-    eng = db.make_engine(db_url, pool_size=2)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def ledger(engine) -> LedgerBuilder:  # type: ignore[no-untyped-def]
-    return LedgerBuilder(engine)
 
 
 def day_rows(engine) -> dict[tuple[str, str, int], tuple[int, ...]]:  # type: ignore[no-untyped-def]
