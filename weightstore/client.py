@@ -125,7 +125,7 @@ class RawHTTP:
                 got += n
             return buf
         except BaseException:
-            r.drain_conn() if r.status == 206 else None
+            r.close()  # unread bytes would poison the pooled connection: drop it, do not drain it
             raise
         finally:
             r.release_conn()
@@ -302,7 +302,6 @@ class Client:
             with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(todo) or 1))) as pool:
                 for fut in [pool.submit(self._send, ans["upload_id"], f, files[f["path"]], bar.update) for f in todo]:
                     fut.result()
-            bar.close()
             return dict(self._call("POST", f"/v1/uploads/{ans['upload_id']}/commit"))
         except BaseException:
             with contextlib.suppress(Exception):  # close it now rather than at its expiry (no-op if committed)

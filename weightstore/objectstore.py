@@ -45,6 +45,11 @@ def staging_key(upload_id: str, index: int) -> str:
     return f"{STAGING_PREFIX}{upload_id}/{index}"
 
 
+def checksum_b64(sha256: str) -> str:
+    """A hex SHA-256 as S3 carries it (``x-amz-checksum-sha256``: base64 of the 32 bytes)."""
+    return base64.b64encode(bytes.fromhex(sha256)).decode()
+
+
 def sha256_from_key(key: str) -> str | None:
     if not key.startswith(BLOB_PREFIX):
         return None
@@ -59,6 +64,10 @@ class ObjectInfo:
     last_modified: Any
     checksum_sha256: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+
+    def stored_sha256_is(self, sha256: str) -> bool:
+        """The store recorded (and, if it enforces checksums, verified) exactly this whole-object SHA-256."""
+        return self.checksum_sha256 == checksum_b64(sha256)
 
 
 @dataclass(frozen=True)
@@ -217,7 +226,7 @@ class ObjectStore:
         object is left untouched and False is returned (content-addressed: same key, same bytes)."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data}
         if sha256:
-            kwargs["ChecksumSHA256"] = base64.b64encode(bytes.fromhex(sha256)).decode()
+            kwargs["ChecksumSHA256"] = checksum_b64(sha256)
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
         with translate_errors(f"put {key}"):
@@ -321,7 +330,7 @@ class ObjectStore:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         headers: dict[str, str] = {}
         if sha256:
-            b64 = base64.b64encode(bytes.fromhex(sha256)).decode()
+            b64 = checksum_b64(sha256)
             params["ChecksumSHA256"] = b64
             headers["x-amz-checksum-sha256"] = b64
         if metadata:

@@ -5,9 +5,10 @@ checkpoint manifest committed, in one transaction that re-checks every blob is s
 
 Transfer modes:
 - ``present``: the caller's tenant already holds these bytes (``tenant_blob``); nothing moves.
-- ``stream``: the bytes go through the service (``BlobWriter``), which hashes them on the way and
-  only completes the S3 multipart upload if the hash matches, so a wrong byte never lands at a
-  content-addressed key.
+- ``stream``: the bytes go through the service (``BlobWriter``): up to ``single_put_max_bytes`` piped
+  into one PUT carrying the declared SHA-256, which the store checks; larger files hashed on the
+  way and sent in parts, completed only if the hash matches. Either way a wrong byte never lands at
+  a content-addressed key.
 - ``presigned``, files up to ``single_put_max_bytes`` (5 GiB): one PUT straight to the
   blob key. The signature covers the SHA-256 checksum (the store refuses other bytes) and the
   upload id as object metadata; commit reads both back with one HEAD: no copy, no re-read. Every
@@ -20,7 +21,6 @@ Transfer modes:
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import logging
@@ -217,9 +217,15 @@ def declare(ctx: Context, principal: Principal, req: UploadRequest, *, internal:
     return UploadAnswer(upload_id, upload.expires_at, str(TinkerPath(req.run_id, req.kind, req.name)), answers)
 
 
+def single_put_limit(s: Settings) -> int:
+    """Largest file written as one PUT whose SHA-256 the store checks (presigned straight to the blob
+    key, or piped by the stream endpoint); -1 when the store does not enforce checksums."""
+    return s.single_put_max_bytes if s.s3_verifies_checksums else -1
+
+
 def direct_put(s: Settings, size: int) -> bool:
     """A presigned file goes as one checksummed PUT to its blob key (else: staging, see module doc)."""
-    return s.s3_verifies_checksums and size <= s.single_put_max_bytes
+    return size <= single_put_limit(s)
 
 
 def _presign(store: ObjectStore, ttl: int, row: UploadFile, ans: FileAnswer, threshold: int, part: int) -> None:
@@ -429,7 +435,7 @@ def open_stream(ctx: Context, principal: Principal, upload_id: str, path: str) -
     s = ctx.settings
     return BlobWriter(ctx.store, sha256=row.sha256, size=row.size_bytes, exists=exists,
                       part_size=s.part_size_bytes, threshold=s.multipart_threshold_bytes,
-                      single_put_max=s.single_put_max_bytes if s.s3_verifies_checksums else 0)
+                      single_put_max=single_put_limit(s))
 
 
 def finish_stream(ctx: Context, principal: Principal, upload_id: str, path: str, writer: BlobWriter) -> None:
@@ -488,8 +494,7 @@ def _finalize_direct(ctx: Context, row: UploadFile, tenant_id: str) -> None:
             if other is None or other.tenant_id != tenant_id:
                 raise UploadIncomplete(f"{row.path}: not uploaded yet (or overwritten by another upload of the same "
                                        "bytes): send it again", files=[row.path])
-    want_b64 = base64.b64encode(bytes.fromhex(row.sha256)).decode()
-    if info.size == row.size_bytes and info.checksum_sha256 == want_b64:
+    if info.size == row.size_bytes and info.stored_sha256_is(row.sha256):
         return
     # The store kept no checksum (or a different one): it did not enforce the signed one, so check
     # the bytes. A mismatch means s3_verifies_checksums is wrong for this store.
@@ -517,8 +522,7 @@ def _finalize_presigned(ctx: Context, row: UploadFile, tenant_id: str) -> None:
     if info.size != row.size_bytes:
         store.delete(key)
         raise IntegrityError(f"{row.path}: {info.size} bytes stored, {row.size_bytes} declared", file=row.path)
-    want_b64 = base64.b64encode(bytes.fromhex(row.sha256)).decode()
-    if not (info.checksum_sha256 == want_b64 and not row.multipart_upload_id and ctx.settings.s3_verifies_checksums):
+    if not (info.stored_sha256_is(row.sha256) and not row.multipart_upload_id and ctx.settings.s3_verifies_checksums):
         # Multipart objects carry a composite checksum, not the whole-file sha256: read it back.
         digest, _ = store.hash_object(key)
         if digest != row.sha256:
