@@ -179,19 +179,19 @@ def rebuild_days(session: Session | Connection) -> int:
     return int(session.execute(sa.text("SELECT COUNT(*) FROM usage_day")).scalar_one())
 
 
-def _has_usage_day(session: Session | Connection) -> bool:
-    conn = session.connection() if isinstance(session, Session) else session
-    return sa.inspect(conn).has_table("usage_day")
-
-
-def rebuild_intervals(session: Session | Connection) -> int:
-    """Recompute ``usage_interval`` from the whole ledger (same SQL as the writers' refresh) and
-    ``usage_day`` from it; returns the number of interval rows. Takes a session or a connection (the
-    migration's data step: migration 0002 runs before ``usage_day`` exists, so it is skipped then)."""
+def derive_intervals(session: Session | Connection) -> int:
+    """Recompute ``usage_interval`` alone from the whole ledger (same SQL as the writers' refresh);
+    returns its number of rows. Migration 0002's data step (``usage_day`` does not exist yet there)."""
     if isinstance(session, Session):
         session.flush()
     session.execute(sa.text("DELETE FROM usage_interval"))
     session.execute(sa.text(_derive_sql(_dialect(session), only_some=False)))
-    if _has_usage_day(session):
-        rebuild_days(session)
     return int(session.execute(sa.text("SELECT COUNT(*) FROM usage_interval")).scalar_one())
+
+
+def rebuild_intervals(session: Session | Connection) -> int:
+    """Recompute ``usage_interval`` from the whole ledger and ``usage_day`` from it (bulk loads,
+    repair); returns the number of interval rows. Takes a session or a connection."""
+    n = derive_intervals(session)
+    rebuild_days(session)
+    return n

@@ -36,9 +36,9 @@ def upgrade() -> None:
         batch_op.create_index('ix_usage_interval_tenant_stop', ['tenant_id', 'stop_s'], unique=False)
 
     # data step: derive the rows of an existing ledger (a pure function of usage_event)
-    from weightstore.intervals import rebuild_intervals
+    from weightstore.intervals import derive_intervals
 
-    rebuild_intervals(op.get_bind())
+    derive_intervals(op.get_bind())
 
 
 def downgrade() -> None:

@@ -19,7 +19,7 @@ from tests.billing.ledger_builder import T0, h
 from tests.billing.test_metering import _EVENTS, _OPS
 from weightstore import db, metering
 from weightstore.db import session_scope
-from weightstore.intervals import SPLIT, rebuild_days, rebuild_intervals
+from weightstore.intervals import SPLIT, derive_intervals, rebuild_days, rebuild_intervals
 from weightstore.metering import DAY, Pricing
 from weightstore.models import OPEN_END_S, Checkpoint, Tenant, TrainingRun, UsageDay, UsageEvent, UsageInterval
 
@@ -178,7 +178,7 @@ def test_service_writers_and_bulk_expiry_maintain_usage_day(engine):
 
 def test_migration_0004_derives_usage_day_from_an_existing_ledger(db_url):
     """Down to 0003 (usage_day dropped), a ledger written the way 0003-era code wrote it (raw events,
-    then ``rebuild_intervals``, which skips usage_day while it does not exist), up again: the data
+    then ``derive_intervals``, what ``rebuild_intervals`` was before usage_day), up again: the data
     step fills usage_day; ``alembic check`` stays clean."""
     cfg = db.alembic_config(db_url)
     command.downgrade(cfg, "0003_billing_indexes")
@@ -194,7 +194,7 @@ def test_migration_0004_derives_usage_day_from_an_existing_ledger(db_url):
                 if stop_h is not None:
                     s.add(UsageEvent(event="end", at=T0 + h(stop_h), **common))
             s.flush()
-            assert rebuild_intervals(s) == 3
+            assert derive_intervals(s) == 3
         db.upgrade(db_url)
         command.check(cfg)
         expected = days_from_intervals(eng)
