@@ -83,8 +83,19 @@ def load_sqlite(path: Path, n: int) -> None:
     fmt = "%Y-%m-%d %H:%M:%S.%f"
     batch = []
     for tenant, run, ck, kind, ev, at, size, exp in rows(n):
-        batch.append((tenant, run, ck, kind, ev, at.replace(tzinfo=None).strftime(fmt), size,
-                      exp.replace(tzinfo=None).strftime(fmt) if exp else None, at.replace(tzinfo=None).strftime(fmt)))
+        batch.append(
+            (
+                tenant,
+                run,
+                ck,
+                kind,
+                ev,
+                at.replace(tzinfo=None).strftime(fmt),
+                size,
+                exp.replace(tzinfo=None).strftime(fmt) if exp else None,
+                at.replace(tzinfo=None).strftime(fmt),
+            )
+        )
         if len(batch) >= 100_000:
             con.executemany(f"INSERT INTO usage_event ({', '.join(COLS)}) VALUES (?,?,?,?,?,?,?,?,?)", batch)
             batch.clear()
@@ -112,8 +123,10 @@ def load_catalog(url: str, every: int = 5) -> int:
     pg = engine.dialect.name == "postgresql"
     ts = "CAST(:t0 AS TIMESTAMP WITH TIME ZONE)" if pg else ":t0"
     now = int(NOW.timestamp())
-    live = (f"FROM usage_interval WHERE start_s <= {now} AND stop_s > {now} "
-            f"AND CAST(substr(checkpoint_id, 4) AS INTEGER) % {every} = 0")
+    live = (
+        f"FROM usage_interval WHERE start_s <= {now} AND stop_s > {now} "
+        f"AND CAST(substr(checkpoint_id, 4) AS INTEGER) % {every} = 0"
+    )
     stmts = [
         f"INSERT INTO tenant (id, name, created_at) SELECT DISTINCT tenant_id, tenant_id, {ts} FROM usage_interval",
         f"""INSERT INTO training_run (id, tenant_id, base_model, train_mlp, train_attn, train_unembed, trainable,
@@ -197,12 +210,20 @@ def measure(url: str) -> dict[str, float]:
     out: dict[str, float] = {}
     with session_scope(engine) as s:
         out["invoice, largest tenant (20% of ledger)"] = timed(
-            lambda: metering.invoice(s, price, tenant_id="tenant-000", month="2026-02"))
-        out["invoice, typical tenant (0.8%)"] = timed(
-            lambda: metering.invoice(s, price, tenant_id="tenant-042", month="2026-02"))
+            lambda: metering.invoice(s, price, tenant_id="tenant-000", month="2026-02")
+        )
+        out["invoice, typical tenant (0.8%)"] = timed(lambda: metering.invoice(s, price, tenant_id="tenant-042", month="2026-02"))
         out["tenant chart, 30 days by day (largest)"] = timed(
-            lambda: metering.usage(s, price, start=NOW - timedelta(days=30), end=NOW, group_by=(),
-                                   bucket_seconds=metering.DAY, tenant_id="tenant-000"))
+            lambda: metering.usage(
+                s,
+                price,
+                start=NOW - timedelta(days=30),
+                end=NOW,
+                group_by=(),
+                bucket_seconds=metering.DAY,
+                tenant_id="tenant-000",
+            )
+        )
 
         def current_and_days() -> None:
             if hasattr(metering, "overview"):
@@ -238,9 +259,18 @@ def write_ms(engine, n: int = 100) -> float:  # type: ignore[no-untyped-def]
         for event, when in (("commit", at), ("end", at + timedelta(minutes=30))):
             t = time.perf_counter()
             with session_scope(engine) as s:
-                ledger.record(s, tenant_id=f"tenant-{i % 100:03d}", run_id="bench-run", checkpoint_id=ck,
-                              kind="training", event=event, at=when, size_bytes=10**9 + i, expires_at=None,
-                              recorded_at=when)
+                ledger.record(
+                    s,
+                    tenant_id=f"tenant-{i % 100:03d}",
+                    run_id="bench-run",
+                    checkpoint_id=ck,
+                    kind="training",
+                    event=event,
+                    at=when,
+                    size_bytes=10**9 + i,
+                    expires_at=None,
+                    recorded_at=when,
+                )
             times.append(time.perf_counter() - t)
     times.sort()
     return 1000 * times[len(times) // 2]
@@ -254,8 +284,9 @@ def cross_check(s) -> None:  # type: ignore[no-untyped-def]
         for start in (now - timedelta(days=14), now - timedelta(days=14, hours=5, seconds=3), now - timedelta(hours=3)):
             ws, we = metering.epoch(start), metering.epoch(now)
             by_days = metering._day_sums(s, ws=ws, we=we, tenant_id=None)
-            by_intervals = metering._window_sums(s, fine, ws=ws, we=we, bucket_seconds=metering.DAY, tenant_id=None,
-                                                 current_at_end=True)
+            by_intervals = metering._window_sums(
+                s, fine, ws=ws, we=we, bucket_seconds=metering.DAY, tenant_id=None, current_at_end=True
+            )
             assert by_days == by_intervals, (now, start)
     print("cross-check: usage_day path == usage_interval path (6 windows, all tenants)", flush=True)
 
@@ -345,16 +376,20 @@ def main() -> None:
     names = list(next(iter(results.values())))
     backends = list(results)
     cat = ", ".join(f"{b} {n:,}" for b, n in catalog.items())
-    lines = [f"# Billing latency, ledger of {args.n:,} checkpoint intervals", "",
-             "Seconds, best of 2, one process on the shared 2-core dev machine (load average during the run: "
-             f"{os.getloadavg()[0]:.1f}; other engineers' jobs, so absolute figures are inflated and noisy). "
-             "Queries read the derived tables `usage_interval` (one row per checkpoint) and, since migration 0004, "
-             "`usage_day` (per tenant, kind and UTC day), both maintained by the ledger writers. "
-             f"*Before* = {args.before_label}, measured by this script in the same session against the "
-             "same cached data. Overview = current usage + physical bytes + 14 daily buckets of all tenants; "
-             f"the catalog holds checkpoints stored now with two files each, one blob shared per run ({cat}).", "",
-             "| query | " + " | ".join(f"{b} before | {b} now | speed-up" for b in backends) + " |",
-             "|---|" + "---|---|---|" * len(backends)]
+    lines = [
+        f"# Billing latency, ledger of {args.n:,} checkpoint intervals",
+        "",
+        "Seconds, best of 2, one process on the shared 2-core dev machine (load average during the run: "
+        f"{os.getloadavg()[0]:.1f}; other engineers' jobs, so absolute figures are inflated and noisy). "
+        "Queries read the derived tables `usage_interval` (one row per checkpoint) and, since migration 0004, "
+        "`usage_day` (per tenant, kind and UTC day), both maintained by the ledger writers. "
+        f"*Before* = {args.before_label}, measured by this script in the same session against the "
+        "same cached data. Overview = current usage + physical bytes + 14 daily buckets of all tenants; "
+        f"the catalog holds checkpoints stored now with two files each, one blob shared per run ({cat}).",
+        "",
+        "| query | " + " | ".join(f"{b} before | {b} now | speed-up" for b in backends) + " |",
+        "|---|" + "---|---|---|" * len(backends),
+    ]
     for name in names:
         cells = []
         for b in backends:
@@ -363,13 +398,19 @@ def main() -> None:
             cells += [f"{old:.3f}" if old else "-", f"{now_s:.3f}", f"{old / now_s:.1f}x" if old else "-"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if migrated:
-        lines += ["", "One-off, this run: migrations newer than the cache applied to the cached 1M-interval data "
-                  "(0004 creates `usage_day` and derives it from `usage_interval`, plus one index): "
-                  + ", ".join(f"{b} {migrated[b]:.1f} s" for b in migrated) + "."]
+        lines += [
+            "",
+            "One-off, this run: migrations newer than the cache applied to the cached 1M-interval data "
+            "(0004 creates `usage_day` and derives it from `usage_interval`, plus one index): "
+            + ", ".join(f"{b} {migrated[b]:.1f} s" for b in migrated)
+            + ".",
+        ]
     if derived:
-        lines += ["", "One-off: deriving `usage_interval` from the bulk-loaded ledger (`rebuild_intervals`, what "
-                  "migration 0002 runs on an existing ledger): "
-                  + ", ".join(f"{b} {derived[b]:.1f} s" for b in derived) + "."]
+        lines += [
+            "",
+            "One-off: deriving `usage_interval` from the bulk-loaded ledger (`rebuild_intervals`, what "
+            "migration 0002 runs on an existing ledger): " + ", ".join(f"{b} {derived[b]:.1f} s" for b in derived) + ".",
+        ]
     if not args.no_write:
         out = Path(__file__).resolve().parent / "results" / "billing.md"
         out.parent.mkdir(exist_ok=True)

@@ -54,9 +54,15 @@ class Shape:
 
     def linears(self) -> dict[str, tuple[int, int]]:
         h, kv = self.hidden, self.kv_heads * self.head_dim
-        return {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-                "self_attn.o_proj": (h, h), "mlp.gate_proj": (self.intermediate, h),
-                "mlp.up_proj": (self.intermediate, h), "mlp.down_proj": (h, self.intermediate)}
+        return {
+            "self_attn.q_proj": (h, h),
+            "self_attn.k_proj": (kv, h),
+            "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, h),
+            "mlp.gate_proj": (self.intermediate, h),
+            "mlp.up_proj": (self.intermediate, h),
+            "mlp.down_proj": (h, self.intermediate),
+        }
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, self.hidden))]
@@ -80,10 +86,16 @@ def make_base(path: Path, shape: Shape, shards: int) -> int:
     from transformers import LlamaConfig
 
     path.mkdir(parents=True)
-    config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab, tie_word_embeddings=False,
-                         max_position_embeddings=4096)
+    config = LlamaConfig(
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        vocab_size=shape.vocab,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    )
     config.dtype = "bfloat16"
     config.save_pretrained(path)
     tensors = shape.tensors()
@@ -104,8 +116,9 @@ def make_base(path: Path, shape: Shape, shards: int) -> int:
         largest = max(largest, (path / fname).stat().st_size)
         weight_map.update({n: fname for n, _ in group})
         del data
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    )
     return largest
 
 
@@ -122,8 +135,9 @@ def make_adapter(path: Path, shape: Shape, rank: int) -> None:
             tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_dim, generator=gen) * 0.01
             tensors[f"{key}.lora_B.weight"] = torch.randn(out_dim, rank, generator=gen) * 0.01
     save_file(tensors, path / "adapter_model.safetensors")
-    (path / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": rank,
-                                                          "base_model_name_or_path": "bench-llama"}))
+    (path / "adapter_config.json").write_text(
+        json.dumps({"r": rank, "lora_alpha": rank, "base_model_name_or_path": "bench-llama"})
+    )
 
 
 # --- contenders (each runs as `python bench_export.py --run NAME ...` in a child process) ----------
@@ -140,9 +154,15 @@ def run_weightstore(adapter: str, base: str, out: str) -> dict[str, object]:
 
     t, c = time.perf_counter(), cpu()
     result = export_merged(adapter, base, out)
-    return {"call_s": time.perf_counter() - t, "call_cpu_s": cpu() - c, "write_s": result.write_seconds,
-            "bytes": result.bytes_written, "verified": result.verification.passed,
-            "forward": result.verification.forward.reason, "rounding_loss": result.verification.noop.rounding_loss}
+    return {
+        "call_s": time.perf_counter() - t,
+        "call_cpu_s": cpu() - c,
+        "write_s": result.write_seconds,
+        "bytes": result.bytes_written,
+        "verified": result.verification.passed,
+        "forward": result.verification.forward.reason,
+        "rounding_loss": result.verification.noop.rounding_loss,
+    }
 
 
 def run_peft(adapter: str, base: str, out: str) -> dict[str, object]:
@@ -198,7 +218,7 @@ def measure(name: str, adapter: Path, base: Path, out: Path) -> dict[str, object
     assert rss and wall and user and system
     data["cpu_s"] = float(user.group(1)) + float(system.group(1))
     parts = [float(x) for x in wall.group(1).split(":")]
-    data["wall_s"] = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+    data["wall_s"] = sum(p * 60**i for i, p in enumerate(reversed(parts)))
     data["rss_bytes"] = int(rss.group(1)) * 1024
     shutil.rmtree(out, ignore_errors=True)  # keep disk and page cache pressure down between runs
     return data
@@ -263,15 +283,22 @@ def main() -> None:
             sys.path.insert(0, str(ROOT))
             from weightstore.export import VerifyOptions, export_peft
 
-            export_peft(work / "adapter", work / "base", work / "peft_adapter",
-                        verify_options=VerifyOptions(forward_max_bytes=0))
+            export_peft(work / "adapter", work / "base", work / "peft_adapter", verify_options=VerifyOptions(forward_max_bytes=0))
             print("peft ...", file=sys.stderr)
-            rows.append(("PEFT load + merge_and_unload + save", median_run(
-                "peft", work / "peft_adapter", work / "base", work / "out", args.repeat)))
+            rows.append(
+                (
+                    "PEFT load + merge_and_unload + save",
+                    median_run("peft", work / "peft_adapter", work / "base", work / "out", args.repeat),
+                )
+            )
         if not args.no_naive:
             print("naive shard loop ...", file=sys.stderr)
-            rows.append(("naive shard loop (load_file/save_file)", median_run(
-                "naive", work / "adapter", work / "base", work / "out", args.repeat)))
+            rows.append(
+                (
+                    "naive shard loop (load_file/save_file)",
+                    median_run("naive", work / "adapter", work / "base", work / "out", args.repeat),
+                )
+            )
         doubled = None
         if not args.no_double:
             # twice the layers and twice the vocabulary: exactly twice the parameters
@@ -280,8 +307,7 @@ def main() -> None:
             print(f"doubled: {shape2.params / 1e9:.2f} B params ...", file=sys.stderr)
             largest2 = make_base(work / "base2", shape2, args.shards)
             make_adapter(work / "adapter2", shape2, args.rank)
-            doubled = (shape2, largest2, median_run("weightstore", work / "adapter2", work / "base2", work / "out",
-                                                    args.repeat))
+            doubled = (shape2, largest2, median_run("weightstore", work / "adapter2", work / "base2", work / "out", args.repeat))
         report = render(shape, largest, args, rows, doubled)
         print(report)
         args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -291,8 +317,13 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def render(shape: Shape, largest: int, args: argparse.Namespace, rows: list[tuple[str, dict[str, object]]],
-           doubled: tuple[Shape, int, dict[str, object]] | None) -> str:
+def render(
+    shape: Shape,
+    largest: int,
+    args: argparse.Namespace,
+    rows: list[tuple[str, dict[str, object]]],
+    doubled: tuple[Shape, int, dict[str, object]] | None,
+) -> str:
     ours = rows[0][1]
     out_bytes = float(ours["bytes"])  # type: ignore[arg-type]
     lines = [
@@ -313,8 +344,10 @@ def render(shape: Shape, largest: int, args: argparse.Namespace, rows: list[tupl
         cpu = float(r["cpu_s"])  # type: ignore[arg-type]
         ratio = wall / float(ours["wall_s"])  # type: ignore[arg-type]
         cpu_ratio = cpu / float(ours["cpu_s"])  # type: ignore[arg-type]
-        lines.append(f"| {name} | {wall:.2f} s | {call:.2f} s | {cpu:.2f} s | {gb(rss)} | {out_bytes / 1e6 / call:.0f} | "
-                     f"{ratio:.2f}x / {cpu_ratio:.2f}x |")
+        lines.append(
+            f"| {name} | {wall:.2f} s | {call:.2f} s | {cpu:.2f} s | {gb(rss)} | {out_bytes / 1e6 / call:.0f} | "
+            f"{ratio:.2f}x / {cpu_ratio:.2f}x |"
+        )
     budget = 2 * largest + 0.5e9
     rss = float(ours["rss_bytes"])  # type: ignore[arg-type]
     write_s = float(ours["write_s"])  # type: ignore[arg-type]
@@ -327,15 +360,16 @@ def render(shape: Shape, largest: int, args: argparse.Namespace, rows: list[tupl
         f"{float(ours['call_cpu_s']) * 1000 / (out_bytes / 1e6):.2f} ms per output MB, i.e. "  # type: ignore[arg-type]
         f"{out_bytes / 1e6 / float(ours['call_cpu_s']) * (os.cpu_count() or 1):.0f} MB/s if all "  # type: ignore[arg-type]
         f"{os.cpu_count()} cores were ours -- the contention-free estimate on this shared machine.",
-        f"- peak RSS {gb(rss)} vs budget 2 x largest shard + 0.5 GB = {gb(budget)}: "
-        f"{'within' if rss <= budget else 'OVER'}.",
+        f"- peak RSS {gb(rss)} vs budget 2 x largest shard + 0.5 GB = {gb(budget)}: {'within' if rss <= budget else 'OVER'}.",
         f"- verification: passed={ours['verified']}; forward check: {ours['forward']}; "
         f"rounding loss {float(ours['rounding_loss']):.1%} of the delta norm.",  # type: ignore[arg-type]
     ]
     for name, r in rows[1:]:
-        lines.append(f"- {name}: weightstore is {float(r['wall_s']) / float(ours['wall_s']):.2f}x faster "  # type: ignore[arg-type]
-                     f"(process wall; {float(r['cpu_s']) / float(ours['cpu_s']):.2f}x in CPU time) "  # type: ignore[arg-type]
-                     f"at {rss / float(r['rss_bytes']):.2f}x its peak RSS.")  # type: ignore[arg-type]
+        lines.append(
+            f"- {name}: weightstore is {float(r['wall_s']) / float(ours['wall_s']):.2f}x faster "  # type: ignore[arg-type]
+            f"(process wall; {float(r['cpu_s']) / float(ours['cpu_s']):.2f}x in CPU time) "  # type: ignore[arg-type]
+            f"at {rss / float(r['rss_bytes']):.2f}x its peak RSS."
+        )  # type: ignore[arg-type]
     if doubled is not None:
         shape2, largest2, r2 = doubled
         rss2 = float(r2["rss_bytes"])  # type: ignore[arg-type]

@@ -34,9 +34,16 @@ def build_base(dest: Path, hidden: int, layers: int, vocab: int) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
-                      tie_word_embeddings=False, torch_dtype="bfloat16")
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(dest, max_shard_size=f"{max(1, model.num_parameters() * 2 // 4 // 2**20)}MB")
     return sum(p.stat().st_size for p in dest.iterdir())
@@ -51,9 +58,12 @@ def build_adapter(dest: Path, hidden: int, layers: int, rank: int, kv: int) -> d
             pre = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
             w[f"{pre}.lora_A.weight"] = torch.randn(rank, hidden, generator=g) * 0.01
             w[f"{pre}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.01
-    files = {"adapter_model.safetensors": tensorio.weights_bytes(w),
-             "adapter_config.json": json.dumps({"r": rank, "lora_alpha": rank, "target_modules": sorted(outs),
-                                                "base_model_name_or_path": "bench"}).encode()}
+    files = {
+        "adapter_model.safetensors": tensorio.weights_bytes(w),
+        "adapter_config.json": json.dumps(
+            {"r": rank, "lora_alpha": rank, "target_modules": sorted(outs), "base_model_name_or_path": "bench"}
+        ).encode(),
+    }
     dest.mkdir(parents=True, exist_ok=True)
     for k, v in files.items():
         (dest / k).write_bytes(v)
@@ -100,17 +110,28 @@ def main() -> None:
                 run = runs.create_run(s, trainer, base_model="bench", now=now)
             import hashlib
 
-            ans = uploads.declare(ctx, trainer, uploads.UploadRequest(run.id, "sampler", "step-1", [
-                uploads.DeclaredFile(k, len(v), hashlib.sha256(v).hexdigest()) for k, v in files.items()]))
+            ans = uploads.declare(
+                ctx,
+                trainer,
+                uploads.UploadRequest(
+                    run.id,
+                    "sampler",
+                    "step-1",
+                    [uploads.DeclaredFile(k, len(v), hashlib.sha256(v).hexdigest()) for k, v in files.items()],
+                ),
+            )
             for f in ans.files:
                 uploads.receive_bytes(ctx, trainer, ans.upload_id, f.path, files[f.path])
             src = uploads.commit(ctx, trainer, ans.upload_id).tinker_path
 
             # raw boto3: the same bytes a job moves (adapter + base down, output up)
-            s3 = boto3.client("s3", endpoint_url=ctx.settings.s3_endpoint_url,
-                              aws_access_key_id=ctx.settings.s3_access_key_id,
-                              aws_secret_access_key=ctx.settings.s3_secret_access_key.get_secret_value(),  # type: ignore[union-attr]
-                              config=Config(s3={"addressing_style": "path"}))
+            s3 = boto3.client(
+                "s3",
+                endpoint_url=ctx.settings.s3_endpoint_url,
+                aws_access_key_id=ctx.settings.s3_access_key_id,
+                aws_secret_access_key=ctx.settings.s3_secret_access_key.get_secret_value(),  # type: ignore[union-attr]
+                config=Config(s3={"addressing_style": "path"}),
+            )
             tc = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8)
             bucket = ctx.settings.s3_bucket
             inputs = [adapter_dir / k for k in files] + [p for p in base_dir.iterdir() if p.is_file()]

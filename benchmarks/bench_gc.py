@@ -50,8 +50,13 @@ def _catalog_blobs(url: str, shas: list[str], at: datetime) -> None:
     engine = db.make_engine(url)
     with engine.begin() as c:
         for lo in range(0, len(shas), 5000):
-            c.execute(sa.insert(Blob), [{"sha256": s, "size_bytes": 1, "state": "live", "created_at": at,
-                                         "last_referenced_at": at} for s in shas[lo:lo + 5000]])
+            c.execute(
+                sa.insert(Blob),
+                [
+                    {"sha256": s, "size_bytes": 1, "state": "live", "created_at": at, "last_referenced_at": at}
+                    for s in shas[lo : lo + 5000]
+                ],
+            )
     engine.dispose()
 
 
@@ -66,8 +71,7 @@ def bench_sweep(n: int, per_key_sample: int, raw_sample: int) -> dict[str, Any]:
     from weightstore.objectstore import BLOB_PREFIX, ObjectStore, S3Location, blob_key
     from weightstore.settings import Settings
 
-    out: dict[str, Any] = {"n": n, "per_key_sample": per_key_sample, "raw_sample": raw_sample,
-                           "concurrency": DELETE_CONCURRENCY}
+    out: dict[str, Any] = {"n": n, "per_key_sample": per_key_sample, "raw_sample": raw_sample, "concurrency": DELETE_CONCURRENCY}
     with tempfile.TemporaryDirectory() as d:
         access, secret = "BENCH" + secrets.token_hex(4).upper(), secrets.token_urlsafe(24)
         with SeaweedFS(Path(d) / "s3", access_key=access, secret_key=secret) as weed:
@@ -87,8 +91,15 @@ def bench_sweep(n: int, per_key_sample: int, raw_sample: int) -> dict[str, Any]:
             url = f"sqlite:///{d}/sweep.db"
             now = datetime.now(UTC)
             _catalog_blobs(url, shas, now - timedelta(days=2))
-            settings = Settings(database_url=url, s3_endpoint_url=weed.endpoint_url, s3_access_key_id=access,
-                                s3_secret_access_key=secret, s3_bucket="bench", log_json=False, data_dir=Path(d) / "var")
+            settings = Settings(
+                database_url=url,
+                s3_endpoint_url=weed.endpoint_url,
+                s3_access_key_id=access,
+                s3_secret_access_key=secret,
+                s3_bucket="bench",
+                log_json=False,
+                data_dir=Path(d) / "var",
+            )
             ctx = Context(settings, db.make_engine(url), store, FakeClock(now))
             t0 = time.perf_counter()
             rep = run(ctx, ["sweep"], check_objects=False)
@@ -148,22 +159,72 @@ def _catalog_pass(url: str, m: int) -> dict[str, float]:
     t0 = time.perf_counter()
     with engine.begin() as c:
         c.execute(sa.insert(Tenant), [{"id": "t", "name": "t", "created_at": made}])
-        c.execute(sa.insert(TrainingRun), [{"id": "r", "tenant_id": "t", "base_model": "b", "train_mlp": True,
-                                            "train_attn": True, "train_unembed": True, "trainable": True,
-                                            "created_at": made, "last_request_time": made}])
+        c.execute(
+            sa.insert(TrainingRun),
+            [
+                {
+                    "id": "r",
+                    "tenant_id": "t",
+                    "base_model": "b",
+                    "train_mlp": True,
+                    "train_attn": True,
+                    "train_unembed": True,
+                    "trainable": True,
+                    "created_at": made,
+                    "last_request_time": made,
+                }
+            ],
+        )
         for lo in range(0, m, 5000):
             ids = range(lo, min(m, lo + 5000))
-            c.execute(sa.insert(Blob), [{"sha256": f"{i:064x}", "size_bytes": 1000, "state": "live", "created_at": made,
-                                         "last_referenced_at": made} for i in ids])
-            c.execute(sa.insert(Checkpoint), [{"id": f"c{i:07d}", "tenant_id": "t", "run_id": "r", "kind": "sampler",
-                                               "name": f"c{i}", "state": "committed", "size_bytes": 1000,
-                                               "created_at": made, "expires_at": long_ago if i % 10 == 0 else future,
-                                               "public": False} for i in ids])
-            c.execute(sa.insert(CheckpointFile), [{"checkpoint_id": f"c{i:07d}", "path": "adapter_model.safetensors",
-                                                   "size_bytes": 1000, "sha256": f"{i:064x}"} for i in ids])
-            c.execute(sa.insert(UsageEvent), [{"tenant_id": "t", "run_id": "r", "checkpoint_id": f"c{i:07d}",
-                                               "kind": "sampler", "event": "commit", "at": made, "size_bytes": 1000,
-                                               "recorded_at": made} for i in ids])
+            c.execute(
+                sa.insert(Blob),
+                [
+                    {"sha256": f"{i:064x}", "size_bytes": 1000, "state": "live", "created_at": made, "last_referenced_at": made}
+                    for i in ids
+                ],
+            )
+            c.execute(
+                sa.insert(Checkpoint),
+                [
+                    {
+                        "id": f"c{i:07d}",
+                        "tenant_id": "t",
+                        "run_id": "r",
+                        "kind": "sampler",
+                        "name": f"c{i}",
+                        "state": "committed",
+                        "size_bytes": 1000,
+                        "created_at": made,
+                        "expires_at": long_ago if i % 10 == 0 else future,
+                        "public": False,
+                    }
+                    for i in ids
+                ],
+            )
+            c.execute(
+                sa.insert(CheckpointFile),
+                [
+                    {"checkpoint_id": f"c{i:07d}", "path": "adapter_model.safetensors", "size_bytes": 1000, "sha256": f"{i:064x}"}
+                    for i in ids
+                ],
+            )
+            c.execute(
+                sa.insert(UsageEvent),
+                [
+                    {
+                        "tenant_id": "t",
+                        "run_id": "r",
+                        "checkpoint_id": f"c{i:07d}",
+                        "kind": "sampler",
+                        "event": "commit",
+                        "at": made,
+                        "size_bytes": 1000,
+                        "recorded_at": made,
+                    }
+                    for i in ids
+                ],
+            )
     build = time.perf_counter() - t0
 
     class StubStore:
@@ -184,14 +245,21 @@ def _catalog_pass(url: str, m: int) -> dict[str, float]:
     expired = (m + 9) // 10
     assert rep.stats["expire"] == {"expired": expired, "released": expired}, rep.stats
     assert rep.stats["sweep"]["deleted_objects"] == expired, rep.stats
-    return {"build_s": build, "pass_s": wall, "expired": expired,
-            "live_blobs": rep.plan["mark"]["live_blobs"], "rss_before_pass_mib": rss_before,
-            "peak_rss_mib": _peak_rss_mib()}
+    return {
+        "build_s": build,
+        "pass_s": wall,
+        "expired": expired,
+        "live_blobs": rep.plan["mark"]["live_blobs"],
+        "rss_before_pass_mib": rss_before,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
 
 
 def bench_catalog(url: str, m: int) -> dict[str, float]:
-    code = f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import bench_gc; " \
-           f"print(json.dumps(bench_gc._catalog_pass({url!r}, {m})))"
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import bench_gc; "
+        f"print(json.dumps(bench_gc._catalog_pass({url!r}, {m})))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(out.stderr[-4000:])
@@ -225,14 +293,20 @@ def main() -> None:
     s = Settings()
     pass_s = max(b["pass_s"] for b in backends.values())
     bound = s.gc_interval_seconds + s.gc_grace_seconds
-    lines = ["# Collector benchmarks", "",
-             f"Machine: {os.cpu_count()} cores, shared; 1-min load average {load0:.1f} at the start, "
-             f"{os.getloadavg()[0]:.1f} at the end (SeaweedFS, PostgreSQL and the benchmark share those cores).", ""]
+    lines = [
+        "# Collector benchmarks",
+        "",
+        f"Machine: {os.cpu_count()} cores, shared; 1-min load average {load0:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end (SeaweedFS, PostgreSQL and the benchmark share those cores).",
+        "",
+    ]
     if sw is not None:
         ratio = sw["per_key_extrapolated_s"] / sw["collector_s"]
         lines += [
-            f"## Sweep throughput ({sw['n']:,} unreferenced blobs, one SeaweedFS on this 2-core machine, same run)", "",
-            "| mode | keys | wall (s) | keys/s |", "|---|---|---|---|",
+            f"## Sweep throughput ({sw['n']:,} unreferenced blobs, one SeaweedFS on this 2-core machine, same run)",
+            "",
+            "| mode | keys | wall (s) | keys/s |",
+            "|---|---|---|---|",
             f"| collector sweep: DeleteObjects ≤1000 keys/call, {sw['concurrency']} calls in flight, "
             f"tombstone + row removal in a real SQLite catalog | {sw['n']:,} | {sw['collector_s']:.1f} | "
             f"{sw['collector_keys_s']:,.0f} |",
@@ -242,29 +316,38 @@ def main() -> None:
             f"{sw['per_key_sample_s']:.1f} | {sw['per_key_keys_s']:,.0f} |",
             f"| one DeleteObject call per key: **extrapolated** to {sw['n']:,} keys from the sample | {sw['n']:,} | "
             f"*≈{sw['per_key_extrapolated_s']:.0f}* | |",
-            f"| **ratio** (per-key extrapolated ÷ collector sweep) | | **{ratio:.1f}×** | |", "",
+            f"| **ratio** (per-key extrapolated ÷ collector sweep) | | **{ratio:.1f}×** | |",
+            "",
             f"Uploading the {sw['n']:,} objects took {sw['put_s']:.0f} s ({PUT_THREADS} threads; not part of any figure).",
-            ""]
-    lines += [f"## Full collector pass ({args.m:,} checkpoints, 10 % expired longer than grace ago; catalog only, stub store)",
-              "",
-              "One `run()` with all phases: expires and releases the 10 % (ledger `end` rows, blob touches), marks the "
-              "live set, tombstones and forgets their blobs (stub store deletes), orphans. Each backend in a fresh process.",
-              "",
-              "| backend | build catalog (s) | full pass (s) | peak RSS (MiB) | peak RSS after building, before the pass (MiB) |",
-              "|---|---|---|---|---|"]
+            "",
+        ]
+    lines += [
+        f"## Full collector pass ({args.m:,} checkpoints, 10 % expired longer than grace ago; catalog only, stub store)",
+        "",
+        "One `run()` with all phases: expires and releases the 10 % (ledger `end` rows, blob touches), marks the "
+        "live set, tombstones and forgets their blobs (stub store deletes), orphans. Each backend in a fresh process.",
+        "",
+        "| backend | build catalog (s) | full pass (s) | peak RSS (MiB) | peak RSS after building, before the pass (MiB) |",
+        "|---|---|---|---|---|",
+    ]
     for name, b in backends.items():
-        lines.append(f"| {name} | {b['build_s']:.1f} | {b['pass_s']:.2f} | {b['peak_rss_mib']:.0f} | "
-                     f"{b['rss_before_pass_mib']:.0f} |")
-    lines += ["", "## Reclaim latency (default schedule)", "",
-              f"interval {s.gc_interval_seconds} s, grace {s.gc_grace_seconds} s. The restore window and the blob grace "
-              "are one window counted from `expires_at` (the expire phase touches the blobs with `expires_at`, never "
-              "moving a later reference end backwards), so the first run after `expires_at + grace` releases the "
-              "checkpoint and deletes its bytes in the same pass (tested: "
-              "`test_reclaim_latency_bytes_gone_at_first_run_past_expires_at_plus_grace`). With a run every interval, "
-              f"bytes are gone within grace + interval + one pass = {s.gc_grace_seconds} + {s.gc_interval_seconds} + "
-              f"{pass_s:.1f} s ≈ **{(bound + pass_s) / 3600:.2f} h** after `expires_at` (target: interval + grace = "
-              f"{bound / 3600:.2f} h, met up to the pass's own duration; before this change: interval + grace + interval "
-              f"+ pass ≈ {(bound + s.gc_interval_seconds + pass_s) / 3600:.2f} h)."]
+        lines.append(
+            f"| {name} | {b['build_s']:.1f} | {b['pass_s']:.2f} | {b['peak_rss_mib']:.0f} | {b['rss_before_pass_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        "## Reclaim latency (default schedule)",
+        "",
+        f"interval {s.gc_interval_seconds} s, grace {s.gc_grace_seconds} s. The restore window and the blob grace "
+        "are one window counted from `expires_at` (the expire phase touches the blobs with `expires_at`, never "
+        "moving a later reference end backwards), so the first run after `expires_at + grace` releases the "
+        "checkpoint and deletes its bytes in the same pass (tested: "
+        "`test_reclaim_latency_bytes_gone_at_first_run_past_expires_at_plus_grace`). With a run every interval, "
+        f"bytes are gone within grace + interval + one pass = {s.gc_grace_seconds} + {s.gc_interval_seconds} + "
+        f"{pass_s:.1f} s ≈ **{(bound + pass_s) / 3600:.2f} h** after `expires_at` (target: interval + grace = "
+        f"{bound / 3600:.2f} h, met up to the pass's own duration; before this change: interval + grace + interval "
+        f"+ pass ≈ {(bound + s.gc_interval_seconds + pass_s) / 3600:.2f} h).",
+    ]
     out = ROOT / "benchmarks" / "results" / "gc.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -41,10 +41,13 @@ def make_state(dest: Path, total_bytes: int, seed: int) -> None:
     n_tensors = 64
     per = total_bytes // 3 // n_tensors // 4
     weights = {f"base_model.model.layers.{i}.lora_A.weight": torch.randn(per, generator=g) for i in range(n_tensors)}
-    state = {"state": {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(per, generator=g),
-                           "exp_avg_sq": torch.rand(per, generator=g)} for i in range(n_tensors)},
-             "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
-                               "params": list(range(n_tensors))}]}
+    state = {
+        "state": {
+            i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(per, generator=g), "exp_avg_sq": torch.rand(per, generator=g)}
+            for i in range(n_tensors)
+        },
+        "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "params": list(range(n_tensors))}],
+    }
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "adapter_model.safetensors").write_bytes(tensorio.weights_bytes(weights))
     (dest / "optimizer.safetensors").write_bytes(tensorio.optimizer_bytes(state))
@@ -63,6 +66,7 @@ def timed(fn) -> float:  # type: ignore[no-untyped-def]
 
 def raw_round(s3, tcfg, src: Path, tag: str, dest: Path) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     """raw boto3 upload_file then download_file of every file of ``src``: (up s, down s)."""
+
     def up() -> None:
         for p in src.iterdir():
             s3.upload_file(str(p), "raw", f"{tag}/{p.name}", Config=tcfg)
@@ -107,14 +111,20 @@ def main() -> None:
         ensure_bucket(weed.endpoint_url, access, secret, "weightstore")
         ensure_bucket(weed.endpoint_url, access, secret, "raw")
         port = 18000 + secrets.randbelow(1000)
-        env = {**os.environ, "WEIGHTSTORE_DATA_DIR": str(work / "var"), "WEIGHTSTORE_PORT": str(port),
-               "WEIGHTSTORE_S3_ENDPOINT_URL": weed.endpoint_url, "WEIGHTSTORE_S3_ACCESS_KEY_ID": access,
-               "WEIGHTSTORE_S3_SECRET_ACCESS_KEY": secret, "WEIGHTSTORE_EMBEDDED_GC": "false",
-               "WEIGHTSTORE_EMBEDDED_WORKER": "false", "WEIGHTSTORE_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "WEIGHTSTORE_DATA_DIR": str(work / "var"),
+            "WEIGHTSTORE_PORT": str(port),
+            "WEIGHTSTORE_S3_ENDPOINT_URL": weed.endpoint_url,
+            "WEIGHTSTORE_S3_ACCESS_KEY_ID": access,
+            "WEIGHTSTORE_S3_SECRET_ACCESS_KEY": secret,
+            "WEIGHTSTORE_EMBEDDED_GC": "false",
+            "WEIGHTSTORE_EMBEDDED_WORKER": "false",
+            "WEIGHTSTORE_LOG_LEVEL": "WARNING",
+        }
         log_path = work / "serve.log"
         log = open(log_path, "w")  # noqa: SIM115 - a file, not a pipe: a full pipe would stall the server
-        server = subprocess.Popen([sys.executable, "-m", "weightstore.cli", "serve"], env=env, stderr=log,
-                                  stdout=log, text=True)
+        server = subprocess.Popen([sys.executable, "-m", "weightstore.cli", "serve"], env=env, stderr=log, stdout=log, text=True)
         admin = None
         for _ in range(600):
             found = [ln for ln in log_path.read_text().splitlines() if "bootstrap admin key" in ln]
@@ -131,15 +141,24 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
+
         def new_key(tenant: str) -> str:
             # dedup is per tenant: each transfer mode gets its own tenant, so nothing is "present"
-            return str(httpx.post(url + "/v1/keys", headers={"X-API-Key": admin},
-                                  json={"tenant": tenant, "role": "trainer"}).json()["api_key"])
+            return str(
+                httpx.post(url + "/v1/keys", headers={"X-API-Key": admin}, json={"tenant": tenant, "role": "trainer"}).json()[
+                    "api_key"
+                ]
+            )
 
         key = new_key("bench")
-        s3 = boto3.client("s3", endpoint_url=weed.endpoint_url, aws_access_key_id=access, aws_secret_access_key=secret,
-                          region_name="us-east-1", config=Config(s3={"addressing_style": "path"}, signature_version="s3v4",
-                                                                 max_pool_connections=32))
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=weed.endpoint_url,
+            aws_access_key_id=access,
+            aws_secret_access_key=secret,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, signature_version="s3v4", max_pool_connections=32),
+        )
         tcfg = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8)
         rows: list[str] = []
 
@@ -171,22 +190,31 @@ def main() -> None:
                                 first_up = got["ours"][0]
                                 again: dict = {}
                                 os.sync()
-                                t_again = timed(lambda c=c, ckpt=ckpt: again.update(
-                                    c.upload_dir(ckpt, run_id=c.list_runs()["runs"][0]["run_id"], kind="training",
-                                                 name="again")))
-                                dedup_row = (f"| re-save identical {gib:.2f} GiB state | {again['bytes_received']} bytes "
-                                             f"moved | {t_again:.3f} s = {100 * t_again / first_up:.1f} % of first save |")
+                                t_again = timed(
+                                    lambda c=c, ckpt=ckpt: again.update(
+                                        c.upload_dir(
+                                            ckpt, run_id=c.list_runs()["runs"][0]["run_id"], kind="training", name="again"
+                                        )
+                                    )
+                                )
+                                dedup_row = (
+                                    f"| re-save identical {gib:.2f} GiB state | {again['bytes_received']} bytes "
+                                    f"moved | {t_again:.3f} s = {100 * t_again / first_up:.1f} % of first save |"
+                                )
                 for k, i in (("up", 0), ("down", 1)):
                     raw_t[k] += got["raw"][i]
                     our_t[k] += got["ours"][i]
                 runs_txt.append(f"{got['raw'][0]:.1f}/{got['raw'][1]:.1f} vs {got['ours'][0]:.1f}/{got['ours'][1]:.1f}")
                 print(f"{mode} {order}: raw {got['raw']} ours {got['ours']}", flush=True)
                 shutil.rmtree(ckpt)
-            label = {"presigned": "presigned: the client default (`auto`)",
-                     "stream": "stream: through the service (fallback)"}[mode]
+            label = {"presigned": "presigned: the client default (`auto`)", "stream": "stream: through the service (fallback)"}[
+                mode
+            ]
             ratio = f"**{raw_t['up'] / our_t['up']:.2f} / {raw_t['down'] / our_t['down']:.2f}**"
-            rows.append(f"| {label} | {raw_t['up']:.1f} s / {raw_t['down']:.1f} s | {our_t['up']:.1f} s | "
-                        f"{our_t['down']:.1f} s | {ratio} | {'; '.join(runs_txt)} |")
+            rows.append(
+                f"| {label} | {raw_t['up']:.1f} s / {raw_t['down']:.1f} s | {our_t['up']:.1f} s | "
+                f"{our_t['down']:.1f} s | {ratio} | {'; '.join(runs_txt)} |"
+            )
 
         # commit latency of a 100 MB sampler checkpoint (fresh bytes each time: no dedup)
         lat: list[float] = []
@@ -195,8 +223,10 @@ def main() -> None:
             n = args.sampler_mb * 10**6 // 4
             for i in range(args.commits):
                 w = {"base_model.model.x.lora_A.weight": torch.randn(n, generator=torch.Generator().manual_seed(100 + i))}
-                files = {"adapter_model.safetensors": tensorio.weights_bytes(w),
-                         "adapter_config.json": b'{"lora_alpha": 32, "r": 32}'}
+                files = {
+                    "adapter_model.safetensors": tensorio.weights_bytes(w),
+                    "adapter_config.json": b'{"lora_alpha": 32, "r": 32}',
+                }
                 lat.append(timed(lambda f=files, i=i: c.upload(run, "sampler", f"s{i}", f)))
                 print(f"commit {i}: {lat[-1]:.3f} s", flush=True)
         lat.sort()

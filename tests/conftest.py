@@ -74,10 +74,18 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def settings(db_url: str, s3_server, s3_bucket: str, tmp_path: Path) -> Settings:  # type: ignore[no-untyped-def]
     return Settings(
-        database_url=db_url, s3_endpoint_url=s3_server.endpoint_url, s3_access_key_id=s3_server.access_key,
-        s3_secret_access_key=s3_server.secret_key, s3_bucket=s3_bucket, data_dir=tmp_path / "var",
-        multipart_threshold_bytes=5 * 1024 * 1024, part_size_bytes=5 * 1024 * 1024, log_json=False,
-        embedded_gc=False, embedded_worker=False, session_secret="test-session-secret",
+        database_url=db_url,
+        s3_endpoint_url=s3_server.endpoint_url,
+        s3_access_key_id=s3_server.access_key,
+        s3_secret_access_key=s3_server.secret_key,
+        s3_bucket=s3_bucket,
+        data_dir=tmp_path / "var",
+        multipart_threshold_bytes=5 * 1024 * 1024,
+        part_size_bytes=5 * 1024 * 1024,
+        log_json=False,
+        embedded_gc=False,
+        embedded_worker=False,
+        session_secret="test-session-secret",
     )
 
 
@@ -90,8 +98,11 @@ def clock() -> FakeClock:
 def ctx(settings: Settings, clock: FakeClock) -> Iterator[Context]:
     engine = db.make_engine(settings.resolved_database_url, pool_size=5)
     secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
-    store = ObjectStore(S3Location(settings.s3_endpoint_url, settings.s3_access_key_id, secret, settings.s3_bucket),
-                        multipart_threshold=settings.multipart_threshold_bytes, part_size=settings.part_size_bytes)
+    store = ObjectStore(
+        S3Location(settings.s3_endpoint_url, settings.s3_access_key_id, secret, settings.s3_bucket),
+        multipart_threshold=settings.multipart_threshold_bytes,
+        part_size=settings.part_size_bytes,
+    )
     yield Context(settings=settings, engine=engine, store=store, clock=clock)
     engine.dispose()
 

@@ -23,8 +23,10 @@ def lora_weights(seed: int = 0, layers: int = 2, hidden: int = 16, r: int = 4) -
 
 
 def sampler_files(seed: int = 0) -> dict[str, bytes]:
-    return {"adapter_model.safetensors": tensorio.weights_bytes(lora_weights(seed)),
-            "adapter_config.json": json.dumps(ADAPTER_CONFIG, sort_keys=True).encode()}
+    return {
+        "adapter_model.safetensors": tensorio.weights_bytes(lora_weights(seed)),
+        "adapter_config.json": json.dumps(ADAPTER_CONFIG, sort_keys=True).encode(),
+    }
 
 
 def state_files(seed: int = 0) -> dict[str, bytes]:

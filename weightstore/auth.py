@@ -67,8 +67,15 @@ def create_key(session: Session, *, tenant: str, role: str, now: datetime, name:
         raise InvalidRequest(f"role must be one of {', '.join(r.value for r in Role)}") from exc
     t = ensure_tenant(session, tenant, now=now)
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(id=new_id("key"), tenant_id=t.id, key_hash=hash_key(plaintext), prefix=plaintext[:10],
-                 role=role_enum.value, name=name, created_at=now)
+    row = ApiKey(
+        id=new_id("key"),
+        tenant_id=t.id,
+        key_hash=hash_key(plaintext),
+        prefix=plaintext[:10],
+        role=role_enum.value,
+        name=name,
+        created_at=now,
+    )
     session.add(row)
     session.flush()
     return row, plaintext
@@ -110,5 +117,14 @@ def bootstrap_admin(session: Session, *, now: datetime, tenant: str = "admin") -
     return plaintext
 
 
-__all__ = ["AlreadyExists", "Principal", "authenticate", "bootstrap_admin", "create_key", "ensure_tenant",
-           "hash_key", "list_keys", "revoke_key"]
+__all__ = [
+    "AlreadyExists",
+    "Principal",
+    "authenticate",
+    "bootstrap_admin",
+    "create_key",
+    "ensure_tenant",
+    "hash_key",
+    "list_keys",
+    "revoke_key",
+]

@@ -60,15 +60,22 @@ BASE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _INCLUDE = re.compile(
     r"^(config\.json|generation_config\.json|.*\.safetensors|.*\.safetensors\.index\.json|tokenizer.*|"
     r"special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json)|"
-    r".*\.tiktoken|preprocessor_config\.json)$")
+    r".*\.tiktoken|preprocessor_config\.json)$"
+)
 ACTIVE_JOB_STATES = ("queued", "running")
 
 
 def check_base_name(name: str) -> str:
-    if not isinstance(name, str) or not 1 <= len(name) <= 200 or not BASE_NAME_RE.match(name) or any(
-            seg in {".", ".."} for seg in name.split("/")):
-        raise InvalidName(f"base model name {name!r} must be 1..200 characters of letters, digits, '.', '_', '-' "
-                          "in '/'-separated segments (like a Hugging Face repo id)")
+    if (
+        not isinstance(name, str)
+        or not 1 <= len(name) <= 200
+        or not BASE_NAME_RE.match(name)
+        or any(seg in {".", ".."} for seg in name.split("/"))
+    ):
+        raise InvalidName(
+            f"base model name {name!r} must be 1..200 characters of letters, digits, '.', '_', '-' "
+            "in '/'-separated segments (like a Hugging Face repo id)"
+        )
     return name
 
 
@@ -135,8 +142,14 @@ def _put_blob(ctx: Context, f: LocalFile, progress: Progress | None) -> int:
     s = ctx.settings
     # BlobWriter: the object only appears at its key once size and sha256 matched (the file may
     # have changed since it was hashed).
-    writer = BlobWriter(ctx.store, sha256=f.sha256, size=f.size_bytes, exists=False,
-                        part_size=s.part_size_bytes, threshold=s.multipart_threshold_bytes)
+    writer = BlobWriter(
+        ctx.store,
+        sha256=f.sha256,
+        size=f.size_bytes,
+        exists=False,
+        part_size=s.part_size_bytes,
+        threshold=s.multipart_threshold_bytes,
+    )
     try:
         with open(f.local, "rb") as fh:
             while data := fh.read(CHUNK):
@@ -150,8 +163,15 @@ def _put_blob(ctx: Context, f: LocalFile, progress: Progress | None) -> int:
     return f.size_bytes
 
 
-def register(ctx: Context, principal: Principal, name: str, directory: str | Path, *,
-             progress: Progress | None = None, request_id: str | None = None) -> BaseModel:
+def register(
+    ctx: Context,
+    principal: Principal,
+    name: str,
+    directory: str | Path,
+    *,
+    progress: Progress | None = None,
+    request_id: str | None = None,
+) -> BaseModel:
     """Upload a local Hugging Face directory as base model ``name`` (admin only; in-process use)."""
     principal.require_admin()
     check_base_name(name)
@@ -167,8 +187,16 @@ def register(ctx: Context, principal: Principal, name: str, directory: str | Pat
         for f in files:
             uploads.mark_live(session, f.sha256, f.size_bytes, now)
         session.flush()
-        return _commit_manifest(session, principal, name, [(f.path, f.size_bytes, f.sha256) for f in files],
-                                config, now=now, request_id=request_id, bytes_sent=sent)
+        return _commit_manifest(
+            session,
+            principal,
+            name,
+            [(f.path, f.size_bytes, f.sha256) for f in files],
+            config,
+            now=now,
+            request_id=request_id,
+            bytes_sent=sent,
+        )
 
 
 def store_blob(ctx: Context, principal: Principal, sha256: str, size: int) -> BlobWriter | None:
@@ -184,8 +212,9 @@ def store_blob(ctx: Context, principal: Principal, sha256: str, size: int) -> Bl
             session.add(blob)
             return None
     s = ctx.settings
-    return BlobWriter(ctx.store, sha256=sha256, size=size, exists=False, part_size=s.part_size_bytes,
-                      threshold=s.multipart_threshold_bytes)
+    return BlobWriter(
+        ctx.store, sha256=sha256, size=size, exists=False, part_size=s.part_size_bytes, threshold=s.multipart_threshold_bytes
+    )
 
 
 def finish_blob(ctx: Context, writer: BlobWriter) -> None:
@@ -195,8 +224,9 @@ def finish_blob(ctx: Context, writer: BlobWriter) -> None:
         uploads.mark_live(session, writer.sha256, writer.size, ctx.clock.now())
 
 
-def register_manifest(ctx: Context, principal: Principal, name: str, files: list[tuple[str, int, str]], *,
-                      request_id: str | None = None) -> BaseModel:
+def register_manifest(
+    ctx: Context, principal: Principal, name: str, files: list[tuple[str, int, str]], *, request_id: str | None = None
+) -> BaseModel:
     """Register a manifest (path, size, sha256) whose blobs were sent with ``store_blob``. Files not
     yet live are named in an ``UploadIncomplete`` error (``details.missing``: their sha256s)."""
     principal.require_admin()
@@ -241,23 +271,46 @@ def register_manifest(ctx: Context, principal: Principal, name: str, files: list
         return _commit_manifest(session, principal, name, files, config, now=now, request_id=request_id)
 
 
-def _commit_manifest(session: Session, principal: Principal, name: str, files: list[tuple[str, int, str]],
-                     config: dict[str, Any], *, now: Any, request_id: str | None = None, **details: Any) -> BaseModel:
+def _commit_manifest(
+    session: Session,
+    principal: Principal,
+    name: str,
+    files: list[tuple[str, int, str]],
+    config: dict[str, Any],
+    *,
+    now: Any,
+    request_id: str | None = None,
+    **details: Any,
+) -> BaseModel:
     if session.get(BaseModel, name) is not None:
         raise AlreadyExists(f"base model {name!r} is already registered (remove it first)")
     archs = config.get("architectures")
     arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else config.get("model_type")
-    row = BaseModel(name=name, architecture=str(arch)[:128] if arch else None,
-                    size_bytes=sum(f[1] for f in files), created_at=now, config=config)
+    row = BaseModel(
+        name=name,
+        architecture=str(arch)[:128] if arch else None,
+        size_bytes=sum(f[1] for f in files),
+        created_at=now,
+        config=config,
+    )
     session.add(row)
     session.flush()
     for path, size, sha in files:
         session.add(BaseModelFile(base_model=name, path=path, size_bytes=size, sha256=sha))
     shas = sorted({f[2] for f in files})
     session.execute(sa.update(Blob).where(Blob.sha256.in_(shas)).values(last_referenced_at=now))  # type: ignore[attr-defined]
-    audit.record(session, at=now, action="base_model.register", tenant_id=principal.tenant_id,
-                 key_id=principal.key_id, target=name, request_id=request_id, files=len(files),
-                 size_bytes=row.size_bytes, **details)
+    audit.record(
+        session,
+        at=now,
+        action="base_model.register",
+        tenant_id=principal.tenant_id,
+        key_id=principal.key_id,
+        target=name,
+        request_id=request_id,
+        files=len(files),
+        size_bytes=row.size_bytes,
+        **details,
+    )
     session.flush()
     return row
 
@@ -275,17 +328,22 @@ def get(session: Session, name: str) -> BaseModel:
 
 
 def files_of(session: Session, name: str) -> list[BaseModelFile]:
-    return list(session.exec(select(BaseModelFile).where(BaseModelFile.base_model == name)
-                             .order_by(BaseModelFile.path)).all())  # type: ignore[arg-type]
+    return list(session.exec(select(BaseModelFile).where(BaseModelFile.base_model == name).order_by(BaseModelFile.path)).all())  # type: ignore[arg-type]
 
 
 def usage(session: Session, name: str, *, now: Any) -> dict[str, int]:
     """What still uses a base model: visible checkpoints of runs trained on it, and unfinished jobs."""
-    ckpts = session.exec(select(sa.func.count()).select_from(Checkpoint).join(
-        TrainingRun, TrainingRun.id == Checkpoint.run_id).where(  # type: ignore[arg-type]
-        TrainingRun.base_model == name, visible_clause(now))).one()
-    jobs = session.exec(select(sa.func.count()).select_from(ExportJob).where(
-        ExportJob.base_model == name, ExportJob.state.in_(ACTIVE_JOB_STATES))).one()  # type: ignore[attr-defined]
+    ckpts = session.exec(
+        select(sa.func.count())
+        .select_from(Checkpoint)
+        .join(TrainingRun, TrainingRun.id == Checkpoint.run_id)
+        .where(  # type: ignore[arg-type]
+            TrainingRun.base_model == name, visible_clause(now)
+        )
+    ).one()
+    jobs = session.exec(
+        select(sa.func.count()).select_from(ExportJob).where(ExportJob.base_model == name, ExportJob.state.in_(ACTIVE_JOB_STATES))
+    ).one()  # type: ignore[attr-defined]
     return {"checkpoints": int(ckpts), "active_jobs": int(jobs)}
 
 
@@ -296,24 +354,34 @@ def remove(session: Session, principal: Principal, name: str, *, now: Any, reque
     get(session, name)
     used = usage(session, name, now=now)
     if used["checkpoints"] or used["active_jobs"]:
-        raise InUse(f"base model {name!r} is still used by {used['checkpoints']} checkpoint(s) and "
-                    f"{used['active_jobs']} unfinished export job(s)", **used)
+        raise InUse(
+            f"base model {name!r} is still used by {used['checkpoints']} checkpoint(s) and "
+            f"{used['active_jobs']} unfinished export job(s)",
+            **used,
+        )
     shas = sa.select(BaseModelFile.sha256).where(BaseModelFile.base_model == name)  # type: ignore[call-overload]
     session.execute(sa.update(Blob).where(Blob.sha256.in_(shas)).values(last_referenced_at=now))  # type: ignore[attr-defined]
     session.execute(sa.delete(BaseModelFile).where(BaseModelFile.base_model == name))  # type: ignore[arg-type]
     session.execute(sa.delete(BaseModel).where(BaseModel.name == name))  # type: ignore[arg-type]
-    audit.record(session, at=now, action="base_model.remove", tenant_id=principal.tenant_id,
-                 key_id=principal.key_id, target=name, request_id=request_id)
+    audit.record(
+        session,
+        at=now,
+        action="base_model.remove",
+        tenant_id=principal.tenant_id,
+        key_id=principal.key_id,
+        target=name,
+        request_id=request_id,
+    )
 
 
 # --- materialise ------------------------------------------------------------------------------
+
 
 def cache_root(ctx: Context) -> Path:
     return Path(ctx.settings.data_dir) / "cache"
 
 
-def fetch_blob(ctx: Context, sha256: str, size: int, dest: Path, *, progress: Progress | None = None,
-               what: str = "") -> None:
+def fetch_blob(ctx: Context, sha256: str, size: int, dest: Path, *, progress: Progress | None = None, what: str = "") -> None:
     """Download one blob to ``dest`` (atomic: temp file, then rename), verifying size and sha256.
     A mismatch is ``DataLoss``: the store holds bytes that differ from what was verified at commit."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -329,8 +397,12 @@ def fetch_blob(ctx: Context, sha256: str, size: int, dest: Path, *, progress: Pr
                 if progress:
                     progress(len(data))
         if n != size or h.hexdigest() != sha256:
-            raise DataLoss(f"{what or sha256}: the stored object is corrupt (expected sha256 {sha256} and "
-                           f"{size} bytes, got {h.hexdigest()} and {n} bytes)", sha256=sha256, file=what)
+            raise DataLoss(
+                f"{what or sha256}: the stored object is corrupt (expected sha256 {sha256} and "
+                f"{size} bytes, got {h.hexdigest()} and {n} bytes)",
+                sha256=sha256,
+                file=what,
+            )
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -383,5 +455,18 @@ def materialise(ctx: Context, name: str, *, root: Path | None = None, progress: 
     return model_dir
 
 
-__all__ = ["check_base_name", "fetch_blob", "files_of", "finish_blob", "get", "list_base_models", "materialise",
-           "register", "register_manifest", "remove", "scan_dir", "store_blob", "usage"]
+__all__ = [
+    "check_base_name",
+    "fetch_blob",
+    "files_of",
+    "finish_blob",
+    "get",
+    "list_base_models",
+    "materialise",
+    "register",
+    "register_manifest",
+    "remove",
+    "scan_dir",
+    "store_blob",
+    "usage",
+]

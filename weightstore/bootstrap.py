@@ -97,8 +97,9 @@ def start(settings: Settings, *, migrate: bool = True, clock: Clock | None = Non
             marker.write_text(json.dumps({"endpoint_url": endpoint, "pid": os.getpid()}))
             stops.append(weed.stop)
             stops.append(lambda: marker.unlink(missing_ok=True))
-        settings = settings.model_copy(update={"s3_endpoint_url": endpoint, "s3_access_key_id": access,
-                                               "s3_secret_access_key": SecretStr(secret)})
+        settings = settings.model_copy(
+            update={"s3_endpoint_url": endpoint, "s3_access_key_id": access, "s3_secret_access_key": SecretStr(secret)}
+        )
     try:
         url = settings.resolved_database_url
         if migrate:

@@ -23,8 +23,10 @@ from weightstore.settings import Settings
 
 
 def visible_clause(now: datetime) -> Any:
-    return sa.and_(Checkpoint.state == CheckpointState.committed,  # type: ignore[arg-type]
-                   sa.or_(Checkpoint.expires_at.is_(None), Checkpoint.expires_at > now))  # type: ignore[union-attr,operator]
+    return sa.and_(
+        Checkpoint.state == CheckpointState.committed,  # type: ignore[arg-type]
+        sa.or_(Checkpoint.expires_at.is_(None), Checkpoint.expires_at > now),
+    )  # type: ignore[union-attr,operator]
 
 
 def is_visible(ckpt: Checkpoint, now: datetime) -> bool:
@@ -38,8 +40,11 @@ def tinker_path(ckpt: Checkpoint) -> str:
 def check_ttl(settings: Settings, ttl_seconds: int | None) -> None:
     if ttl_seconds is None:
         return
-    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or not (
-            settings.ttl_min_seconds <= ttl_seconds <= settings.ttl_max_seconds):
+    if (
+        isinstance(ttl_seconds, bool)
+        or not isinstance(ttl_seconds, int)
+        or not (settings.ttl_min_seconds <= ttl_seconds <= settings.ttl_max_seconds)
+    ):
         raise InvalidTTL(f"ttl_seconds is out of range ({settings.ttl_min_seconds}..{settings.ttl_max_seconds})")
 
 
@@ -47,24 +52,33 @@ def expires_at_for(now: datetime, ttl_seconds: int | None) -> datetime | None:
     return None if ttl_seconds is None else now + timedelta(seconds=ttl_seconds)
 
 
-def find(session: Session, path: TinkerPath, *, now: datetime, tenant_id: str | None = None,
-         allow_public: bool = False) -> Checkpoint:
+def find(
+    session: Session, path: TinkerPath, *, now: datetime, tenant_id: str | None = None, allow_public: bool = False
+) -> Checkpoint:
     """The visible checkpoint at ``path`` owned by ``tenant_id`` (or public, if allowed)."""
-    q = select(Checkpoint).where(Checkpoint.run_id == path.run_id, Checkpoint.kind == path.kind,
-                                 Checkpoint.name == path.name, visible_clause(now))
+    q = select(Checkpoint).where(
+        Checkpoint.run_id == path.run_id, Checkpoint.kind == path.kind, Checkpoint.name == path.name, visible_clause(now)
+    )
     ckpt = session.exec(q).first()
     if ckpt is None or (tenant_id is not None and ckpt.tenant_id != tenant_id and not (allow_public and ckpt.public)):
         raise NotFound(f"checkpoint {path} not found")
     return ckpt
 
 
-def get_for(session: Session, principal: Principal, path: TinkerPath, *, now: datetime,
-            allow_public: bool = False) -> Checkpoint:
+def get_for(session: Session, principal: Principal, path: TinkerPath, *, now: datetime, allow_public: bool = False) -> Checkpoint:
     return find(session, path, now=now, tenant_id=principal.tenant_id, allow_public=allow_public)
 
 
-def list_checkpoints(session: Session, principal: Principal, *, now: datetime, run_id: str | None = None,
-                     kind: str | None = None, limit: int | None = 100, offset: int = 0) -> tuple[list[Checkpoint], int]:
+def list_checkpoints(
+    session: Session,
+    principal: Principal,
+    *,
+    now: datetime,
+    run_id: str | None = None,
+    kind: str | None = None,
+    limit: int | None = 100,
+    offset: int = 0,
+) -> tuple[list[Checkpoint], int]:
     """Newest first. Returns (page, total)."""
     q = select(Checkpoint).where(Checkpoint.tenant_id == principal.tenant_id, visible_clause(now))
     if run_id is not None:
@@ -79,8 +93,9 @@ def list_checkpoints(session: Session, principal: Principal, *, now: datetime, r
 
 
 def files_of(session: Session, ckpt: Checkpoint) -> list[CheckpointFile]:
-    return list(session.exec(select(CheckpointFile).where(CheckpointFile.checkpoint_id == ckpt.id)
-                             .order_by(CheckpointFile.path)).all())  # type: ignore[arg-type]
+    return list(
+        session.exec(select(CheckpointFile).where(CheckpointFile.checkpoint_id == ckpt.id).order_by(CheckpointFile.path)).all()
+    )  # type: ignore[arg-type]
 
 
 def end_checkpoint(session: Session, ckpt: Checkpoint, *, state: CheckpointState, at: datetime, now: datetime) -> None:
@@ -107,35 +122,64 @@ def expire_due(session: Session, *, now: datetime, limit: int) -> list[str]:
     """
     due = sa.and_(Checkpoint.state == CheckpointState.committed.value, Checkpoint.expires_at <= now)  # type: ignore[arg-type,operator]
     pick = sa.select(Checkpoint.id).where(due).order_by(Checkpoint.id).limit(limit)  # type: ignore[call-overload]
-    ids = [r[0] for r in session.execute(
-        sa.update(Checkpoint).where(Checkpoint.id.in_(pick.scalar_subquery()), due)  # type: ignore[attr-defined,call-overload]
-        .values(state=CheckpointState.expired.value).returning(Checkpoint.id)).all()]  # type: ignore[arg-type]
+    ids = [
+        r[0]
+        for r in session.execute(
+            sa.update(Checkpoint)
+            .where(Checkpoint.id.in_(pick.scalar_subquery()), due)  # type: ignore[attr-defined,call-overload]
+            .values(state=CheckpointState.expired.value)
+            .returning(Checkpoint.id)
+        ).all()
+    ]  # type: ignore[arg-type]
     if not ids:
         return ids
     ledger.on_end_expired(session, ids, now=now)
     # One UPDATE ... FROM a grouped derived table (each blob's latest expires_at among these
     # checkpoints); a correlated subquery per blob row was measured 23 s for 2,000 on PostgreSQL.
-    latest = (sa.select(CheckpointFile.sha256.label("sha256"), sa.func.max(Checkpoint.expires_at).label("at"))  # type: ignore[attr-defined]
-              .join(Checkpoint, Checkpoint.id == CheckpointFile.checkpoint_id)  # type: ignore[arg-type]
-              .where(Checkpoint.id.in_(ids)).group_by(CheckpointFile.sha256).subquery())  # type: ignore[attr-defined]
-    session.execute(sa.update(Blob).where(Blob.sha256 == latest.c.sha256, Blob.last_referenced_at < latest.c.at)  # type: ignore[arg-type]
-                    .values(last_referenced_at=latest.c.at))
+    latest = (
+        sa.select(CheckpointFile.sha256.label("sha256"), sa.func.max(Checkpoint.expires_at).label("at"))  # type: ignore[attr-defined]
+        .join(Checkpoint, Checkpoint.id == CheckpointFile.checkpoint_id)  # type: ignore[arg-type]
+        .where(Checkpoint.id.in_(ids))
+        .group_by(CheckpointFile.sha256)
+        .subquery()
+    )  # type: ignore[attr-defined]
+    session.execute(
+        sa.update(Blob)
+        .where(Blob.sha256 == latest.c.sha256, Blob.last_referenced_at < latest.c.at)  # type: ignore[arg-type]
+        .values(last_referenced_at=latest.c.at)
+    )
     return ids
 
 
-def delete(session: Session, principal: Principal, path: TinkerPath, *, now: datetime,
-           request_id: str | None = None) -> Checkpoint:
+def delete(
+    session: Session, principal: Principal, path: TinkerPath, *, now: datetime, request_id: str | None = None
+) -> Checkpoint:
     """Mark deleted: invisible at once; the collector reclaims the bytes after the grace period."""
     principal.require_write()
     ckpt = get_for(session, principal, path, now=now)
     end_checkpoint(session, ckpt, state=CheckpointState.deleted, at=now, now=now)
-    audit.record(session, at=now, action="checkpoint.delete", tenant_id=principal.tenant_id,
-                 key_id=principal.key_id, target=str(path), request_id=request_id)
+    audit.record(
+        session,
+        at=now,
+        action="checkpoint.delete",
+        tenant_id=principal.tenant_id,
+        key_id=principal.key_id,
+        target=str(path),
+        request_id=request_id,
+    )
     return ckpt
 
 
-def set_ttl(session: Session, principal: Principal, path: TinkerPath, ttl_seconds: int | None, *, settings: Settings,
-            now: datetime, request_id: str | None = None) -> Checkpoint:
+def set_ttl(
+    session: Session,
+    principal: Principal,
+    path: TinkerPath,
+    ttl_seconds: int | None,
+    *,
+    settings: Settings,
+    now: datetime,
+    request_id: str | None = None,
+) -> Checkpoint:
     """``ttl_seconds`` counts from now; ``None`` removes the expiry."""
     principal.require_write()
     check_ttl(settings, ttl_seconds)
@@ -143,8 +187,16 @@ def set_ttl(session: Session, principal: Principal, path: TinkerPath, ttl_second
     ckpt.expires_at = expires_at_for(now, ttl_seconds)
     session.add(ckpt)
     ledger.on_ttl(session, ckpt, now=now)
-    audit.record(session, at=now, action="checkpoint.ttl", tenant_id=principal.tenant_id, key_id=principal.key_id,
-                 target=str(path), request_id=request_id, ttl_seconds=ttl_seconds)
+    audit.record(
+        session,
+        at=now,
+        action="checkpoint.ttl",
+        tenant_id=principal.tenant_id,
+        key_id=principal.key_id,
+        target=str(path),
+        request_id=request_id,
+        ttl_seconds=ttl_seconds,
+    )
     return ckpt
 
 
@@ -157,8 +209,7 @@ class FileUrl:
     expires_at: datetime
 
 
-def download_urls(session: Session, ckpt: Checkpoint, *, store: ObjectStore, settings: Settings,
-                  now: datetime) -> list[FileUrl]:
+def download_urls(session: Session, ckpt: Checkpoint, *, store: ObjectStore, settings: Settings, now: datetime) -> list[FileUrl]:
     """Short-lived presigned GETs, one per file. Only live (verified) blobs are handed out."""
     ttl = settings.presign_ttl_seconds
     out: list[FileUrl] = []
@@ -167,6 +218,13 @@ def download_urls(session: Session, ckpt: Checkpoint, *, store: ObjectStore, set
         if blob is None or blob.state != "live":
             raise NotFound(f"checkpoint {tinker_path(ckpt)} is being collected")
         leaf = f.path.rsplit("/", 1)[-1]
-        out.append(FileUrl(f.path, f.size_bytes, f.sha256, store.presign_get(blob_key(f.sha256), ttl, filename=leaf),
-                           now + timedelta(seconds=ttl)))
+        out.append(
+            FileUrl(
+                f.path,
+                f.size_bytes,
+                f.sha256,
+                store.presign_get(blob_key(f.sha256), ttl, filename=leaf),
+                now + timedelta(seconds=ttl),
+            )
+        )
     return out

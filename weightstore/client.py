@@ -82,11 +82,11 @@ class RawHTTP:
     def __init__(self, timeout: float, maxsize: int = 16) -> None:
         import urllib3
 
-        self.pool = urllib3.PoolManager(maxsize=maxsize, retries=False,
-                                        timeout=urllib3.Timeout(connect=10, read=timeout))
+        self.pool = urllib3.PoolManager(maxsize=maxsize, retries=False, timeout=urllib3.Timeout(connect=10, read=timeout))
 
-    def request(self, method: str, url: str, *, body: Any = None, headers: dict[str, str] | None = None,
-                stream: bool = False) -> Any:
+    def request(
+        self, method: str, url: str, *, body: Any = None, headers: dict[str, str] | None = None, stream: bool = False
+    ) -> Any:
         import urllib3
 
         try:
@@ -164,8 +164,9 @@ class HashCache:
         digest = sha256_file(src)
         try:
             with self._connect() as conn:
-                conn.execute("insert or replace into h values (?, ?, ?, ?, ?)",
-                             (key, st.st_size, st.st_mtime_ns, st.st_ino, digest))
+                conn.execute(
+                    "insert or replace into h values (?, ?, ?, ?, ?)", (key, st.st_size, st.st_mtime_ns, st.st_ino, digest)
+                )
         except Exception:  # noqa: BLE001
             pass
         return st.st_size, digest
@@ -215,9 +216,18 @@ def _read_part(src: FileSource, offset: int, length: int) -> bytes:
 
 
 class Client:
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 300,
-                 transfer: str = "auto", progress: bool = False, parallel: int = 4,
-                 hash_cache: HashCache | None | bool = True, range_part: int = RANGE_PART) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 300,
+        transfer: str = "auto",
+        progress: bool = False,
+        parallel: int = 4,
+        hash_cache: HashCache | None | bool = True,
+        range_part: int = RANGE_PART,
+    ) -> None:
         self.base_url = (base_url or os.environ.get("WEIGHTSTORE_URL") or "http://127.0.0.1:8000").rstrip("/")
         key = api_key or os.environ.get("WEIGHTSTORE_API_KEY")
         if transfer not in TRANSFERS:
@@ -249,19 +259,40 @@ class Client:
         return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else None
 
     # --- runs ---------------------------------------------------------------------------------
-    def create_run(self, base_model: str, *, run_id: str | None = None, lora_rank: int | None = None,
-                   user_metadata: dict[str, str] | None = None, **lora: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"base_model": base_model, "run_id": run_id, "lora_rank": lora_rank,
-                                "user_metadata": user_metadata, **lora}
+    def create_run(
+        self,
+        base_model: str,
+        *,
+        run_id: str | None = None,
+        lora_rank: int | None = None,
+        user_metadata: dict[str, str] | None = None,
+        **lora: bool,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "base_model": base_model,
+            "run_id": run_id,
+            "lora_rank": lora_rank,
+            "user_metadata": user_metadata,
+            **lora,
+        }
         return dict(self._call("POST", "/v1/runs", json={k: v for k, v in body.items() if v is not None}))
 
     def list_runs(self, *, limit: int = 100, offset: int = 0) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/runs", params={"limit": limit, "offset": offset}))
 
     # --- upload -------------------------------------------------------------------------------
-    def upload(self, run_id: str, kind: str, name: str, files: Mapping[str, FileSource], *,
-               ttl_seconds: int | None = None, overwrite: bool = False, user_metadata: dict[str, str] | None = None,
-               transfer: str | None = None) -> dict[str, Any]:
+    def upload(
+        self,
+        run_id: str,
+        kind: str,
+        name: str,
+        files: Mapping[str, FileSource],
+        *,
+        ttl_seconds: int | None = None,
+        overwrite: bool = False,
+        user_metadata: dict[str, str] | None = None,
+        transfer: str | None = None,
+    ) -> dict[str, Any]:
         """Declare → send what the service does not have → commit. Returns the commit answer
         (``tinker_path``, ``checkpoint``, ``bytes_received``)."""
         mode = transfer or self.transfer
@@ -270,9 +301,15 @@ class Client:
         # Hash files in parallel (hashlib releases the GIL): the declare needs every digest first.
         with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1, 8))) as pool:
             digests = dict(zip(files, pool.map(lambda src: _digest(src, self.hash_cache), files.values()), strict=True))
-        body = {"run_id": run_id, "kind": kind, "name": name, "ttl_seconds": ttl_seconds, "overwrite": overwrite,
-                "user_metadata": user_metadata,
-                "files": [{"path": p, "size_bytes": s, "sha256": h} for p, (s, h) in sorted(digests.items())]}
+        body = {
+            "run_id": run_id,
+            "kind": kind,
+            "name": name,
+            "ttl_seconds": ttl_seconds,
+            "overwrite": overwrite,
+            "user_metadata": user_metadata,
+            "files": [{"path": p, "size_bytes": s, "sha256": h} for p, (s, h) in sorted(digests.items())],
+        }
         if mode != "auto":
             return self._upload_once({**body, "transfer": mode}, files, name)
         try:
@@ -296,8 +333,14 @@ class Client:
     def _declare_send_commit(self, body: dict[str, Any], files: Mapping[str, FileSource], name: str) -> dict[str, Any]:
         ans = self._call("POST", "/v1/uploads", json=body)
         todo = [f for f in ans["files"] if f["transfer"] != "present"]
-        bar = tqdm(total=sum(f["size_bytes"] for f in todo), unit="B", unit_scale=True, desc=f"upload {name}",
-                   disable=not self.progress or not todo, leave=False)
+        bar = tqdm(
+            total=sum(f["size_bytes"] for f in todo),
+            unit="B",
+            unit_scale=True,
+            desc=f"upload {name}",
+            disable=not self.progress or not todo,
+            leave=False,
+        )
         try:
             with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(todo) or 1))) as pool:
                 for fut in [pool.submit(self._send, ans["upload_id"], f, files[f["path"]], bar.update) for f in todo]:
@@ -322,9 +365,11 @@ class Client:
 
     def _send_once(self, upload_id: str, answer: dict[str, Any], src: FileSource, progress: Callable[[int], None]) -> None:
         if answer["transfer"] == "stream":
-            r = self.http.put(f"/v1/uploads/{upload_id}/files/{answer['path']}", content=_chunks(src, progress),
-                              headers={"Content-Type": "application/octet-stream",
-                                       "Content-Length": str(answer["size_bytes"])})
+            r = self.http.put(
+                f"/v1/uploads/{upload_id}/files/{answer['path']}",
+                content=_chunks(src, progress),
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(answer["size_bytes"])},
+            )
             _raise_for(r)
             return
         if answer.get("part_urls"):
@@ -354,21 +399,31 @@ class Client:
 
     # --- Tinker-style save/load ---------------------------------------------------------------
     @staticmethod
-    def _weights_files(weights: Mapping[str, torch.Tensor] | str | Path,
-                       adapter_config: dict[str, Any] | None) -> dict[str, FileSource]:
+    def _weights_files(
+        weights: Mapping[str, torch.Tensor] | str | Path, adapter_config: dict[str, Any] | None
+    ) -> dict[str, FileSource]:
         if isinstance(weights, str | Path):
             root = Path(weights)
             return {p.name: p for p in sorted(root.iterdir()) if p.is_file()}
         if adapter_config is None:
             raise ValueError("adapter_config (at least r and lora_alpha) is required with a tensor dict")
         from weightstore import tensorio
+
         cfg = json.dumps(adapter_config, sort_keys=True, indent=2).encode()
         return {ADAPTER_WEIGHTS: tensorio.weights_bytes(dict(weights)), ADAPTER_CONFIG: cfg}
 
-    def save_state(self, run_id: str, name: str, weights: Mapping[str, torch.Tensor] | str | Path,
-                   optimizer_state: dict[str, Any] | torch.optim.Optimizer | None = None, *,
-                   adapter_config: dict[str, Any] | None = None, ttl_seconds: int | None = None,
-                   overwrite: bool = False, user_metadata: dict[str, str] | None = None) -> str:
+    def save_state(
+        self,
+        run_id: str,
+        name: str,
+        weights: Mapping[str, torch.Tensor] | str | Path,
+        optimizer_state: dict[str, Any] | torch.optim.Optimizer | None = None,
+        *,
+        adapter_config: dict[str, Any] | None = None,
+        ttl_seconds: int | None = None,
+        overwrite: bool = False,
+        user_metadata: dict[str, str] | None = None,
+    ) -> str:
         """Full state (weights + optimizer) at ``tinker://run/weights/name``."""
         from weightstore import tensorio
 
@@ -379,17 +434,28 @@ class Client:
             files[OPTIMIZER_STATE] = tensorio.optimizer_bytes(sd, param_names=names)
         elif OPTIMIZER_STATE not in files:
             raise ValueError("save_state needs optimizer_state (or a directory containing optimizer.safetensors)")
-        return str(self.upload(run_id, "training", name, files, ttl_seconds=ttl_seconds, overwrite=overwrite,
-                               user_metadata=user_metadata)["tinker_path"])
+        return str(
+            self.upload(
+                run_id, "training", name, files, ttl_seconds=ttl_seconds, overwrite=overwrite, user_metadata=user_metadata
+            )["tinker_path"]
+        )
 
-    def save_weights_for_sampler(self, run_id: str, name: str, weights: Mapping[str, torch.Tensor] | str | Path, *,
-                                 adapter_config: dict[str, Any] | None = None, ttl_seconds: int | None = None,
-                                 user_metadata: dict[str, str] | None = None) -> str:
+    def save_weights_for_sampler(
+        self,
+        run_id: str,
+        name: str,
+        weights: Mapping[str, torch.Tensor] | str | Path,
+        *,
+        adapter_config: dict[str, Any] | None = None,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
+    ) -> str:
         """Weights only at ``tinker://run/sampler_weights/name``."""
         files = self._weights_files(weights, adapter_config)
         files.pop(OPTIMIZER_STATE, None)
-        return str(self.upload(run_id, "sampler", name, files, ttl_seconds=ttl_seconds,
-                               user_metadata=user_metadata)["tinker_path"])
+        return str(
+            self.upload(run_id, "sampler", name, files, ttl_seconds=ttl_seconds, user_metadata=user_metadata)["tinker_path"]
+        )
 
     def read_file(self, tinker_path: str, file: str) -> bytes:
         urls = {f["path"]: f for f in self.file_urls(tinker_path)["files"]}
@@ -419,8 +485,9 @@ class Client:
     def get_checkpoint(self, tinker_path: str) -> dict[str, Any]:
         return dict(self._call("GET", self._path_url(tinker_path)))
 
-    def list_checkpoints(self, *, run_id: str | None = None, kind: str | None = None, limit: int = 100,
-                         offset: int = 0) -> dict[str, Any]:
+    def list_checkpoints(
+        self, *, run_id: str | None = None, kind: str | None = None, limit: int = 100, offset: int = 0
+    ) -> dict[str, Any]:
         params = {k: v for k, v in {"run_id": run_id, "kind": kind, "limit": limit, "offset": offset}.items() if v is not None}
         return dict(self._call("GET", "/v1/checkpoints", params=params))
 
@@ -440,8 +507,14 @@ class Client:
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         files = self.file_urls(tinker_path)["files"]
-        bar = tqdm(total=sum(f["size_bytes"] for f in files), unit="B", unit_scale=True, desc="download",
-                   disable=not self.progress, leave=False)
+        bar = tqdm(
+            total=sum(f["size_bytes"] for f in files),
+            unit="B",
+            unit_scale=True,
+            desc="download",
+            disable=not self.progress,
+            leave=False,
+        )
         try:
             with ThreadPoolExecutor(max_workers=max(1, min(len(files), 4))) as pool:
                 for fut in [pool.submit(self._download_one, f, dest, bar.update) for f in files]:
@@ -457,6 +530,7 @@ class Client:
             f.truncate(size)
         fd = os.open(partial, os.O_WRONLY)
         try:
+
             def fetch(offset: int) -> memoryview:
                 end = min(offset + self.range_part, size) - 1
                 data = self.raw.get_range(info["url"], offset, end)

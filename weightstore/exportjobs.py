@@ -85,8 +85,8 @@ def default_owner() -> str:
 
 # --- submit -----------------------------------------------------------------------------------
 
-def _request_key(tenant_id: str, source_id: str, target: str, base: str, output_name: str | None,
-                 options: dict[str, Any]) -> str:
+
+def _request_key(tenant_id: str, source_id: str, target: str, base: str, output_name: str | None, options: dict[str, Any]) -> str:
     raw = json.dumps([tenant_id, source_id, target, base, output_name, options], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()
 
@@ -107,12 +107,24 @@ def _check_options(options: dict[str, Any] | None) -> dict[str, Any]:
     return options
 
 
-def _submit_one(session: Session, ctx: Context, principal: Principal, source: Checkpoint, *, target: str,
-                base_model: str | None, output_name: str | None, options: dict[str, Any], batch_id: str | None,
-                now: datetime) -> ExportJob:
+def _submit_one(
+    session: Session,
+    ctx: Context,
+    principal: Principal,
+    source: Checkpoint,
+    *,
+    target: str,
+    base_model: str | None,
+    output_name: str | None,
+    options: dict[str, Any],
+    batch_id: str | None,
+    now: datetime,
+) -> ExportJob:
     if source.kind not in SOURCE_KINDS:
-        raise InvalidRequest(f"{checkpoints.tinker_path(source)}: only sampler and full-state checkpoints can be "
-                             f"exported (this one is {source.kind})")
+        raise InvalidRequest(
+            f"{checkpoints.tinker_path(source)}: only sampler and full-state checkpoints can be "
+            f"exported (this one is {source.kind})"
+        )
     run = session.get(TrainingRun, source.run_id)
     base = base_model or (run.base_model if run else None)
     if not base:
@@ -125,21 +137,41 @@ def _submit_one(session: Session, ctx: Context, principal: Principal, source: Ch
     key = _request_key(principal.tenant_id, source.id, target, base, output_name, options)
     existing = session.exec(select(ExportJob).where(ExportJob.request_key == key)).first()
     if existing is not None:
-        if existing.state in ("failed", "cancelled") or (existing.state == "succeeded" and not _result_visible(
-                session, existing, now)):
+        if existing.state in ("failed", "cancelled") or (
+            existing.state == "succeeded" and not _result_visible(session, existing, now)
+        ):
             # Asking again for something that did not produce a usable result is a retry, not a
             # duplicate: the same job is queued once more.
             _requeue(existing, now)
             session.add(existing)
         return existing
-    job = ExportJob(id=new_id("exp"), tenant_id=principal.tenant_id, batch_id=batch_id, source_checkpoint_id=source.id,
-                    target=target, base_model=base, options=options or None, request_key=key,
-                    output_name=output_name or _default_output_name(source), state="queued",
-                    total_bytes=source.size_bytes, created_at=now)
+    job = ExportJob(
+        id=new_id("exp"),
+        tenant_id=principal.tenant_id,
+        batch_id=batch_id,
+        source_checkpoint_id=source.id,
+        target=target,
+        base_model=base,
+        options=options or None,
+        request_key=key,
+        output_name=output_name or _default_output_name(source),
+        state="queued",
+        total_bytes=source.size_bytes,
+        created_at=now,
+    )
     session.add(job)
     session.flush()
-    audit.record(session, at=now, action="export.submit", tenant_id=principal.tenant_id, key_id=principal.key_id,
-                 target=checkpoints.tinker_path(source), job_id=job.id, export_target=target, base_model=base)
+    audit.record(
+        session,
+        at=now,
+        action="export.submit",
+        tenant_id=principal.tenant_id,
+        key_id=principal.key_id,
+        target=checkpoints.tinker_path(source),
+        job_id=job.id,
+        export_target=target,
+        base_model=base,
+    )
     return job
 
 
@@ -160,8 +192,16 @@ def _requeue(job: ExportJob, now: datetime) -> None:
     job.created_at = now
 
 
-def submit(ctx: Context, principal: Principal, source: str, *, target: str, base_model: str | None = None,
-           output_name: str | None = None, options: dict[str, Any] | None = None) -> ExportJob:
+def submit(
+    ctx: Context,
+    principal: Principal,
+    source: str,
+    *,
+    target: str,
+    base_model: str | None = None,
+    output_name: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> ExportJob:
     """Queue an export of the checkpoint at tinker path ``source``; the same request twice returns
     the same job."""
     principal.require_write()
@@ -173,17 +213,36 @@ def submit(ctx: Context, principal: Principal, source: str, *, target: str, base
         try:
             with session_scope(ctx.engine) as session:
                 ckpt = checkpoints.get_for(session, principal, path, now=now)
-                return _submit_one(session, ctx, principal, ckpt, target=target, base_model=base_model,
-                                   output_name=output_name, options=opts, batch_id=None, now=now)
+                return _submit_one(
+                    session,
+                    ctx,
+                    principal,
+                    ckpt,
+                    target=target,
+                    base_model=base_model,
+                    output_name=output_name,
+                    options=opts,
+                    batch_id=None,
+                    now=now,
+                )
         except DBIntegrityError:
             if attempt:  # two identical submissions raced: the other one's job is ours too
                 raise
     raise AssertionError("unreachable")
 
 
-def submit_batch(ctx: Context, principal: Principal, *, target: str, sources: list[str] | None = None,
-                 run_id: str | None = None, kind: str | None = None, name_pattern: str | None = None,
-                 base_model: str | None = None, options: dict[str, Any] | None = None) -> tuple[str, list[ExportJob]]:
+def submit_batch(
+    ctx: Context,
+    principal: Principal,
+    *,
+    target: str,
+    sources: list[str] | None = None,
+    run_id: str | None = None,
+    kind: str | None = None,
+    name_pattern: str | None = None,
+    base_model: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> tuple[str, list[ExportJob]]:
     """Fan out one job per source: an explicit list of tinker paths, or a filter (run, kind, name
     glob such as ``step-*``). Returns (batch id, jobs); already-known requests return their job."""
     principal.require_write()
@@ -205,13 +264,29 @@ def submit_batch(ctx: Context, principal: Principal, *, target: str, sources: li
             rx = _glob(name_pattern) if name_pattern else None
             ckpts = [c for c in rows if c.kind in SOURCE_KINDS and (rx is None or rx.match(c.name))]
             if not ckpts:
-                raise NotFound(f"no sampler or full-state checkpoints match run {run_id}"
-                               + (f", kind {kind}" if kind else "") + (f", name {name_pattern}" if name_pattern else ""))
+                raise NotFound(
+                    f"no sampler or full-state checkpoints match run {run_id}"
+                    + (f", kind {kind}" if kind else "")
+                    + (f", name {name_pattern}" if name_pattern else "")
+                )
             if len(ckpts) > MAX_BATCH:
                 raise InvalidRequest(f"{len(ckpts)} checkpoints match; at most {MAX_BATCH} per batch")
             ckpts.sort(key=lambda c: (c.created_at, c.id))
-        jobs = [_submit_one(session, ctx, principal, c, target=target, base_model=base_model, output_name=None,
-                            options=opts, batch_id=batch_id, now=now) for c in ckpts]
+        jobs = [
+            _submit_one(
+                session,
+                ctx,
+                principal,
+                c,
+                target=target,
+                base_model=base_model,
+                output_name=None,
+                options=opts,
+                batch_id=batch_id,
+                now=now,
+            )
+            for c in ckpts
+        ]
     return batch_id, jobs
 
 
@@ -221,8 +296,9 @@ def _glob(pattern: str) -> re.Pattern[str]:
     return re.compile(fnmatch.translate(pattern))
 
 
-def submit_peft_export(ctx: Context, principal: Principal, source_checkpoint: str, output_name: str | None,
-                       ttl_seconds: int | None) -> str:
+def submit_peft_export(
+    ctx: Context, principal: Principal, source_checkpoint: str, output_name: str | None, ttl_seconds: int | None
+) -> str:
     """Queue a PEFT export to ``tinker://{run}/external_weights/{output_name}`` (Tinker's
     ``save_weights_external``); returns the job id."""
     options = {"ttl_seconds": ttl_seconds} if ttl_seconds is not None else None
@@ -231,6 +307,7 @@ def submit_peft_export(ctx: Context, principal: Principal, source_checkpoint: st
 
 # --- read / cancel ----------------------------------------------------------------------------
 
+
 def get_job(session: Session, principal: Principal, job_id: str) -> ExportJob:
     job = session.get(ExportJob, job_id)
     if job is None or (job.tenant_id != principal.tenant_id and not principal.is_admin):
@@ -238,8 +315,15 @@ def get_job(session: Session, principal: Principal, job_id: str) -> ExportJob:
     return job
 
 
-def list_jobs(session: Session, principal: Principal, *, state: str | None = None, batch_id: str | None = None,
-              limit: int = 100, offset: int = 0) -> tuple[list[ExportJob], int]:
+def list_jobs(
+    session: Session,
+    principal: Principal,
+    *,
+    state: str | None = None,
+    batch_id: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[list[ExportJob], int]:
     q = select(ExportJob)
     if not principal.is_admin:
         q = q.where(ExportJob.tenant_id == principal.tenant_id)
@@ -248,8 +332,11 @@ def list_jobs(session: Session, principal: Principal, *, state: str | None = Non
     if batch_id:
         q = q.where(ExportJob.batch_id == batch_id)
     total = session.exec(select(sa.func.count()).select_from(q.subquery())).one()
-    rows = session.exec(q.order_by(ExportJob.created_at.desc(), ExportJob.id.desc())  # type: ignore[attr-defined]
-                        .offset(offset).limit(limit)).all()
+    rows = session.exec(
+        q.order_by(ExportJob.created_at.desc(), ExportJob.id.desc())  # type: ignore[attr-defined]
+        .offset(offset)
+        .limit(limit)
+    ).all()
     return list(rows), int(total)
 
 
@@ -275,17 +362,19 @@ def cancel(session: Session, principal: Principal, job_id: str, *, now: datetime
     job.state, job.finished_at, job.lease_expires_at = "cancelled", now, None
     job.error = {"code": "cancelled", "message": "cancelled by request"}
     session.add(job)
-    audit.record(session, at=now, action="export.cancel", tenant_id=principal.tenant_id, key_id=principal.key_id,
-                 target=job.id)
+    audit.record(session, at=now, action="export.cancel", tenant_id=principal.tenant_id, key_id=principal.key_id, target=job.id)
     return job
 
 
 # --- claim / lease ----------------------------------------------------------------------------
 
+
 def _claimable(now: datetime) -> Any:
     return sa.or_(
-        sa.and_(ExportJob.state == "queued",  # type: ignore[arg-type]
-                sa.or_(ExportJob.not_before.is_(None), ExportJob.not_before <= now)),  # type: ignore[union-attr,operator,arg-type]
+        sa.and_(
+            ExportJob.state == "queued",  # type: ignore[arg-type]
+            sa.or_(ExportJob.not_before.is_(None), ExportJob.not_before <= now),
+        ),  # type: ignore[union-attr,operator,arg-type]
         sa.and_(ExportJob.state == "running", ExportJob.lease_expires_at < now),  # type: ignore[arg-type,operator]
     )
 
@@ -303,10 +392,18 @@ def claim(ctx: Context, owner: str, *, job_id: str | None = None) -> ExportJob |
             if candidate is None:
                 return None
             res = session.execute(
-                sa.update(ExportJob).where(ExportJob.id == candidate, _claimable(now))  # type: ignore[arg-type]
-                .values(state="running", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease),
-                        heartbeat_at=now, attempts=ExportJob.attempts + 1, not_before=None,
-                        started_at=sa.func.coalesce(ExportJob.started_at, now)))
+                sa.update(ExportJob)
+                .where(ExportJob.id == candidate, _claimable(now))  # type: ignore[arg-type]
+                .values(
+                    state="running",
+                    lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease),
+                    heartbeat_at=now,
+                    attempts=ExportJob.attempts + 1,
+                    not_before=None,
+                    started_at=sa.func.coalesce(ExportJob.started_at, now),
+                )
+            )
             if res.rowcount == 1:  # type: ignore[attr-defined]
                 job = session.get(ExportJob, candidate, populate_existing=True)
                 assert job is not None
@@ -318,31 +415,38 @@ def _owned(owner: str) -> Any:
     return sa.and_(ExportJob.lease_owner == owner, ExportJob.state == "running")  # type: ignore[arg-type]
 
 
-def heartbeat(ctx: Context, job_id: str, owner: str, *, progress_bytes: int | None = None,
-              total_bytes: int | None = None) -> None:
+def heartbeat(
+    ctx: Context, job_id: str, owner: str, *, progress_bytes: int | None = None, total_bytes: int | None = None
+) -> None:
     """Extend the lease; ``LeaseLost`` when the job was cancelled or taken over."""
     now = ctx.clock.now()
-    values: dict[str, Any] = {"heartbeat_at": now,
-                              "lease_expires_at": now + timedelta(seconds=ctx.settings.worker_lease_seconds)}
+    values: dict[str, Any] = {"heartbeat_at": now, "lease_expires_at": now + timedelta(seconds=ctx.settings.worker_lease_seconds)}
     if progress_bytes is not None:
         values["progress_bytes"] = progress_bytes
     if total_bytes is not None:
         values["total_bytes"] = total_bytes
     with session_scope(ctx.engine) as session:
-        res = session.execute(sa.update(ExportJob).where(ExportJob.id == job_id, _owned(owner))  # type: ignore[arg-type]
-                              .values(**values))
+        res = session.execute(
+            sa.update(ExportJob)
+            .where(ExportJob.id == job_id, _owned(owner))  # type: ignore[arg-type]
+            .values(**values)
+        )
         if res.rowcount != 1:  # type: ignore[attr-defined]
             raise LeaseLost(f"export job {job_id} is no longer ours (cancelled or taken over)")
 
 
 def _finish(ctx: Context, job_id: str, owner: str, **values: Any) -> bool:
     with session_scope(ctx.engine) as session:
-        res = session.execute(sa.update(ExportJob).where(ExportJob.id == job_id, _owned(owner))  # type: ignore[arg-type]
-                              .values(lease_expires_at=None, **values))
+        res = session.execute(
+            sa.update(ExportJob)
+            .where(ExportJob.id == job_id, _owned(owner))  # type: ignore[arg-type]
+            .values(lease_expires_at=None, **values)
+        )
         return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
 
 # --- run --------------------------------------------------------------------------------------
+
 
 class _Progress:
     """Counts bytes moved and pushes them (with the heartbeat) to the job row now and then."""
@@ -413,8 +517,9 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def convert(target: str, adapter_dir: Path, base_dir: Path, out_dir: Path, *, base_name: str | None = None,
-            shard_bytes: int | None = None) -> dict[str, Any]:
+def convert(
+    target: str, adapter_dir: Path, base_dir: Path, out_dir: Path, *, base_name: str | None = None, shard_bytes: int | None = None
+) -> dict[str, Any]:
     """Run the local conversion library (``weightstore.export``); returns the result summary with its
     verification report as JSON-able data. Raises the library's errors (``VerificationFailed``, ...)."""
     from weightstore import export as lib
@@ -431,25 +536,41 @@ def convert(target: str, adapter_dir: Path, base_dir: Path, out_dir: Path, *, ba
     return {k: v for k, v in data.items() if k not in ("plan", "out_dir")}
 
 
-def _download_checkpoint(ctx: Context, ckpt_files: list[tuple[str, int, str]], dest: Path,
-                         progress: _Progress) -> None:
+def _download_checkpoint(ctx: Context, ckpt_files: list[tuple[str, int, str]], dest: Path, progress: _Progress) -> None:
     for path, size, sha in ckpt_files:
         basemodels.fetch_blob(ctx, sha, size, dest / path, progress=progress.add, what=f"source file {path}")
 
 
-def _upload_output(ctx: Context, principal: Principal, job: ExportJob, source: Checkpoint, out_dir: Path,
-                   owner: str, progress: _Progress, verification: dict[str, Any]) -> Checkpoint:
+def _upload_output(
+    ctx: Context,
+    principal: Principal,
+    job: ExportJob,
+    source: Checkpoint,
+    out_dir: Path,
+    owner: str,
+    progress: _Progress,
+    verification: dict[str, Any],
+) -> Checkpoint:
     files = sorted(p for p in out_dir.rglob("*") if p.is_file())
-    declared = [uploads.DeclaredFile(p.relative_to(out_dir).as_posix(), p.stat().st_size, basemodels.sha256_file(p))
-                for p in files]
+    declared = [
+        uploads.DeclaredFile(p.relative_to(out_dir).as_posix(), p.stat().st_size, basemodels.sha256_file(p)) for p in files
+    ]
     with progress.lock:
         progress.total += sum(d.size_bytes for d in declared)
     kind = TARGETS[job.target]
     ttl = (job.options or {}).get("ttl_seconds")
-    req = uploads.UploadRequest(run_id=source.run_id, kind=kind, name=job.output_name or source.name, files=declared,
-                                ttl_seconds=ttl, user_metadata={"exported_from": checkpoints.tinker_path(source),
-                                                                "export_job": job.id,
-                                                                "base_model": job.base_model or ""})
+    req = uploads.UploadRequest(
+        run_id=source.run_id,
+        kind=kind,
+        name=job.output_name or source.name,
+        files=declared,
+        ttl_seconds=ttl,
+        user_metadata={
+            "exported_from": checkpoints.tinker_path(source),
+            "export_job": job.id,
+            "base_model": job.base_model or "",
+        },
+    )
     ans = uploads.declare(ctx, principal, req, internal=True)
     local = {d.path: out_dir / d.path for d in declared}
     for f in ans.files:
@@ -472,10 +593,20 @@ def _upload_output(ctx: Context, principal: Principal, job: ExportJob, source: C
         ckpt.exported_from_id = source.id
         session.add(ckpt)
         now = ctx.clock.now()
-        res = session.execute(sa.update(ExportJob).where(ExportJob.id == job.id, _owned(owner))  # type: ignore[arg-type]
-                              .values(state="succeeded", result_checkpoint_id=ckpt.id, finished_at=now,
-                                      lease_expires_at=None, verification=verification, error=None,
-                                      progress_bytes=progress.done, total_bytes=max(progress.total, progress.done)))
+        res = session.execute(
+            sa.update(ExportJob)
+            .where(ExportJob.id == job.id, _owned(owner))  # type: ignore[arg-type]
+            .values(
+                state="succeeded",
+                result_checkpoint_id=ckpt.id,
+                finished_at=now,
+                lease_expires_at=None,
+                verification=verification,
+                error=None,
+                progress_bytes=progress.done,
+                total_bytes=max(progress.total, progress.done),
+            )
+        )
         if res.rowcount != 1:  # type: ignore[attr-defined]
             raise LeaseLost(f"export job {job.id} was cancelled or taken over; output discarded")
 
@@ -489,8 +620,14 @@ def _upload_output(ctx: Context, principal: Principal, job: ExportJob, source: C
         raise
 
 
-def run_job(ctx: Context, job: ExportJob, owner: str, *, work_root: Path | None = None,
-            converter: Callable[..., dict[str, Any]] | None = None) -> str:
+def run_job(
+    ctx: Context,
+    job: ExportJob,
+    owner: str,
+    *,
+    work_root: Path | None = None,
+    converter: Callable[..., dict[str, Any]] | None = None,
+) -> str:
     """Run a claimed job to its end. Returns the final state as this worker left it
     (``succeeded``, ``failed``, ``queued`` for a retry, or ``lost``)."""
     convert_fn = converter or convert
@@ -517,8 +654,7 @@ def run_job(ctx: Context, job: ExportJob, owner: str, *, work_root: Path | None 
             if progress.lost:
                 raise progress.lost
             shard = (job.options or {}).get("shard_bytes") or ctx.settings.export_shard_bytes
-            verification = convert_fn(job.target, adapter_dir, base_dir, out_dir, base_name=base.name,
-                                      shard_bytes=shard)
+            verification = convert_fn(job.target, adapter_dir, base_dir, out_dir, base_name=base.name, shard_bytes=shard)
             if progress.lost:
                 raise progress.lost
             _upload_output(ctx, principal, job, source, out_dir, owner, progress, verification)
@@ -529,24 +665,42 @@ def run_job(ctx: Context, job: ExportJob, owner: str, *, work_root: Path | None 
         return "lost"
     except TransientError as exc:
         if job.attempts >= MAX_ATTEMPTS:
-            _finish(ctx, job.id, owner, state="failed", finished_at=ctx.clock.now(),
-                    error={**exc.to_dict(), "attempts": job.attempts, "message":
-                           f"{exc.message} (gave up after {job.attempts} attempts)"})
+            _finish(
+                ctx,
+                job.id,
+                owner,
+                state="failed",
+                finished_at=ctx.clock.now(),
+                error={
+                    **exc.to_dict(),
+                    "attempts": job.attempts,
+                    "message": f"{exc.message} (gave up after {job.attempts} attempts)",
+                },
+            )
             return "failed"
         delay = backoff_seconds(job.attempts)
         log.warning("export job %s: transient error (%s); retrying in %.0f s", job.id, exc.message, delay)
-        _finish(ctx, job.id, owner, state="queued", lease_owner=None, progress_bytes=0,
-                not_before=ctx.clock.now() + timedelta(seconds=delay),
-                error={**exc.to_dict(), "retry_in_seconds": delay})
+        _finish(
+            ctx,
+            job.id,
+            owner,
+            state="queued",
+            lease_owner=None,
+            progress_bytes=0,
+            not_before=ctx.clock.now() + timedelta(seconds=delay),
+            error={**exc.to_dict(), "retry_in_seconds": delay},
+        )
         return "queued"
     except Exception as exc:  # noqa: BLE001 - any other failure is permanent and reported on the job
-        err = exc.to_dict() if isinstance(exc, WeightstoreError) else {
-            "code": ExportFailed.code, "message": f"{type(exc).__name__}: {exc}"}
+        err = (
+            exc.to_dict()
+            if isinstance(exc, WeightstoreError)
+            else {"code": ExportFailed.code, "message": f"{type(exc).__name__}: {exc}"}
+        )
         details = getattr(exc, "details", None) or {}
         ver = verification if verification is not None else _jsonable(details.get("verification"))
         log.warning("export job %s failed: %s", job.id, err.get("message"))
-        _finish(ctx, job.id, owner, state="failed", finished_at=ctx.clock.now(), error=_jsonable(err),
-                verification=ver)
+        _finish(ctx, job.id, owner, state="failed", finished_at=ctx.clock.now(), error=_jsonable(err), verification=ver)
         return "failed"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -561,5 +715,19 @@ def run_one(ctx: Context, owner: str | None = None, **kw: Any) -> str | None:
     return run_job(ctx, job, owner, **kw)
 
 
-__all__ = ["TARGETS", "cancel", "claim", "convert", "get_job", "heartbeat", "list_jobs", "result_path", "run_job",
-           "run_one", "source_path", "submit", "submit_batch", "submit_peft_export"]
+__all__ = [
+    "TARGETS",
+    "cancel",
+    "claim",
+    "convert",
+    "get_job",
+    "heartbeat",
+    "list_jobs",
+    "result_path",
+    "run_job",
+    "run_one",
+    "source_path",
+    "submit",
+    "submit_batch",
+    "submit_peft_export",
+]

@@ -17,9 +17,26 @@ ReadRange = Callable[[int, int], bytes]
 
 # Bytes per element for every dtype safetensors defines. Anything else is refused.
 DTYPE_SIZES: dict[str, float] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "F4": 0.5, "F6_E2M3": 0.75,
-    "F6_E3M2": 0.75, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "F4": 0.5,
+    "F6_E2M3": 0.75,
+    "F6_E3M2": 0.75,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
 }
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -44,8 +61,7 @@ def check_file_set(kind: str, paths: Sequence[str]) -> None:
         raise InvalidFormat(f"a {kind} checkpoint must contain {', '.join(missing)}", missing=missing)
 
 
-def parse_safetensors_header(read_range: ReadRange, file_size: int, *, max_header: int,
-                             name: str = "file") -> dict[str, Any]:
+def parse_safetensors_header(read_range: ReadRange, file_size: int, *, max_header: int, name: str = "file") -> dict[str, Any]:
     """Validate a safetensors file's structure from its header alone.
 
     Checks: the length prefix fits the file and the cap; the header is a JSON object; every tensor
@@ -81,8 +97,11 @@ def parse_safetensors_header(read_range: ReadRange, file_size: int, *, max_heade
             raise InvalidFormat(f"{name}: tensor {key!r} has unknown dtype {dtype!r}", file=name)
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise InvalidFormat(f"{name}: tensor {key!r} has an invalid shape", file=name)
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
             raise InvalidFormat(f"{name}: tensor {key!r} has invalid data_offsets", file=name)
         begin, end = offsets
         expected = math.ceil(math.prod(shape) * DTYPE_SIZES[dtype])

@@ -88,9 +88,12 @@ def lock_intervals(session: Session, checkpoint_ids: Sequence[str]) -> None:
     event (and takes its id) after the first committed, and its refresh sees the first's event.
     SQLite needs nothing: ``BEGIN IMMEDIATE`` already serialises writers."""
     if checkpoint_ids and _dialect(session) == "postgresql":
-        session.execute(sa.select(UsageInterval.checkpoint_id)  # type: ignore[call-overload]
-                        .where(UsageInterval.checkpoint_id.in_(sorted(set(checkpoint_ids))))  # type: ignore[attr-defined]
-                        .order_by(UsageInterval.checkpoint_id).with_for_update()).all()
+        session.execute(
+            sa.select(UsageInterval.checkpoint_id)  # type: ignore[call-overload]
+            .where(UsageInterval.checkpoint_id.in_(sorted(set(checkpoint_ids))))  # type: ignore[attr-defined]
+            .order_by(UsageInterval.checkpoint_id)
+            .with_for_update()
+        ).all()
 
 
 DAY = 86400
@@ -121,12 +124,15 @@ def _refresh_statements(dialect: str) -> tuple[sa.TextClause, sa.TextClause, sa.
     once per dialect, since every ledger write runs them."""
     derive = sa.text(_derive_sql(dialect, only_some=True)).bindparams(sa.bindparam("ids", expanding=True))
     read = sa.text(f"SELECT {_EDGE_COLS} FROM usage_interval WHERE checkpoint_id IN :ids").bindparams(
-        sa.bindparam("ids", expanding=True))
+        sa.bindparam("ids", expanding=True)
+    )
     cols = ", ".join(DAY_SUMS)
     values = ", ".join(f":{c}" for c in DAY_SUMS)
     updates = ", ".join(f"{c} = usage_day.{c} + excluded.{c}" for c in DAY_SUMS)
-    upsert = sa.text(f"INSERT INTO usage_day (tenant_id, kind, day, {cols}) VALUES (:tenant_id, :kind, :day, {values}) "
-                     f"ON CONFLICT (tenant_id, kind, day) DO UPDATE SET {updates}")
+    upsert = sa.text(
+        f"INSERT INTO usage_day (tenant_id, kind, day, {cols}) VALUES (:tenant_id, :kind, :day, {values}) "
+        f"ON CONFLICT (tenant_id, kind, day) DO UPDATE SET {updates}"
+    )
     return derive, read, upsert
 
 
@@ -143,12 +149,15 @@ def refresh_intervals(session: Session, checkpoint_ids: Sequence[str]) -> None:
     stmt, read, upsert = _refresh_statements(_dialect(session))
     deltas: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0] * len(DAY_SUMS))
     for i in range(0, len(checkpoint_ids), 500):
-        ids = list(checkpoint_ids[i:i + 500])
+        ids = list(checkpoint_ids[i : i + 500])
         _edges(session.execute(read, {"ids": ids}).all(), -1, deltas)
         session.execute(stmt, {"ids": ids})
         _edges(session.execute(read, {"ids": ids}).all(), +1, deltas)
-    params = [{"tenant_id": t, "kind": k, "day": d, **dict(zip(DAY_SUMS, v, strict=True))}
-              for (t, k, d), v in sorted(deltas.items()) if any(v)]
+    params = [
+        {"tenant_id": t, "kind": k, "day": d, **dict(zip(DAY_SUMS, v, strict=True))}
+        for (t, k, d), v in sorted(deltas.items())
+        if any(v)
+    ]
     if params:
         session.execute(upsert, params)
 

@@ -22,19 +22,51 @@ from weightstore.intervals import lock_intervals, refresh_intervals
 from weightstore.models import Checkpoint, UsageEvent, UTCDateTime
 
 
-def record(session: Session, *, tenant_id: str, run_id: str, checkpoint_id: str, kind: str, event: str,
-           at: datetime, size_bytes: int, expires_at: datetime | None, recorded_at: datetime) -> None:
+def record(
+    session: Session,
+    *,
+    tenant_id: str,
+    run_id: str,
+    checkpoint_id: str,
+    kind: str,
+    event: str,
+    at: datetime,
+    size_bytes: int,
+    expires_at: datetime | None,
+    recorded_at: datetime,
+) -> None:
     """Append one ledger row and refresh the checkpoint's derived ``usage_interval`` row from its
     ledger rows, in the caller's transaction (the one path every writer goes through)."""
     lock_intervals(session, [checkpoint_id])
-    session.add(UsageEvent(tenant_id=tenant_id, run_id=run_id, checkpoint_id=checkpoint_id, kind=kind, event=event,
-                           at=at, size_bytes=size_bytes, expires_at=expires_at, recorded_at=recorded_at))
+    session.add(
+        UsageEvent(
+            tenant_id=tenant_id,
+            run_id=run_id,
+            checkpoint_id=checkpoint_id,
+            kind=kind,
+            event=event,
+            at=at,
+            size_bytes=size_bytes,
+            expires_at=expires_at,
+            recorded_at=recorded_at,
+        )
+    )
     refresh_intervals(session, [checkpoint_id])
 
 
 def _event(session: Session, ckpt: Checkpoint, event: str, at: datetime, recorded_at: datetime) -> None:
-    record(session, tenant_id=ckpt.tenant_id, run_id=ckpt.run_id, checkpoint_id=ckpt.id, kind=ckpt.kind,
-           event=event, at=at, size_bytes=ckpt.size_bytes, expires_at=ckpt.expires_at, recorded_at=recorded_at)
+    record(
+        session,
+        tenant_id=ckpt.tenant_id,
+        run_id=ckpt.run_id,
+        checkpoint_id=ckpt.id,
+        kind=ckpt.kind,
+        event=event,
+        at=at,
+        size_bytes=ckpt.size_bytes,
+        expires_at=ckpt.expires_at,
+        recorded_at=recorded_at,
+    )
 
 
 def on_commit(session: Session, ckpt: Checkpoint, *, now: datetime) -> None:
@@ -59,9 +91,17 @@ def on_end_expired(session: Session, checkpoint_ids: Sequence[str], *, now: date
     if not checkpoint_ids:
         return
     cols = ["tenant_id", "run_id", "checkpoint_id", "kind", "event", "at", "size_bytes", "expires_at", "recorded_at"]
-    rows = sa.select(Checkpoint.tenant_id, Checkpoint.run_id, Checkpoint.id, Checkpoint.kind,  # type: ignore[call-overload]
-                     sa.literal("end", sa.String()), Checkpoint.expires_at, Checkpoint.size_bytes, Checkpoint.expires_at,
-                     sa.literal(now, UTCDateTime())).where(Checkpoint.id.in_(checkpoint_ids))  # type: ignore[attr-defined]
+    rows = sa.select(
+        Checkpoint.tenant_id,
+        Checkpoint.run_id,
+        Checkpoint.id,
+        Checkpoint.kind,  # type: ignore[call-overload]
+        sa.literal("end", sa.String()),
+        Checkpoint.expires_at,
+        Checkpoint.size_bytes,
+        Checkpoint.expires_at,
+        sa.literal(now, UTCDateTime()),
+    ).where(Checkpoint.id.in_(checkpoint_ids))  # type: ignore[attr-defined]
     lock_intervals(session, checkpoint_ids)
     session.execute(sa.insert(UsageEvent).from_select(cols, rows))
     refresh_intervals(session, checkpoint_ids)

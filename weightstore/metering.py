@@ -120,11 +120,14 @@ def _dec(x: float) -> Decimal:
 
 
 def pricing(session: Session, settings: Settings) -> Pricing:
-    overrides = session.execute(sa.select(Tenant.id, Tenant.price_per_gb_month_usd)  # type: ignore[call-overload]
-                                .where(Tenant.price_per_gb_month_usd.is_not(None))).all()  # type: ignore[union-attr]
-    return Pricing(default=_dec(settings.price_per_gb_month_usd),
-                   per_kind={k: _dec(v) for k, v in settings.price_per_kind_usd.items()},
-                   per_tenant={t: _dec(p) for t, p in overrides})
+    overrides = session.execute(
+        sa.select(Tenant.id, Tenant.price_per_gb_month_usd).where(Tenant.price_per_gb_month_usd.is_not(None))  # type: ignore[call-overload]
+    ).all()  # type: ignore[union-attr]
+    return Pricing(
+        default=_dec(settings.price_per_gb_month_usd),
+        per_kind={k: _dec(v) for k, v in settings.price_per_kind_usd.items()},
+        per_tenant={t: _dec(p) for t, p in overrides},
+    )
 
 
 # --- SQL ---------------------------------------------------------------------------------------
@@ -180,8 +183,7 @@ class UsageRow:
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.key)
-        out.update(byte_seconds=self.byte_seconds, gb_hours=float(round(self.gb_hours, 6)),
-                   cost_usd=str(self.cost_usd))
+        out.update(byte_seconds=self.byte_seconds, gb_hours=float(round(self.gb_hours, 6)), cost_usd=str(self.cost_usd))
         return out
 
 
@@ -190,8 +192,16 @@ def _bucket_label(b: int, bucket_seconds: int) -> str:
     return dt.date().isoformat() if bucket_seconds == DAY else dt.isoformat()
 
 
-def usage(session: Session, pricing_: Pricing, *, start: datetime, end: datetime, group_by: Sequence[str] = ("tenant_id",),
-          bucket_seconds: int | None = None, tenant_id: str | None = None) -> list[UsageRow]:
+def usage(
+    session: Session,
+    pricing_: Pricing,
+    *,
+    start: datetime,
+    end: datetime,
+    group_by: Sequence[str] = ("tenant_id",),
+    bucket_seconds: int | None = None,
+    tenant_id: str | None = None,
+) -> list[UsageRow]:
     """Usage and exact cost in ``[start, end)`` per group (and per UTC bucket if ``bucket_seconds``).
 
     Cost depends on (tenant, kind), so SQL always groups by both; rows are merged to ``group_by``
@@ -212,8 +222,14 @@ def usage(session: Session, pricing_: Pricing, *, start: datetime, end: datetime
     return _usage_rows(pricing_, acc, fine, cols, bucket_seconds)
 
 
-def _day_sums(session: Session, *, ws: int, we: int, tenant_id: str | None, mode: str = "days",
-              ) -> tuple[dict[tuple[Any, ...], int], dict[tuple[Any, ...], list[int]]]:
+def _day_sums(
+    session: Session,
+    *,
+    ws: int,
+    we: int,
+    tenant_id: str | None,
+    mode: str = "days",
+) -> tuple[dict[tuple[Any, ...], int], dict[tuple[Any, ...], list[int]]]:
     """Byte-seconds per (tenant, kind, UTC day) in ``[ws, we)`` and ``[count, bytes]`` per (tenant,
     kind) stored at ``we`` (what ``current(now=we)`` returns), from ``usage_day`` plus the edges of
     the partial days read from ``usage_interval`` (docs/design-billing.md §4): O(tenants x kinds x
@@ -239,12 +255,14 @@ def _day_sums(session: Session, *, ws: int, we: int, tenant_id: str | None, mode
         params["tenant"] = tenant_id
     # usage_day: one row per group for the days before T0 (bytes stored at T0; byte sums split at
     # 10^6 so SQLite's 64-bit sum cannot overflow), one per group and day in [T0, day(we))
-    sql = [f"""SELECT tenant_id, kind, -1, SUM(starts) - SUM(stops), SUM(start_bytes / {_SPLIT}) - SUM(stop_bytes / {_SPLIT}),
+    sql = [
+        f"""SELECT tenant_id, kind, -1, SUM(starts) - SUM(stops), SUM(start_bytes / {_SPLIT}) - SUM(stop_bytes / {_SPLIT}),
     SUM(start_bytes % {_SPLIT}) - SUM(stop_bytes % {_SPLIT}), 0, 0
   FROM usage_day WHERE day < :ka{t_where} GROUP BY tenant_id, kind""",
-           f"""SELECT tenant_id, kind, day, starts - stops, 0, start_bytes - stop_bytes,
+        f"""SELECT tenant_id, kind, day, starts - stops, 0, start_bytes - stop_bytes,
     start_off_hi - stop_off_hi, start_off_lo - stop_off_lo
-  FROM usage_day WHERE day >= :ka AND day < :kn{t_where}"""]
+  FROM usage_day WHERE day >= :ka AND day < :kn{t_where}""",
+    ]
 
     # usage_interval: the edges of a part of one day, per group, offsets from the part's start. SQLite
     # is told the index: its planner chose a skip-scan of ix_usage_interval_cover for the stop range
@@ -318,9 +336,16 @@ def _day_sums(session: Session, *, ws: int, we: int, tenant_id: str | None, mode
     return acc, cur
 
 
-def _window_sums(session: Session, fine: list[str], *, ws: int, we: int, bucket_seconds: int | None,
-                 tenant_id: str | None, current_at_end: bool = False,
-                 ) -> tuple[dict[tuple[Any, ...], int], dict[tuple[Any, ...], list[int]]]:
+def _window_sums(
+    session: Session,
+    fine: list[str],
+    *,
+    ws: int,
+    we: int,
+    bucket_seconds: int | None,
+    tenant_id: str | None,
+    current_at_end: bool = False,
+) -> tuple[dict[tuple[Any, ...], int], dict[tuple[Any, ...], list[int]]]:
     """Byte-seconds per ``fine`` group (and bucket) in ``[ws, we)``, from ONE statement.
 
     Without buckets: one pass, ``SUM(size * (clipped stop - clipped start))``. With buckets, the
@@ -366,8 +391,10 @@ def _window_sums(session: Session, fine: list[str], *, ws: int, we: int, bucket_
         span = "((CASE WHEN stop_s < :we THEN stop_s ELSE :we END) - (CASE WHEN start_s > :ws THEN start_s ELSE :ws END))"
 
         def total(split: bool) -> str:
-            return (f"SELECT {g}, {mul_sums(split, span)} FROM usage_interval "
-                    f"WHERE start_s < :we AND stop_s > :ws AND stop_s > start_s{tenant_where} GROUP BY {g}")
+            return (
+                f"SELECT {g}, {mul_sums(split, span)} FROM usage_interval "
+                f"WHERE start_s < :we AND stop_s > :ws AND stop_s > start_s{tenant_where} GROUP BY {g}"
+            )
 
         acc: dict[tuple[Any, ...], int] = {}
         for row in run(total):
@@ -420,7 +447,7 @@ SELECT {g}, ({s_x}) / {B} AS sb, ({e_x}) / {B} AS eb, {now_n}, {now_b}, SUM(size
     halves = tenant_id is not None and session.get_bind().dialect.name == "postgresql"
     for row in run(statement if halves else statement_classes):
         key, b_s, b_e = tuple(row[:n]), int(row[n]), int(row[n + 1])
-        now_n, now_b, size, s_hi, s_lo, e_hi, e_lo = (int(x or 0) for x in row[n + 2:n + 9])
+        now_n, now_b, size, s_hi, s_lo, e_hi, e_lo = (int(x or 0) for x in row[n + 2 : n + 9])
         if now_n:  # stored at `we`
             slot = cur.setdefault(key, [0, 0])
             slot[0] += now_n
@@ -470,8 +497,9 @@ class _RateCache:
         return parts
 
 
-def _usage_rows(pricing_: Pricing, acc: dict[tuple[Any, ...], int], fine: list[str], cols: list[str],
-                bucket_seconds: int | None) -> list[UsageRow]:
+def _usage_rows(
+    pricing_: Pricing, acc: dict[tuple[Any, ...], int], fine: list[str], cols: list[str], bucket_seconds: int | None
+) -> list[UsageRow]:
     # Exact cost without a Fraction per fine row: a rate is num/den USD per byte-second, so costs of
     # one output row are kept as integer numerators per denominator and become Fractions once.
     rates = _RateCache(pricing_)
@@ -518,8 +546,15 @@ def series(rows: Iterable[UsageRow], *, start: datetime, end: datetime, bucket_s
         b_start = max(ws, epoch(_parse_label(label)))
         b_end = min(we, epoch(_parse_label(label)) + bucket_seconds)
         span = max(1, b_end - b_start)
-        out.append({"bucket": label, "byte_seconds": bs, "average_gb": float(Decimal(bs) / span / GB),
-                    "gb_hours": float(Decimal(bs) / (GB * 3600)), "cost_usd": str(round_cents(cost))})
+        out.append(
+            {
+                "bucket": label,
+                "byte_seconds": bs,
+                "average_gb": float(Decimal(bs) / span / GB),
+                "gb_hours": float(Decimal(bs) / (GB * 3600)),
+                "cost_usd": str(round_cents(cost)),
+            }
+        )
     return out
 
 
@@ -545,14 +580,18 @@ class CurrentRow:
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.key)
-        out.update(checkpoint_count=self.checkpoint_count, logical_bytes=self.logical_bytes,
-                   logical_gb=float(Decimal(self.logical_bytes) / GB),
-                   projected_monthly_cost_usd=str(self.monthly_cost_usd))
+        out.update(
+            checkpoint_count=self.checkpoint_count,
+            logical_bytes=self.logical_bytes,
+            logical_gb=float(Decimal(self.logical_bytes) / GB),
+            projected_monthly_cost_usd=str(self.monthly_cost_usd),
+        )
         return out
 
 
-def current(session: Session, pricing_: Pricing, *, now: datetime, group_by: Sequence[str] = ("tenant_id",),
-            tenant_id: str | None = None) -> list[CurrentRow]:
+def current(
+    session: Session, pricing_: Pricing, *, now: datetime, group_by: Sequence[str] = ("tenant_id",), tenant_id: str | None = None
+) -> list[CurrentRow]:
     """Checkpoints storing bytes at ``now`` per group, with a 720-hour cost projection."""
     cols = _check_groups(group_by)
     fine = _fine(cols)
@@ -562,17 +601,20 @@ def current(session: Session, pricing_: Pricing, *, now: datetime, group_by: Seq
     g = ", ".join(fine)
     _tune(session)
     tenant_where = " AND tenant_id = :tenant" if tenant_id is not None else ""
-    sql = (f"SELECT {g}, COUNT(*), SUM(size_bytes) FROM usage_interval "
-           f"WHERE start_s <= :now AND stop_s > :now{tenant_where} GROUP BY {g}")
+    sql = (
+        f"SELECT {g}, COUNT(*), SUM(size_bytes) FROM usage_interval "
+        f"WHERE start_s <= :now AND stop_s > :now{tenant_where} GROUP BY {g}"
+    )
     params: dict[str, Any] = {"now": epoch(now)}
     if tenant_id is not None:
         params["tenant"] = tenant_id
-    found = {tuple(row[:len(fine)]): [int(row[-2]), int(row[-1] or 0)] for row in session.execute(sa.text(sql), params)}
+    found = {tuple(row[: len(fine)]): [int(row[-2]), int(row[-1] or 0)] for row in session.execute(sa.text(sql), params)}
     return _current_rows(pricing_, found, fine, cols)
 
 
-def _current_rows(pricing_: Pricing, found: dict[tuple[Any, ...], list[int]], fine: list[str],
-                  cols: list[str]) -> list[CurrentRow]:
+def _current_rows(
+    pricing_: Pricing, found: dict[tuple[Any, ...], list[int]], fine: list[str], cols: list[str]
+) -> list[CurrentRow]:
     out: dict[tuple[Any, ...], list[Any]] = {}
     for fkey, (count, size) in found.items():
         kv = dict(zip(fine, fkey, strict=False))
@@ -581,8 +623,10 @@ def _current_rows(pricing_: Pricing, found: dict[tuple[Any, ...], list[int]], fi
         slot[0] += count
         slot[1] += size
         slot[2] += cost
-    rows = [CurrentRow(key=dict(zip(cols, k, strict=False)), checkpoint_count=c, logical_bytes=s, monthly_cost_exact_usd=m)
-            for k, (c, s, m) in out.items()]
+    rows = [
+        CurrentRow(key=dict(zip(cols, k, strict=False)), checkpoint_count=c, logical_bytes=s, monthly_cost_exact_usd=m)
+        for k, (c, s, m) in out.items()
+    ]
     rows.sort(key=lambda r: (-r.logical_bytes, tuple(str(v) for v in r.key.values())))
     return rows
 
@@ -597,8 +641,7 @@ class Overview:
     """Per tenant and bucket in ``[start, now)``, as ``usage(start, now, bucket_seconds)`` returns it."""
 
 
-def overview(session: Session, pricing_: Pricing, *, now: datetime, start: datetime,
-             bucket_seconds: int = DAY) -> Overview:
+def overview(session: Session, pricing_: Pricing, *, now: datetime, start: datetime, bucket_seconds: int = DAY) -> Overview:
     """``current(now)`` and ``usage(start, now, bucket_seconds)`` of all tenants in one query.
 
     The intervals overlapping ``[start, now)`` are read once; the ones still stored at ``now`` are
@@ -612,10 +655,11 @@ def overview(session: Session, pricing_: Pricing, *, now: datetime, start: datet
     if bucket_seconds == DAY:  # whole days from usage_day: O(tenants x kinds x days) rows (§4)
         acc, cur = _day_sums(session, ws=ws, we=we, tenant_id=None)
     else:
-        acc, cur = _window_sums(session, fine, ws=ws, we=we, bucket_seconds=bucket_seconds, tenant_id=None,
-                                current_at_end=True)
-    return Overview(current=_current_rows(pricing_, cur, fine, ["tenant_id"]),
-                    daily=_usage_rows(pricing_, acc, fine, ["tenant_id"], bucket_seconds))
+        acc, cur = _window_sums(session, fine, ws=ws, we=we, bucket_seconds=bucket_seconds, tenant_id=None, current_at_end=True)
+    return Overview(
+        current=_current_rows(pricing_, cur, fine, ["tenant_id"]),
+        daily=_usage_rows(pricing_, acc, fine, ["tenant_id"], bucket_seconds),
+    )
 
 
 def physical_current(session: Session, *, now: datetime, tenant_id: str | None = None) -> dict[str, int]:
@@ -661,10 +705,15 @@ class InvoiceLine:
         return Decimal(self.byte_seconds) / BYTE_SECONDS_PER_GB_MONTH
 
     def as_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "kind": self.kind, "byte_seconds": self.byte_seconds,
-                "gb_hours": float(round(Decimal(self.byte_seconds) / (GB * 3600), 6)),
-                "gb_months": str(round(self.gb_months, 9)),
-                "rate_usd_per_gb_month": str(self.rate_usd_per_gb_month), "amount_usd": str(self.amount_usd)}
+        return {
+            "run_id": self.run_id,
+            "kind": self.kind,
+            "byte_seconds": self.byte_seconds,
+            "gb_hours": float(round(Decimal(self.byte_seconds) / (GB * 3600), 6)),
+            "gb_months": str(round(self.gb_months, 9)),
+            "rate_usd_per_gb_month": str(self.rate_usd_per_gb_month),
+            "amount_usd": str(self.amount_usd),
+        }
 
 
 @dataclass(frozen=True)
@@ -690,15 +739,24 @@ class Invoice:
             slot = acc.setdefault(line.kind, [0, Decimal("0.00")])
             slot[0] += line.byte_seconds
             slot[1] += line.amount_usd
-        return [{"kind": k, "byte_seconds": v[0], "gb_hours": float(round(Decimal(v[0]) / (GB * 3600), 6)),
-                 "amount_usd": str(v[1])} for k, v in sorted(acc.items())]
+        return [
+            {"kind": k, "byte_seconds": v[0], "gb_hours": float(round(Decimal(v[0]) / (GB * 3600), 6)), "amount_usd": str(v[1])}
+            for k, v in sorted(acc.items())
+        ]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"tenant_id": self.tenant_id, "month": self.month, "period_start": self.period_start.isoformat(),
-                "period_end": self.period_end.isoformat(), "currency": "USD", "total_usd": str(self.total_usd),
-                "byte_seconds": self.byte_seconds, "by_kind": self.by_kind(),
-                "lines": [line.as_dict() for line in self.lines],
-                "rounding": "each line rounded half-even to the cent; total = sum of lines"}
+        return {
+            "tenant_id": self.tenant_id,
+            "month": self.month,
+            "period_start": self.period_start.isoformat(),
+            "period_end": self.period_end.isoformat(),
+            "currency": "USD",
+            "total_usd": str(self.total_usd),
+            "byte_seconds": self.byte_seconds,
+            "by_kind": self.by_kind(),
+            "lines": [line.as_dict() for line in self.lines],
+            "rounding": "each line rounded half-even to the cent; total = sum of lines",
+        }
 
     def csv_rows(self) -> list[dict[str, Any]]:
         return [{"tenant_id": self.tenant_id, "month": self.month, **line.as_dict()} for line in self.lines]
@@ -709,11 +767,22 @@ def invoice(session: Session, pricing_: Pricing, *, tenant_id: str, month: str, 
     month, the invoice runs to date (open-ended checkpoints accrue until ``now``, never beyond)."""
     start, end = month_window(month)
     measured_end = end if now is None else min(end, now)
-    rows = [] if measured_end <= start else usage(session, pricing_, start=start, end=measured_end,
-                                                  group_by=("run_id", "kind"), tenant_id=tenant_id)
-    lines = [InvoiceLine(run_id=r.key["run_id"], kind=r.key["kind"], byte_seconds=r.byte_seconds,
-                         rate_usd_per_gb_month=pricing_.rate(tenant_id, r.key["kind"]), amount_usd=r.cost_usd)
-             for r in rows if r.byte_seconds > 0]
+    rows = (
+        []
+        if measured_end <= start
+        else usage(session, pricing_, start=start, end=measured_end, group_by=("run_id", "kind"), tenant_id=tenant_id)
+    )
+    lines = [
+        InvoiceLine(
+            run_id=r.key["run_id"],
+            kind=r.key["kind"],
+            byte_seconds=r.byte_seconds,
+            rate_usd_per_gb_month=pricing_.rate(tenant_id, r.key["kind"]),
+            amount_usd=r.cost_usd,
+        )
+        for r in rows
+        if r.byte_seconds > 0
+    ]
     lines.sort(key=lambda line: (line.kind, line.run_id))
     return Invoice(tenant_id=tenant_id, month=month, period_start=start, period_end=end, lines=lines)
 
@@ -727,13 +796,19 @@ def expiring_soon(session: Session, *, tenant_id: str, now: datetime, limit: int
     return _checkpoint_list(session, tenant_id=tenant_id, now=now, limit=limit, by_expiry=True)
 
 
-def _checkpoint_list(session: Session, *, tenant_id: str, now: datetime, limit: int,
-                     by_expiry: bool) -> list[dict[str, Any]]:
+def _checkpoint_list(session: Session, *, tenant_id: str, now: datetime, limit: int, by_expiry: bool) -> list[dict[str, Any]]:
     from weightstore.checkpoints import visible_clause
     from weightstore.models import Checkpoint
 
-    q = sa.select(Checkpoint.id, Checkpoint.run_id, Checkpoint.kind, Checkpoint.name, Checkpoint.size_bytes,  # type: ignore[call-overload]
-                  Checkpoint.created_at, Checkpoint.expires_at).where(Checkpoint.tenant_id == tenant_id, visible_clause(now))
+    q = sa.select(
+        Checkpoint.id,
+        Checkpoint.run_id,
+        Checkpoint.kind,
+        Checkpoint.name,
+        Checkpoint.size_bytes,  # type: ignore[call-overload]
+        Checkpoint.created_at,
+        Checkpoint.expires_at,
+    ).where(Checkpoint.tenant_id == tenant_id, visible_clause(now))
     if by_expiry:
         q = q.where(Checkpoint.expires_at.is_not(None))  # type: ignore[union-attr]
         q = q.order_by(Checkpoint.expires_at.asc(), Checkpoint.id)  # type: ignore[union-attr]

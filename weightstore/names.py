@@ -102,7 +102,9 @@ class TinkerPath:
             raise InvalidPath(f"invalid tinker path {value!r}: must start with tinker://")
         parts = value[len("tinker://") :].split("/")
         if len(parts) != 3 or parts[1] not in KIND_BY_SEGMENT:
-            raise InvalidPath(f"invalid tinker path {value!r}: expected tinker://RUN/(weights|sampler_weights|external_weights)/NAME")
+            raise InvalidPath(
+                f"invalid tinker path {value!r}: expected tinker://RUN/(weights|sampler_weights|external_weights)/NAME"
+            )
         run_id = check_run_id(parts[0])
         return cls(run_id, KIND_BY_SEGMENT[parts[1]], check_name(parts[2], max_length=255))
 

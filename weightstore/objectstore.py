@@ -104,9 +104,17 @@ def translate_errors(what: str) -> Iterator[None]:
 class ObjectStore:
     """A bucket of content-addressed blobs. Thread-safe (boto3 clients are)."""
 
-    def __init__(self, location: S3Location, *, max_pool_connections: int = 32,
-                 multipart_threshold: int = 64 * 1024 * 1024, part_size: int = 64 * 1024 * 1024,
-                 connect_timeout: float = 5, read_timeout: float = 60, max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        location: S3Location,
+        *,
+        max_pool_connections: int = 32,
+        multipart_threshold: int = 64 * 1024 * 1024,
+        part_size: int = 64 * 1024 * 1024,
+        connect_timeout: float = 5,
+        read_timeout: float = 60,
+        max_attempts: int = 3,
+    ) -> None:
         self.location = location
         self.bucket = location.bucket
         self.part_size = part_size
@@ -132,8 +140,10 @@ class ObjectStore:
         )
         self._raw: Any = None  # urllib3 pool for put_stream, made on first use
         self.transfer_config = TransferConfig(
-            multipart_threshold=multipart_threshold, multipart_chunksize=part_size,
-            max_concurrency=8, use_threads=True,
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=part_size,
+            max_concurrency=8,
+            use_threads=True,
         )
 
     # --- bucket -------------------------------------------------------------------------------
@@ -163,8 +173,9 @@ class ObjectStore:
                 if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
                     return None
                 raise
-        return ObjectInfo(key, int(r["ContentLength"]), r.get("LastModified"), r.get("ChecksumSHA256"),
-                          dict(r.get("Metadata") or {}))
+        return ObjectInfo(
+            key, int(r["ContentLength"]), r.get("LastModified"), r.get("ChecksumSHA256"), dict(r.get("Metadata") or {})
+        )
 
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
@@ -247,8 +258,7 @@ class ObjectStore:
         url, headers = self.presign_put(key, 600, sha256=sha256)
         headers["Content-Length"] = str(size)
         if self._raw is None:
-            self._raw = urllib3.PoolManager(maxsize=32, retries=False,
-                                            timeout=urllib3.Timeout(connect=10, read=timeout))
+            self._raw = urllib3.PoolManager(maxsize=32, retries=False, timeout=urllib3.Timeout(connect=10, read=timeout))
         try:
             r = self._raw.request("PUT", url, body=body, headers=headers)
         except urllib3.exceptions.HTTPError as exc:
@@ -296,7 +306,9 @@ class ObjectStore:
     def complete_multipart(self, key: str, upload_id: str, parts: list[dict[str, Any]]) -> None:
         with translate_errors(f"complete multipart {key}"):
             self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
                 MultipartUpload={"Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in parts]},
             )
 
@@ -322,8 +334,9 @@ class ObjectStore:
         with translate_errors("presign"):
             return str(self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires))
 
-    def presign_put(self, key: str, expires: int, *, sha256: str | None = None,
-                    metadata: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    def presign_put(
+        self, key: str, expires: int, *, sha256: str | None = None, metadata: dict[str, str] | None = None
+    ) -> tuple[str, dict[str, str]]:
         """A presigned single PUT. With ``sha256`` the checksum header is part of the signature, so
         the store itself refuses a body whose SHA-256 differs; ``metadata`` (x-amz-meta-*) is signed
         too, so the object records exactly these values. Returns (url, headers the PUT must send)."""
@@ -342,9 +355,13 @@ class ObjectStore:
 
     def presign_part(self, key: str, upload_id: str, number: int, expires: int) -> str:
         with translate_errors("presign"):
-            return str(self.client.generate_presigned_url(
-                "upload_part", Params={"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": number},
-                ExpiresIn=expires))
+            return str(
+                self.client.generate_presigned_url(
+                    "upload_part",
+                    Params={"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": number},
+                    ExpiresIn=expires,
+                )
+            )
 
     # --- deletes ------------------------------------------------------------------------------
     def delete(self, key: str) -> None:
@@ -361,7 +378,8 @@ class ObjectStore:
             batch = keys[i : i + MAX_DELETE_BATCH]
             with translate_errors("delete batch"):
                 r = self.client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": False})
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": False}
+                )
             deleted.extend(d["Key"] for d in r.get("Deleted", []) or [])
             for e in r.get("Errors", []) or []:
                 failed[e["Key"]] = f"{e.get('Code')}: {e.get('Message')}"

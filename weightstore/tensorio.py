@@ -16,9 +16,18 @@ from safetensors.torch import load as st_load
 
 WEIGHTS_METADATA = {"format": "pt", "producer": "weightstore"}
 _DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
 }
 
 
@@ -37,6 +46,8 @@ def st_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors does
     return b"".join([len(raw).to_bytes(8, "little"), raw, *chunks])
+
+
 OPTIMIZER_FORMAT = "weightstore.optimizer.v1"
 
 

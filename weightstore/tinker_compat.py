@@ -63,8 +63,15 @@ UNEMBED_MODULES = {"lm_head", "unembed_tokens", "embed_tokens"}
 
 
 def _public_run_ids(now: datetime) -> Any:
-    return (select(Checkpoint.run_id).where(Checkpoint.public.is_(True), checkpoints.visible_clause(now),  # type: ignore[attr-defined]
-                                            Checkpoint.kind.in_(TINKER_KINDS)).distinct())  # type: ignore[attr-defined]
+    return (
+        select(Checkpoint.run_id)
+        .where(
+            Checkpoint.public.is_(True),
+            checkpoints.visible_clause(now),  # type: ignore[attr-defined]
+            Checkpoint.kind.in_(TINKER_KINDS),
+        )
+        .distinct()
+    )  # type: ignore[attr-defined]
 
 
 def _check_scope(access_scope: str) -> None:
@@ -72,38 +79,47 @@ def _check_scope(access_scope: str) -> None:
         raise InvalidRequest("access_scope must be 'owned' or 'accessible'")
 
 
-def get_run(session: Session, principal: Principal, run_id: str, *, now: datetime,
-            access_scope: str = "owned") -> TrainingRun:
+def get_run(session: Session, principal: Principal, run_id: str, *, now: datetime, access_scope: str = "owned") -> TrainingRun:
     """A run the caller owns, or (``accessible``) one with a published checkpoint."""
     _check_scope(access_scope)
     run = session.get(TrainingRun, run_id)
     if run is not None and run.tenant_id == principal.tenant_id:
         return run
-    if run is not None and access_scope == "accessible" and session.exec(
-            _public_run_ids(now).where(Checkpoint.run_id == run_id)).first() is not None:
+    if (
+        run is not None
+        and access_scope == "accessible"
+        and session.exec(_public_run_ids(now).where(Checkpoint.run_id == run_id)).first() is not None
+    ):
         return run
     raise NotFound(f"training run {run_id!r} not found")
 
 
-def list_runs(session: Session, principal: Principal, *, now: datetime, limit: int, offset: int,
-              access_scope: str = "owned") -> tuple[list[TrainingRun], int]:
+def list_runs(
+    session: Session, principal: Principal, *, now: datetime, limit: int, offset: int, access_scope: str = "owned"
+) -> tuple[list[TrainingRun], int]:
     """Newest first. Returns (page, total)."""
     _check_scope(access_scope)
     q = select(TrainingRun)
     if access_scope == "owned":
         q = q.where(TrainingRun.tenant_id == principal.tenant_id)
     else:
-        q = q.where(sa.or_(TrainingRun.tenant_id == principal.tenant_id,  # type: ignore[arg-type]
-                           TrainingRun.id.in_(_public_run_ids(now))))  # type: ignore[attr-defined]
+        q = q.where(
+            sa.or_(
+                TrainingRun.tenant_id == principal.tenant_id,  # type: ignore[arg-type]
+                TrainingRun.id.in_(_public_run_ids(now)),
+            )
+        )  # type: ignore[attr-defined]
     total = session.exec(select(sa.func.count()).select_from(q.subquery())).one()
-    rows = session.exec(q.order_by(TrainingRun.created_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined]
-                        .offset(offset).limit(limit)).all()
+    rows = session.exec(
+        q.order_by(TrainingRun.created_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined]
+        .offset(offset)
+        .limit(limit)
+    ).all()
     return list(rows), int(total)
 
 
 def _run_checkpoints_query(principal: Principal, run: TrainingRun, now: datetime) -> Any:
-    q = select(Checkpoint).where(Checkpoint.run_id == run.id, checkpoints.visible_clause(now),
-                                 Checkpoint.kind.in_(TINKER_KINDS))  # type: ignore[attr-defined]
+    q = select(Checkpoint).where(Checkpoint.run_id == run.id, checkpoints.visible_clause(now), Checkpoint.kind.in_(TINKER_KINDS))  # type: ignore[attr-defined]
     if run.tenant_id != principal.tenant_id:
         q = q.where(Checkpoint.public.is_(True))  # type: ignore[attr-defined]
     return q.order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())  # type: ignore[attr-defined]
@@ -114,27 +130,32 @@ def run_checkpoints(session: Session, principal: Principal, run: TrainingRun, *,
     return list(session.exec(_run_checkpoints_query(principal, run, now)).all())
 
 
-def last_checkpoint(session: Session, principal: Principal, run: TrainingRun, kind: str, *,
-                    now: datetime) -> Checkpoint | None:
+def last_checkpoint(session: Session, principal: Principal, run: TrainingRun, kind: str, *, now: datetime) -> Checkpoint | None:
     return session.exec(_run_checkpoints_query(principal, run, now).where(Checkpoint.kind == kind).limit(1)).first()
 
 
-def user_checkpoints(session: Session, principal: Principal, *, now: datetime, limit: int,
-                     offset: int) -> tuple[list[Checkpoint], int]:
+def user_checkpoints(
+    session: Session, principal: Principal, *, now: datetime, limit: int, offset: int
+) -> tuple[list[Checkpoint], int]:
     """All of the caller's visible Tinker-kind checkpoints, newest first. Returns (page, total)."""
-    q = select(Checkpoint).where(Checkpoint.tenant_id == principal.tenant_id, checkpoints.visible_clause(now),
-                                 Checkpoint.kind.in_(TINKER_KINDS))  # type: ignore[attr-defined]
+    q = select(Checkpoint).where(
+        Checkpoint.tenant_id == principal.tenant_id, checkpoints.visible_clause(now), Checkpoint.kind.in_(TINKER_KINDS)
+    )  # type: ignore[attr-defined]
     total = session.exec(select(sa.func.count()).select_from(q.subquery())).one()
-    rows = session.exec(q.order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())  # type: ignore[attr-defined]
-                        .offset(offset).limit(limit)).all()
+    rows = session.exec(
+        q.order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())  # type: ignore[attr-defined]
+        .offset(offset)
+        .limit(limit)
+    ).all()
     return list(rows), int(total)
 
 
 # --- publish ----------------------------------------------------------------------------------
 
 
-def set_public(session: Session, principal: Principal, path: TinkerPath, public: bool, *, now: datetime,
-               request_id: str | None = None) -> Checkpoint:
+def set_public(
+    session: Session, principal: Principal, path: TinkerPath, public: bool, *, now: datetime, request_id: str | None = None
+) -> Checkpoint:
     """Owner only: another tenant's checkpoint is "not found", published or not."""
     principal.require_write()
     ckpt = checkpoints.get_for(session, principal, path, now=now)
@@ -142,8 +163,15 @@ def set_public(session: Session, principal: Principal, path: TinkerPath, public:
         raise Conflict(f"checkpoint {path} is already {'public' if public else 'private'}")
     ckpt.public = public
     session.add(ckpt)
-    audit.record(session, at=now, action="checkpoint.publish" if public else "checkpoint.unpublish",
-                 tenant_id=principal.tenant_id, key_id=principal.key_id, target=str(path), request_id=request_id)
+    audit.record(
+        session,
+        at=now,
+        action="checkpoint.publish" if public else "checkpoint.unpublish",
+        tenant_id=principal.tenant_id,
+        key_id=principal.key_id,
+        target=str(path),
+        request_id=request_id,
+    )
     return ckpt
 
 
@@ -183,8 +211,9 @@ def weights_info(ctx: Context, session: Session, principal: Principal, path: Tin
     if isinstance(targets, list) and targets:
         leaves = {str(t).rsplit(".", 1)[-1] for t in targets}
         mlp, attn, unembed = bool(leaves & MLP_MODULES), bool(leaves & ATTN_MODULES), bool(leaves & UNEMBED_MODULES)
-    return WeightsInfo(base_model=run.base_model, is_lora=True, lora_rank=rank, train_unembed=unembed,
-                       train_mlp=mlp, train_attn=attn)
+    return WeightsInfo(
+        base_model=run.base_model, is_lora=True, lora_rank=rank, train_unembed=unembed, train_mlp=mlp, train_attn=attn
+    )
 
 
 # --- idempotency records (also the home of sessions, models and futures) -----------------------
@@ -194,8 +223,9 @@ def _record(session: Session, tenant_id: str, key: str) -> IdempotencyRecord | N
     return session.get(IdempotencyRecord, (tenant_id, key))
 
 
-def _put_record(session: Session, tenant_id: str, key: str, operation: str, response: dict[str, Any],
-                now: datetime) -> IdempotencyRecord:
+def _put_record(
+    session: Session, tenant_id: str, key: str, operation: str, response: dict[str, Any], now: datetime
+) -> IdempotencyRecord:
     row = _record(session, tenant_id, key)
     if row is None:
         row = IdempotencyRecord(tenant_id=tenant_id, key=key, operation=operation, created_at=now, response=response)
@@ -208,9 +238,18 @@ def _put_record(session: Session, tenant_id: str, key: str, operation: str, resp
 # --- copy_weights -----------------------------------------------------------------------------
 
 
-def _share_checkpoint(session: Session, principal: Principal, source: Checkpoint, run: TrainingRun, *,
-                      name: str, ttl_seconds: int | None, now: datetime, request_id: str | None,
-                      kind: str | None = None) -> Checkpoint:
+def _share_checkpoint(
+    session: Session,
+    principal: Principal,
+    source: Checkpoint,
+    run: TrainingRun,
+    *,
+    name: str,
+    ttl_seconds: int | None,
+    now: datetime,
+    request_id: str | None,
+    kind: str | None = None,
+) -> Checkpoint:
     """New checkpoint rows in ``run`` pointing at the source's blobs: no byte moves."""
     files = checkpoints.files_of(session, source)
     shas = sorted({f.sha256 for f in files})
@@ -220,22 +259,46 @@ def _share_checkpoint(session: Session, principal: Principal, source: Checkpoint
     blobs = {b.sha256: b for b in session.exec(blob_q).all()}
     if any((b := blobs.get(s)) is None or b.state != BlobState.live for s in shas):
         raise NotFound(f"checkpoint {checkpoints.tinker_path(source)} is being collected")
-    ckpt = Checkpoint(id=new_id("ckpt"), tenant_id=principal.tenant_id, run_id=run.id, kind=kind or source.kind, name=name,
-                      size_bytes=source.size_bytes, created_at=now,
-                      expires_at=checkpoints.expires_at_for(now, ttl_seconds),
-                      user_metadata=source.user_metadata, copied_from_id=source.id)
+    ckpt = Checkpoint(
+        id=new_id("ckpt"),
+        tenant_id=principal.tenant_id,
+        run_id=run.id,
+        kind=kind or source.kind,
+        name=name,
+        size_bytes=source.size_bytes,
+        created_at=now,
+        expires_at=checkpoints.expires_at_for(now, ttl_seconds),
+        user_metadata=source.user_metadata,
+        copied_from_id=source.id,
+    )
     session.add(ckpt)
     session.flush()
     uploads.add_manifest(session, ckpt, [(f.path, f.size_bytes, f.sha256) for f in files], blobs, now=now)
     ledger.on_commit(session, ckpt, now=now)
-    audit.record(session, at=now, action="checkpoint.copy", tenant_id=principal.tenant_id, key_id=principal.key_id,
-                 target=checkpoints.tinker_path(ckpt), request_id=request_id,
-                 source=checkpoints.tinker_path(source), size_bytes=ckpt.size_bytes)
+    audit.record(
+        session,
+        at=now,
+        action="checkpoint.copy",
+        tenant_id=principal.tenant_id,
+        key_id=principal.key_id,
+        target=checkpoints.tinker_path(ckpt),
+        request_id=request_id,
+        source=checkpoints.tinker_path(source),
+        size_bytes=ckpt.size_bytes,
+    )
     return ckpt
 
 
-def _copy_once(ctx: Context, principal: Principal, source_path: TinkerPath, *, ttl_seconds: int | None,
-               run_id: str | None, idempotency_key: str | None, request_id: str | None) -> str:
+def _copy_once(
+    ctx: Context,
+    principal: Principal,
+    source_path: TinkerPath,
+    *,
+    ttl_seconds: int | None,
+    run_id: str | None,
+    idempotency_key: str | None,
+    request_id: str | None,
+) -> str:
     now = ctx.clock.now()
     with session_scope(ctx.engine) as session:
         if idempotency_key:
@@ -245,13 +308,23 @@ def _copy_once(ctx: Context, principal: Principal, source_path: TinkerPath, *, t
         source = checkpoints.get_for(session, principal, source_path, now=now, allow_public=True)
         src_run = session.get(TrainingRun, source.run_id)
         assert src_run is not None
-        run = runs.create_run(session, principal, base_model=src_run.base_model, now=now, run_id=run_id,
-                              lora_rank=src_run.lora_rank, train_mlp=src_run.train_mlp, train_attn=src_run.train_attn,
-                              train_unembed=src_run.train_unembed, user_metadata=src_run.user_metadata
-                              if src_run.tenant_id == principal.tenant_id else None,
-                              trainable=False, copied_from_run_id=src_run.id)
-        ckpt = _share_checkpoint(session, principal, source, run, name=source.name, ttl_seconds=ttl_seconds,
-                                 now=now, request_id=request_id)
+        run = runs.create_run(
+            session,
+            principal,
+            base_model=src_run.base_model,
+            now=now,
+            run_id=run_id,
+            lora_rank=src_run.lora_rank,
+            train_mlp=src_run.train_mlp,
+            train_attn=src_run.train_attn,
+            train_unembed=src_run.train_unembed,
+            user_metadata=src_run.user_metadata if src_run.tenant_id == principal.tenant_id else None,
+            trainable=False,
+            copied_from_run_id=src_run.id,
+        )
+        ckpt = _share_checkpoint(
+            session, principal, source, run, name=source.name, ttl_seconds=ttl_seconds, now=now, request_id=request_id
+        )
         path = checkpoints.tinker_path(ckpt)
         if idempotency_key:
             _put_record(session, principal.tenant_id, idempotency_key, "copy_weights", {"tinker_path": path}, now)
@@ -259,9 +332,16 @@ def _copy_once(ctx: Context, principal: Principal, source_path: TinkerPath, *, t
     return path
 
 
-def copy_weights(ctx: Context, principal: Principal, source_path: str, *, ttl_seconds: int | None = None,
-                 run_id: str | None = None, idempotency_key: str | None = None,
-                 request_id: str | None = None) -> str:
+def copy_weights(
+    ctx: Context,
+    principal: Principal,
+    source_path: str,
+    *,
+    ttl_seconds: int | None = None,
+    run_id: str | None = None,
+    idempotency_key: str | None = None,
+    request_id: str | None = None,
+) -> str:
     """Copy a checkpoint (own or published) into a new, non-trainable run. Returns the new path.
 
     The same ``idempotency_key`` always answers the first copy's path: a retry whose first attempt
@@ -277,8 +357,9 @@ def copy_weights(ctx: Context, principal: Principal, source_path: str, *, ttl_se
     if idempotency_key is not None:  # own namespace: sessions/futures share the table
         idempotency_key = f"copy:{idempotency_key}"
     try:
-        return _copy_once(ctx, principal, path, ttl_seconds=ttl_seconds, run_id=run_id,
-                          idempotency_key=idempotency_key, request_id=request_id)
+        return _copy_once(
+            ctx, principal, path, ttl_seconds=ttl_seconds, run_id=run_id, idempotency_key=idempotency_key, request_id=request_id
+        )
     except DBIntegrityError:
         # Two attempts with the same key raced; the loser answers the winner's result.
         if idempotency_key is None:
@@ -292,12 +373,17 @@ def copy_weights(ctx: Context, principal: Principal, source_path: str, *, ttl_se
 
 # --- audit ------------------------------------------------------------------------------------
 
-AUDIT_EVENT_PREFIXES = {"checkpoints": ("checkpoint.",), "projects": ("project.",), "teams": ("team.",),
-                        "organizations": ("organization.", "tenant.", "key.")}
+AUDIT_EVENT_PREFIXES = {
+    "checkpoints": ("checkpoint.",),
+    "projects": ("project.",),
+    "teams": ("team.",),
+    "organizations": ("organization.", "tenant.", "key."),
+}
 
 
-def audit_entries(session: Session, *, event_type: str = "all", day: datetime | None = None,
-                  limit: int = 1000) -> list[AuditEvent]:
+def audit_entries(
+    session: Session, *, event_type: str = "all", day: datetime | None = None, limit: int = 1000
+) -> list[AuditEvent]:
     """Audit events (all tenants: admin only), newest first, optionally for one UTC day."""
     if event_type != "all" and event_type not in AUDIT_EVENT_PREFIXES:
         raise InvalidRequest(f"event_type must be one of all, {', '.join(AUDIT_EVENT_PREFIXES)}")
@@ -335,8 +421,7 @@ def archive_url(ctx: Context, principal: Principal, path: TinkerPath) -> Archive
         ckpt = checkpoints.get_for(session, principal, path, now=now, allow_public=True)
         if ckpt.kind == "merged":
             raise Unsupported("archives are built for LoRA checkpoints only; use the native file URLs")
-        files = [(f.path, f.sha256, f.size_bytes) for f in checkpoints.files_of(session, ckpt)
-                 if f.path != OPTIMIZER_STATE]
+        files = [(f.path, f.sha256, f.size_bytes) for f in checkpoints.files_of(session, ckpt) if f.path != OPTIMIZER_STATE]
         for _, sha, _size in files:
             blob = session.get(Blob, sha)
             if blob is None or blob.state != BlobState.live:
@@ -367,15 +452,17 @@ def archive_url(ctx: Context, principal: Principal, path: TinkerPath) -> Archive
     with session_scope(ctx.engine) as session:
         blob = session.get(Blob, sha)
         if blob is None:
-            session.add(Blob(sha256=sha, size_bytes=size, state=BlobState.live, created_at=now, verified_at=now,
-                             last_referenced_at=now))
+            session.add(
+                Blob(sha256=sha, size_bytes=size, state=BlobState.live, created_at=now, verified_at=now, last_referenced_at=now)
+            )
         elif blob.state == BlobState.live:
             blob.last_referenced_at = now
             session.add(blob)
         else:
             raise NotFound("archive is being collected; retry")
-        audit.record(session, at=now, action="checkpoint.archive", tenant_id=principal.tenant_id,
-                     key_id=principal.key_id, target=str(path))
+        audit.record(
+            session, at=now, action="checkpoint.archive", tenant_id=principal.tenant_id, key_id=principal.key_id, target=str(path)
+        )
     ttl = ctx.settings.presign_ttl_seconds
     return ArchiveUrl(ctx.store.presign_get(key, ttl, filename="archive.tar"), now + timedelta(seconds=ttl), sha, size)
 

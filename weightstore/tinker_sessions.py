@@ -52,14 +52,25 @@ class SessionFinished(InvalidRequest):
     code = "session_finished"
 
 
-def create_session(ctx: Context, principal: Principal, *, user_metadata: dict[str, Any] | None = None,
-                   tags: list[str] | None = None, project_id: str | None = None) -> str:
+def create_session(
+    ctx: Context,
+    principal: Principal,
+    *,
+    user_metadata: dict[str, Any] | None = None,
+    tags: list[str] | None = None,
+    project_id: str | None = None,
+) -> str:
     session_id = str(uuid.uuid4())
     now = ctx.clock.now()
     with session_scope(ctx.engine) as session:
-        _put_record(session, principal.tenant_id, _session_key(session_id), SESSION_OP,
-                    {"state": "active", "user_metadata": user_metadata, "tags": tags or [], "project_id": project_id},
-                    now)
+        _put_record(
+            session,
+            principal.tenant_id,
+            _session_key(session_id),
+            SESSION_OP,
+            {"state": "active", "user_metadata": user_metadata, "tags": tags or [], "project_id": project_id},
+            now,
+        )
     return session_id
 
 
@@ -90,8 +101,16 @@ def _new_future(session: Session, principal: Principal, body: dict[str, Any], no
     return request_id
 
 
-def load_weights(ctx: Context, principal: Principal, *, session_id: str, model_seq_id: int, path: str,
-                 base_model: str | None = None, user_metadata: dict[str, str] | None = None) -> tuple[str, str]:
+def load_weights(
+    ctx: Context,
+    principal: Principal,
+    *,
+    session_id: str,
+    model_seq_id: int,
+    path: str,
+    base_model: str | None = None,
+    user_metadata: dict[str, str] | None = None,
+) -> tuple[str, str]:
     """Create-via-load: a new non-trainable run ``{session}:train:{n}`` that holds ``path``.
     Returns (request_id, model_id); the future is complete at once."""
     principal.require_write()
@@ -109,15 +128,34 @@ def load_weights(ctx: Context, principal: Principal, *, session_id: str, model_s
         if model is None:  # a retry of the same load finds the model already made
             src_run = session.get(TrainingRun, source.run_id)
             assert src_run is not None
-            runs.create_run(session, principal, base_model=base_model or src_run.base_model, now=now, run_id=model_id,
-                            lora_rank=src_run.lora_rank, train_mlp=src_run.train_mlp, train_attn=src_run.train_attn,
-                            train_unembed=src_run.train_unembed, user_metadata=user_metadata, trainable=False,
-                            copied_from_run_id=src_run.id)
-            _put_record(session, principal.tenant_id, _model_key(model_id), MODEL_OP,
-                        {"source_checkpoint_id": source.id, "source_path": str(src_path), "session_id": session_id},
-                        now)
-        request_id = _new_future(session, principal, {"state": "done", "result": {
-            "path": str(src_path), "model_id": model_id, "type": "load_weights"}}, now)
+            runs.create_run(
+                session,
+                principal,
+                base_model=base_model or src_run.base_model,
+                now=now,
+                run_id=model_id,
+                lora_rank=src_run.lora_rank,
+                train_mlp=src_run.train_mlp,
+                train_attn=src_run.train_attn,
+                train_unembed=src_run.train_unembed,
+                user_metadata=user_metadata,
+                trainable=False,
+                copied_from_run_id=src_run.id,
+            )
+            _put_record(
+                session,
+                principal.tenant_id,
+                _model_key(model_id),
+                MODEL_OP,
+                {"source_checkpoint_id": source.id, "source_path": str(src_path), "session_id": session_id},
+                now,
+            )
+        request_id = _new_future(
+            session,
+            principal,
+            {"state": "done", "result": {"path": str(src_path), "model_id": model_id, "type": "load_weights"}},
+            now,
+        )
     return request_id, model_id
 
 
@@ -136,8 +174,9 @@ def get_info(ctx: Context, principal: Principal, model_id: str) -> ModelInfo:
         return ModelInfo(model_id, run.base_model, run.lora_rank)
 
 
-def submit_peft_export(ctx: Context, principal: Principal, source_checkpoint: Checkpoint, output_name: str,
-                       ttl_seconds: int | None) -> str:
+def submit_peft_export(
+    ctx: Context, principal: Principal, source_checkpoint: Checkpoint, output_name: str, ttl_seconds: int | None
+) -> str:
     """Queue a PEFT export of ``source_checkpoint`` through the export jobs. Returns the job id.
 
     The job writes ``external_weights/{source name}-{output_name}`` next to its source (one name per
@@ -147,12 +186,18 @@ def submit_peft_export(ctx: Context, principal: Principal, source_checkpoint: Ch
     from weightstore import exportjobs  # noqa: PLC0415 - exports pull in heavy optional imports
 
     job_name = f"{source_checkpoint.name}-{output_name}"[: ctx.settings.name_max_length]
-    return str(exportjobs.submit_peft_export(ctx, principal, checkpoints.tinker_path(source_checkpoint), job_name,
-                                             ttl_seconds))
+    return str(exportjobs.submit_peft_export(ctx, principal, checkpoints.tinker_path(source_checkpoint), job_name, ttl_seconds))
 
 
-def save_weights_external(ctx: Context, principal: Principal, *, model_id: str, name: str,
-                          ttl_seconds: int | None, age_recipients: list[str] | None = None) -> str:
+def save_weights_external(
+    ctx: Context,
+    principal: Principal,
+    *,
+    model_id: str,
+    name: str,
+    ttl_seconds: int | None,
+    age_recipients: list[str] | None = None,
+) -> str:
     """Export the model's checkpoint as PEFT files (``external_weights/{name}`` of the model's run).
     Returns the request id of a future that completes when the export job does."""
     principal.require_write()
@@ -170,8 +215,12 @@ def save_weights_external(ctx: Context, principal: Principal, *, model_id: str, 
             raise NotFound(f"checkpoint {model.response.get('source_path')} not found")
     job_id = submit_peft_export(ctx, principal, source, name, ttl_seconds)
     with session_scope(ctx.engine) as session:
-        return _new_future(session, principal, {"state": "export", "job_id": job_id, "model_id": model_id,
-                                                "name": name, "ttl_seconds": ttl_seconds}, now)
+        return _new_future(
+            session,
+            principal,
+            {"state": "export", "job_id": job_id, "model_id": model_id, "name": name, "ttl_seconds": ttl_seconds},
+            now,
+        )
 
 
 @dataclass(frozen=True)
@@ -220,8 +269,9 @@ def poll_future(ctx: Context, principal: Principal, request_id: str) -> dict[str
         return result
 
 
-def _place_export(ctx: Context, session: Session, principal: Principal, state: dict[str, Any],
-                  result_checkpoint_id: str | None, now: datetime) -> dict[str, Any]:
+def _place_export(
+    ctx: Context, session: Session, principal: Principal, state: dict[str, Any], result_checkpoint_id: str | None, now: datetime
+) -> dict[str, Any]:
     """Make the finished export appear at ``tinker://{model}/external_weights/{name}`` (zero-copy
     when the job wrote it elsewhere, e.g. next to its source)."""
     exported = session.get(Checkpoint, result_checkpoint_id) if result_checkpoint_id else None
@@ -231,16 +281,30 @@ def _place_export(ctx: Context, session: Session, principal: Principal, state: d
     if exported.run_id == model_id and exported.kind == "external" and exported.name == name:
         placed = exported
     else:
-        existing = session.exec(select(Checkpoint).where(
-            Checkpoint.run_id == model_id, Checkpoint.kind == "external", Checkpoint.name == name,
-            checkpoints.visible_clause(now))).first()
+        existing = session.exec(
+            select(Checkpoint).where(
+                Checkpoint.run_id == model_id,
+                Checkpoint.kind == "external",
+                Checkpoint.name == name,
+                checkpoints.visible_clause(now),
+            )
+        ).first()
         if existing is not None:
             checkpoints.end_checkpoint(session, existing, state=CheckpointState.deleted, at=now, now=now)
             session.flush()
         run = session.get(TrainingRun, model_id)
         assert run is not None
-        placed = _share_checkpoint(session, principal, exported, run, name=name, kind="external",
-                                   ttl_seconds=state.get("ttl_seconds"), now=now, request_id=None)
+        placed = _share_checkpoint(
+            session,
+            principal,
+            exported,
+            run,
+            name=name,
+            kind="external",
+            ttl_seconds=state.get("ttl_seconds"),
+            now=now,
+            request_id=None,
+        )
         placed.copied_from_id, placed.exported_from_id = None, exported.exported_from_id
         session.add(placed)
     return {"path": checkpoints.tinker_path(placed), "size_bytes": placed.size_bytes, "type": "save_weights_external"}

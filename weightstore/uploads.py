@@ -164,9 +164,14 @@ def validate_request(ctx: Context, req: UploadRequest, *, internal: bool = False
 
 
 def _existing_live(session: Session, run_id: str, kind: str, name: str) -> Checkpoint | None:
-    return session.exec(select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.kind == kind,
-                                                 Checkpoint.name == name,
-                                                 Checkpoint.state == CheckpointState.committed)).first()
+    return session.exec(
+        select(Checkpoint).where(
+            Checkpoint.run_id == run_id,
+            Checkpoint.kind == kind,
+            Checkpoint.name == name,
+            Checkpoint.state == CheckpointState.committed,
+        )
+    ).first()
 
 
 def declare(ctx: Context, principal: Principal, req: UploadRequest, *, internal: bool = False) -> UploadAnswer:
@@ -185,23 +190,47 @@ def declare(ctx: Context, principal: Principal, req: UploadRequest, *, internal:
             path = TinkerPath(req.run_id, req.kind, req.name)
             raise AlreadyExists(f"{path} already exists (overwrite=true replaces a full-state checkpoint)")
         ttl = req.ttl_seconds if req.ttl_seconds is not None else _default_ttl(session, principal.tenant_id, req.kind)
-        owned = set(session.exec(select(TenantBlob.sha256).join(Blob, Blob.sha256 == TenantBlob.sha256).where(  # type: ignore[arg-type]
-            TenantBlob.tenant_id == principal.tenant_id, TenantBlob.sha256.in_([f.sha256 for f in req.files]),  # type: ignore[attr-defined]
-            Blob.state == BlobState.live)).all())
-        upload = Upload(id=upload_id, tenant_id=principal.tenant_id, run_id=req.run_id, kind=req.kind, name=req.name,
-                        overwrite=req.overwrite, ttl_seconds=ttl, user_metadata=req.user_metadata, created_at=now,
-                        expires_at=now + timedelta(seconds=s.upload_expiry_seconds))
+        owned = set(
+            session.exec(
+                select(TenantBlob.sha256)
+                .join(Blob, Blob.sha256 == TenantBlob.sha256)
+                .where(  # type: ignore[arg-type]
+                    TenantBlob.tenant_id == principal.tenant_id,
+                    TenantBlob.sha256.in_([f.sha256 for f in req.files]),  # type: ignore[attr-defined]
+                    Blob.state == BlobState.live,
+                )
+            ).all()
+        )
+        upload = Upload(
+            id=upload_id,
+            tenant_id=principal.tenant_id,
+            run_id=req.run_id,
+            kind=req.kind,
+            name=req.name,
+            overwrite=req.overwrite,
+            ttl_seconds=ttl,
+            user_metadata=req.user_metadata,
+            created_at=now,
+            expires_at=now + timedelta(seconds=s.upload_expiry_seconds),
+        )
         session.add(upload)
         session.flush()
         for i, f in enumerate(req.files):
             ans = FileAnswer(f.path, f.size_bytes, f.sha256, "present" if f.sha256 in owned else req.transfer)
-            row = UploadFile(upload_id=upload_id, path=f.path, size_bytes=f.size_bytes, sha256=f.sha256,
-                             transfer=ans.transfer, received=ans.transfer == "present")
+            row = UploadFile(
+                upload_id=upload_id,
+                path=f.path,
+                size_bytes=f.size_bytes,
+                sha256=f.sha256,
+                transfer=ans.transfer,
+                received=ans.transfer == "present",
+            )
             if ans.transfer == "stream":
                 ans.url = f"/v1/uploads/{upload_id}/files/{f.path}"
             elif ans.transfer == "presigned" and direct_put(s, f.size_bytes):
-                ans.url, ans.headers = ctx.store.presign_put(blob_key(f.sha256), s.presign_ttl_seconds, sha256=f.sha256,
-                                                             metadata={WRITER_META: upload_id})
+                ans.url, ans.headers = ctx.store.presign_put(
+                    blob_key(f.sha256), s.presign_ttl_seconds, sha256=f.sha256, metadata={WRITER_META: upload_id}
+                )
             elif ans.transfer == "presigned":
                 row.staging_key = staging_key(upload_id, i)
                 _presign(ctx.store, s.presign_ttl_seconds, row, ans, s.multipart_threshold_bytes, s.part_size_bytes)
@@ -209,11 +238,22 @@ def declare(ctx: Context, principal: Principal, req: UploadRequest, *, internal:
             answers.append(ans)
         # The upload holds its blobs against the collector from now on (mark reads open uploads
         # first); touching them restarts their grace period.
-        session.execute(sa.update(Blob).where(Blob.sha256.in_([f.sha256 for f in req.files]))  # type: ignore[attr-defined]
-                        .values(last_referenced_at=now))
-        audit.record(session, at=now, action="upload.declare", tenant_id=principal.tenant_id, key_id=principal.key_id,
-                     target=str(TinkerPath(req.run_id, req.kind, req.name)), upload_id=upload_id,
-                     files=len(req.files), bytes_to_send=sum(a.size_bytes for a in answers if a.transfer != "present"))
+        session.execute(
+            sa.update(Blob)
+            .where(Blob.sha256.in_([f.sha256 for f in req.files]))  # type: ignore[attr-defined]
+            .values(last_referenced_at=now)
+        )
+        audit.record(
+            session,
+            at=now,
+            action="upload.declare",
+            tenant_id=principal.tenant_id,
+            key_id=principal.key_id,
+            target=str(TinkerPath(req.run_id, req.kind, req.name)),
+            upload_id=upload_id,
+            files=len(req.files),
+            bytes_to_send=sum(a.size_bytes for a in answers if a.transfer != "present"),
+        )
     return UploadAnswer(upload_id, upload.expires_at, str(TinkerPath(req.run_id, req.kind, req.name)), answers)
 
 
@@ -236,8 +276,9 @@ def _presign(store: ObjectStore, ttl: int, row: UploadFile, ans: FileAnswer, thr
     psize = part_size_for(row.size_bytes, part)
     row.multipart_upload_id = store.create_multipart(row.staging_key)
     ans.part_size = psize
-    ans.part_urls = [store.presign_part(row.staging_key, row.multipart_upload_id, n + 1, ttl)
-                     for n in range(math.ceil(row.size_bytes / psize))]
+    ans.part_urls = [
+        store.presign_part(row.staging_key, row.multipart_upload_id, n + 1, ttl) for n in range(math.ceil(row.size_bytes / psize))
+    ]
 
 
 def _load_open_upload(session: Session, principal: Principal, upload_id: str, now: datetime) -> Upload:
@@ -287,8 +328,18 @@ class BlobWriter:
     When the blob already exists, the bytes are only hashed (the tenant proves it holds them).
     """
 
-    def __init__(self, store: ObjectStore, *, sha256: str, size: int, exists: bool, part_size: int,
-                 threshold: int, max_inflight: int = 3, single_put_max: int = 0) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        sha256: str,
+        size: int,
+        exists: bool,
+        part_size: int,
+        threshold: int,
+        max_inflight: int = 3,
+        single_put_max: int = 0,
+    ) -> None:
         self.store, self.sha256, self.size, self.exists = store, sha256, size, exists
         self.key = blob_key(sha256)
         self.hash = hashlib.sha256()
@@ -433,9 +484,15 @@ def open_stream(ctx: Context, principal: Principal, upload_id: str, path: str) -
             raise CatalogBusy("these bytes are being garbage-collected right now; retry in a minute")
         exists = blob is not None and blob.state == BlobState.live
     s = ctx.settings
-    return BlobWriter(ctx.store, sha256=row.sha256, size=row.size_bytes, exists=exists,
-                      part_size=s.part_size_bytes, threshold=s.multipart_threshold_bytes,
-                      single_put_max=single_put_limit(s))
+    return BlobWriter(
+        ctx.store,
+        sha256=row.sha256,
+        size=row.size_bytes,
+        exists=exists,
+        part_size=s.part_size_bytes,
+        threshold=s.multipart_threshold_bytes,
+        single_put_max=single_put_limit(s),
+    )
 
 
 def finish_stream(ctx: Context, principal: Principal, upload_id: str, path: str, writer: BlobWriter) -> None:
@@ -469,8 +526,9 @@ def mark_live(session: Session, sha256: str, size: int, now: datetime) -> None:
     """Insert the blob row as live (object verified and durable), or refresh an existing one."""
     blob = session.get(Blob, sha256)
     if blob is None:
-        session.add(Blob(sha256=sha256, size_bytes=size, state=BlobState.live, created_at=now, verified_at=now,
-                         last_referenced_at=now))
+        session.add(
+            Blob(sha256=sha256, size_bytes=size, state=BlobState.live, created_at=now, verified_at=now, last_referenced_at=now)
+        )
     elif blob.state == BlobState.deleting:
         raise CatalogBusy("these bytes are being garbage-collected right now; retry in a minute")
     else:
@@ -492,15 +550,20 @@ def _finalize_direct(ctx: Context, row: UploadFile, tenant_id: str) -> None:
         with session_scope(ctx.engine) as session:
             other = session.get(Upload, writer)
             if other is None or other.tenant_id != tenant_id:
-                raise UploadIncomplete(f"{row.path}: not uploaded yet (or overwritten by another upload of the same "
-                                       "bytes): send it again", files=[row.path])
+                raise UploadIncomplete(
+                    f"{row.path}: not uploaded yet (or overwritten by another upload of the same bytes): send it again",
+                    files=[row.path],
+                )
     if info.size == row.size_bytes and info.stored_sha256_is(row.sha256):
         return
     # The store kept no checksum (or a different one): it did not enforce the signed one, so check
     # the bytes. A mismatch means s3_verifies_checksums is wrong for this store.
     if info.size != row.size_bytes or store.hash_object(final)[0] != row.sha256:
-        log.error("object store accepted a presigned PUT whose bytes differ from the signed checksum: %s "
-                  "(set WEIGHTSTORE_S3_VERIFIES_CHECKSUMS=false for this store)", final)
+        log.error(
+            "object store accepted a presigned PUT whose bytes differ from the signed checksum: %s "
+            "(set WEIGHTSTORE_S3_VERIFIES_CHECKSUMS=false for this store)",
+            final,
+        )
         raise IntegrityError(f"{row.path}: stored bytes do not match sha256 {row.sha256}", file=row.path)
 
 
@@ -513,8 +576,9 @@ def _finalize_presigned(ctx: Context, row: UploadFile, tenant_id: str) -> None:
     if row.multipart_upload_id:
         parts = store.list_parts(key, row.multipart_upload_id)
         if sum(p["Size"] for p in parts) != row.size_bytes:
-            raise UploadIncomplete(f"{row.path}: {sum(p['Size'] for p in parts)} of {row.size_bytes} bytes uploaded",
-                                   files=[row.path])
+            raise UploadIncomplete(
+                f"{row.path}: {sum(p['Size'] for p in parts)} of {row.size_bytes} bytes uploaded", files=[row.path]
+            )
         store.complete_multipart(key, row.multipart_upload_id, parts)
     info = store.head(key, checksum=True)
     if info is None:
@@ -534,16 +598,18 @@ def _finalize_presigned(ctx: Context, row: UploadFile, tenant_id: str) -> None:
     store.delete(key)
 
 
-def add_manifest(session: Session, ckpt: Checkpoint, files: list[tuple[str, int, str]], blobs: dict[str, Blob], *,
-                 now: datetime) -> None:
+def add_manifest(
+    session: Session, ckpt: Checkpoint, files: list[tuple[str, int, str]], blobs: dict[str, Blob], *, now: datetime
+) -> None:
     """Write a new checkpoint's manifest: one row per (path, size, sha256), the tenant's proof of
     holding each blob (for later dedup), and a touch on every blob. ``blobs`` must be the caller's
     locked, verified-live rows for every sha256 in ``files``."""
     for path, size, sha in files:
         session.add(CheckpointFile(checkpoint_id=ckpt.id, path=path, size_bytes=size, sha256=sha))
     shas = sorted({sha for _, _, sha in files})
-    owned = set(session.exec(select(TenantBlob.sha256).where(TenantBlob.tenant_id == ckpt.tenant_id,
-                                                             TenantBlob.sha256.in_(shas))).all())  # type: ignore[attr-defined]
+    owned = set(
+        session.exec(select(TenantBlob.sha256).where(TenantBlob.tenant_id == ckpt.tenant_id, TenantBlob.sha256.in_(shas))).all()
+    )  # type: ignore[attr-defined]
     for sha in shas:
         if sha not in owned:
             session.add(TenantBlob(tenant_id=ckpt.tenant_id, sha256=sha, created_at=now))
@@ -558,8 +624,14 @@ class CommitResult:
     bytes_received: int
 
 
-def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: str | None = None,
-           on_validated: Callable[[Session, Checkpoint], None] | None = None) -> CommitResult:
+def commit(
+    ctx: Context,
+    principal: Principal,
+    upload_id: str,
+    *,
+    request_id: str | None = None,
+    on_validated: Callable[[Session, Checkpoint], None] | None = None,
+) -> CommitResult:
     """Step 3: verify every file, validate formats, then commit the checkpoint atomically."""
     principal.require_write()
     now = ctx.clock.now()
@@ -586,8 +658,13 @@ def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: st
     s = ctx.settings
     for row in rows:
         key = blob_key(row.sha256)
-        formats.validate_file(row.path, row.size_bytes, lambda a, n, k=key: ctx.store.read_range(k, a, n),
-                              max_header=s.max_safetensors_header_bytes, max_json=s.max_json_file_bytes)
+        formats.validate_file(
+            row.path,
+            row.size_bytes,
+            lambda a, n, k=key: ctx.store.read_range(k, a, n),
+            max_header=s.max_safetensors_header_bytes,
+            max_json=s.max_json_file_bytes,
+        )
 
     now = ctx.clock.now()
     try:
@@ -618,9 +695,17 @@ def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: st
                     raise AlreadyExists(f"{TinkerPath(upload.run_id, upload.kind, upload.name)} already exists")
                 end_checkpoint(session, old, state=CheckpointState.deleted, at=now, now=now)
                 session.flush()
-            ckpt = Checkpoint(id=new_id("ckpt"), tenant_id=principal.tenant_id, run_id=upload.run_id, kind=upload.kind,
-                              name=upload.name, size_bytes=sum(r.size_bytes for r in rows), created_at=now,
-                              expires_at=expires_at_for(now, upload.ttl_seconds), user_metadata=upload.user_metadata)
+            ckpt = Checkpoint(
+                id=new_id("ckpt"),
+                tenant_id=principal.tenant_id,
+                run_id=upload.run_id,
+                kind=upload.kind,
+                name=upload.name,
+                size_bytes=sum(r.size_bytes for r in rows),
+                created_at=now,
+                expires_at=expires_at_for(now, upload.ttl_seconds),
+                user_metadata=upload.user_metadata,
+            )
             session.add(ckpt)
             session.flush()
             add_manifest(session, ckpt, [(r.path, r.size_bytes, r.sha256) for r in rows], blobs, now=now)
@@ -630,9 +715,17 @@ def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: st
             ledger.on_commit(session, ckpt, now=now)
             if on_validated is not None:
                 on_validated(session, ckpt)
-            audit.record(session, at=now, action="checkpoint.commit", tenant_id=principal.tenant_id,
-                         key_id=principal.key_id, target=str(TinkerPath(ckpt.run_id, ckpt.kind, ckpt.name)),
-                         request_id=request_id, upload_id=upload_id, size_bytes=ckpt.size_bytes)
+            audit.record(
+                session,
+                at=now,
+                action="checkpoint.commit",
+                tenant_id=principal.tenant_id,
+                key_id=principal.key_id,
+                target=str(TinkerPath(ckpt.run_id, ckpt.kind, ckpt.name)),
+                request_id=request_id,
+                upload_id=upload_id,
+                size_bytes=ckpt.size_bytes,
+            )
             session.flush()
     except DBIntegrityError as exc:
         # Two committers raced for the same name: the partial unique index picked the winner.
@@ -661,6 +754,18 @@ def get_upload(ctx: Context, principal: Principal, upload_id: str) -> tuple[Uplo
         return upload, list(session.exec(select(UploadFile).where(UploadFile.upload_id == upload_id)).all())
 
 
-__all__ = ["BlobWriter", "CommitResult", "DeclaredFile", "FileAnswer", "UploadAnswer", "UploadRequest",
-           "abort", "commit", "declare", "finish_stream", "get_upload", "open_stream", "receive_bytes"]
-
+__all__ = [
+    "BlobWriter",
+    "CommitResult",
+    "DeclaredFile",
+    "FileAnswer",
+    "UploadAnswer",
+    "UploadRequest",
+    "abort",
+    "commit",
+    "declare",
+    "finish_stream",
+    "get_upload",
+    "open_stream",
+    "receive_bytes",
+]

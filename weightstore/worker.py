@@ -21,8 +21,14 @@ DEFAULT_POLL_SECONDS = 2.0
 ERROR_PAUSE_SECONDS = 5.0
 
 
-def run_worker(ctx: Context, stop_event: threading.Event, poll_seconds: float = DEFAULT_POLL_SECONDS, *,
-               owner: str | None = None, max_jobs: int | None = None) -> int:
+def run_worker(
+    ctx: Context,
+    stop_event: threading.Event,
+    poll_seconds: float = DEFAULT_POLL_SECONDS,
+    *,
+    owner: str | None = None,
+    max_jobs: int | None = None,
+) -> int:
     """Run jobs until ``stop_event`` is set (or ``max_jobs`` have run). Returns jobs run.
 
     An idle worker polls every ``poll_seconds``; a worker that just finished a job asks again at
@@ -53,13 +59,13 @@ def run_worker(ctx: Context, stop_event: threading.Event, poll_seconds: float = 
     return ran
 
 
-def start_in_process(ctx: Context, *, poll_seconds: float = DEFAULT_POLL_SECONDS,
-                     owner: str | None = None) -> Callable[[], None]:
+def start_in_process(ctx: Context, *, poll_seconds: float = DEFAULT_POLL_SECONDS, owner: str | None = None) -> Callable[[], None]:
     """Start a worker thread (for ``weightstore serve`` and tests); returns its stop function.
     Stopping waits for the current job's step to end (a job cut short is retried after its lease)."""
     stop_event = threading.Event()
-    thread = threading.Thread(target=run_worker, args=(ctx, stop_event, poll_seconds),
-                              kwargs={"owner": owner}, name="export-worker", daemon=True)
+    thread = threading.Thread(
+        target=run_worker, args=(ctx, stop_event, poll_seconds), kwargs={"owner": owner}, name="export-worker", daemon=True
+    )
     thread.start()
 
     def stop() -> None:

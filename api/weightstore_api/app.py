@@ -48,13 +48,19 @@ def create_app(ctx: Context, *, background: Sequence[Background] = ()) -> FastAP
                 stop()
             stops.clear()
 
-    app = FastAPI(title="weightstore", version="0.1.0", lifespan=lifespan,
-                  description="Checkpoint and weights storage for LoRA fine-tuning, Tinker-compatible.",
-                  responses={400: {"description": "Invalid request (stable `code` in the body)"},
-                             401: {"description": "Missing, unknown or revoked API key"},
-                             403: {"description": "The key's role does not allow this"},
-                             404: {"description": "Not found (or another tenant's: indistinguishable)"},
-                             503: {"description": "Transient: object store or catalog busy; retry after Retry-After"}})
+    app = FastAPI(
+        title="weightstore",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Checkpoint and weights storage for LoRA fine-tuning, Tinker-compatible.",
+        responses={
+            400: {"description": "Invalid request (stable `code` in the body)"},
+            401: {"description": "Missing, unknown or revoked API key"},
+            403: {"description": "The key's role does not allow this"},
+            404: {"description": "Not found (or another tenant's: indistinguishable)"},
+            503: {"description": "Transient: object store or catalog busy; retry after Retry-After"},
+        },
+    )
     app.state.ctx = ctx
     app.middleware("http")(request_context)
     app.add_exception_handler(WeightstoreError, weightstore_error_handler)

@@ -12,23 +12,51 @@ from .schemas import CheckpointFilePublic, CheckpointPublic, KeyPublic, RunPubli
 
 
 def run_public(run: TrainingRun) -> RunPublic:
-    return RunPublic(run_id=run.id, tenant_id=run.tenant_id, base_model=run.base_model, lora_rank=run.lora_rank,
-                     train_mlp=run.train_mlp, train_attn=run.train_attn, train_unembed=run.train_unembed,
-                     trainable=run.trainable, user_metadata=run.user_metadata, created_at=run.created_at,
-                     last_request_time=run.last_request_time)
+    return RunPublic(
+        run_id=run.id,
+        tenant_id=run.tenant_id,
+        base_model=run.base_model,
+        lora_rank=run.lora_rank,
+        train_mlp=run.train_mlp,
+        train_attn=run.train_attn,
+        train_unembed=run.train_unembed,
+        trainable=run.trainable,
+        user_metadata=run.user_metadata,
+        created_at=run.created_at,
+        last_request_time=run.last_request_time,
+    )
 
 
 def checkpoint_public(ckpt: Checkpoint, session: Session | None = None) -> CheckpointPublic:
     path = TinkerPath(ckpt.run_id, ckpt.kind, ckpt.name)
     files = None
     if session is not None:
-        files = [CheckpointFilePublic(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256)
-                 for f in checkpoints.files_of(session, ckpt)]
-    return CheckpointPublic(tinker_path=str(path), run_id=ckpt.run_id, kind=ckpt.kind, name=ckpt.name,
-                            checkpoint_id=path.checkpoint_id, size_bytes=ckpt.size_bytes, created_at=ckpt.created_at,
-                            expires_at=ckpt.expires_at, public=ckpt.public, user_metadata=ckpt.user_metadata, files=files)
+        files = [
+            CheckpointFilePublic(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256)
+            for f in checkpoints.files_of(session, ckpt)
+        ]
+    return CheckpointPublic(
+        tinker_path=str(path),
+        run_id=ckpt.run_id,
+        kind=ckpt.kind,
+        name=ckpt.name,
+        checkpoint_id=path.checkpoint_id,
+        size_bytes=ckpt.size_bytes,
+        created_at=ckpt.created_at,
+        expires_at=ckpt.expires_at,
+        public=ckpt.public,
+        user_metadata=ckpt.user_metadata,
+        files=files,
+    )
 
 
 def key_public(row: ApiKey) -> KeyPublic:
-    return KeyPublic(key_id=row.id, tenant_id=row.tenant_id, role=row.role, prefix=row.prefix, name=row.name,
-                     created_at=row.created_at, revoked_at=row.revoked_at)
+    return KeyPublic(
+        key_id=row.id,
+        tenant_id=row.tenant_id,
+        role=row.role,
+        prefix=row.prefix,
+        name=row.name,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )

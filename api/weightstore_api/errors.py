@@ -70,6 +70,8 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
 
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated", 403: "forbidden"}.get(
-        exc.status_code, "invalid_request" if exc.status_code < 500 else "internal_error")
-    return JSONResponse(error_body(code, str(exc.detail), request), status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+        exc.status_code, "invalid_request" if exc.status_code < 500 else "internal_error"
+    )
+    return JSONResponse(
+        error_body(code, str(exc.detail), request), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+    )

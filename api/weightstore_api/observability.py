@@ -18,18 +18,22 @@ request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 REGISTRY = CollectorRegistry(auto_describe=True)
 HTTP_REQUESTS = Counter("weightstore_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=REGISTRY)
 HTTP_LATENCY = Histogram("weightstore_http_request_seconds", "HTTP request latency", ["method", "route"], registry=REGISTRY)
-BYTES_RECEIVED = Counter("weightstore_upload_bytes_total", "Bytes received through the streaming upload endpoint",
-                         registry=REGISTRY)
-CHECKPOINTS_COMMITTED = Counter("weightstore_checkpoints_committed_total", "Checkpoints committed", ["kind"],
-                                registry=REGISTRY)
+BYTES_RECEIVED = Counter(
+    "weightstore_upload_bytes_total", "Bytes received through the streaming upload endpoint", registry=REGISTRY
+)
+CHECKPOINTS_COMMITTED = Counter("weightstore_checkpoints_committed_total", "Checkpoints committed", ["kind"], registry=REGISTRY)
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; the request id rides along from the context variable."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-               "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         rid = request_id_var.get()
         if rid:
             out["request_id"] = rid
@@ -76,7 +80,14 @@ async def request_context(request: Request, call_next: Callable[[Request], Await
         HTTP_REQUESTS.labels(request.method, route, str(status)).inc()
         HTTP_LATENCY.labels(request.method, route).observe(elapsed)
         # Never log headers or query strings: keys and presigned signatures live there.
-        access_log.info("request", extra={"method": request.method, "path": request.url.path, "status": status,
-                                          "duration_ms": round(elapsed * 1000, 1),
-                                          "tenant_id": getattr(request.state, "tenant_id", None)})
+        access_log.info(
+            "request",
+            extra={
+                "method": request.method,
+                "path": request.url.path,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 1),
+                "tenant_id": getattr(request.state, "tenant_id", None),
+            },
+        )
         request_id_var.reset(token)

@@ -15,5 +15,15 @@ from .restore import restore_checkpoint
 from .runner import PHASES, RunReport, get_run, list_runs, run
 from .verify import VerifyReport, verify
 
-__all__ = ["PHASES", "Finding", "PhaseResult", "RunReport", "VerifyReport", "get_run", "list_runs",
-           "restore_checkpoint", "run", "verify"]
+__all__ = [
+    "PHASES",
+    "Finding",
+    "PhaseResult",
+    "RunReport",
+    "VerifyReport",
+    "get_run",
+    "list_runs",
+    "restore_checkpoint",
+    "run",
+    "verify",
+]

@@ -47,17 +47,30 @@ class LeaseHandle:
         """Renew the lease, or raise ``LeaseLost`` if another process holds it now."""
         now = self.clock.now()
         with session_scope(self.engine) as s:
-            res = s.execute(sa.update(Lease).where(Lease.name == self.name, Lease.owner == self.owner,  # type: ignore[arg-type]
-                                                   Lease.token == self.token)  # type: ignore[arg-type]
-                            .values(heartbeat_at=now, expires_at=now + timedelta(seconds=self.ttl_seconds)))
+            res = s.execute(
+                sa.update(Lease)
+                .where(
+                    Lease.name == self.name,
+                    Lease.owner == self.owner,  # type: ignore[arg-type]
+                    Lease.token == self.token,
+                )  # type: ignore[arg-type]
+                .values(heartbeat_at=now, expires_at=now + timedelta(seconds=self.ttl_seconds))
+            )
             if res.rowcount != 1:  # type: ignore[attr-defined]
                 raise LeaseLost(f"lease {self.name!r} (token {self.token}) was taken over by another collector")
 
     def release(self) -> None:
         now = self.clock.now()
         with session_scope(self.engine) as s:
-            s.execute(sa.update(Lease).where(Lease.name == self.name, Lease.owner == self.owner,  # type: ignore[arg-type]
-                                             Lease.token == self.token).values(expires_at=now))  # type: ignore[arg-type]
+            s.execute(
+                sa.update(Lease)
+                .where(
+                    Lease.name == self.name,
+                    Lease.owner == self.owner,  # type: ignore[arg-type]
+                    Lease.token == self.token,
+                )
+                .values(expires_at=now)
+            )  # type: ignore[arg-type]
 
 
 def acquire(engine: Engine, clock: Clock, *, ttl_seconds: int, owner: str | None = None, name: str = GC_LEASE) -> LeaseHandle:
@@ -71,11 +84,20 @@ def acquire(engine: Engine, clock: Clock, *, ttl_seconds: int, owner: str | None
                 q = q.with_for_update()
             row = s.exec(q).first()
             if row is None:
-                row = Lease(name=name, owner=owner, token=1, acquired_at=now, heartbeat_at=now,
-                            expires_at=now + timedelta(seconds=ttl_seconds))
+                row = Lease(
+                    name=name,
+                    owner=owner,
+                    token=1,
+                    acquired_at=now,
+                    heartbeat_at=now,
+                    expires_at=now + timedelta(seconds=ttl_seconds),
+                )
             elif row.expires_at > now and row.owner != owner:
-                raise LeaseHeld(f"lease {name!r} is held by {row.owner} until {row.expires_at.isoformat()}",
-                                owner=row.owner, expires_at=row.expires_at.isoformat())
+                raise LeaseHeld(
+                    f"lease {name!r} is held by {row.owner} until {row.expires_at.isoformat()}",
+                    owner=row.owner,
+                    expires_at=row.expires_at.isoformat(),
+                )
             else:
                 row.owner, row.token = owner, row.token + 1
                 row.acquired_at, row.heartbeat_at = now, now

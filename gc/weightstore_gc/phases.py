@@ -112,7 +112,7 @@ class Collection:
 
 def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), n):
-        yield items[i: i + n]
+        yield items[i : i + n]
 
 
 # --- expire ------------------------------------------------------------------------------------
@@ -128,13 +128,23 @@ def expire(c: Collection) -> PhaseResult:
     cutoff = c.grace_cutoff
     expired_or_due = Checkpoint.state.in_([CheckpointState.committed.value, CheckpointState.expired.value])  # type: ignore[attr-defined]
     with session_scope(c.ctx.engine) as s:
-        n_due, b_due = s.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Checkpoint.size_bytes), 0))
-                                 .where(Checkpoint.state == CheckpointState.committed.value,  # type: ignore[arg-type]
-                                        Checkpoint.expires_at <= c.now)).one()  # type: ignore[arg-type,operator]
-        n_rel, b_rel = s.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Checkpoint.size_bytes), 0))
-                                 .where(expired_or_due, Checkpoint.expires_at <= cutoff)).one()  # type: ignore[arg-type,operator]
-    res.plan = {"expire_checkpoints": int(n_due), "expire_bytes": int(b_due),
-                "release_checkpoints": int(n_rel), "release_bytes": int(b_rel)}
+        n_due, b_due = s.execute(
+            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Checkpoint.size_bytes), 0)).where(
+                Checkpoint.state == CheckpointState.committed.value,  # type: ignore[arg-type]
+                Checkpoint.expires_at <= c.now,
+            )
+        ).one()  # type: ignore[arg-type,operator]
+        n_rel, b_rel = s.execute(
+            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Checkpoint.size_bytes), 0)).where(
+                expired_or_due, Checkpoint.expires_at <= cutoff
+            )
+        ).one()  # type: ignore[arg-type,operator]
+    res.plan = {
+        "expire_checkpoints": int(n_due),
+        "expire_bytes": int(b_due),
+        "release_checkpoints": int(n_rel),
+        "release_bytes": int(b_rel),
+    }
     res.stats = {"expired": 0, "released": 0}
     if c.dry_run:
         return res
@@ -150,8 +160,13 @@ def expire(c: Collection) -> PhaseResult:
         c.check_lease()
         with session_scope(c.ctx.engine) as s:
             pick = sa.select(Checkpoint.id).where(released).limit(METADATA_CHUNK)  # type: ignore[call-overload]
-            n = int(s.execute(sa.update(Checkpoint).where(Checkpoint.id.in_(pick.scalar_subquery()), released)  # type: ignore[attr-defined]
-                              .values(state=CheckpointState.deleted.value, deleted_at=c.now)).rowcount)  # type: ignore[attr-defined]
+            n = int(
+                s.execute(
+                    sa.update(Checkpoint)
+                    .where(Checkpoint.id.in_(pick.scalar_subquery()), released)  # type: ignore[attr-defined]
+                    .values(state=CheckpointState.deleted.value, deleted_at=c.now)
+                ).rowcount
+            )  # type: ignore[attr-defined]
         res.stats["released"] += n
         if n < METADATA_CHUNK:
             break
@@ -172,11 +187,15 @@ def mark(c: Collection, *, check_objects: bool = True) -> PhaseResult:
     suspects: list[str] = []
     with session_scope(c.ctx.engine) as s:
         live = refs.all_refs().subquery()
-        s.execute(sa.insert(GcLiveBlob).from_select(["run_id", "sha256"],
-                                                     sa.select(sa.literal(c.run_id), live.c.sha256).distinct()))
-        n, nbytes = s.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Blob.size_bytes), 0))
-                              .select_from(GcLiveBlob).outerjoin(Blob, Blob.sha256 == GcLiveBlob.sha256)  # type: ignore[arg-type]
-                              .where(GcLiveBlob.run_id == c.run_id)).one()  # type: ignore[arg-type]
+        s.execute(
+            sa.insert(GcLiveBlob).from_select(["run_id", "sha256"], sa.select(sa.literal(c.run_id), live.c.sha256).distinct())
+        )
+        n, nbytes = s.execute(
+            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Blob.size_bytes), 0))
+            .select_from(GcLiveBlob)
+            .outerjoin(Blob, Blob.sha256 == GcLiveBlob.sha256)  # type: ignore[arg-type]
+            .where(GcLiveBlob.run_id == c.run_id)
+        ).one()  # type: ignore[arg-type]
         committed = refs.committed_refs().subquery()
         q = sa.select(committed.c.sha256, Blob.state, Blob.size_bytes).outerjoin(Blob, Blob.sha256 == committed.c.sha256)  # type: ignore[arg-type,call-overload]
         n_refs = 0
@@ -209,16 +228,24 @@ def _candidate_clause(c: Collection, mark_run_id: str) -> Any:
     # NOT EXISTS, not NOT IN: PostgreSQL plans NOT IN over a live set larger than work_mem as a
     # per-row rescan (measured: 227 s for a 100k catalog); NOT EXISTS is a hash anti-join.
     in_live = sa.exists().where(GcLiveBlob.run_id == mark_run_id, GcLiveBlob.sha256 == Blob.sha256)  # type: ignore[arg-type]
-    return sa.or_(Blob.state == BlobState.deleting.value,  # type: ignore[arg-type]
-                  sa.and_(Blob.state.in_([BlobState.live.value, BlobState.pending.value]),  # type: ignore[attr-defined]
-                          Blob.last_referenced_at < c.grace_cutoff, ~in_live))  # type: ignore[arg-type,operator]
+    return sa.or_(
+        Blob.state == BlobState.deleting.value,  # type: ignore[arg-type]
+        sa.and_(
+            Blob.state.in_([BlobState.live.value, BlobState.pending.value]),  # type: ignore[attr-defined]
+            Blob.last_referenced_at < c.grace_cutoff,
+            ~in_live,
+        ),
+    )  # type: ignore[arg-type,operator]
 
 
 def sweep_candidates(c: Collection, mark_run_id: str, *, after: str = "", limit: int | None = None) -> list[tuple[str, int, str]]:
     """One page (keyset on sha256) of sweep candidates: (sha256, size, state)."""
     with session_scope(c.ctx.engine) as s:
-        q = (sa.select(Blob.sha256, Blob.size_bytes, Blob.state)  # type: ignore[call-overload]
-             .where(Blob.sha256 > after, _candidate_clause(c, mark_run_id)).order_by(Blob.sha256))
+        q = (
+            sa.select(Blob.sha256, Blob.size_bytes, Blob.state)  # type: ignore[call-overload]
+            .where(Blob.sha256 > after, _candidate_clause(c, mark_run_id))
+            .order_by(Blob.sha256)
+        )
         if limit is not None:
             q = q.limit(limit)
         return [(r[0], int(r[1]), r[2]) for r in s.execute(q).all()]
@@ -236,14 +263,31 @@ def _tombstone(c: Collection, shas: Sequence[str]) -> list[str]:
             # re-check statement sees every reference committed before the locks were granted.
             s.execute(sa.select(Blob.sha256).where(Blob.sha256.in_(shas)).with_for_update())  # type: ignore[call-overload,attr-defined]
             s.execute(sa.text("LOCK TABLE checkpoint_file, upload_file, base_model_file IN SHARE MODE"))
-        fresh = [r[0] for r in s.execute(sa.select(Blob.sha256).where(  # type: ignore[call-overload]
-            Blob.sha256.in_(shas), Blob.state.in_([BlobState.live.value, BlobState.pending.value]),  # type: ignore[attr-defined]
-            Blob.last_referenced_at < c.grace_cutoff, sa.not_(refs.is_referenced(Blob.sha256)))).all()]
+        fresh = [
+            r[0]
+            for r in s.execute(
+                sa.select(Blob.sha256).where(  # type: ignore[call-overload]
+                    Blob.sha256.in_(shas),
+                    Blob.state.in_([BlobState.live.value, BlobState.pending.value]),  # type: ignore[attr-defined]
+                    Blob.last_referenced_at < c.grace_cutoff,
+                    sa.not_(refs.is_referenced(Blob.sha256)),
+                )
+            ).all()
+        ]
         if fresh:
-            s.execute(sa.update(Blob).where(Blob.sha256.in_(fresh))  # type: ignore[attr-defined]
-                      .values(state=BlobState.deleting.value, tombstoned_at=c.now))
-        old = [r[0] for r in s.execute(sa.select(Blob.sha256).where(  # type: ignore[call-overload]
-            Blob.sha256.in_(shas), Blob.state == BlobState.deleting.value)).all()]  # type: ignore[attr-defined]
+            s.execute(
+                sa.update(Blob)
+                .where(Blob.sha256.in_(fresh))  # type: ignore[attr-defined]
+                .values(state=BlobState.deleting.value, tombstoned_at=c.now)
+            )
+        old = [
+            r[0]
+            for r in s.execute(
+                sa.select(Blob.sha256).where(  # type: ignore[call-overload]
+                    Blob.sha256.in_(shas), Blob.state == BlobState.deleting.value
+                )
+            ).all()
+        ]  # type: ignore[attr-defined]
         return sorted(set(old) | set(fresh))
 
 
@@ -253,16 +297,24 @@ def _forget(c: Collection, shas: Sequence[str]) -> int:
     if not shas:
         return 0
     with session_scope(c.ctx.engine) as s:
-        gone = [r[0] for r in s.execute(sa.select(Blob.sha256).where(  # type: ignore[call-overload]
-            Blob.sha256.in_(shas), Blob.state == BlobState.deleting.value)).all()]  # type: ignore[attr-defined]
+        gone = [
+            r[0]
+            for r in s.execute(
+                sa.select(Blob.sha256).where(  # type: ignore[call-overload]
+                    Blob.sha256.in_(shas), Blob.state == BlobState.deleting.value
+                )
+            ).all()
+        ]  # type: ignore[attr-defined]
         if not gone:
             return 0
         # Only manifests of deleted checkpoints can still name a tombstoned blob (G7 re-checked it).
         # Anything else (a bug elsewhere) makes the blob delete fail on the foreign key: loud, not lossy.
         # Driven by the sha256 index with a correlated EXISTS: an IN (SELECT deleted checkpoints)
         # made SQLite scan the manifest table per batch (measured ~1 s a batch at 20k checkpoints).
-        released = sa.exists().where(Checkpoint.id == CheckpointFile.checkpoint_id,  # type: ignore[arg-type]
-                                     Checkpoint.state == CheckpointState.deleted.value)  # type: ignore[arg-type]
+        released = sa.exists().where(
+            Checkpoint.id == CheckpointFile.checkpoint_id,  # type: ignore[arg-type]
+            Checkpoint.state == CheckpointState.deleted.value,
+        )  # type: ignore[arg-type]
         s.execute(sa.delete(CheckpointFile).where(CheckpointFile.sha256.in_(gone), released))  # type: ignore[attr-defined]
         s.execute(sa.delete(TenantBlob).where(TenantBlob.sha256.in_(gone)))  # type: ignore[attr-defined]
         res = s.execute(sa.delete(Blob).where(Blob.sha256.in_(gone), Blob.state == BlobState.deleting.value))  # type: ignore[attr-defined]
@@ -278,13 +330,22 @@ def sweep(c: Collection, mark_run_id: str) -> PhaseResult:
     res = PhaseResult()
     clause = _candidate_clause(c, mark_run_id)
     with session_scope(c.ctx.engine) as s:
-        n, nbytes, retry = s.execute(sa.select(
-            sa.func.count(), sa.func.coalesce(sa.func.sum(Blob.size_bytes), 0),
-            sa.func.coalesce(sa.func.sum(sa.case((Blob.state == BlobState.deleting.value, 1), else_=0)), 0))  # type: ignore[arg-type]
-            .where(clause)).one()
+        n, nbytes, retry = s.execute(
+            sa.select(
+                sa.func.count(),
+                sa.func.coalesce(sa.func.sum(Blob.size_bytes), 0),
+                sa.func.coalesce(sa.func.sum(sa.case((Blob.state == BlobState.deleting.value, 1), else_=0)), 0),
+            ).where(clause)  # type: ignore[arg-type]
+        ).one()
     res.plan = {"candidates": int(n), "candidate_bytes": int(nbytes), "retry_tombstones": int(retry)}
-    res.stats = {"tombstoned": 0, "deleted_objects": 0, "deleted_bytes": 0, "delete_failures": 0,
-                 "skipped_rereferenced": 0, "batches": 0}
+    res.stats = {
+        "tombstoned": 0,
+        "deleted_objects": 0,
+        "deleted_bytes": 0,
+        "delete_failures": 0,
+        "skipped_rereferenced": 0,
+        "batches": 0,
+    }
     if c.dry_run:
         return res
     in_flight: dict[Future[tuple[list[str], dict[str, str]]], tuple[list[str], dict[str, int]]] = {}
@@ -341,14 +402,16 @@ def sweep(c: Collection, mark_run_id: str) -> PhaseResult:
                 continue
             c.check_lease()  # G12: right before the destructive call is submitted
             in_flight[pool.submit(c.ctx.store.delete_many, [blob_key(sha) for sha in dead])] = (
-                dead, {sha: size for sha, size, _ in page})
+                dead,
+                {sha: size for sha, size, _ in page},
+            )
         drain(True)
     return res
 
 
 # --- orphans -----------------------------------------------------------------------------------
 def _staging_upload_id(key: str) -> str | None:
-    parts = key[len(STAGING_PREFIX):].split("/")
+    parts = key[len(STAGING_PREFIX) :].split("/")
     return parts[0] if len(parts) >= 2 and parts[0] else None
 
 
@@ -360,27 +423,36 @@ def orphans(c: Collection) -> PhaseResult:
     cutoff = c.grace_cutoff
     mpu_cutoff = c.now - timedelta(seconds=s_.upload_expiry_seconds)
     with session_scope(c.ctx.engine) as s:
-        stale_uploads = [r[0] for r in s.execute(sa.select(Upload.id).where(  # type: ignore[call-overload]
-            Upload.state == UploadState.open.value, Upload.expires_at <= c.now)).all()]
+        stale_uploads = [
+            r[0]
+            for r in s.execute(
+                sa.select(Upload.id).where(  # type: ignore[call-overload]
+                    Upload.state == UploadState.open.value, Upload.expires_at <= c.now
+                )
+            ).all()
+        ]
     listing = c.blob_listing()
     old = [info for sha, info in sorted(listing.items()) if sha not in c.swept and _older(info, cutoff)]
-    orphan_blobs = [info for chunk in _chunks(old, c.ctx.settings.gc_delete_batch)
-                    for info in _without_row(c, chunk)]
-    staged = [(uid, info) for info in c.ctx.store.list_keys(STAGING_PREFIX)
-              if (uid := _staging_upload_id(info.key)) is not None]
+    orphan_blobs = [info for chunk in _chunks(old, c.ctx.settings.gc_delete_batch) for info in _without_row(c, chunk)]
+    staged = [(uid, info) for info in c.ctx.store.list_keys(STAGING_PREFIX) if (uid := _staging_upload_id(info.key)) is not None]
     with session_scope(c.ctx.engine) as s:  # only the uploads the staging area names
         uids = sorted({uid for uid, _ in staged})
         known: dict[str, bool] = {}
         for chunk in _chunks(uids, c.ctx.settings.gc_delete_batch):
-            for uid, state, exp in s.execute(sa.select(Upload.id, Upload.state, Upload.expires_at)  # type: ignore[call-overload]
-                                             .where(Upload.id.in_(chunk))).all():  # type: ignore[attr-defined]
+            for uid, state, exp in s.execute(
+                sa.select(Upload.id, Upload.state, Upload.expires_at).where(Upload.id.in_(chunk))  # type: ignore[call-overload]
+            ).all():  # type: ignore[attr-defined]
                 known[uid] = state == UploadState.open.value and exp > c.now
     staging = [info for uid, info in staged if not known.get(uid, False) and (uid in known or _older(info, cutoff))]
-    mpus = [u for u in c.ctx.store.list_multipart_uploads("")
-            if (init := u.get("Initiated")) is not None and init < mpu_cutoff]
-    res.plan = {"close_uploads": len(stale_uploads), "orphan_objects": len(orphan_blobs),
-                "orphan_bytes": sum(i.size for i in orphan_blobs), "staging_objects": len(staging),
-                "staging_bytes": sum(i.size for i in staging), "stale_multipart": len(mpus)}
+    mpus = [u for u in c.ctx.store.list_multipart_uploads("") if (init := u.get("Initiated")) is not None and init < mpu_cutoff]
+    res.plan = {
+        "close_uploads": len(stale_uploads),
+        "orphan_objects": len(orphan_blobs),
+        "orphan_bytes": sum(i.size for i in orphan_blobs),
+        "staging_objects": len(staging),
+        "staging_bytes": sum(i.size for i in staging),
+        "stale_multipart": len(mpus),
+    }
     res.stats = {"closed_uploads": 0, "deleted_orphans": 0, "deleted_staging": 0, "aborted_multipart": 0}
     if c.dry_run:
         return res
@@ -413,9 +485,18 @@ def _without_row(c: Collection, infos: Sequence[ObjectInfo]) -> list[ObjectInfo]
     shas = [sha256_from_key(i.key) for i in infos]
     with session_scope(c.ctx.engine) as s:
         keep = {r[0] for r in s.execute(sa.select(Blob.sha256).where(Blob.sha256.in_(shas))).all()}  # type: ignore[call-overload,attr-defined]
-        keep |= {r[0] for r in s.execute(sa.select(UploadFile.sha256).join(Upload, Upload.id == UploadFile.upload_id)  # type: ignore[call-overload,arg-type]
-                                         .where(UploadFile.sha256.in_(shas), Upload.state == UploadState.open.value,  # type: ignore[attr-defined]
-                                                Upload.expires_at > c.now)).all()}
+        keep |= {
+            r[0]
+            for r in s.execute(
+                sa.select(UploadFile.sha256)
+                .join(Upload, Upload.id == UploadFile.upload_id)  # type: ignore[call-overload,arg-type]
+                .where(
+                    UploadFile.sha256.in_(shas),
+                    Upload.state == UploadState.open.value,  # type: ignore[attr-defined]
+                    Upload.expires_at > c.now,
+                )
+            ).all()
+        }
     return [i for i in infos if sha256_from_key(i.key) not in keep]
 
 
@@ -435,19 +516,30 @@ def _delete_quietly(c: Collection, keys: list[str]) -> tuple[list[str], dict[str
 
 def _close_uploads(c: Collection, upload_ids: Sequence[str]) -> int:
     with session_scope(c.ctx.engine) as s:
-        n = s.execute(sa.update(Upload).where(Upload.id.in_(upload_ids), Upload.state == UploadState.open.value,  # type: ignore[attr-defined]
-                                              Upload.expires_at <= c.now).values(state=UploadState.expired.value))
+        n = s.execute(
+            sa.update(Upload)
+            .where(
+                Upload.id.in_(upload_ids),
+                Upload.state == UploadState.open.value,  # type: ignore[attr-defined]
+                Upload.expires_at <= c.now,
+            )
+            .values(state=UploadState.expired.value)
+        )
         # The grace period of their blobs starts now, not at their last write (G5).
         shas = sa.select(UploadFile.sha256).where(UploadFile.upload_id.in_(upload_ids))  # type: ignore[call-overload,attr-defined]
-        s.execute(sa.update(Blob).where(Blob.sha256.in_(shas), Blob.state != BlobState.deleting.value)  # type: ignore[attr-defined]
-                  .values(last_referenced_at=c.now))
-        mpus = s.execute(sa.select(UploadFile.staging_key, UploadFile.multipart_upload_id).where(  # type: ignore[call-overload]
-            UploadFile.upload_id.in_(upload_ids), UploadFile.multipart_upload_id.is_not(None))).all()  # type: ignore[attr-defined,union-attr]
+        s.execute(
+            sa.update(Blob)
+            .where(Blob.sha256.in_(shas), Blob.state != BlobState.deleting.value)  # type: ignore[attr-defined]
+            .values(last_referenced_at=c.now)
+        )
+        mpus = s.execute(
+            sa.select(UploadFile.staging_key, UploadFile.multipart_upload_id).where(  # type: ignore[call-overload]
+                UploadFile.upload_id.in_(upload_ids), UploadFile.multipart_upload_id.is_not(None)
+            )
+        ).all()  # type: ignore[attr-defined,union-attr]
     for key, mpu in mpus:
         try:
             c.ctx.store.abort_multipart(key, mpu)
         except Exception as exc:  # noqa: BLE001 - garbage only
             log.warning("abort multipart %s failed: %s", key, exc)
     return int(n.rowcount)  # type: ignore[attr-defined]
-
-

@@ -32,15 +32,19 @@ unknown states fail safe."""
 
 
 def upload_refs() -> sa.Select[Any]:
-    return (sa.select(UploadFile.sha256.label("sha256"))  # type: ignore[attr-defined]
-            .join(Upload, Upload.id == UploadFile.upload_id)  # type: ignore[arg-type]
-            .where(Upload.state == UploadState.open.value))  # type: ignore[arg-type]
+    return (
+        sa.select(UploadFile.sha256.label("sha256"))  # type: ignore[attr-defined]
+        .join(Upload, Upload.id == UploadFile.upload_id)  # type: ignore[arg-type]
+        .where(Upload.state == UploadState.open.value)
+    )  # type: ignore[arg-type]
 
 
 def checkpoint_refs() -> sa.Select[Any]:
-    return (sa.select(CheckpointFile.sha256.label("sha256"))  # type: ignore[attr-defined]
-            .join(Checkpoint, Checkpoint.id == CheckpointFile.checkpoint_id)  # type: ignore[arg-type]
-            .where(Checkpoint.state.in_(REFERENCING_CHECKPOINT_STATES)))  # type: ignore[attr-defined]
+    return (
+        sa.select(CheckpointFile.sha256.label("sha256"))  # type: ignore[attr-defined]
+        .join(Checkpoint, Checkpoint.id == CheckpointFile.checkpoint_id)  # type: ignore[arg-type]
+        .where(Checkpoint.state.in_(REFERENCING_CHECKPOINT_STATES))
+    )  # type: ignore[attr-defined]
 
 
 def base_model_refs() -> sa.Select[Any]:
@@ -48,9 +52,11 @@ def base_model_refs() -> sa.Select[Any]:
 
 
 def export_refs() -> sa.Select[Any]:
-    return (sa.select(CheckpointFile.sha256.label("sha256"))  # type: ignore[attr-defined]
-            .join(ExportJob, ExportJob.source_checkpoint_id == CheckpointFile.checkpoint_id)  # type: ignore[arg-type]
-            .where(ExportJob.state.notin_(EXPORT_FINISHED_STATES)))  # type: ignore[attr-defined]
+    return (
+        sa.select(CheckpointFile.sha256.label("sha256"))  # type: ignore[attr-defined]
+        .join(ExportJob, ExportJob.source_checkpoint_id == CheckpointFile.checkpoint_id)  # type: ignore[arg-type]
+        .where(ExportJob.state.notin_(EXPORT_FINISHED_STATES))
+    )  # type: ignore[attr-defined]
 
 
 def committed_refs() -> Any:
@@ -65,9 +71,14 @@ def all_refs() -> Any:
 
 def is_referenced(sha_col: Any) -> Any:
     """A correlated EXISTS for one blob: used inside the tombstone transaction."""
-    return sa.or_(*(sa.exists(q.where(col == sha_col)) for q, col in (
-        (upload_refs(), UploadFile.sha256),
-        (checkpoint_refs(), CheckpointFile.sha256),
-        (export_refs(), CheckpointFile.sha256),
-        (base_model_refs(), BaseModelFile.sha256),
-    )))
+    return sa.or_(
+        *(
+            sa.exists(q.where(col == sha_col))
+            for q, col in (
+                (upload_refs(), UploadFile.sha256),
+                (checkpoint_refs(), CheckpointFile.sha256),
+                (export_refs(), CheckpointFile.sha256),
+                (base_model_refs(), BaseModelFile.sha256),
+            )
+        )
+    )

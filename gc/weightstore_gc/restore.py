@@ -14,9 +14,16 @@ from weightstore.models import Blob, BlobState, Checkpoint, CheckpointFile, Chec
 from weightstore.settings import Settings
 
 
-def restore_checkpoint(session: Session, principal: Principal, checkpoint_id: str, *, settings: Settings,
-                       now: datetime, ttl_seconds: int | None = None,
-                       request_id: str | None = None) -> Checkpoint:
+def restore_checkpoint(
+    session: Session,
+    principal: Principal,
+    checkpoint_id: str,
+    *,
+    settings: Settings,
+    now: datetime,
+    ttl_seconds: int | None = None,
+    request_id: str | None = None,
+) -> Checkpoint:
     """``expired`` → ``committed`` with a new expiry (``ttl_seconds`` from now; ``None`` = none).
 
     Refused once the checkpoint is released (``deleted``) or any of its blobs is not ``live``: the
@@ -41,9 +48,14 @@ def restore_checkpoint(session: Session, principal: Principal, checkpoint_id: st
     states = session.execute(bq).all()
     if any(st != BlobState.live.value for _, st in states):
         raise InvalidRequest(f"checkpoint {checkpoint_id} is already being collected")
-    clash = session.exec(select(Checkpoint).where(Checkpoint.run_id == ckpt.run_id, Checkpoint.kind == ckpt.kind,
-                                                  Checkpoint.name == ckpt.name,
-                                                  Checkpoint.state == CheckpointState.committed.value)).first()
+    clash = session.exec(
+        select(Checkpoint).where(
+            Checkpoint.run_id == ckpt.run_id,
+            Checkpoint.kind == ckpt.kind,
+            Checkpoint.name == ckpt.name,
+            Checkpoint.state == CheckpointState.committed.value,
+        )
+    ).first()
     if clash is not None:
         raise AlreadyExists(f"a newer checkpoint named {ckpt.name!r} exists in run {ckpt.run_id}")
     ckpt.state = CheckpointState.committed.value
@@ -51,6 +63,14 @@ def restore_checkpoint(session: Session, principal: Principal, checkpoint_id: st
     session.add(ckpt)
     session.execute(sa.update(Blob).where(Blob.sha256.in_(shas)).values(last_referenced_at=now))  # type: ignore[attr-defined]
     ledger.on_restore(session, ckpt, now=now)
-    audit.record(session, at=now, action="checkpoint.restore", tenant_id=principal.tenant_id, key_id=principal.key_id,
-                 target=checkpoint_id, request_id=request_id, ttl_seconds=ttl_seconds)
+    audit.record(
+        session,
+        at=now,
+        action="checkpoint.restore",
+        tenant_id=principal.tenant_id,
+        key_id=principal.key_id,
+        target=checkpoint_id,
+        request_id=request_id,
+        ttl_seconds=ttl_seconds,
+    )
     return ckpt

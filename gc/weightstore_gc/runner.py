@@ -45,8 +45,15 @@ class RunReport:
         return [f for f in self.findings if f.severity == "error"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "phases": self.phases, "dry_run": self.dry_run, "state": self.state,
-                "plan": self.plan, "stats": self.stats, "findings": [f.to_dict() for f in self.findings]}
+        return {
+            "run_id": self.run_id,
+            "phases": self.phases,
+            "dry_run": self.dry_run,
+            "state": self.state,
+            "plan": self.plan,
+            "stats": self.stats,
+            "findings": [f.to_dict() for f in self.findings],
+        }
 
 
 def _normalise(phases: Sequence[str]) -> list[str]:
@@ -59,12 +66,12 @@ def _normalise(phases: Sequence[str]) -> list[str]:
     return [p for p in PHASES if p in wanted]
 
 
-def run(ctx: Context, phases: Sequence[str] = PHASES, *, dry_run: bool = False, owner: str | None = None,
-        check_objects: bool = True) -> RunReport:
+def run(
+    ctx: Context, phases: Sequence[str] = PHASES, *, dry_run: bool = False, owner: str | None = None, check_objects: bool = True
+) -> RunReport:
     """Raises ``LeaseHeld`` (another collector works: nothing recorded) or ``LeaseLost``."""
     names = _normalise(phases)
-    handle = None if dry_run else lease.acquire(ctx.engine, ctx.clock, ttl_seconds=ctx.settings.gc_lease_seconds,
-                                                owner=owner)
+    handle = None if dry_run else lease.acquire(ctx.engine, ctx.clock, ttl_seconds=ctx.settings.gc_lease_seconds, owner=owner)
     try:
         _debug.pause("after_lease")
         return _run_locked(ctx, names, dry_run=dry_run, handle=handle, check_objects=check_objects)
@@ -76,14 +83,23 @@ def run(ctx: Context, phases: Sequence[str] = PHASES, *, dry_run: bool = False, 
                 pass
 
 
-def _run_locked(ctx: Context, names: list[str], *, dry_run: bool, handle: lease.LeaseHandle | None,
-                check_objects: bool) -> RunReport:
+def _run_locked(
+    ctx: Context, names: list[str], *, dry_run: bool, handle: lease.LeaseHandle | None, check_objects: bool
+) -> RunReport:
     now = ctx.clock.now()
     t0 = time.perf_counter()
     rep = RunReport(new_id("gc"), names, dry_run)
     with session_scope(ctx.engine) as s:
-        s.add(GcRun(id=rep.run_id, phases=",".join(names), dry_run=dry_run, state="running", started_at=now,
-                    owner=handle.owner if handle else None))
+        s.add(
+            GcRun(
+                id=rep.run_id,
+                phases=",".join(names),
+                dry_run=dry_run,
+                state="running",
+                started_at=now,
+                owner=handle.owner if handle else None,
+            )
+        )
     c = Collection(ctx, rep.run_id, now, dry_run, handle)
     try:
         for name in names:

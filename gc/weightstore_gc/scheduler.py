@@ -43,9 +43,17 @@ def collect_once(ctx: Context, owner: str) -> str:
 
 
 def _add_job(sched: BackgroundScheduler | BlockingScheduler, ctx: Context, first_delay: float) -> None:
-    sched.add_job(collect_once, IntervalTrigger(seconds=ctx.settings.gc_interval_seconds), args=(ctx, lease.new_owner()),
-                  id="weightstore-gc", name="weightstore garbage collector", coalesce=True, max_instances=1,
-                  next_run_time=datetime.now(UTC) + timedelta(seconds=first_delay), replace_existing=True)
+    sched.add_job(
+        collect_once,
+        IntervalTrigger(seconds=ctx.settings.gc_interval_seconds),
+        args=(ctx, lease.new_owner()),
+        id="weightstore-gc",
+        name="weightstore garbage collector",
+        coalesce=True,
+        max_instances=1,
+        next_run_time=datetime.now(UTC) + timedelta(seconds=first_delay),
+        replace_existing=True,
+    )
 
 
 def start_in_process(ctx: Context, *, first_delay: float = FIRST_RUN_DELAY_SECONDS) -> Callable[[], None]:

@@ -17,8 +17,9 @@ def _check(settings: Settings, value: int | None) -> int | None:
     return value
 
 
-def set_default_ttl(session: Session, tenant: str, *, settings: Settings, training: int | None = None,
-                    sampler: int | None = None) -> Tenant:
+def set_default_ttl(
+    session: Session, tenant: str, *, settings: Settings, training: int | None = None, sampler: int | None = None
+) -> Tenant:
     """``None`` leaves a kind unchanged; ``0`` removes its default."""
     row = session.get(Tenant, tenant) or session.exec(select(Tenant).where(Tenant.name == tenant)).first()
     if row is None:

@@ -48,18 +48,34 @@ def verify(ctx: Context, *, hash_sample: int = 0, expect_collected: bool = False
             objects[sha] = info
     with session_scope(ctx.engine) as s:
         committed = refs.committed_refs().subquery()
-        rows = s.execute(sa.select(committed.c.sha256, Blob.state, Blob.size_bytes)
-                         .outerjoin(Blob, Blob.sha256 == committed.c.sha256)).all()  # type: ignore[arg-type]
-        bad_sizes = s.execute(sa.select(CheckpointFile.checkpoint_id, CheckpointFile.path, CheckpointFile.size_bytes,  # type: ignore[call-overload]
-                                        Blob.size_bytes).join(Blob, Blob.sha256 == CheckpointFile.sha256)
-                              .where(CheckpointFile.size_bytes != Blob.size_bytes)).all()
-        ledger = s.execute(sa.select(Checkpoint.id, Checkpoint.state, UsageEvent.event, sa.func.count())  # type: ignore[call-overload]
-                           .outerjoin(UsageEvent, UsageEvent.checkpoint_id == Checkpoint.id)
-                           .group_by(Checkpoint.id, Checkpoint.state, UsageEvent.event)).all()
+        rows = s.execute(
+            sa.select(committed.c.sha256, Blob.state, Blob.size_bytes).outerjoin(Blob, Blob.sha256 == committed.c.sha256)
+        ).all()  # type: ignore[arg-type]
+        bad_sizes = s.execute(
+            sa.select(
+                CheckpointFile.checkpoint_id,
+                CheckpointFile.path,
+                CheckpointFile.size_bytes,  # type: ignore[call-overload]
+                Blob.size_bytes,
+            )
+            .join(Blob, Blob.sha256 == CheckpointFile.sha256)
+            .where(CheckpointFile.size_bytes != Blob.size_bytes)
+        ).all()
+        ledger = s.execute(
+            sa.select(Checkpoint.id, Checkpoint.state, UsageEvent.event, sa.func.count())  # type: ignore[call-overload]
+            .outerjoin(UsageEvent, UsageEvent.checkpoint_id == Checkpoint.id)
+            .group_by(Checkpoint.id, Checkpoint.state, UsageEvent.event)
+        ).all()
         live = {r[0] for r in s.execute(sa.select(refs.all_refs().subquery().c.sha256)).all()}
         blob_rows = {r[0]: r[1] for r in s.execute(sa.select(Blob.sha256, Blob.state)).all()}  # type: ignore[call-overload]
-        open_uploads = {r[0] for r in s.execute(sa.select(Upload.id).where(  # type: ignore[call-overload]
-            Upload.state == UploadState.open.value)).all()}
+        open_uploads = {
+            r[0]
+            for r in s.execute(
+                sa.select(Upload.id).where(  # type: ignore[call-overload]
+                    Upload.state == UploadState.open.value
+                )
+            ).all()
+        }
     rep.stats = {"referenced_blobs": len(rows), "blob_rows": len(blob_rows), "objects": len(objects)}
     for sha, state, size in rows:
         info = objects.get(sha)
@@ -89,16 +105,20 @@ def verify(ctx: Context, *, hash_sample: int = 0, expect_collected: bool = False
         c = counts.get(ckpt_id, {})
         ends_expected = c.get("restore", 0) + (0 if state == CheckpointState.committed.value else 1)
         if c.get("commit", 0) != 1 or c.get("end", 0) != ends_expected:
-            rep.findings.append(Finding("ledger_inconsistent", ckpt_id,
-                                        f"state {state}: commit={c.get('commit', 0)} end={c.get('end', 0)} "
-                                        f"restore={c.get('restore', 0)}"))
+            rep.findings.append(
+                Finding(
+                    "ledger_inconsistent",
+                    ckpt_id,
+                    f"state {state}: commit={c.get('commit', 0)} end={c.get('end', 0)} restore={c.get('restore', 0)}",
+                )
+            )
     if expect_collected:
         for sha in sorted(set(blob_rows) - live):
             rep.findings.append(Finding("garbage_blob_row", sha, f"unreferenced blob row ({blob_rows[sha]})", "warning"))
         for sha in sorted(set(objects) - set(blob_rows)):
             rep.findings.append(Finding("garbage_object", blob_key(sha), "object without a blob row", "warning"))
         for info in ctx.store.list_keys(STAGING_PREFIX):
-            uid = info.key[len(STAGING_PREFIX):].split("/")[0]
+            uid = info.key[len(STAGING_PREFIX) :].split("/")[0]
             if uid not in open_uploads:
                 rep.findings.append(Finding("garbage_staging", info.key, "staging object of a closed upload", "warning"))
     return rep

@@ -30,11 +30,17 @@ def run_id(api: httpx.Client) -> str:
     return r.json()["run_id"]
 
 
-def save(api: httpx.Client, run_id: str, files: dict[str, bytes], name: str = "ck", kind: str = "sampler",
-         declared: list[dict] | None = None, **extra) -> httpx.Response:
+def save(
+    api: httpx.Client,
+    run_id: str,
+    files: dict[str, bytes],
+    name: str = "ck",
+    kind: str = "sampler",
+    declared: list[dict] | None = None,
+    **extra,
+) -> httpx.Response:
     """Declare, stream every file, commit. Returns the first failing response (or the commit)."""
-    r = api.post("/v1/uploads", json={"run_id": run_id, "kind": kind, "name": name, "files": declared or decl(files),
-                                      **extra})
+    r = api.post("/v1/uploads", json={"run_id": run_id, "kind": kind, "name": name, "files": declared or decl(files), **extra})
     if r.status_code != 201:
         return r
     up = r.json()
@@ -66,16 +72,20 @@ def with_weights(data: bytes) -> dict[str, bytes]:
 F32_4 = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
 
 
-@pytest.mark.parametrize(("data", "fragment"), [
-    (b"\x01\x02", "truncated"),
-    (struct.pack("<Q", 200 * 1024 * 1024) + b"{}", "exceeds"),
-    (struct.pack("<Q", 50) + b"{}", "past the end"),
-    (struct.pack("<Q", 4) + b"nope", "not valid JSON"),
-    (st_bytes({"a": F32_4, "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, b"\0" * 6), "overlaps"),
-    (st_bytes({"a": F32_4}, b"\0" * 8), "cover"),
-    (st_bytes({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unknown dtype"),
-    (st_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "its shape needs"),
-], ids=["truncated", "header-cap", "header-past-end", "bad-json", "overlap", "gap", "dtype", "shape"])
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"\x01\x02", "truncated"),
+        (struct.pack("<Q", 200 * 1024 * 1024) + b"{}", "exceeds"),
+        (struct.pack("<Q", 50) + b"{}", "past the end"),
+        (struct.pack("<Q", 4) + b"nope", "not valid JSON"),
+        (st_bytes({"a": F32_4, "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, b"\0" * 6), "overlaps"),
+        (st_bytes({"a": F32_4}, b"\0" * 8), "cover"),
+        (st_bytes({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unknown dtype"),
+        (st_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "its shape needs"),
+    ],
+    ids=["truncated", "header-cap", "header-past-end", "bad-json", "overlap", "gap", "dtype", "shape"],
+)
 def test_malformed_safetensors_refused(api, run_id, data, fragment):
     r = save(api, run_id, with_weights(data))
     assert_error(r, 400, "invalid_format")
@@ -123,8 +133,9 @@ def test_declared_sha_or_size_mismatch_refused(api, run_id):
 
 def test_presigned_put_with_wrong_bytes_rejected_by_store(api, run_id):
     files = sampler_files()
-    up = api.post("/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": "p", "transfer": "presigned",
-                                       "files": decl(files)}).json()
+    up = api.post(
+        "/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": "p", "transfer": "presigned", "files": decl(files)}
+    ).json()
     f = next(x for x in up["files"] if x["path"] == "adapter_model.safetensors")
     tampered = bytearray(files[f["path"]])
     tampered[-1] ^= 0xFF
@@ -153,18 +164,23 @@ def test_expired_upload_cannot_commit(api, run_id, clock, ctx):
 
 def test_foreign_tenant_ids_look_missing(api, server, keys, run_id):
     assert save(api, run_id, sampler_files()).status_code == 200
-    up = api.post("/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": "x2",
-                                       "files": decl(sampler_files(1))}).json()
+    up = api.post("/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": "x2", "files": decl(sampler_files(1))}).json()
     with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.other_trainer}) as other:
-        for url in (f"/v1/runs/{run_id}", f"/v1/checkpoints/{run_id}/sampler_weights/ck",
-                    f"/v1/checkpoints/{run_id}/sampler_weights/ck/files"):
+        for url in (
+            f"/v1/runs/{run_id}",
+            f"/v1/checkpoints/{run_id}/sampler_weights/ck",
+            f"/v1/checkpoints/{run_id}/sampler_weights/ck/files",
+        ):
             foreign, missing = other.get(url), other.get(url.replace(run_id, "nope:train:0"))
             assert foreign.status_code == missing.status_code == 404
             assert foreign.json()["code"] == missing.json()["code"] == "not_found"
         assert_error(other.delete(f"/v1/checkpoints/{run_id}/sampler_weights/ck"), 404, "not_found")
         assert_error(other.post(f"/v1/uploads/{up['upload_id']}/commit"), 404, "not_found")
-        assert_error(other.post("/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": "z",
-                                                     "files": decl(sampler_files())}), 404, "not_found")
+        assert_error(
+            other.post("/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": "z", "files": decl(sampler_files())}),
+            404,
+            "not_found",
+        )
     assert len(api.get("/v1/checkpoints", params={"run_id": run_id}).json()["checkpoints"]) == 1
 
 
@@ -172,8 +188,11 @@ def test_revoked_and_reader_keys(api, server, keys, run_id):
     with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.reader}) as reader:
         assert reader.get("/v1/checkpoints").status_code == 200
         assert_error(reader.post("/v1/runs", json={"base_model": "x"}), 403, "forbidden")
-        assert_error(reader.post("/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": "r",
-                                                      "files": decl(sampler_files())}), 403, "forbidden")
+        assert_error(
+            reader.post("/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": "r", "files": decl(sampler_files())}),
+            403,
+            "forbidden",
+        )
     with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}) as admin:
         created = admin.post("/v1/keys", json={"tenant": "acme", "role": "trainer"}).json()
         assert admin.delete(f"/v1/keys/{created['key_id']}").status_code == 200
@@ -205,8 +224,7 @@ def test_concurrent_commits_of_one_name_exactly_one_wins(api, run_id):
     uploads = []
     for seed in (1, 2):
         files = sampler_files(seed)
-        up = api.post("/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": "race",
-                                           "files": decl(files)}).json()
+        up = api.post("/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": "race", "files": decl(files)}).json()
         for f in up["files"]:
             assert api.put(f["url"], content=files[f["path"]]).status_code == 200
         uploads.append(up["upload_id"])

@@ -49,7 +49,6 @@ def _fuzz(op, key: str):  # type: ignore[no-untyped-def]
     def run(case) -> None:  # type: ignore[no-untyped-def]
         case.headers = {**(case.headers or {}), "X-API-Key": key}
         response = case.call()
-        case.validate_response(response, checks=(not_a_server_error, status_code_conformance,
-                                                 response_schema_conformance))
+        case.validate_response(response, checks=(not_a_server_error, status_code_conformance, response_schema_conformance))
 
     return run

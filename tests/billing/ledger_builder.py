@@ -35,30 +35,76 @@ class LedgerBuilder:
             for row in rows:
                 ledger.record(s, **row)  # type: ignore[arg-type]
 
-    def _add(self, ckpt: str, event: str, at: datetime, *, tenant: str, run: str, kind: str, size: int,
-             expires_at: datetime | None) -> None:
-        row: dict[str, object] = dict(tenant_id=tenant, run_id=run, checkpoint_id=ckpt, kind=kind, event=event, at=at,
-                                      size_bytes=size, expires_at=expires_at, recorded_at=at)
+    def _add(
+        self, ckpt: str, event: str, at: datetime, *, tenant: str, run: str, kind: str, size: int, expires_at: datetime | None
+    ) -> None:
+        row: dict[str, object] = dict(
+            tenant_id=tenant,
+            run_id=run,
+            checkpoint_id=ckpt,
+            kind=kind,
+            event=event,
+            at=at,
+            size_bytes=size,
+            expires_at=expires_at,
+            recorded_at=at,
+        )
         if self.pending is not None:
             self.pending.append(row)
             return
         with session_scope(self.engine) as s:
             ledger.record(s, **row)  # type: ignore[arg-type]
 
-    def commit(self, ckpt: str, at: datetime, size: int, *, tenant: str = "acme", run: str = "run-1",
-               kind: str = "training", expires_at: datetime | None = None) -> None:
+    def commit(
+        self,
+        ckpt: str,
+        at: datetime,
+        size: int,
+        *,
+        tenant: str = "acme",
+        run: str = "run-1",
+        kind: str = "training",
+        expires_at: datetime | None = None,
+    ) -> None:
         self._add(ckpt, "commit", at, tenant=tenant, run=run, kind=kind, size=size, expires_at=expires_at)
 
-    def end(self, ckpt: str, at: datetime, size: int, *, tenant: str = "acme", run: str = "run-1",
-            kind: str = "training", expires_at: datetime | None = None) -> None:
+    def end(
+        self,
+        ckpt: str,
+        at: datetime,
+        size: int,
+        *,
+        tenant: str = "acme",
+        run: str = "run-1",
+        kind: str = "training",
+        expires_at: datetime | None = None,
+    ) -> None:
         self._add(ckpt, "end", at, tenant=tenant, run=run, kind=kind, size=size, expires_at=expires_at)
 
-    def ttl(self, ckpt: str, at: datetime, size: int, expires_at: datetime | None, *, tenant: str = "acme",
-            run: str = "run-1", kind: str = "training") -> None:
+    def ttl(
+        self,
+        ckpt: str,
+        at: datetime,
+        size: int,
+        expires_at: datetime | None,
+        *,
+        tenant: str = "acme",
+        run: str = "run-1",
+        kind: str = "training",
+    ) -> None:
         self._add(ckpt, "ttl", at, tenant=tenant, run=run, kind=kind, size=size, expires_at=expires_at)
 
-    def restore(self, ckpt: str, at: datetime, size: int, expires_at: datetime | None, *, tenant: str = "acme",
-                run: str = "run-1", kind: str = "training") -> None:
+    def restore(
+        self,
+        ckpt: str,
+        at: datetime,
+        size: int,
+        expires_at: datetime | None,
+        *,
+        tenant: str = "acme",
+        run: str = "run-1",
+        kind: str = "training",
+    ) -> None:
         self._add(ckpt, "restore", at, tenant=tenant, run=run, kind=kind, size=size, expires_at=expires_at)
 
     def replay(self, events: list[tuple], ops: list[tuple], *, ops_one_transaction_each: bool) -> list[tuple]:

@@ -58,15 +58,23 @@ def test_scoping_and_tinker_shape(server, keys, seeded):
 def test_usage_window_invoice_and_csv(server, keys, seeded, clock):
     t0 = seeded
     now = clock.now()
-    r = get(server, keys.trainer, "/v1/billing/usage", since=t0.isoformat(), until=(t0 + timedelta(hours=72)).isoformat(),
-            group_by="run_id", bucket="none").json()
+    r = get(
+        server,
+        keys.trainer,
+        "/v1/billing/usage",
+        since=t0.isoformat(),
+        until=(t0 + timedelta(hours=72)).isoformat(),
+        group_by="run_id",
+        bucket="none",
+    ).json()
     assert {x["run_id"]: x["byte_seconds"] for x in r["rows"]} == {"r1": GB * 72 * 3600, "r2": 2 * GB * 72 * 3600}
     assert {x["run_id"]: x["cost_usd"] for x in r["rows"]} == {"r1": "0.01", "r2": "0.02"}
     assert r["total_cost_usd"] == "0.03"
     daily = get(server, keys.trainer, "/v1/billing/usage", since=t0.isoformat(), until=now.isoformat(), bucket="day").json()
     assert sum(x["byte_seconds"] for x in daily["rows"]) == GB * 72 * 3600 + 2 * GB * int((now - t0).total_seconds())
-    csv_text = get(server, keys.trainer, "/v1/billing/usage", since=t0.isoformat(), until=now.isoformat(),
-                   bucket="day", format="csv")
+    csv_text = get(
+        server, keys.trainer, "/v1/billing/usage", since=t0.isoformat(), until=now.isoformat(), bucket="day", format="csv"
+    )
     assert csv_text.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(csv_text.text)))
     assert sum(int(x["byte_seconds"]) for x in rows) == sum(x["byte_seconds"] for x in daily["rows"])
@@ -83,13 +91,30 @@ def test_cli_usage_and_invoice(server, keys, seeded, monkeypatch):
     monkeypatch.setenv("WEIGHTSTORE_URL", server.url)
     monkeypatch.setenv("WEIGHTSTORE_API_KEY", keys.admin)
     runner = CliRunner()
-    res = runner.invoke(cli_app, ["billing", "usage", "--since", t0.isoformat(), "--until",
-                                  (t0 + timedelta(hours=72)).isoformat(), "--format", "json"])
+    res = runner.invoke(
+        cli_app,
+        ["billing", "usage", "--since", t0.isoformat(), "--until", (t0 + timedelta(hours=72)).isoformat(), "--format", "json"],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert {r["tenant_id"]: r["cost_usd"] for r in out["rows"]} == {"acme": "0.03", "globex": "0.05"}
-    res = runner.invoke(cli_app, ["billing", "usage", "--tenant", "acme", "--group-by", "kind", "--since", t0.isoformat(),
-                                  "--until", (t0 + timedelta(hours=72)).isoformat(), "--format", "csv"])
+    res = runner.invoke(
+        cli_app,
+        [
+            "billing",
+            "usage",
+            "--tenant",
+            "acme",
+            "--group-by",
+            "kind",
+            "--since",
+            t0.isoformat(),
+            "--until",
+            (t0 + timedelta(hours=72)).isoformat(),
+            "--format",
+            "csv",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(io.StringIO(res.stdout)))
     assert {r["kind"]: r["cost_usd"] for r in rows} == {"training": "0.01", "sampler": "0.02"}

@@ -127,8 +127,10 @@ def test_daily_buckets_and_groupings(engine, ledger):
     ledger.commit("b", T0, GB, run="r2", kind="sampler", tenant="globex")
     rows = total(engine, T0, T0 + timedelta(days=3), group_by=(), bucket_seconds=DAY)
     assert [(r.key["bucket"], r.byte_seconds) for r in rows] == [
-        ("2026-01-10", (2 * 12 + 24) * GB * 3600), ("2026-01-11", (2 * 24 + 24) * GB * 3600),
-        ("2026-01-12", (2 * 12 + 24) * GB * 3600)]
+        ("2026-01-10", (2 * 12 + 24) * GB * 3600),
+        ("2026-01-11", (2 * 24 + 24) * GB * 3600),
+        ("2026-01-12", (2 * 12 + 24) * GB * 3600),
+    ]
     by_kind = {r.key["kind"]: r.byte_seconds for r in total(engine, T0, T0 + timedelta(days=3), group_by=("kind",))}
     assert by_kind == {"training": 2 * GB * 48 * 3600, "sampler": GB * 72 * 3600}
     only_acme = total(engine, T0, T0 + timedelta(days=3), group_by=("run_id",), tenant_id="acme")
@@ -148,10 +150,15 @@ def test_pricing_precedence_tenant_then_kind_then_default(engine, ledger):
 
     with session_scope(engine) as s:
         p = metering.pricing(s, Settings(price_per_kind_usd={"training": 0.12}))
-        rows = {(r.key["tenant_id"], r.key["kind"]): r.cost_usd
-                for r in metering.usage(s, p, start=T0, end=T0 + h(800), group_by=("tenant_id", "kind"))}
-    assert rows == {("acme", "training"): Decimal("0.12"), ("acme", "sampler"): Decimal("0.10"),
-                    ("vip", "sampler"): Decimal("0.05")}
+        rows = {
+            (r.key["tenant_id"], r.key["kind"]): r.cost_usd
+            for r in metering.usage(s, p, start=T0, end=T0 + h(800), group_by=("tenant_id", "kind"))
+        }
+    assert rows == {
+        ("acme", "training"): Decimal("0.12"),
+        ("acme", "sampler"): Decimal("0.10"),
+        ("vip", "sampler"): Decimal("0.05"),
+    }
 
 
 def test_current_usage_and_projection(engine, ledger):
@@ -174,8 +181,7 @@ def test_dedup_bills_twice_logically_once_physically(engine, ledger):
         s.add(Blob(sha256=sha, size_bytes=GB, state="live", created_at=T0, last_referenced_at=T0))
         s.flush()
         for cid, kind in (("c1", "training"), ("c2", "sampler")):
-            s.add(Checkpoint(id=cid, tenant_id="acme", run_id="run-1", kind=kind, name="step-1", size_bytes=GB,
-                             created_at=T0))
+            s.add(Checkpoint(id=cid, tenant_id="acme", run_id="run-1", kind=kind, name="step-1", size_bytes=GB, created_at=T0))
             s.flush()
             s.add(CheckpointFile(checkpoint_id=cid, path="adapter_model.safetensors", size_bytes=GB, sha256=sha))
     ledger.commit("c1", T0, GB, kind="training")
@@ -189,10 +195,18 @@ def test_dedup_bills_twice_logically_once_physically(engine, ledger):
     assert row.cost_usd == Decimal("0.02")  # billed logically: both checkpoints
 
 
-_EVENTS = st.lists(st.tuples(
-    st.sampled_from(["t1", "t2", "t3"]), st.sampled_from(["training", "sampler"]),
-    st.integers(0, 10 * DAY), st.one_of(st.none(), st.integers(1, 5 * DAY)), st.one_of(st.none(), st.integers(1, 6 * DAY)),
-    st.integers(1, 5 * 10**12)), min_size=1, max_size=12)
+_EVENTS = st.lists(
+    st.tuples(
+        st.sampled_from(["t1", "t2", "t3"]),
+        st.sampled_from(["training", "sampler"]),
+        st.integers(0, 10 * DAY),
+        st.one_of(st.none(), st.integers(1, 5 * DAY)),
+        st.one_of(st.none(), st.integers(1, 6 * DAY)),
+        st.integers(1, 5 * 10**12),
+    ),
+    min_size=1,
+    max_size=12,
+)
 
 
 @hsettings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
@@ -225,8 +239,9 @@ def test_property_buckets_and_tenants_add_up(engine, ledger, events, ws, wlen):
         assert abs(Fraction(rounded) - exact) <= Fraction(5, 1000) * n_days
     # sum over tenants equals the grand total to the cent: exact costs add up exactly, rounded once
     assert sum(r.cost_exact_usd for r in by_tenant) == (grand[0].cost_exact_usd if grand else 0)
-    assert abs(Fraction(sum(r.cost_usd for r in by_tenant)) - Fraction(grand[0].cost_usd if grand else 0)) \
-        <= Fraction(5, 1000) * len(by_tenant)
+    assert abs(Fraction(sum(r.cost_usd for r in by_tenant)) - Fraction(grand[0].cost_usd if grand else 0)) <= Fraction(
+        5, 1000
+    ) * len(by_tenant)
 
 
 @hsettings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
@@ -262,17 +277,19 @@ def test_property_overview_is_current_plus_daily_buckets_in_one_pass(engine, led
     with session_scope(engine) as s:  # one tenant at a time (PostgreSQL reads it another way)
         for tenant in ("t1", "t2", "t3"):
             one = metering.usage(s, pricing, start=start, end=now, bucket_seconds=DAY, tenant_id=tenant)
-            assert {r.key["bucket"]: r.byte_seconds for r in one} == \
-                {b: v for (t, b), v in expected.items() if t == tenant}
-            assert metering.current(s, pricing, now=now, tenant_id=tenant) == \
-                [r for r in ov.current if r.key["tenant_id"] == tenant]
+            assert {r.key["bucket"]: r.byte_seconds for r in one} == {b: v for (t, b), v in expected.items() if t == tenant}
+            assert metering.current(s, pricing, now=now, tenant_id=tenant) == [
+                r for r in ov.current if r.key["tenant_id"] == tenant
+            ]
 
 
 # --- the derived usage_interval table ------------------------------------------------------------
 def _interval_rows(engine) -> dict[str, tuple]:  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
-        return {r.checkpoint_id: (r.tenant_id, r.run_id, r.kind, r.size_bytes, r.start_s, r.end_s, r.expires_s, r.stop_s)
-                for r in s.exec(select(UsageInterval)).all()}
+        return {
+            r.checkpoint_id: (r.tenant_id, r.run_id, r.kind, r.size_bytes, r.start_s, r.end_s, r.expires_s, r.stop_s)
+            for r in s.exec(select(UsageInterval)).all()
+        }
 
 
 def _recompute_from_ledger(engine) -> dict[str, tuple]:  # type: ignore[no-untyped-def]
@@ -293,13 +310,23 @@ def _recompute_from_ledger(engine) -> dict[str, tuple]:  # type: ignore[no-untyp
         end = min(ends) if ends else None
         exp = None if evs[-1].expires_at is None else metering.epoch(evs[-1].expires_at)
         stop = min([x for x in (end, exp) if x is not None], default=OPEN_END_S)
-        out[ck] = (evs[0].tenant_id, evs[0].run_id, evs[0].kind, max(e.size_bytes for e in commits), start, end, exp,
-                   max(start, stop))
+        out[ck] = (
+            evs[0].tenant_id,
+            evs[0].run_id,
+            evs[0].kind,
+            max(e.size_bytes for e in commits),
+            start,
+            end,
+            exp,
+            max(start, stop),
+        )
     return out
 
 
-_OPS = st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["end", "ttl", "ttl-none", "restore"]),
-                          st.integers(-2 * DAY, 6 * DAY)), max_size=14)
+_OPS = st.lists(
+    st.tuples(st.integers(0, 5), st.sampled_from(["end", "ttl", "ttl-none", "restore"]), st.integers(-2 * DAY, 6 * DAY)),
+    max_size=14,
+)
 
 
 @hsettings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
@@ -346,8 +373,19 @@ def test_service_writers_and_bulk_expiry_maintain_the_derived_table(engine):
         s.add(Tenant(id="acme", name="acme", created_at=T0))
         s.add(TrainingRun(id="run-1", tenant_id="acme", base_model="m", created_at=T0, last_request_time=T0))
         s.flush()
-        cks = [Checkpoint(id=f"k{i}", tenant_id="acme", run_id="run-1", kind="training", name=f"s{i}", size_bytes=GB,
-                          created_at=T0, expires_at=T0 + h(10 + i)) for i in range(3)]
+        cks = [
+            Checkpoint(
+                id=f"k{i}",
+                tenant_id="acme",
+                run_id="run-1",
+                kind="training",
+                name=f"s{i}",
+                size_bytes=GB,
+                created_at=T0,
+                expires_at=T0 + h(10 + i),
+            )
+            for i in range(3)
+        ]
         for ck in cks:
             s.add(ck)
             s.flush()
@@ -362,7 +400,10 @@ def test_service_writers_and_bulk_expiry_maintain_the_derived_table(engine):
     rows = _interval_rows(engine)
     t0 = metering.epoch(T0)
     assert {k: (v[4], v[7]) for k, v in rows.items()} == {
-        "k0": (t0, OPEN_END_S), "k1": (t0, t0 + 2 * 3600), "k2": (t0, t0 + 12 * 3600)}
+        "k0": (t0, OPEN_END_S),
+        "k1": (t0, t0 + 2 * 3600),
+        "k2": (t0, t0 + 12 * 3600),
+    }
     with session_scope(engine) as s:
         ledger_mod.on_restore(s, s.get(Checkpoint, "k2"), now=T0 + h(31))
     assert _interval_rows(engine)["k2"][7] == t0 + 12 * 3600  # stops at its expires_at, still

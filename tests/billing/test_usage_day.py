@@ -34,8 +34,7 @@ def day_rows(engine) -> dict[tuple[str, str, int], tuple[int, ...]]:  # type: ig
         rows = s.exec(select(UsageDay)).all()
     out = {}
     for r in rows:
-        sums = (r.starts, r.start_bytes, r.start_off_hi, r.start_off_lo, r.stops, r.stop_bytes, r.stop_off_hi,
-                r.stop_off_lo)
+        sums = (r.starts, r.start_bytes, r.start_off_hi, r.start_off_lo, r.stops, r.stop_bytes, r.stop_off_hi, r.stop_off_lo)
         if any(sums):
             out[(r.tenant_id, r.kind, r.day)] = sums
     return out
@@ -60,8 +59,9 @@ def days_from_intervals(engine) -> dict[tuple[str, str, int], tuple[int, ...]]: 
 def interval_path(engine, ws: int, we: int, tenant_id: str | None = None):  # type: ignore[no-untyped-def]
     """Daily byte-seconds per (tenant, kind, day) and the state at ``we``, read from usage_interval."""
     with session_scope(engine) as s:
-        return metering._window_sums(s, ["tenant_id", "kind"], ws=ws, we=we, bucket_seconds=DAY, tenant_id=tenant_id,
-                                     current_at_end=True)
+        return metering._window_sums(
+            s, ["tenant_id", "kind"], ws=ws, we=we, bucket_seconds=DAY, tenant_id=tenant_id, current_at_end=True
+        )
 
 
 def day_path(engine, ws: int, we: int, tenant_id: str | None = None):  # type: ignore[no-untyped-def]
@@ -107,10 +107,17 @@ def test_overview_on_a_partial_day_with_expiries_later_today(engine, ledger):
         ov = metering.overview(s, PRICE, now=now, start=start)
     ws, we = metering.epoch(start), metering.epoch(now)
     assert {(r.key["tenant_id"], r.checkpoint_count, r.logical_bytes) for r in ov.current} == {
-        ("acme", 3, 3 * GB + 7 + 13), ("globex", 1, 5 * GB)}
-    stored = {"acme": [(3 * GB, -10**12, 10**12), (7, metering.epoch(day0 + h(1)), we + 10 * 3600),
-                       (11, metering.epoch(day0 + h(8)), we - 3600)],
-              "globex": [(5 * GB, we - 7200, we + 8 * 3600)]}
+        ("acme", 3, 3 * GB + 7 + 13),
+        ("globex", 1, 5 * GB),
+    }
+    stored = {
+        "acme": [
+            (3 * GB, -(10**12), 10**12),
+            (7, metering.epoch(day0 + h(1)), we + 10 * 3600),
+            (11, metering.epoch(day0 + h(8)), we - 3600),
+        ],
+        "globex": [(5 * GB, we - 7200, we + 8 * 3600)],
+    }
     expected: dict[tuple[str, str], int] = {}
     for tenant, ivs in stored.items():
         for size, a, z in ivs:
@@ -135,8 +142,10 @@ def test_window_usage_without_buckets_reads_usage_day_and_matches_the_intervals(
         rows = metering.usage(s, PRICE, start=start, end=end, group_by=("tenant_id", "kind"))
         by_run = metering.usage(s, PRICE, start=start, end=end, group_by=("tenant_id", "run_id"))  # interval path
     got = {(r.key["tenant_id"], r.key["kind"]): r.byte_seconds for r in rows}
-    assert got == {("acme", "training"): 2 * GB * (53 - 3) * 3600,  # [3 h, 53 h): the window ends first
-                   ("globex", "sampler"): GB * (50 * 3600 - 3601)}  # [1 h 1 s, 50 h)
+    assert got == {
+        ("acme", "training"): 2 * GB * (53 - 3) * 3600,  # [3 h, 53 h): the window ends first
+        ("globex", "sampler"): GB * (50 * 3600 - 3601),
+    }  # [1 h 1 s, 50 h)
     assert sum(got.values()) == sum(r.byte_seconds for r in by_run)
 
 
@@ -150,8 +159,16 @@ def test_service_writers_and_bulk_expiry_maintain_usage_day(engine):
         s.add(TrainingRun(id="run-1", tenant_id="acme", base_model="m", created_at=T0, last_request_time=T0))
         s.flush()
         for i in range(6):
-            ck = Checkpoint(id=f"k{i}", tenant_id="acme", run_id="run-1", kind=("training", "sampler")[i % 2],
-                            name=f"s{i}", size_bytes=GB + i, created_at=T0 + h(5 * i), expires_at=T0 + h(20 + 11 * i))
+            ck = Checkpoint(
+                id=f"k{i}",
+                tenant_id="acme",
+                run_id="run-1",
+                kind=("training", "sampler")[i % 2],
+                name=f"s{i}",
+                size_bytes=GB + i,
+                created_at=T0 + h(5 * i),
+                expires_at=T0 + h(20 + 11 * i),
+            )
             s.add(ck)
             s.flush()
             ledger_mod.on_commit(s, ck, now=T0 + h(5 * i))
@@ -186,10 +203,18 @@ def test_migration_0004_derives_usage_day_from_an_existing_ledger(db_url):
     try:
         with session_scope(eng) as s:
             assert not sa.inspect(s.connection()).has_table("usage_day")
-            for i, (tenant, kind, start_h, stop_h) in enumerate([("acme", "training", 0, 30), ("acme", "training", 5, None),
-                                                                 ("globex", "sampler", 25.5, 26)]):
-                common = dict(tenant_id=tenant, run_id="r", checkpoint_id=f"c{i}", kind=kind, size_bytes=10**15 + i,
-                              expires_at=None, recorded_at=T0)
+            for i, (tenant, kind, start_h, stop_h) in enumerate(
+                [("acme", "training", 0, 30), ("acme", "training", 5, None), ("globex", "sampler", 25.5, 26)]
+            ):
+                common = dict(
+                    tenant_id=tenant,
+                    run_id="r",
+                    checkpoint_id=f"c{i}",
+                    kind=kind,
+                    size_bytes=10**15 + i,
+                    expires_at=None,
+                    recorded_at=T0,
+                )
                 s.add(UsageEvent(event="commit", at=T0 + h(start_h), **common))
                 if stop_h is not None:
                     s.add(UsageEvent(event="end", at=T0 + h(stop_h), **common))

@@ -25,10 +25,12 @@ def new_run(ctx: Context, p: Principal) -> str:
         return runs.create_run(s, p, base_model="tiny", now=ctx.clock.now()).id
 
 
-def declare(ctx: Context, p: Principal, run_id: str, name: str, files: dict[str, bytes], *, kind: str = "sampler",
-            ttl: int | None = None) -> uploads.UploadAnswer:
-    req = UploadRequest(run_id, kind, name, [DeclaredFile(k, len(v), hashlib.sha256(v).hexdigest()) for k, v in files.items()],
-                        ttl_seconds=ttl)
+def declare(
+    ctx: Context, p: Principal, run_id: str, name: str, files: dict[str, bytes], *, kind: str = "sampler", ttl: int | None = None
+) -> uploads.UploadAnswer:
+    req = UploadRequest(
+        run_id, kind, name, [DeclaredFile(k, len(v), hashlib.sha256(v).hexdigest()) for k, v in files.items()], ttl_seconds=ttl
+    )
     return uploads.declare(ctx, p, req)
 
 
@@ -38,8 +40,9 @@ def send(ctx: Context, p: Principal, ans: uploads.UploadAnswer, files: dict[str,
             uploads.receive_bytes(ctx, p, ans.upload_id, f.path, files[f.path])
 
 
-def save(ctx: Context, p: Principal, run_id: str, name: str, files: dict[str, bytes], *, kind: str = "sampler",
-         ttl: int | None = None) -> str:
+def save(
+    ctx: Context, p: Principal, run_id: str, name: str, files: dict[str, bytes], *, kind: str = "sampler", ttl: int | None = None
+) -> str:
     ans = declare(ctx, p, run_id, name, files, kind=kind, ttl=ttl)
     send(ctx, p, ans, files)
     return uploads.commit(ctx, p, ans.upload_id).tinker_path

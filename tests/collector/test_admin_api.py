@@ -15,8 +15,10 @@ def test_admin_gc_endpoints(server, keys, ctx, clock, db_url):
     run_id = new_run(ctx, p)
     files = sampler_files(90)
     path = save(ctx, p, run_id, "x", files, ttl=3600)
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}, timeout=60) as admin, \
-            httpx.Client(base_url=server.url, headers={"X-API-Key": keys.trainer}, timeout=60) as trainer:
+    with (
+        httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}, timeout=60) as admin,
+        httpx.Client(base_url=server.url, headers={"X-API-Key": keys.trainer}, timeout=60) as trainer,
+    ):
         assert trainer.get("/v1/admin/gc/runs").status_code == 403
         clock.advance(3601)
         r = admin.post("/v1/admin/gc/runs", json={"dry_run": True})

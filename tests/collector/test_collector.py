@@ -39,8 +39,12 @@ def test_expire_then_sweep_reclaims_only_unreferenced(ctx, keys, clock):
     with session_scope(ctx.engine) as s:
         ckpt = s.exec(sa.select(Checkpoint).where(Checkpoint.name == "a")).scalar_one()  # type: ignore[call-overload]
         assert ckpt.state == "expired"
-        end = s.exec(sa.select(UsageEvent).where(UsageEvent.checkpoint_id == ckpt.id,  # type: ignore[call-overload]
-                                                 UsageEvent.event == "end")).scalar_one()
+        end = s.exec(
+            sa.select(UsageEvent).where(
+                UsageEvent.checkpoint_id == ckpt.id,  # type: ignore[call-overload]
+                UsageEvent.event == "end",
+            )
+        ).scalar_one()
         assert end.at == ckpt.expires_at  # billed until expires_at, not until the collector noticed
     clock.advance(_grace(ctx) + 1)
     rep = run(ctx)
@@ -263,8 +267,7 @@ def test_reclaim_latency_bytes_gone_at_first_run_past_expires_at_plus_grace(ctx,
     rep = run(ctx)
     assert rep.stats["expire"]["released"] == 1
     assert rep.stats["sweep"]["deleted_objects"] == 1
-    assert clock.now() - expires_at <= timedelta(
-        seconds=_grace(ctx) + ctx.settings.gc_interval_seconds)
+    assert clock.now() - expires_at <= timedelta(seconds=_grace(ctx) + ctx.settings.gc_interval_seconds)
     assert not object_exists(ctx, files["adapter_model.safetensors"])
     assert object_exists(ctx, files["adapter_config.json"])  # shared with a live checkpoint
     assert download(ctx, p, pk) == keep
@@ -307,8 +310,12 @@ def test_collector_down_past_grace_expires_releases_and_sweeps_in_one_run(ctx, k
     assert rep.stats["sweep"]["deleted_objects"] == 2
     with session_scope(ctx.engine) as s:
         ckpt = s.exec(sa.select(Checkpoint).where(Checkpoint.name == "late")).scalar_one()  # type: ignore[call-overload]
-        end = s.exec(sa.select(UsageEvent).where(UsageEvent.checkpoint_id == ckpt.id,  # type: ignore[call-overload]
-                                                 UsageEvent.event == "end")).scalar_one()
+        end = s.exec(
+            sa.select(UsageEvent).where(
+                UsageEvent.checkpoint_id == ckpt.id,  # type: ignore[call-overload]
+                UsageEvent.event == "end",
+            )
+        ).scalar_one()
         assert ckpt.state == "deleted" and end.at == ckpt.expires_at
     assert not any(object_exists(ctx, v) for v in files.values())
     assert_verified(ctx, collected=True)

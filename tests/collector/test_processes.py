@@ -29,10 +29,18 @@ CLI = [sys.executable, "-c", "from weightstore.cli import main; main()"]
 def _env(ctx, tmp_path: Path, **extra: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
     s = ctx.settings
     secret = s.s3_secret_access_key.get_secret_value()
-    env = {**os.environ, "WEIGHTSTORE_DATABASE_URL": s.resolved_database_url, "WEIGHTSTORE_S3_ENDPOINT_URL": s.s3_endpoint_url,
-           "WEIGHTSTORE_S3_ACCESS_KEY_ID": s.s3_access_key_id, "WEIGHTSTORE_S3_SECRET_ACCESS_KEY": secret,
-           "WEIGHTSTORE_S3_BUCKET": s.s3_bucket, "WEIGHTSTORE_DATA_DIR": str(tmp_path / "var"),
-           "WEIGHTSTORE_GC_GRACE_SECONDS": "0", "WEIGHTSTORE_GC_LEASE_SECONDS": "3", "WEIGHTSTORE_GC_DELETE_BATCH": "2"}
+    env = {
+        **os.environ,
+        "WEIGHTSTORE_DATABASE_URL": s.resolved_database_url,
+        "WEIGHTSTORE_S3_ENDPOINT_URL": s.s3_endpoint_url,
+        "WEIGHTSTORE_S3_ACCESS_KEY_ID": s.s3_access_key_id,
+        "WEIGHTSTORE_S3_SECRET_ACCESS_KEY": secret,
+        "WEIGHTSTORE_S3_BUCKET": s.s3_bucket,
+        "WEIGHTSTORE_DATA_DIR": str(tmp_path / "var"),
+        "WEIGHTSTORE_GC_GRACE_SECONDS": "0",
+        "WEIGHTSTORE_GC_LEASE_SECONDS": "3",
+        "WEIGHTSTORE_GC_DELETE_BATCH": "2",
+    }
     env.update(extra)
     return env
 
@@ -68,9 +76,12 @@ def _states(ctx) -> dict[str, str]:  # type: ignore[no-untyped-def]
 def test_sigkill_then_next_run_finishes(ctx, keys, clock, tmp_path, point):
     p, pk, keep, doomed = _setup(ctx, keys)
     marker = tmp_path / "paused"
-    proc = subprocess.Popen([*CLI, "gc", "sweep"], env=_env(ctx, tmp_path, WEIGHTSTORE_GC_PAUSE_AT=point,
-                                                              WEIGHTSTORE_GC_PAUSE_FILE=str(marker)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*CLI, "gc", "sweep"],
+        env=_env(ctx, tmp_path, WEIGHTSTORE_GC_PAUSE_AT=point, WEIGHTSTORE_GC_PAUSE_FILE=str(marker)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         _wait_for(marker, proc)
     finally:
@@ -95,10 +106,13 @@ def test_sigkill_then_next_run_finishes(ctx, keys, clock, tmp_path, point):
 @pytest.mark.slow
 def test_two_collectors_exactly_one_works(ctx, keys, clock, tmp_path):
     p, pk, keep, doomed = _setup(ctx, keys)
-    env = _env(ctx, tmp_path, WEIGHTSTORE_GC_PAUSE_AT="after_lease", WEIGHTSTORE_GC_PAUSE_SECONDS="4",
-               WEIGHTSTORE_GC_LEASE_SECONDS="60")
-    procs = [subprocess.Popen([*CLI, "gc", "run", "--format", "json"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for _ in range(2)]
+    env = _env(
+        ctx, tmp_path, WEIGHTSTORE_GC_PAUSE_AT="after_lease", WEIGHTSTORE_GC_PAUSE_SECONDS="4", WEIGHTSTORE_GC_LEASE_SECONDS="60"
+    )
+    procs = [
+        subprocess.Popen([*CLI, "gc", "run", "--format", "json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
     outs = [pr.communicate(timeout=120) for pr in procs]
     codes = sorted(pr.returncode for pr in procs)
     assert codes == [0, 3], outs

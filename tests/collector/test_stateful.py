@@ -109,5 +109,7 @@ def test_collector_state_machine(ctx, keys, clock, db_url):
             rep = verify(ctx)
             assert rep.errors == [], [f.to_dict() for f in rep.errors]
 
-    run_state_machine_as_test(Collector, settings=settings(max_examples=12, stateful_step_count=15, deadline=None,
-                                                          suppress_health_check=list(HealthCheck)))
+    run_state_machine_as_test(
+        Collector,
+        settings=settings(max_examples=12, stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck)),
+    )

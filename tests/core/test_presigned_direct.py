@@ -23,8 +23,9 @@ from weightstore.uploads import WRITER_META
 
 
 def _declare(http: httpx.Client, run_id: str, name: str, files: dict[str, bytes]) -> dict:
-    r = http.post("/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": name, "transfer": "presigned",
-                                       "files": decl(files)})
+    r = http.post(
+        "/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": name, "transfer": "presigned", "files": decl(files)}
+    )
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -184,8 +185,7 @@ def _big_weights(seed: int) -> dict[str, bytes]:
     from weightstore import tensorio
 
     w = torch.randn(3 * 1024 * 1024, generator=torch.Generator().manual_seed(seed))  # 12 MiB > 5 MiB threshold
-    return {"adapter_model.safetensors": tensorio.weights_bytes({"w": w}),
-            "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'}
+    return {"adapter_model.safetensors": tensorio.weights_bytes({"w": w}), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'}
 
 
 def test_streamed_file_is_piped_into_one_checksummed_put(api, ctx):
@@ -199,8 +199,10 @@ def test_streamed_file_is_piped_into_one_checksummed_put(api, ctx):
     sha = hashlib.sha256(good[name]).hexdigest()
 
     def declare_stream(ck: str, files: dict[str, bytes], declared: dict[str, bytes] | None = None) -> dict:
-        r = api.post("/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": ck, "transfer": "stream",
-                                          "files": decl(declared or files)})
+        r = api.post(
+            "/v1/uploads",
+            json={"run_id": run_id, "kind": "sampler", "name": ck, "transfer": "stream", "files": decl(declared or files)},
+        )
         assert r.status_code == 201, r.text
         return r.json()
 

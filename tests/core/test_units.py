@@ -19,8 +19,15 @@ def test_tinker_path_grammar_matches_the_sdk():
     assert str(p) == "tinker://sess-1:train:0/weights/step-1"
     assert TinkerPath.parse("tinker://r/sampler_weights/a.b_c-d").kind == "sampler"
     assert TinkerPath.parse("tinker://r/external_weights/x").kind == "external"
-    for bad in ["http://r/weights/x", "tinker://r/weights", "tinker://r/weights/x/y", "tinker://r/other/x",
-                "tinker:///weights/x", "tinker://r/weights/..", "tinker://r w/weights/x"]:
+    for bad in [
+        "http://r/weights/x",
+        "tinker://r/weights",
+        "tinker://r/weights/x/y",
+        "tinker://r/other/x",
+        "tinker:///weights/x",
+        "tinker://r/weights/..",
+        "tinker://r w/weights/x",
+    ]:
         with pytest.raises(errors.InvalidRequest):
             TinkerPath.parse(bad)
 

@@ -22,8 +22,13 @@ CLI = [sys.executable, "-m", "weightstore.cli"]
 @pytest.fixture
 def served(tmp_path: Path):
     port = free_port()
-    env = {**os.environ, "WEIGHTSTORE_DATA_DIR": str(tmp_path / "var"), "WEIGHTSTORE_PORT": str(port),
-           "WEIGHTSTORE_EMBEDDED_GC": "false", "WEIGHTSTORE_EMBEDDED_WORKER": "false"}
+    env = {
+        **os.environ,
+        "WEIGHTSTORE_DATA_DIR": str(tmp_path / "var"),
+        "WEIGHTSTORE_PORT": str(port),
+        "WEIGHTSTORE_EMBEDDED_GC": "false",
+        "WEIGHTSTORE_EMBEDDED_WORKER": "false",
+    }
     for k in [k for k in env if k.startswith("WEIGHTSTORE_") and ("S3" in k or "DATABASE" in k)]:
         env.pop(k)
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115 - closed in the fixture's finally
@@ -85,9 +90,13 @@ def test_serve_and_cli_round_trip(served):
     assert [c["tinker_path"] for c in listed] == [state_path]
     # a reader key cannot write, and the CLI says so on stderr with the stable code
     reader = cli(url, admin, "keys", "create", "--tenant", "acme", "--role", "reader")
-    r = subprocess.run([*CLI, "rm", "-y", state_path], env={**os.environ, "WEIGHTSTORE_URL": url,
-                                                            "WEIGHTSTORE_API_KEY": reader},
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [*CLI, "rm", "-y", state_path],
+        env={**os.environ, "WEIGHTSTORE_URL": url, "WEIGHTSTORE_API_KEY": reader},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and "forbidden" in r.stderr and r.stdout == ""
 
 
@@ -95,8 +104,14 @@ def test_sigterm_stops_the_embedded_store(tmp_path):
     """The embedded SeaweedFS must not outlive `serve` (uvicorn re-raises SIGTERM after shutdown)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSTORE_")}
-    env.update({"WEIGHTSTORE_DATA_DIR": str(tmp_path / "var"), "WEIGHTSTORE_PORT": str(port),
-                "WEIGHTSTORE_EMBEDDED_GC": "false", "WEIGHTSTORE_EMBEDDED_WORKER": "false"})
+    env.update(
+        {
+            "WEIGHTSTORE_DATA_DIR": str(tmp_path / "var"),
+            "WEIGHTSTORE_PORT": str(port),
+            "WEIGHTSTORE_EMBEDDED_GC": "false",
+            "WEIGHTSTORE_EMBEDDED_WORKER": "false",
+        }
+    )
     proc = subprocess.Popen([*CLI, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = tmp_path / "var" / "s3-endpoint.json"
     deadline = time.monotonic() + 60

@@ -27,8 +27,15 @@ from safetensors.torch import load_file, save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-DIMS = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=8, max_position_embeddings=64)
+DIMS = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+)
 FFN, MOE_FFN, EXPERTS = 48, 16, 4
 RANK, ALPHA = 4, 8  # scale 2
 INPUT_IDS = torch.tensor([[5, 17, 42, 3, 88, 61, 9, 30, 2, 77, 14, 50], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
@@ -47,17 +54,31 @@ def make_config(family: str, *, tied: bool = False) -> Any:
     if family == "qwen3":
         return Qwen3Config(intermediate_size=FFN, **common)
     if family == "qwen3_moe":
-        return Qwen3MoeConfig(intermediate_size=FFN, moe_intermediate_size=MOE_FFN, num_experts=EXPERTS,
-                              num_experts_per_tok=2, **common)
+        return Qwen3MoeConfig(
+            intermediate_size=FFN, moe_intermediate_size=MOE_FFN, num_experts=EXPERTS, num_experts_per_tok=2, **common
+        )
     if family == "gpt_oss":
-        return GptOssConfig(intermediate_size=MOE_FFN, num_local_experts=EXPERTS, num_experts_per_tok=2,
-                            layer_types=["sliding_attention", "full_attention"], sliding_window=8,
-                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
+        return GptOssConfig(
+            intermediate_size=MOE_FFN,
+            num_local_experts=EXPERTS,
+            num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            **common,
+        )
     raise ValueError(family)
 
 
-def build_base(path: Path, family: str, *, tied: bool = False, dtype: torch.dtype = torch.bfloat16,
-               max_shard_size: str | None = None, seed: int = 0) -> Path:
+def build_base(
+    path: Path,
+    family: str,
+    *,
+    tied: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: str | None = None,
+    seed: int = 0,
+) -> Path:
     """A random tiny base model in Hugging Face layout (plus a tokenizer-ish side file)."""
     from transformers import AutoModelForCausalLM
 
@@ -86,7 +107,8 @@ def fuse_qwen3_moe(separate: Path, out: Path) -> Path:
     for layer in range(DIMS["num_hidden_layers"]):
         p = f"model.layers.{layer}.mlp.experts"
         fused[f"{p}.gate_up_proj"] = torch.stack(
-            [torch.cat([sd[f"{p}.{e}.gate_proj.weight"], sd[f"{p}.{e}.up_proj.weight"]]) for e in range(EXPERTS)])
+            [torch.cat([sd[f"{p}.{e}.gate_proj.weight"], sd[f"{p}.{e}.up_proj.weight"]]) for e in range(EXPERTS)]
+        )
         fused[f"{p}.down_proj"] = torch.stack([sd[f"{p}.{e}.down_proj.weight"] for e in range(EXPERTS)])
     save_file(fused, out / "model.safetensors", metadata={"format": "pt"})
     return out
@@ -107,16 +129,24 @@ class Adapter:
 
 
 def _dense_shapes(family: str) -> dict[str, tuple[int, int]]:
-    h, q, kv = DIMS["hidden_size"], DIMS["num_attention_heads"] * DIMS["head_dim"], \
-        DIMS["num_key_value_heads"] * DIMS["head_dim"]
+    h, q, kv = DIMS["hidden_size"], DIMS["num_attention_heads"] * DIMS["head_dim"], DIMS["num_key_value_heads"] * DIMS["head_dim"]
     shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
     if family not in ("qwen3_moe", "gpt_oss"):
         shapes.update({"gate_proj": (FFN, h), "up_proj": (FFN, h), "down_proj": (h, FFN)})
     return shapes
 
 
-def build_adapter(path: Path, family: str, *, rank: int = RANK, alpha: float = ALPHA, seed: int = 1,
-                  std: float = 0.15, unembed: bool = True, dtype: torch.dtype = torch.float32) -> Adapter:
+def build_adapter(
+    path: Path,
+    family: str,
+    *,
+    rank: int = RANK,
+    alpha: float = ALPHA,
+    seed: int = 1,
+    std: float = 0.15,
+    unembed: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Adapter:
     """A random Tinker-format adapter on every linear layer (+ unembed), experts in shared-outer layout."""
     g = torch.Generator().manual_seed(seed)
 
@@ -129,8 +159,7 @@ def build_adapter(path: Path, family: str, *, rank: int = RANK, alpha: float = A
     for layer in range(DIMS["num_hidden_layers"]):
         pre = f"base_model.model.model.layers.{layer}"
         for name, (out_dim, in_dim) in _dense_shapes(family).items():
-            mod = f"{pre}.{attn}.{name}" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) \
-                else f"{pre}.mlp.{name}"
+            mod = f"{pre}.{attn}.{name}" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else f"{pre}.mlp.{name}"
             t[f"{mod}.lora_A.weight"] = rnd(rank, in_dim)
             t[f"{mod}.lora_B.weight"] = rnd(out_dim, rank)
         if family in ("qwen3_moe", "gpt_oss"):
@@ -149,8 +178,9 @@ def build_adapter(path: Path, family: str, *, rank: int = RANK, alpha: float = A
 def write_adapter(path: Path, tensors: dict[str, torch.Tensor], *, rank: int = RANK, alpha: float = ALPHA) -> Adapter:
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, path / "adapter_model.safetensors")
-    (path / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": alpha,
-                                                          "base_model_name_or_path": "tiny-base"}))
+    (path / "adapter_config.json").write_text(
+        json.dumps({"r": rank, "lora_alpha": alpha, "base_model_name_or_path": "tiny-base"})
+    )
     return Adapter(path, tensors, rank, alpha)
 
 
@@ -225,8 +255,9 @@ def load_logits(model_dir: Path, peft_dir: Path | None = None) -> torch.Tensor:
         return model(input_ids=INPUT_IDS).logits.float()
 
 
-def oracle_logits(base: Path, adapter: Adapter, tmp: Path, *, round_to_base: bool,
-                  separate_base: Path | None = None) -> torch.Tensor:
+def oracle_logits(
+    base: Path, adapter: Adapter, tmp: Path, *, round_to_base: bool, separate_base: Path | None = None
+) -> torch.Tensor:
     """Logits of base + adapter, computed from an edited copy of the base checkpoint."""
     src = separate_base or base
     sd, untied = oracle_state_dict(src, adapter, round_to_base=round_to_base)

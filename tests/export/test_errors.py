@@ -69,14 +69,16 @@ def test_expert_count_mismatch(models: dict[str, Path], tmp_path: Path) -> None:
     _both(tmp_path, bad.path, models["qwen3_moe"], InvalidRequest, "has 3 experts, the base model 4")
 
 
-@pytest.mark.parametrize(("edit", "match"), [
-    (lambda t: t.pop(f"{P}model.layers.0.self_attn.q_proj.lora_B.weight"), "has no lora_B"),
-    (lambda t: t.update({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 32)}), "unexpected key"),
-    (lambda t: t.update({f"{P}model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(3, 32)}),
-     "inconsistent with r=4"),
-], ids=["missing-half", "no-prefix", "wrong-rank"])
-def test_malformed_adapter(models: dict[str, Path], tmp_path: Path, edit: Callable[[dict], object],
-                           match: str) -> None:
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t: t.pop(f"{P}model.layers.0.self_attn.q_proj.lora_B.weight"), "has no lora_B"),
+        (lambda t: t.update({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 32)}), "unexpected key"),
+        (lambda t: t.update({f"{P}model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(3, 32)}), "inconsistent with r=4"),
+    ],
+    ids=["missing-half", "no-prefix", "wrong-rank"],
+)
+def test_malformed_adapter(models: dict[str, Path], tmp_path: Path, edit: Callable[[dict], object], match: str) -> None:
     tensors = dict(build_adapter(tmp_path / "adapter", "llama").tensors)
     edit(tensors)
     bad = write_adapter(tmp_path / "bad", tensors)
@@ -89,8 +91,9 @@ def test_missing_base_shard(models: dict[str, Path], tmp_path: Path) -> None:
     victim = sorted(set(index["weight_map"].values()))[1]
     (base / victim).unlink()
     adapter = build_adapter(tmp_path / "adapter", "llama")
-    _both(tmp_path, adapter.path, base, InvalidFormat, f"shard\\(s\\) {victim} listed in model.safetensors.index.json "
-                                                       "are missing")
+    _both(
+        tmp_path, adapter.path, base, InvalidFormat, f"shard\\(s\\) {victim} listed in model.safetensors.index.json are missing"
+    )
 
 
 def test_corrupted_shard_sha256(models: dict[str, Path], tmp_path: Path) -> None:
@@ -170,8 +173,7 @@ def test_existing_output_dir_untouched(models: dict[str, Path], tmp_path: Path) 
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and leftovers(tmp_path) == []
 
 
-def test_io_failure_mid_write_leaves_nothing(models: dict[str, Path], tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_io_failure_mid_write_leaves_nothing(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
     original = _safetensors.copy_range
 
@@ -189,8 +191,9 @@ def test_io_failure_mid_write_leaves_nothing(models: dict[str, Path], tmp_path: 
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def test_two_modules_onto_one_slice_refused_at_plan_time(models: dict[str, Path], tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_modules_onto_one_slice_refused_at_plan_time(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from weightstore.export import _qwen3_moe
 
     monkeypatch.setattr(_qwen3_moe, "EXPERT_PROJECTIONS", {"w1": "gate_proj", "w3": "gate_proj", "w2": "down_proj"})

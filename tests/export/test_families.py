@@ -46,8 +46,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("base_key", "family", "oracle_key"), CASES, ids=[c[0] for c in CASES])
-def test_export_both_ways_matches_base_plus_adapter(models: dict[str, Path], tmp_path: Path, base_key: str,
-                                                     family: str, oracle_key: str | None) -> None:
+def test_export_both_ways_matches_base_plus_adapter(
+    models: dict[str, Path], tmp_path: Path, base_key: str, family: str, oracle_key: str | None
+) -> None:
     base = models[base_key]
     oracle_base = models[oracle_key] if oracle_key else None
     adapter = build_adapter(tmp_path / "adapter", family)
@@ -73,8 +74,10 @@ def test_tied_base_gets_its_own_lm_head(models: dict[str, Path], tmp_path: Path)
     assert result.plan["untied_lm_head"] is True
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
-    with safe_open(str(base / "model.safetensors"), "pt") as fb, \
-            safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as fo:
+    with (
+        safe_open(str(base / "model.safetensors"), "pt") as fb,
+        safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as fo,
+    ):
         assert "lm_head.weight" not in set(fb.keys()) and "lm_head.weight" in set(fo.keys())
         embed = fb.get_tensor("model.embed_tokens.weight")
         # input embeddings untouched (byte-for-byte), the head carries the unembed delta
@@ -101,8 +104,9 @@ def test_peft_adapter_config(models: dict[str, Path], tmp_path: Path) -> None:
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert (config["r"], config["lora_alpha"]) == (4, 8)
     assert config["base_model_name_or_path"] == "Qwen/Qwen3-30B-A3B"
-    assert config["target_modules"] == sorted(["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj",
-                                               "up_proj", "v_proj"])
+    assert config["target_modules"] == sorted(
+        ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"]
+    )
     with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as f:
         keys = set(f.keys())
         # experts expanded per expert, unscaled, shared factors broadcast
@@ -110,8 +114,10 @@ def test_peft_adapter_config(models: dict[str, Path], tmp_path: Path) -> None:
         a0 = f.get_tensor("base_model.model.model.layers.1.mlp.experts.0.down_proj.lora_A.weight")
         assert torch.equal(b3, adapter.tensors["base_model.model.model.layers.1.mlp.experts.w3.lora_B.weight"][3])
         assert torch.equal(a0, adapter.tensors["base_model.model.model.layers.1.mlp.experts.w2.lora_A.weight"][0])
-        assert torch.equal(f.get_tensor("base_model.model.lm_head.lora_A.weight"),
-                           adapter.tensors["base_model.model.model.unembed_tokens.lora_A.weight"])
+        assert torch.equal(
+            f.get_tensor("base_model.model.lm_head.lora_A.weight"),
+            adapter.tensors["base_model.model.model.unembed_tokens.lora_A.weight"],
+        )
     assert len(keys) == 2 * (2 * 4 + 2 * 4 * 3 + 1)  # A+B x (2 layers x 4 attn + 2 x 4 experts x 3 + head)
 
 
@@ -123,6 +129,8 @@ def test_gpt_oss_peft_uses_target_parameters(models: dict[str, Path], tmp_path: 
     assert config["rank_pattern"] == {"gate_up_proj": 8} and config["alpha_pattern"] == {"gate_up_proj": 16}
     assert "attn" not in config["target_modules"] and "q_proj" in config["target_modules"]
     with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as f:
-        assert list(f.get_slice("base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight")
-                    .get_shape()) == [8 * 4, 32]
+        assert list(f.get_slice("base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight").get_shape()) == [
+            8 * 4,
+            32,
+        ]
         assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in set(f.keys())

@@ -39,8 +39,13 @@ def test_sharded_output_with_correct_index(models: dict[str, Path], tmp_path: Pa
     for shard in shards:
         tensors = read_header(out / shard)[0]
         assert sum(t.nbytes for t in tensors.values()) <= 12_000 or len(tensors) == 1
-    assert {f.path for f in result.files} == {*shards, "model.safetensors.index.json", "config.json",
-                                              "generation_config.json", "tokenizer_config.json"}
+    assert {f.path for f in result.files} == {
+        *shards,
+        "model.safetensors.index.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+    }
     assert result.bytes_written == sum((out / f.path).stat().st_size for f in result.files)
 
 
@@ -65,8 +70,14 @@ def test_deterministic_output(models: dict[str, Path], tmp_path: Path) -> None:
     """Same inputs, same bytes -- whatever the number of merge threads (1 = no thread pool)."""
     adapter = build_adapter(tmp_path / "adapter", "qwen3_moe")
     for i, workers in enumerate((1, 3)):
-        export_merged(adapter.path, models["qwen3_moe"], tmp_path / f"m{i}", shard_size=25_000,
-                      verify_options=VerifyOptions(forward_max_bytes=0), workers=workers)
+        export_merged(
+            adapter.path,
+            models["qwen3_moe"],
+            tmp_path / f"m{i}",
+            shard_size=25_000,
+            verify_options=VerifyOptions(forward_max_bytes=0),
+            workers=workers,
+        )
         export_peft(adapter.path, models["qwen3_moe"], tmp_path / f"p{i}", verify_options=VerifyOptions(forward_max_bytes=0))
     for kind in ("m", "p"):
         files = sorted(p.name for p in (tmp_path / f"{kind}0").iterdir())
@@ -78,8 +89,13 @@ def test_deterministic_output(models: dict[str, Path], tmp_path: Path) -> None:
 def test_progress_reports_every_byte(models: dict[str, Path], tmp_path: Path) -> None:
     adapter = build_adapter(tmp_path / "adapter", "gpt_oss")
     seen: list[tuple[int, int]] = []
-    result = export_merged(adapter.path, models["gpt_oss"], tmp_path / "out", progress=lambda d, t: seen.append((d, t)),
-                           verify_options=VerifyOptions(forward_max_bytes=0))
+    result = export_merged(
+        adapter.path,
+        models["gpt_oss"],
+        tmp_path / "out",
+        progress=lambda d, t: seen.append((d, t)),
+        verify_options=VerifyOptions(forward_max_bytes=0),
+    )
     done = [d for d, _ in seen]
     assert done == sorted(done) and len(set(t for _, t in seen)) == 1
     assert done[-1] == seen[-1][1] == result.plan["output_bytes"] == sum(i.nbytes for i in _tensors(tmp_path / "out").values())  # type: ignore[attr-defined]
@@ -90,16 +106,24 @@ def test_mixed_dtypes_stay_aligned(tmp_path: Path) -> None:
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    save_file({
-        "a.weight": torch.ones(3, 3, dtype=torch.bfloat16),  # 18 bytes
-        "model.layers.0.self_attn.q_proj.weight": torch.ones(5, 3, dtype=torch.bfloat16),  # 30 bytes
-        "b.norm": torch.ones(3, dtype=torch.float32),
-        "c.norm": torch.ones(1, dtype=torch.float64),
-    }, base / "model.safetensors")
-    adapter = write_adapter(tmp_path / "adapter", {
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(1, 3),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(5, 1),
-    }, rank=1, alpha=1)
+    save_file(
+        {
+            "a.weight": torch.ones(3, 3, dtype=torch.bfloat16),  # 18 bytes
+            "model.layers.0.self_attn.q_proj.weight": torch.ones(5, 3, dtype=torch.bfloat16),  # 30 bytes
+            "b.norm": torch.ones(3, dtype=torch.float32),
+            "c.norm": torch.ones(1, dtype=torch.float64),
+        },
+        base / "model.safetensors",
+    )
+    adapter = write_adapter(
+        tmp_path / "adapter",
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(1, 3),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(5, 1),
+        },
+        rank=1,
+        alpha=1,
+    )
     export_merged(adapter.path, base, tmp_path / "out", verify_options=VerifyOptions(forward_max_bytes=0))
     header_len = int.from_bytes((tmp_path / "out" / "model.safetensors").read_bytes()[:8], "little")
     assert (8 + header_len) % 8 == 0
@@ -121,5 +145,10 @@ def test_verify_export_rechecks_an_existing_directory(models: dict[str, Path], t
     with pytest.raises(VerificationFailed, match="forward pass"):
         verify_export(adapter.path, models["qwen3_moe_fused"], tmp_path / "out", to="merged")
     with pytest.raises(VerificationFailed, match="recomputation"):  # sampling every tensor, no forward pass
-        verify_export(adapter.path, models["qwen3_moe_fused"], tmp_path / "out", to="merged",
-                      verify_options=VerifyOptions(samples=100, forward_max_bytes=0))
+        verify_export(
+            adapter.path,
+            models["qwen3_moe_fused"],
+            tmp_path / "out",
+            to="merged",
+            verify_options=VerifyOptions(samples=100, forward_max_bytes=0),
+        )

@@ -20,9 +20,16 @@ def build_base(directory: Path, *, seed: int = 0, shard: str = "40KB") -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(directory, max_shard_size=shard)
     (directory / "README.md").write_text("not part of the model")
@@ -41,10 +48,11 @@ def adapter_weights(seed: int = 1) -> dict[str, torch.Tensor]:
 
 
 def adapter_files(seed: int = 1, base_name: str = "tiny-llama") -> dict[str, bytes]:
-    config = {"r": RANK, "lora_alpha": ALPHA, "target_modules": ["q_proj", "v_proj"],
-              "base_model_name_or_path": base_name}
-    return {"adapter_model.safetensors": tensorio.weights_bytes(adapter_weights(seed)),
-            "adapter_config.json": json.dumps(config, sort_keys=True).encode()}
+    config = {"r": RANK, "lora_alpha": ALPHA, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": base_name}
+    return {
+        "adapter_model.safetensors": tensorio.weights_bytes(adapter_weights(seed)),
+        "adapter_config.json": json.dumps(config, sort_keys=True).encode(),
+    }
 
 
 def reference_logits(base_dir: Path, weights: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:

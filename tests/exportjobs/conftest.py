@@ -33,8 +33,12 @@ def save_adapter(ctx: Context, who: Principal, run_id: str, name: str, seed: int
         from tests.helpers import state_files
 
         files = {**files, "optimizer.safetensors": state_files()["optimizer.safetensors"]}
-    req = uploads.UploadRequest(run_id=run_id, kind=kind, name=name, files=[
-        uploads.DeclaredFile(p, len(b), __import__("hashlib").sha256(b).hexdigest()) for p, b in files.items()])
+    req = uploads.UploadRequest(
+        run_id=run_id,
+        kind=kind,
+        name=name,
+        files=[uploads.DeclaredFile(p, len(b), __import__("hashlib").sha256(b).hexdigest()) for p, b in files.items()],
+    )
     ans = uploads.declare(ctx, who, req)
     for f in ans.files:
         if f.transfer != "present":

@@ -50,8 +50,7 @@ def test_export_peft_and_merged_through_api(ctx, live, keys, base_dir: Path, tmp
     run = trainer.create_run("tiny-llama", lora_rank=4)
     src = trainer.upload(run["run_id"], "sampler", "step-1", adapter_files())["tinker_path"]
     peft_job = trainer._call("POST", "/v1/exports", json={"source": src, "target": "peft"})
-    merged_job = trainer._call("POST", "/v1/exports", json={"source": src, "target": "merged",
-                                                            "output_name": "step-1-merged"})
+    merged_job = trainer._call("POST", "/v1/exports", json={"source": src, "target": "merged", "output_name": "step-1-merged"})
     assert peft_job["output_path"] == f"tinker://{run['run_id']}/external_weights/step-1"
     jobs = wait_for(trainer, [peft_job["job_id"], merged_job["job_id"]], progress=False, poll=0.2, timeout=240)
     assert [j["state"] for j in jobs] == ["succeeded", "succeeded"], [j["error"] for j in jobs]
@@ -98,8 +97,9 @@ def test_batch_and_cancel_through_api(ctx, server, keys, base_dir: Path):
     run = trainer.create_run("tiny-llama", lora_rank=4)
     for i in range(3):
         trainer.upload(run["run_id"], "sampler", f"step-{i}", adapter_files(seed=i + 1))
-    res = trainer._call("POST", "/v1/exports/batch", json={"target": "merged", "run_id": run["run_id"],
-                                                          "name_pattern": "step-[12]"})
+    res = trainer._call(
+        "POST", "/v1/exports/batch", json={"target": "merged", "run_id": run["run_id"], "name_pattern": "step-[12]"}
+    )
     assert sorted(j["output_path"].rsplit("/", 1)[1] for j in res["jobs"]) == ["step-1", "step-2"]
     assert {j["state"] for j in res["jobs"]} == {"queued"}  # no worker in this server
     job_id = res["jobs"][0]["job_id"]
@@ -109,6 +109,9 @@ def test_batch_and_cancel_through_api(ctx, server, keys, base_dir: Path):
     assert reader.status_code == 403
     by_batch = trainer._call("GET", "/v1/exports", params={"batch_id": res["batch_id"]})
     assert sorted(j["state"] for j in by_batch["jobs"]) == ["cancelled", "queued"]
-    bad = httpx.post(f"{server.url}/v1/exports", headers={"X-API-Key": keys.trainer},
-                     json={"source": f"tinker://{run['run_id']}/sampler_weights/step-0", "target": "gguf"})
+    bad = httpx.post(
+        f"{server.url}/v1/exports",
+        headers={"X-API-Key": keys.trainer},
+        json={"source": f"tinker://{run['run_id']}/sampler_weights/step-0", "target": "gguf"},
+    )
     assert bad.status_code == 400 and bad.json()["code"] == "invalid_request"

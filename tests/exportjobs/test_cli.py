@@ -19,12 +19,26 @@ def test_convert_locally(base_dir: Path, tmp_path: Path):
     adapter.mkdir()
     for name, data in adapter_files().items():
         (adapter / name).write_bytes(data)
-    res = CliRunner().invoke(app, ["convert", "--adapter", str(adapter), "--base", str(base_dir), "--to", "peft",
-                                   str(tmp_path / "out"), "--format", "json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            "--adapter",
+            str(adapter),
+            "--base",
+            str(base_dir),
+            "--to",
+            "peft",
+            str(tmp_path / "out"),
+            "--format",
+            "json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    bad = CliRunner().invoke(app, ["convert", "--adapter", str(adapter), "--base", str(base_dir), "--to", "gguf",
-                                   str(tmp_path / "out2")])
+    bad = CliRunner().invoke(
+        app, ["convert", "--adapter", str(adapter), "--base", str(base_dir), "--to", "gguf", str(tmp_path / "out2")]
+    )
     assert bad.exit_code == 2
 
 

@@ -142,8 +142,7 @@ def test_transient_store_error_is_retried_with_backoff(ctx, setup, monkeypatch):
 def test_batch_by_filter_and_base_model_removal(ctx, setup):
     setup.save("step-2", seed=2)
     setup.save("other", seed=3)
-    batch_id, jobs = exportjobs.submit_batch(ctx, setup.trainer, target="peft", run_id=setup.run_id,
-                                             name_pattern="step-*")
+    batch_id, jobs = exportjobs.submit_batch(ctx, setup.trainer, target="peft", run_id=setup.run_id, name_pattern="step-*")
     assert sorted(j.output_name for j in jobs) == ["step-1", "step-2"] and {j.batch_id for j in jobs} == {batch_id}
     # the same batch again: the same jobs
     _, again = exportjobs.submit_batch(ctx, setup.trainer, target="peft", run_id=setup.run_id, name_pattern="step-*")

@@ -42,9 +42,11 @@ def seeded(server, keys, clock) -> Seeded:  # type: ignore[no-untyped-def]
     c = Client(server.url, keys.trainer)
     run = c.create_run("tiny-llama", lora_rank=4, user_metadata={"renderer_name": "llama3"})
     paths = {}
-    for key, kind, name, files in [("w1", "training", "step-1", state_files(1)),
-                                   ("s1", "sampler", "step-1", sampler_files(1)),
-                                   ("w2", "training", "step-2", state_files(2))]:
+    for key, kind, name, files in [
+        ("w1", "training", "step-1", state_files(1)),
+        ("s1", "sampler", "step-1", sampler_files(1)),
+        ("w2", "training", "step-2", state_files(2)),
+    ]:
         paths[key] = c.upload(run["run_id"], kind, name, files)["tinker_path"]
         clock.advance(60)
     c.close()

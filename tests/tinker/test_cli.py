@@ -20,8 +20,7 @@ TINKER = str(Path(sys.executable).with_name("tinker"))
 
 
 def run_cli(server, key: str, *args: str, tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TINKER_BASE_URL": server.url, "TINKER_API_KEY": key, "TINKER_TELEMETRY": "0",
-           "HOME": str(tmp_path)}
+    env = {**os.environ, "TINKER_BASE_URL": server.url, "TINKER_API_KEY": key, "TINKER_TELEMETRY": "0", "HOME": str(tmp_path)}
     proc = subprocess.run([TINKER, *args], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     if check:
         assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -35,8 +34,9 @@ def test_cli_list_info_ttl_delete_runs(server, keys, seeded, tmp_path, clock, db
     paths = [c["tinker_path"] for c in out["checkpoints"]]
     assert paths == [seeded.paths[k] for k in ("w2", "s1", "w1")]
 
-    info = json.loads(run_cli(server, keys.trainer, "-f", "json", "checkpoint", "info", seeded.paths["w1"],
-                              tmp_path=tmp_path).stdout)
+    info = json.loads(
+        run_cli(server, keys.trainer, "-f", "json", "checkpoint", "info", seeded.paths["w1"], tmp_path=tmp_path).stdout
+    )
     assert info["tinker_path"] == seeded.paths["w1"] and info["lora_rank"] == 4 and info["is_lora"] is True
 
     run_cli(server, keys.trainer, "checkpoint", "set-ttl", seeded.paths["w1"], "--ttl", "7200", tmp_path=tmp_path)
@@ -44,8 +44,7 @@ def test_cli_list_info_ttl_delete_runs(server, keys, seeded, tmp_path, clock, db
     assert c.get_checkpoint(seeded.paths["w1"])["expires_at"] is not None
     run_cli(server, keys.trainer, "checkpoint", "set-ttl", seeded.paths["w1"], "--remove", tmp_path=tmp_path)
     assert c.get_checkpoint(seeded.paths["w1"])["expires_at"] is None
-    bad = run_cli(server, keys.trainer, "checkpoint", "set-ttl", seeded.paths["w1"], "--ttl", "5",
-                  tmp_path=tmp_path, check=False)
+    bad = run_cli(server, keys.trainer, "checkpoint", "set-ttl", seeded.paths["w1"], "--ttl", "5", tmp_path=tmp_path, check=False)
     assert bad.returncode != 0
 
     runs = json.loads(run_cli(server, keys.trainer, "-f", "json", "run", "list", tmp_path=tmp_path).stdout)
@@ -53,15 +52,28 @@ def test_cli_list_info_ttl_delete_runs(server, keys, seeded, tmp_path, clock, db
 
     # delete the weights/ checkpoints created before the second one (only step-1)
     cutoff = (clock.now() - timedelta(seconds=90)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    res = run_cli(server, keys.trainer, "-f", "json", "checkpoint", "delete", "--run-id", seeded.run_id,
-                  "--type", "weights", "--before", cutoff, "-y", tmp_path=tmp_path)
+    res = run_cli(
+        server,
+        keys.trainer,
+        "-f",
+        "json",
+        "checkpoint",
+        "delete",
+        "--run-id",
+        seeded.run_id,
+        "--type",
+        "weights",
+        "--before",
+        cutoff,
+        "-y",
+        tmp_path=tmp_path,
+    )
     assert json.loads(res.stdout)["deleted_count"] == 1
     left = json.loads(run_cli(server, keys.trainer, "-f", "json", "checkpoint", "list", tmp_path=tmp_path).stdout)
     assert [x["tinker_path"] for x in left["checkpoints"]] == [seeded.paths["w2"], seeded.paths["s1"]]
 
     # another tenant's key sees nothing
-    other = json.loads(run_cli(server, keys.other_trainer, "-f", "json", "checkpoint", "list",
-                               tmp_path=tmp_path).stdout)
+    other = json.loads(run_cli(server, keys.other_trainer, "-f", "json", "checkpoint", "list", tmp_path=tmp_path).stdout)
     assert other["checkpoints"] == []
 
 
@@ -96,8 +108,9 @@ def test_cli_download_weights_checkpoint(ctx, server, keys, tmp_path, export_wor
     files = {**adapter_files(1), "optimizer.safetensors": state_files()["optimizer.safetensors"]}
     path = c.upload(run["run_id"], "training", "final", files)["tinker_path"]
 
-    res = run_cli(server, keys.trainer, "-f", "json", "checkpoint", "download", path, "-o", str(tmp_path / "dl"),
-                  tmp_path=tmp_path)
+    res = run_cli(
+        server, keys.trainer, "-f", "json", "checkpoint", "download", path, "-o", str(tmp_path / "dl"), tmp_path=tmp_path
+    )
     dest = Path(json.loads(res.stdout)["destination"])
     assert dest.name == path.replace("tinker://", "").replace("/", "_")
     got = {p.name: p.read_bytes() for p in dest.iterdir()}

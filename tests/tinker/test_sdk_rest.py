@@ -74,8 +74,7 @@ def test_checkpoint_lists(sdk, seeded):
     first = sdk.list_user_checkpoints(limit=2, offset=0).result(timeout=30)
     second = sdk.list_user_checkpoints(limit=2, offset=2).result(timeout=30)
     assert first.cursor.total_count == 3 and second.cursor.offset == 2
-    assert [c.tinker_path for c in first.checkpoints + second.checkpoints] == [
-        seeded.paths[k] for k in ("w2", "s1", "w1")]
+    assert [c.tinker_path for c in first.checkpoints + second.checkpoints] == [seeded.paths[k] for k in ("w2", "s1", "w1")]
 
 
 def test_ttl_set_remove_and_range(sdk, seeded, clock):
@@ -154,14 +153,14 @@ def test_weights_info(sdk, server, keys):
     assert (info.base_model, info.is_lora, info.lora_rank) == ("Qwen/Qwen3-8B", True, 4)
     assert (info.train_attn, info.train_mlp, info.train_unembed) == (True, False, False)
     assert info.optimizer_config.type == "adamw"
-    r = httpx.post(f"{server.url}/api/v1/weights_info", json={"tinker_path": "s3://x"},
-                   headers={"X-API-Key": keys.trainer})
+    r = httpx.post(f"{server.url}/api/v1/weights_info", json={"tinker_path": "s3://x"}, headers={"X-API-Key": keys.trainer})
     assert r.status_code == 400 and r.json()["code"] == "invalid_path"
 
 
 def test_client_config_and_bad_key(server):
-    r = httpx.post(f"{server.url}/api/v1/client/config", json={"sdk_version": tinker.__version__},
-                   headers={"X-API-Key": "tml-nope"})
+    r = httpx.post(
+        f"{server.url}/api/v1/client/config", json={"sdk_version": tinker.__version__}, headers={"X-API-Key": "tml-nope"}
+    )
     assert r.status_code == 401
     t0 = time.monotonic()
     with pytest.raises(tinker.AuthenticationError):

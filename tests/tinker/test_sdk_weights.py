@@ -24,8 +24,14 @@ pytestmark = pytest.mark.timeout(180)
 def _manifest(ctx, path: str) -> dict[str, str]:
     p = TinkerPath.parse(path)
     with db.session_scope(ctx.engine) as s:
-        ck = s.exec(select(Checkpoint).where(Checkpoint.run_id == p.run_id, Checkpoint.kind == p.kind,
-                                             Checkpoint.name == p.name, Checkpoint.state == "committed")).one()
+        ck = s.exec(
+            select(Checkpoint).where(
+                Checkpoint.run_id == p.run_id,
+                Checkpoint.kind == p.kind,
+                Checkpoint.name == p.name,
+                Checkpoint.state == "committed",
+            )
+        ).one()
         return {f.path: f.sha256 for f in s.exec(select(CheckpointFile).where(CheckpointFile.checkpoint_id == ck.id))}
 
 
@@ -53,8 +59,14 @@ def test_copy_weights_zero_copy_and_idempotent(ctx, server, keys, sdk, other_sdk
     a = httpx.post(f"{server.url}/api/v1/copy_weights", json=body, headers=hdrs).json()["tinker_path"]
     b = httpx.post(f"{server.url}/api/v1/copy_weights", json=body, headers=hdrs).json()["tinker_path"]
     assert a == b
-    assert sum(1 for c in sdk.list_user_checkpoints(limit=100).result(timeout=30).checkpoints
-               if c.checkpoint_id == "sampler_weights/step-1") == 2  # the source and one copy
+    assert (
+        sum(
+            1
+            for c in sdk.list_user_checkpoints(limit=100).result(timeout=30).checkpoints
+            if c.checkpoint_id == "sampler_weights/step-1"
+        )
+        == 2
+    )  # the source and one copy
 
     # cross-tenant: a private checkpoint is not found; a published one can be copied
     t0 = time.monotonic()
@@ -76,9 +88,12 @@ def _commit_external(ctx, api_key: str, run_id: str, name: str, files: dict[str,
         principal = auth.authenticate(s, api_key, now=ctx.clock.now())
     import hashlib
 
-    req = uploads.UploadRequest(run_id=run_id, kind="external", name=name,
-                                files=[uploads.DeclaredFile(p, len(b), hashlib.sha256(b).hexdigest())
-                                       for p, b in files.items()])
+    req = uploads.UploadRequest(
+        run_id=run_id,
+        kind="external",
+        name=name,
+        files=[uploads.DeclaredFile(p, len(b), hashlib.sha256(b).hexdigest()) for p, b in files.items()],
+    )
     ans = uploads.declare(ctx, principal, req, internal=True)
     for f in ans.files:
         if f.transfer != "present":

@@ -21,8 +21,16 @@ from weightstore.models import Blob, Checkpoint, CheckpointFile, Tenant, Trainin
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+]
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 GB = 10**9
 
@@ -38,8 +46,7 @@ def seed(engine, now):  # type: ignore[no-untyped-def]
         s.flush()
         for tid, runs, base in (("acme", ("acme:run-a", "acme:run-b"), 3), ("globex", ("globex:run-x",), 1)):
             for ri, run in enumerate(runs):
-                s.add(TrainingRun(id=run, tenant_id=tid, base_model="Qwen/Qwen3-8B", created_at=start,
-                                  last_request_time=start))
+                s.add(TrainingRun(id=run, tenant_id=tid, base_model="Qwen/Qwen3-8B", created_at=start, last_request_time=start))
                 s.flush()
                 for step in range(6):
                     at = start + timedelta(days=step * 6 + ri, hours=3)
@@ -49,13 +56,21 @@ def seed(engine, now):  # type: ignore[no-untyped-def]
                     for sha, size in ((weights, wsize), (optim, osize)):
                         s.add(Blob(sha256=sha, size_bytes=size, state="live", created_at=at, last_referenced_at=at))
                     s.flush()
-                    for kind, files in (("training", {"adapter_model.safetensors": (weights, wsize),
-                                                      "optimizer.safetensors": (optim, osize)}),
-                                        ("sampler", {"adapter_model.safetensors": (weights, wsize)})):
+                    for kind, files in (
+                        ("training", {"adapter_model.safetensors": (weights, wsize), "optimizer.safetensors": (optim, osize)}),
+                        ("sampler", {"adapter_model.safetensors": (weights, wsize)}),
+                    ):
                         expires = at + timedelta(days=45 if step % 2 else 400)
-                        ck = Checkpoint(id=f"ck-{tid}-{ri}-{step}-{kind}", tenant_id=tid, run_id=run, kind=kind,
-                                        name=f"step-{step * 100}", size_bytes=sum(v[1] for v in files.values()),
-                                        created_at=at, expires_at=expires)
+                        ck = Checkpoint(
+                            id=f"ck-{tid}-{ri}-{step}-{kind}",
+                            tenant_id=tid,
+                            run_id=run,
+                            kind=kind,
+                            name=f"step-{step * 100}",
+                            size_bytes=sum(v[1] for v in files.values()),
+                            created_at=at,
+                            expires_at=expires,
+                        )
                         s.add(ck)
                         s.flush()
                         for path, (sha, size) in files.items():
@@ -168,4 +183,3 @@ def test_wrong_and_non_admin_keys_are_refused(server, keys, ctx, clock, browser)
     page.goto(server.url + "/admin")
     assert page.url.endswith("/admin/login")
     context.close()
-

@@ -11,8 +11,9 @@ import pkgutil
 
 import typer
 
-app = typer.Typer(name="weightstore", no_args_is_help=True, add_completion=False,
-                  help="Checkpoint and weights storage for LoRA fine-tuning.")
+app = typer.Typer(
+    name="weightstore", no_args_is_help=True, add_completion=False, help="Checkpoint and weights storage for LoRA fine-tuning."
+)
 
 
 def _register_all() -> None:

@@ -11,17 +11,20 @@ import typer
 
 from weightstore.cli._common import FORMAT_OPTION, KEY_OPTION, URL_OPTION, client, emit, err, handle_errors
 
-billing_app = typer.Typer(help="Storage usage and invoices (GB = 1e9 bytes; 1 GB-month = 720 GB-hours).",
-                          no_args_is_help=True)
+billing_app = typer.Typer(help="Storage usage and invoices (GB = 1e9 bytes; 1 GB-month = 720 GB-hours).", no_args_is_help=True)
 
 
 @billing_app.command("usage")
-def usage(tenant: str | None = typer.Option(None, "--tenant", help="Tenant (default: all for admins, else your own)"),
-          since: str | None = typer.Option(None, "--since", help="Start (ISO date or datetime, UTC); default 30 days ago"),
-          until: str | None = typer.Option(None, "--until", help="End, exclusive (ISO); default now"),
-          group_by: str = typer.Option("tenant_id", "--group-by", help="comma-separated: tenant_id, run_id, kind"),
-          bucket: str = typer.Option("none", "--bucket", help="day, hour or none"),
-          fmt: str = FORMAT_OPTION, url: str | None = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+def usage(
+    tenant: str | None = typer.Option(None, "--tenant", help="Tenant (default: all for admins, else your own)"),
+    since: str | None = typer.Option(None, "--since", help="Start (ISO date or datetime, UTC); default 30 days ago"),
+    until: str | None = typer.Option(None, "--until", help="End, exclusive (ISO); default now"),
+    group_by: str = typer.Option("tenant_id", "--group-by", help="comma-separated: tenant_id, run_id, kind"),
+    bucket: str = typer.Option("none", "--bucket", help="day, hour or none"),
+    fmt: str = FORMAT_OPTION,
+    url: str | None = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
+) -> None:
     """Usage (GB-hours) and cost over a window, per group (and per day or hour)."""
     params: dict[str, Any] = {"group_by": group_by, "bucket": bucket}
     for k, v in (("tenant", tenant), ("since", since), ("until", until)):
@@ -37,8 +40,13 @@ def usage(tenant: str | None = typer.Option(None, "--tenant", help="Tenant (defa
 
 
 @billing_app.command("invoice")
-def invoice(tenant: str = typer.Option(..., "--tenant"), month: str = typer.Option(..., "--month", help="YYYY-MM (UTC)"),
-            fmt: str = FORMAT_OPTION, url: str | None = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+def invoice(
+    tenant: str = typer.Option(..., "--tenant"),
+    month: str = typer.Option(..., "--month", help="YYYY-MM (UTC)"),
+    fmt: str = FORMAT_OPTION,
+    url: str | None = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
+) -> None:
     """A tenant's invoice for one calendar month: a line per (run, kind)."""
     with handle_errors(), client(url, api_key) as c:
         out = c._call("GET", f"/v1/billing/tenants/{tenant}/invoices/{month}")

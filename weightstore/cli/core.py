@@ -76,9 +76,14 @@ def migrate() -> None:
 
 
 @keys_app.command("create")
-def keys_create(tenant: str = typer.Option(..., "--tenant"), role: str = typer.Option("trainer", "--role"),
-                name: str = typer.Option(None, "--name"), url: str = URL_OPTION, api_key: str = KEY_OPTION,
-                fmt: str = FORMAT_OPTION) -> None:
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant"),
+    role: str = typer.Option("trainer", "--role"),
+    name: str = typer.Option(None, "--name"),
+    url: str = URL_OPTION,
+    api_key: str = KEY_OPTION,
+    fmt: str = FORMAT_OPTION,
+) -> None:
     """Create an API key for TENANT (created if new) with ROLE trainer|reader|admin. Prints the key once."""
     with handle_errors(), client(url, api_key) as c:
         row = c._call("POST", "/v1/keys", json={"tenant": tenant, "role": role, "name": name})
@@ -97,8 +102,9 @@ def keys_ls(url: str = URL_OPTION, api_key: str = KEY_OPTION, fmt: str = FORMAT_
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: str, yes: bool = typer.Option(False, "-y", "--yes"), url: str = URL_OPTION,
-                api_key: str = KEY_OPTION) -> None:
+def keys_revoke(
+    key_id: str, yes: bool = typer.Option(False, "-y", "--yes"), url: str = URL_OPTION, api_key: str = KEY_OPTION
+) -> None:
     confirm(f"revoke key {key_id}", yes)
     with handle_errors(), client(url, api_key) as c:
         c._call("DELETE", f"/v1/keys/{key_id}")
@@ -106,9 +112,14 @@ def keys_revoke(key_id: str, yes: bool = typer.Option(False, "-y", "--yes"), url
 
 
 @runs_app.command("create")
-def runs_create(base_model: str = typer.Option(..., "--base-model"), rank: int = typer.Option(None, "--rank"),
-                run_id: str = typer.Option(None, "--run-id"), url: str = URL_OPTION, api_key: str = KEY_OPTION,
-                fmt: str = FORMAT_OPTION) -> None:
+def runs_create(
+    base_model: str = typer.Option(..., "--base-model"),
+    rank: int = typer.Option(None, "--rank"),
+    run_id: str = typer.Option(None, "--run-id"),
+    url: str = URL_OPTION,
+    api_key: str = KEY_OPTION,
+    fmt: str = FORMAT_OPTION,
+) -> None:
     """Create a training run; prints its id."""
     with handle_errors(), client(url, api_key) as c:
         run = c.create_run(base_model, run_id=run_id, lora_rank=rank)
@@ -119,20 +130,26 @@ def runs_create(base_model: str = typer.Option(..., "--base-model"), rank: int =
 
 
 @runs_app.command("ls")
-def runs_ls(limit: int = typer.Option(100, "--limit"), url: str = URL_OPTION, api_key: str = KEY_OPTION,
-            fmt: str = FORMAT_OPTION) -> None:
+def runs_ls(
+    limit: int = typer.Option(100, "--limit"), url: str = URL_OPTION, api_key: str = KEY_OPTION, fmt: str = FORMAT_OPTION
+) -> None:
     with handle_errors(), client(url, api_key) as c:
         rows = c.list_runs(limit=limit)["runs"]
     emit(rows, fmt, ["run_id", "base_model", "lora_rank", "created_at", "last_request_time"])
 
 
-def upload(directory: Path = typer.Argument(..., exists=True, file_okay=False), run: str = typer.Option(..., "--run"),
-           kind: str = typer.Option(..., "--kind", help="state (full state) or sampler"),
-           name: str = typer.Option(..., "--name"), ttl: int = typer.Option(None, "--ttl", help="TTL in seconds"),
-           overwrite: bool = typer.Option(False, "--overwrite"),
-           transfer: str = typer.Option("auto", "--transfer",
-                                         help="auto (presigned, else through the service), presigned or stream"),
-           url: str = URL_OPTION, api_key: str = KEY_OPTION, fmt: str = FORMAT_OPTION) -> None:
+def upload(
+    directory: Path = typer.Argument(..., exists=True, file_okay=False),
+    run: str = typer.Option(..., "--run"),
+    kind: str = typer.Option(..., "--kind", help="state (full state) or sampler"),
+    name: str = typer.Option(..., "--name"),
+    ttl: int = typer.Option(None, "--ttl", help="TTL in seconds"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    transfer: str = typer.Option("auto", "--transfer", help="auto (presigned, else through the service), presigned or stream"),
+    url: str = URL_OPTION,
+    api_key: str = KEY_OPTION,
+    fmt: str = FORMAT_OPTION,
+) -> None:
     """Upload a checkpoint directory; prints its tinker:// path."""
     kinds = {"state": "training", "training": "training", "sampler": "sampler"}
     if kind not in kinds:
@@ -154,17 +171,23 @@ def download(tinker_path: str, dest: Path, url: str = URL_OPTION, api_key: str =
     typer.echo(str(out))
 
 
-def ls(run: str = typer.Option(None, "--run"), kind: str = typer.Option(None, "--kind"),
-       limit: int = typer.Option(100, "--limit"), url: str = URL_OPTION, api_key: str = KEY_OPTION,
-       fmt: str = FORMAT_OPTION) -> None:
+def ls(
+    run: str = typer.Option(None, "--run"),
+    kind: str = typer.Option(None, "--kind"),
+    limit: int = typer.Option(100, "--limit"),
+    url: str = URL_OPTION,
+    api_key: str = KEY_OPTION,
+    fmt: str = FORMAT_OPTION,
+) -> None:
     """List checkpoints, newest first."""
     with handle_errors(), client(url, api_key) as c:
         rows: list[dict[str, Any]] = c.list_checkpoints(run_id=run, kind=kind, limit=limit)["checkpoints"]
     emit(rows, fmt, CKPT_COLUMNS)
 
 
-def rm(tinker_path: str, yes: bool = typer.Option(False, "-y", "--yes"), url: str = URL_OPTION,
-       api_key: str = KEY_OPTION) -> None:
+def rm(
+    tinker_path: str, yes: bool = typer.Option(False, "-y", "--yes"), url: str = URL_OPTION, api_key: str = KEY_OPTION
+) -> None:
     """Delete a checkpoint (invisible at once; bytes reclaimed by the collector)."""
     confirm(f"delete {tinker_path}", yes)
     with handle_errors(), client(url, api_key) as c:
@@ -172,8 +195,14 @@ def rm(tinker_path: str, yes: bool = typer.Option(False, "-y", "--yes"), url: st
     err(f"deleted {tinker_path}")
 
 
-def ttl(tinker_path: str, seconds: int = typer.Option(None, "--seconds"), remove: bool = typer.Option(False, "--remove"),
-        url: str = URL_OPTION, api_key: str = KEY_OPTION, fmt: str = FORMAT_OPTION) -> None:
+def ttl(
+    tinker_path: str,
+    seconds: int = typer.Option(None, "--seconds"),
+    remove: bool = typer.Option(False, "--remove"),
+    url: str = URL_OPTION,
+    api_key: str = KEY_OPTION,
+    fmt: str = FORMAT_OPTION,
+) -> None:
     """Set a checkpoint's TTL (counted from now) or remove it."""
     if (seconds is None) == (not remove):
         err("give exactly one of --seconds S or --remove")

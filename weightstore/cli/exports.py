@@ -38,18 +38,29 @@ def upload_base_model(c: Any, name: str, directory: Path, *, progress: bool = Fa
     except UploadIncomplete as exc:
         missing = set(exc.details.get("missing") or [])
     todo = {f.sha256: f for f in files if f.sha256 in missing}
-    bar = tqdm(total=sum(f.size_bytes for f in todo.values()), unit="B", unit_scale=True, desc="upload",
-               disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=sum(f.size_bytes for f in todo.values()),
+        unit="B",
+        unit_scale=True,
+        desc="upload",
+        disable=not progress,
+        file=sys.stderr,
+    )
     try:
         for f in todo.values():
+
             def body_iter(path: Path = f.local) -> Any:
                 with open(path, "rb") as fh:
                     while data := fh.read(CHUNK):
                         bar.update(len(data))
                         yield data
 
-            r = c.http.put(f"/v1/base-model-blobs/{f.sha256}", params={"size": f.size_bytes}, content=body_iter(),
-                           headers={"content-type": "application/octet-stream"})
+            r = c.http.put(
+                f"/v1/base-model-blobs/{f.sha256}",
+                params={"size": f.size_bytes},
+                content=body_iter(),
+                headers={"content-type": "application/octet-stream"},
+            )
             _raise_for(r)
     finally:
         bar.close()
@@ -57,8 +68,13 @@ def upload_base_model(c: Any, name: str, directory: Path, *, progress: bool = Fa
 
 
 @base_app.command("add")
-def base_add(name: str, directory: Path = typer.Argument(..., exists=True, file_okay=False),
-             url: str = URL_OPTION, api_key: str = KEY_OPTION, fmt: str = FORMAT_OPTION) -> None:
+def base_add(
+    name: str,
+    directory: Path = typer.Argument(..., exists=True, file_okay=False),
+    url: str = URL_OPTION,
+    api_key: str = KEY_OPTION,
+    fmt: str = FORMAT_OPTION,
+) -> None:
     """Upload a Hugging Face model directory (config.json, safetensors shards + index, tokenizer and
     generation files) as base model NAME (admin). Files already stored are not sent again."""
     with handle_errors(), client(url, api_key) as c:
@@ -87,8 +103,7 @@ def base_show(name: str, url: str = URL_OPTION, api_key: str = KEY_OPTION, fmt: 
 
 
 @base_app.command("rm")
-def base_rm(name: str, yes: bool = typer.Option(False, "-y", "--yes"), url: str = URL_OPTION,
-            api_key: str = KEY_OPTION) -> None:
+def base_rm(name: str, yes: bool = typer.Option(False, "-y", "--yes"), url: str = URL_OPTION, api_key: str = KEY_OPTION) -> None:
     """Unregister a base model (refused while checkpoints of runs on it or unfinished jobs use it)."""
     confirm(f"remove base model {name}", yes)
     with handle_errors(), client(url, api_key) as c:
@@ -97,8 +112,9 @@ def base_rm(name: str, yes: bool = typer.Option(False, "-y", "--yes"), url: str 
 
 
 # --- export -----------------------------------------------------------------------------------
-def wait_for(c: Any, job_ids: list[str], *, progress: bool = True, poll: float = 1.0,
-             timeout: float | None = None) -> list[dict[str, Any]]:
+def wait_for(
+    c: Any, job_ids: list[str], *, progress: bool = True, poll: float = 1.0, timeout: float | None = None
+) -> list[dict[str, Any]]:
     """Poll jobs until all are finished, with one tqdm bar (bytes) on stderr."""
     from tqdm import tqdm
 
@@ -123,16 +139,20 @@ def wait_for(c: Any, job_ids: list[str], *, progress: bool = True, poll: float =
         bar.close()
 
 
-def export(paths: list[str] = typer.Argument(None, help="tinker:// paths to export"),
-           to: str = typer.Option(..., "--to", help="peft or merged"),
-           base: str = typer.Option(None, "--base", help="registered base model (default: the run's)"),
-           name: str = typer.Option(None, "--name", help="output checkpoint name (single export only)"),
-           run: str = typer.Option(None, "--run", help="batch: every sampler/full-state checkpoint of RUN"),
-           kind: str = typer.Option(None, "--kind", help="batch filter: sampler or training"),
-           pattern: str = typer.Option(None, "--pattern", help="batch filter: glob on names, e.g. 'step-*'"),
-           ttl: int = typer.Option(None, "--ttl", help="TTL of the output checkpoint(s) in seconds"),
-           wait: bool = typer.Option(False, "--wait", help="wait for the job(s), with a progress bar"),
-           url: str = URL_OPTION, api_key: str = KEY_OPTION, fmt: str = FORMAT_OPTION) -> None:
+def export(
+    paths: list[str] = typer.Argument(None, help="tinker:// paths to export"),
+    to: str = typer.Option(..., "--to", help="peft or merged"),
+    base: str = typer.Option(None, "--base", help="registered base model (default: the run's)"),
+    name: str = typer.Option(None, "--name", help="output checkpoint name (single export only)"),
+    run: str = typer.Option(None, "--run", help="batch: every sampler/full-state checkpoint of RUN"),
+    kind: str = typer.Option(None, "--kind", help="batch filter: sampler or training"),
+    pattern: str = typer.Option(None, "--pattern", help="batch filter: glob on names, e.g. 'step-*'"),
+    ttl: int = typer.Option(None, "--ttl", help="TTL of the output checkpoint(s) in seconds"),
+    wait: bool = typer.Option(False, "--wait", help="wait for the job(s), with a progress bar"),
+    url: str = URL_OPTION,
+    api_key: str = KEY_OPTION,
+    fmt: str = FORMAT_OPTION,
+) -> None:
     """Export checkpoints to a PEFT adapter (tinker://RUN/external_weights/NAME) or a merged Hugging
     Face model (tinker://RUN/merged_weights/NAME). The same request twice returns the same job."""
     options = {"ttl_seconds": ttl} if ttl is not None else None
@@ -164,9 +184,14 @@ def export(paths: list[str] = typer.Argument(None, help="tinker:// paths to expo
 
 
 @exports_app.command("ls")
-def exports_ls(state: str = typer.Option(None, "--state"), batch: str = typer.Option(None, "--batch"),
-               limit: int = typer.Option(100, "--limit"), url: str = URL_OPTION, api_key: str = KEY_OPTION,
-               fmt: str = FORMAT_OPTION) -> None:
+def exports_ls(
+    state: str = typer.Option(None, "--state"),
+    batch: str = typer.Option(None, "--batch"),
+    limit: int = typer.Option(100, "--limit"),
+    url: str = URL_OPTION,
+    api_key: str = KEY_OPTION,
+    fmt: str = FORMAT_OPTION,
+) -> None:
     params = {k: v for k, v in {"state": state, "batch_id": batch, "limit": limit}.items() if v is not None}
     with handle_errors(), client(url, api_key) as c:
         rows = c._call("GET", "/v1/exports", params=params)["jobs"]
@@ -181,8 +206,20 @@ def exports_show(job_id: str, url: str = URL_OPTION, api_key: str = KEY_OPTION, 
     if fmt == "json":
         emit(row, fmt)
         return
-    for k in ("job_id", "state", "source", "target", "base_model", "output_path", "result", "progress_bytes",
-              "total_bytes", "attempts", "created_at", "finished_at"):
+    for k in (
+        "job_id",
+        "state",
+        "source",
+        "target",
+        "base_model",
+        "output_path",
+        "result",
+        "progress_bytes",
+        "total_bytes",
+        "attempts",
+        "created_at",
+        "finished_at",
+    ):
         typer.echo(f"{k:16} {row.get(k) if row.get(k) is not None else '-'}")
     if row.get("error"):
         typer.echo(f"{'error':16} [{row['error'].get('code')}] {row['error'].get('message')}")
@@ -204,8 +241,10 @@ def exports_cancel(job_id: str, url: str = URL_OPTION, api_key: str = KEY_OPTION
 
 
 # --- worker & local conversion ----------------------------------------------------------------
-def worker(poll: float = typer.Option(2.0, "--poll", help="seconds between polls when idle"),
-           owner: str = typer.Option(None, "--owner", help="lease owner name (default host:random)")) -> None:
+def worker(
+    poll: float = typer.Option(2.0, "--poll", help="seconds between polls when idle"),
+    owner: str = typer.Option(None, "--owner", help="lease owner name (default host:random)"),
+) -> None:
     """Run a standalone export worker against the configured catalog and S3 store
     (WEIGHTSTORE_DATABASE_URL, WEIGHTSTORE_S3_*); any number may run on any number of machines."""
     import signal
@@ -216,8 +255,10 @@ def worker(poll: float = typer.Option(2.0, "--poll", help="seconds between polls
 
     settings = Settings()
     if settings.s3_endpoint_url is None or settings.database_url is None:
-        err("a standalone worker needs WEIGHTSTORE_DATABASE_URL and WEIGHTSTORE_S3_ENDPOINT_URL "
-            "(the embedded `weightstore serve` runs its own worker)")
+        err(
+            "a standalone worker needs WEIGHTSTORE_DATABASE_URL and WEIGHTSTORE_S3_ENDPOINT_URL "
+            "(the embedded `weightstore serve` runs its own worker)"
+        )
         raise typer.Exit(2)
     running = bootstrap.start(settings, migrate=False)
     stop = threading.Event()
@@ -230,11 +271,14 @@ def worker(poll: float = typer.Option(2.0, "--poll", help="seconds between polls
         running.close()
 
 
-def convert(out: Path = typer.Argument(..., help="output directory (must not exist or be empty)"),
-            adapter: Path = typer.Option(..., "--adapter", exists=True, file_okay=False),
-            base: Path = typer.Option(..., "--base", exists=True, file_okay=False),
-            to: str = typer.Option(..., "--to", help="peft or merged"),
-            shard_bytes: int = typer.Option(None, "--shard-bytes"), fmt: str = FORMAT_OPTION) -> None:
+def convert(
+    out: Path = typer.Argument(..., help="output directory (must not exist or be empty)"),
+    adapter: Path = typer.Option(..., "--adapter", exists=True, file_okay=False),
+    base: Path = typer.Option(..., "--base", exists=True, file_okay=False),
+    to: str = typer.Option(..., "--to", help="peft or merged"),
+    shard_bytes: int = typer.Option(None, "--shard-bytes"),
+    fmt: str = FORMAT_OPTION,
+) -> None:
     """Convert a local Tinker adapter directory with a local base model directory, no server needed."""
     from weightstore.exportjobs import convert as run_convert
 

@@ -26,9 +26,12 @@ from weightstore.cli._common import FORMAT_OPTION, emit, err
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LEASE_HELD, EXIT_LEASE_LOST, EXIT_FINDINGS = 0, 1, 2, 3, 4, 5
 
-gc_app = typer.Typer(help="Garbage collector: expire, mark, sweep, orphans, verify (exit codes: see `gc --help`).",
-                     no_args_is_help=True, epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 lease held elsewhere, "
-                     "4 lease lost mid-run, 5 findings (verify failed or run stopped fail-closed).")
+gc_app = typer.Typer(
+    help="Garbage collector: expire, mark, sweep, orphans, verify (exit codes: see `gc --help`).",
+    no_args_is_help=True,
+    epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 lease held elsewhere, "
+    "4 lease lost mid-run, 5 findings (verify failed or run stopped fail-closed).",
+)
 DRY_RUN = typer.Option(False, "--dry-run", help="Print the plan and its statistics; change nothing.")
 
 
@@ -111,8 +114,9 @@ gc_app.command("orphans")(_phase_command(["orphans"], "Close expired uploads; de
 
 
 @gc_app.command("verify")
-def verify_cmd(hash_sample: int = typer.Option(0, "--hash-sample", help="Re-hash this many referenced blobs."),
-               fmt: str = FORMAT_OPTION) -> None:
+def verify_cmd(
+    hash_sample: int = typer.Option(0, "--hash-sample", help="Re-hash this many referenced blobs."), fmt: str = FORMAT_OPTION
+) -> None:
     """Check every storage invariant; exit 5 if anything is wrong."""
     from weightstore_gc import verify
 
@@ -142,22 +146,48 @@ def status_cmd(limit: int = typer.Option(10, "--limit"), fmt: str = FORMAT_OPTIO
         held = lease.current(ctx.engine)
         runs = list_runs(ctx, limit=limit)
         now = ctx.clock.now()
-    lease_row = None if held is None else {"owner": held.owner, "token": held.token,
-                                           "heartbeat_at": held.heartbeat_at, "expires_at": held.expires_at,
-                                           "active": held.expires_at > now}
-    rows = [{"run_id": r.id, "phases": r.phases, "dry_run": r.dry_run, "state": r.state, "started_at": r.started_at,
-             "duration_s": (r.stats or {}).get("duration_seconds"), "findings": len(r.findings or [])} for r in runs]
+    lease_row = (
+        None
+        if held is None
+        else {
+            "owner": held.owner,
+            "token": held.token,
+            "heartbeat_at": held.heartbeat_at,
+            "expires_at": held.expires_at,
+            "active": held.expires_at > now,
+        }
+    )
+    rows = [
+        {
+            "run_id": r.id,
+            "phases": r.phases,
+            "dry_run": r.dry_run,
+            "state": r.state,
+            "started_at": r.started_at,
+            "duration_s": (r.stats or {}).get("duration_seconds"),
+            "findings": len(r.findings or []),
+        }
+        for r in runs
+    ]
     if fmt == "json":
         emit({"lease": lease_row, "runs": rows}, "json")
         return
-    typer.echo("lease: " + ("free" if not lease_row or not lease_row["active"]
-                            else f"held by {lease_row['owner']} until {lease_row['expires_at'].isoformat()}"))
+    typer.echo(
+        "lease: "
+        + (
+            "free"
+            if not lease_row or not lease_row["active"]
+            else f"held by {lease_row['owner']} until {lease_row['expires_at'].isoformat()}"
+        )
+    )
     emit(rows, fmt, ["run_id", "phases", "dry_run", "state", "started_at", "duration_s", "findings"])
 
 
 @gc_app.command("worker")
-def worker_cmd(metrics_port: int = typer.Option(0, "--metrics-port", help="Serve Prometheus metrics on this port (0: off)."),
-               first_delay: float = typer.Option(0, "--first-delay", help="Seconds before the first run.")) -> None:
+def worker_cmd(
+    metrics_port: int = typer.Option(0, "--metrics-port", help="Serve Prometheus metrics on this port (0: off)."),
+    first_delay: float = typer.Option(0, "--first-delay", help="Seconds before the first run."),
+) -> None:
     """Standalone collector loop (production): runs every WEIGHTSTORE_GC_INTERVAL_SECONDS under the lease."""
     import logging
 
@@ -175,10 +205,12 @@ def worker_cmd(metrics_port: int = typer.Option(0, "--metrics-port", help="Serve
 
 
 @gc_app.command("default-ttl")
-def default_ttl_cmd(tenant: str = typer.Argument(..., help="Tenant name or id."),
-                    training: int = typer.Option(None, "--training", help="Seconds; 0 removes the default."),
-                    sampler: int = typer.Option(None, "--sampler", help="Seconds; 0 removes the default."),
-                    fmt: str = FORMAT_OPTION) -> None:
+def default_ttl_cmd(
+    tenant: str = typer.Argument(..., help="Tenant name or id."),
+    training: int = typer.Option(None, "--training", help="Seconds; 0 removes the default."),
+    sampler: int = typer.Option(None, "--sampler", help="Seconds; 0 removes the default."),
+    fmt: str = FORMAT_OPTION,
+) -> None:
     """Show or set a tenant's default TTL per kind (applied to new uploads without a ttl)."""
     from weightstore_gc.tenant_ttl import set_default_ttl
 
@@ -188,8 +220,11 @@ def default_ttl_cmd(tenant: str = typer.Argument(..., help="Tenant name or id.")
 
             with session_scope(ctx.engine) as s:
                 t = set_default_ttl(s, tenant, settings=ctx.settings, training=training, sampler=sampler)
-                row = {"tenant": t.name, "training_seconds": t.default_ttl_training_seconds,
-                       "sampler_seconds": t.default_ttl_sampler_seconds}
+                row = {
+                    "tenant": t.name,
+                    "training_seconds": t.default_ttl_training_seconds,
+                    "sampler_seconds": t.default_ttl_sampler_seconds,
+                }
     except Exception as exc:  # noqa: BLE001 - one line on stderr
         err(f"gc default-ttl: error: {exc}")
         raise typer.Exit(EXIT_ERROR) from None

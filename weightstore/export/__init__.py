@@ -109,20 +109,21 @@ def _staging(out_dir: Path) -> Iterator[Path]:
         raise
 
 
-def _resolve_plan(plan: ExportPlan | None, to: ExportTarget, adapter_dir: str | Path, base_dir: str | Path,
-                  **plan_kw: object) -> ExportPlan:
+def _resolve_plan(
+    plan: ExportPlan | None, to: ExportTarget, adapter_dir: str | Path, base_dir: str | Path, **plan_kw: object
+) -> ExportPlan:
     if plan is None:
         return plan_export(adapter_dir, base_dir, to=to, **plan_kw)  # type: ignore[arg-type]
     if plan.to != to:
         raise InvalidRequest(f"this plan exports to {plan.to}, not {to}")
-    if (Path(adapter_dir).resolve(), Path(base_dir).resolve()) != (plan.adapter.root.resolve(),
-                                                                  plan.base.root.resolve()):
+    if (Path(adapter_dir).resolve(), Path(base_dir).resolve()) != (plan.adapter.root.resolve(), plan.base.root.resolve()):
         raise InvalidRequest("the plan was made for other input directories")
     return plan
 
 
-def _run(plan: ExportPlan, out_dir: str | Path, progress: Progress | None, verify_options: VerifyOptions,
-         workers: int | None = None) -> ExportResult:
+def _run(
+    plan: ExportPlan, out_dir: str | Path, progress: Progress | None, verify_options: VerifyOptions, workers: int | None = None
+) -> ExportResult:
     started = time.perf_counter()
     out = Path(out_dir)
     with _staging(out) as tmp:
@@ -136,22 +137,41 @@ def _run(plan: ExportPlan, out_dir: str | Path, progress: Progress | None, verif
             raise
         except OSError as exc:
             raise ExportFailed(f"writing the {plan.to} export failed: {exc}") from exc
-        report = verify(plan, tmp, deltas, samples=verify_options.samples,
-                        forward_max_bytes=verify_options.forward_max_bytes,
-                        rounding_warn_fraction=verify_options.rounding_warn_fraction)
+        report = verify(
+            plan,
+            tmp,
+            deltas,
+            samples=verify_options.samples,
+            forward_max_bytes=verify_options.forward_max_bytes,
+            rounding_warn_fraction=verify_options.rounding_warn_fraction,
+        )
         files = tuple(OutputFile(p.name, p.stat().st_size) for p in sorted(tmp.iterdir()) if p.is_file())
     return ExportResult(
-        to=plan.to, family=plan.family, out_dir=out, files=files, bytes_written=sum(f.size for f in files),
-        seconds=time.perf_counter() - started, write_seconds=write_seconds, plan=plan.summary(),
+        to=plan.to,
+        family=plan.family,
+        out_dir=out,
+        files=files,
+        bytes_written=sum(f.size for f in files),
+        seconds=time.perf_counter() - started,
+        write_seconds=write_seconds,
+        plan=plan.summary(),
         verification=report,
     )
 
 
-def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, *,
-                  shard_size: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None,
-                  base_sha256: Mapping[str, str] | None = None, adapter_sha256: Mapping[str, str] | None = None,
-                  verify_options: VerifyOptions = VerifyOptions(), plan: ExportPlan | None = None,
-                  workers: int | None = None) -> ExportResult:
+def export_merged(
+    adapter_dir: str | Path,
+    base_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    shard_size: int = DEFAULT_SHARD_BYTES,
+    progress: Progress | None = None,
+    base_sha256: Mapping[str, str] | None = None,
+    adapter_sha256: Mapping[str, str] | None = None,
+    verify_options: VerifyOptions = VerifyOptions(),
+    plan: ExportPlan | None = None,
+    workers: int | None = None,
+) -> ExportResult:
     """Fold the adapter into the base: ``W' = W + (lora_alpha / r) * B @ A`` (fp32), written in the base dtype.
 
     ``out_dir`` must not exist. Output: safetensors shards of at most ``shard_size`` bytes (one
@@ -163,31 +183,57 @@ def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | 
     threads (default: one per core, at most 4); while they run, torch's intra-op thread pool is set
     to one thread (restored afterwards). ``plan`` reuses a plan from :func:`plan_export`.
     """
-    plan = _resolve_plan(plan, "merged", adapter_dir, base_dir, shard_size=shard_size, base_sha256=base_sha256,
-                         adapter_sha256=adapter_sha256)
+    plan = _resolve_plan(
+        plan, "merged", adapter_dir, base_dir, shard_size=shard_size, base_sha256=base_sha256, adapter_sha256=adapter_sha256
+    )
     return _run(plan, out_dir, progress, verify_options, workers)
 
 
-def export_peft(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, *,
-                base_model_name: str | None = None, progress: Progress | None = None,
-                base_sha256: Mapping[str, str] | None = None, adapter_sha256: Mapping[str, str] | None = None,
-                verify_options: VerifyOptions = VerifyOptions(), plan: ExportPlan | None = None) -> ExportResult:
+def export_peft(
+    adapter_dir: str | Path,
+    base_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base_model_name: str | None = None,
+    progress: Progress | None = None,
+    base_sha256: Mapping[str, str] | None = None,
+    adapter_sha256: Mapping[str, str] | None = None,
+    verify_options: VerifyOptions = VerifyOptions(),
+    plan: ExportPlan | None = None,
+) -> ExportResult:
     """Rewrite the adapter as a PEFT LoRA adapter that ``PeftModel.from_pretrained`` loads onto the base.
 
     ``base_model_name`` goes into ``base_model_name_or_path`` (default: the Tinker config's value,
     else the base directory's name). The base model is read header-only (names and shapes), except
     by the forward-pass check.
     """
-    plan = _resolve_plan(plan, "peft", adapter_dir, base_dir, base_model_name=base_model_name,
-                         base_sha256=base_sha256, adapter_sha256=adapter_sha256)
+    plan = _resolve_plan(
+        plan,
+        "peft",
+        adapter_dir,
+        base_dir,
+        base_model_name=base_model_name,
+        base_sha256=base_sha256,
+        adapter_sha256=adapter_sha256,
+    )
     return _run(plan, out_dir, progress, verify_options)
 
 
-def verify_export(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, *, to: ExportTarget,
-                  verify_options: VerifyOptions = VerifyOptions()) -> VerificationReport:
+def verify_export(
+    adapter_dir: str | Path,
+    base_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    to: ExportTarget,
+    verify_options: VerifyOptions = VerifyOptions(),
+) -> VerificationReport:
     """Re-run verification on an existing export (raises ``VerificationFailed`` when it does not pass)."""
     plan = plan_export(adapter_dir, base_dir, to=to)
-    return verify(plan, Path(out_dir), None, samples=verify_options.samples,
-                  forward_max_bytes=verify_options.forward_max_bytes,
-                  rounding_warn_fraction=verify_options.rounding_warn_fraction)
-
+    return verify(
+        plan,
+        Path(out_dir),
+        None,
+        samples=verify_options.samples,
+        forward_max_bytes=verify_options.forward_max_bytes,
+        rounding_warn_fraction=verify_options.rounding_warn_fraction,
+    )

@@ -125,12 +125,16 @@ def open_base(base_dir: Path, *, expected_sha256: Mapping[str, str] | None = Non
         shard_tensors, _ = read_header(root / shard)
         for name, info in shard_tensors.items():
             if name in tensors:
-                raise InvalidFormat(f"base model: tensor {name} appears in both {tensors[name].file.name} and {shard}",
-                                    tensor=name)
+                raise InvalidFormat(
+                    f"base model: tensor {name} appears in both {tensors[name].file.name} and {shard}", tensor=name
+                )
             if weight_map is not None and weight_map.get(name) != shard:
                 raise InvalidFormat(
                     f"base model: shard {shard} holds {name}, which {INDEX_FILE} places in "
-                    f"{weight_map.get(name, 'no shard')} (corrupt shard or stale index)", tensor=name, shard=shard)
+                    f"{weight_map.get(name, 'no shard')} (corrupt shard or stale index)",
+                    tensor=name,
+                    shard=shard,
+                )
             tensors[name] = info
     if weight_map is not None:
         absent = sorted(set(weight_map) - set(tensors))
@@ -138,13 +142,19 @@ def open_base(base_dir: Path, *, expected_sha256: Mapping[str, str] | None = Non
             raise InvalidFormat(
                 f"base model: {len(absent)} tensor(s) listed in {INDEX_FILE} are not in their shards "
                 f"(first: {absent[0]} in {weight_map[absent[0]]}; corrupt shard or stale index)",
-                tensors=absent[:20])
+                tensors=absent[:20],
+            )
 
-    aux = tuple(sorted(
-        p.name for p in root.iterdir()
-        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(_WEIGHT_SUFFIXES)
-        and not _WEIGHT_INDEXES.match(p.name)
-    ))
+    aux = tuple(
+        sorted(
+            p.name
+            for p in root.iterdir()
+            if p.is_file()
+            and not p.name.startswith(".")
+            and not p.name.endswith(_WEIGHT_SUFFIXES)
+            and not _WEIGHT_INDEXES.match(p.name)
+        )
+    )
     return BaseCheckpoint(root=root, config=config, tensors=tensors, shard_files=shard_files, aux_files=aux)
 
 
@@ -200,8 +210,9 @@ def open_adapter(adapter_dir: Path, *, expected_sha256: Mapping[str, str] | None
         raise InvalidRequest(f"adapter directory {root} does not exist", path=str(root))
     weights = root / ADAPTER_WEIGHTS
     if not weights.is_file():
-        raise InvalidFormat(f"adapter: {ADAPTER_WEIGHTS} is missing (only safetensors adapters are supported)",
-                            file=ADAPTER_WEIGHTS)
+        raise InvalidFormat(
+            f"adapter: {ADAPTER_WEIGHTS} is missing (only safetensors adapters are supported)", file=ADAPTER_WEIGHTS
+        )
     if expected_sha256 is not None:
         check_sha256(root, [ADAPTER_CONFIG, ADAPTER_WEIGHTS], expected_sha256, what="adapter")
     config = _load_json(root / ADAPTER_CONFIG, what="adapter")
@@ -220,7 +231,8 @@ def open_adapter(adapter_dir: Path, *, expected_sha256: Mapping[str, str] | None
         m = _LORA_KEY.match(key)
         if m is None or not key.startswith(TINKER_PREFIX):
             raise InvalidFormat(
-                f"adapter: unexpected key {key!r} (expected {TINKER_PREFIX}<module>.lora_A|lora_B.weight)", key=key)
+                f"adapter: unexpected key {key!r} (expected {TINKER_PREFIX}<module>.lora_A|lora_B.weight)", key=key
+            )
         module = m["module"].removeprefix(TINKER_PREFIX)
         halves.setdefault(module, {})[m["half"]] = info
     modules: dict[str, LoraModule] = {}
@@ -235,18 +247,15 @@ def open_adapter(adapter_dir: Path, *, expected_sha256: Mapping[str, str] | None
             continue
         a, b = module.a.shape, module.b.shape
         if len(a) not in (2, 3) or len(b) != len(a):
-            raise InvalidFormat(f"adapter: module {path} has lora_A {a} and lora_B {b}; expected 2-D or 3-D pairs",
-                                module=path)
+            raise InvalidFormat(f"adapter: module {path} has lora_A {a} and lora_B {b}; expected 2-D or 3-D pairs", module=path)
         if a[-2] != rank or b[-1] != rank:
-            raise InvalidFormat(
-                f"adapter: module {path} has lora_A {a} and lora_B {b}, inconsistent with r={rank}", module=path)
+            raise InvalidFormat(f"adapter: module {path} has lora_A {a} and lora_B {b}, inconsistent with r={rank}", module=path)
         for info in (module.a, module.b):
             _ = info.torch_dtype  # raises InvalidFormat for non-float factors
         modules[path] = module
     if not modules:
         raise InvalidFormat("adapter: no LoRA weights found", file=ADAPTER_WEIGHTS)
-    return TinkerAdapter(root=root, weights_file=weights, config=config, rank=rank, alpha=float(alpha),
-                         modules=modules)
+    return TinkerAdapter(root=root, weights_file=weights, config=config, rank=rank, alpha=float(alpha), modules=modules)
 
 
 class FactorReader:

@@ -65,30 +65,31 @@ class GptOssProfile(FamilyProfile):
         source = base.tensors.get(name)
         if source is None:
             hint = " (MXFP4-quantised bases must be dequantised first)" if f"{name}_blocks" in base.tensors else ""
-            raise InvalidRequest(f"adapter module {module.path}: base model lacks {name}{hint}",
-                                 module=module.path, target=name)
+            raise InvalidRequest(f"adapter module {module.path}: base model lacks {name}{hint}", module=module.path, target=name)
         if source.shape != expected:
-            raise InvalidRequest(f"adapter module {module.path}: {name} is {source.shape}, expected {expected}",
-                                 module=module.path, target=name)
+            raise InvalidRequest(
+                f"adapter module {module.path}: {name} is {source.shape}, expected {expected}", module=module.path, target=name
+            )
         return source, rows
 
-    def expert_merge_ops(self, module: LoraModule, block: str, kind: str,
-                         base: BaseCheckpoint) -> list[MergeTarget]:
+    def expert_merge_ops(self, module: LoraModule, block: str, kind: str, base: BaseCheckpoint) -> list[MergeTarget]:
         source, rows = self._target(module, block, kind, base)
         refs = broadcast_experts(module, config_experts(base))
-        return [MergeTarget(source.name, source, MergeOp(module.path, a, b, e, True, rows))
-                for e, (a, b) in enumerate(refs)]
+        return [MergeTarget(source.name, source, MergeOp(module.path, a, b, e, True, rows)) for e, (a, b) in enumerate(refs)]
 
-    def expert_peft(self, layout: PeftLayout, block: str, kinds: Mapping[str, LoraModule],
-                    adapter: TinkerAdapter, base: BaseCheckpoint) -> None:
+    def expert_peft(
+        self, layout: PeftLayout, block: str, kinds: Mapping[str, LoraModule], adapter: TinkerAdapter, base: BaseCheckpoint
+    ) -> None:
         num_experts, r = config_experts(base), adapter.rank
         for kind, module in kinds.items():
             self._target(module, block, kind, base)  # same shape checks as the merge
         # target_parameters applies to every layer, so the targeted set (and hence the nesting) is
         # decided from the whole adapter, not from this block alone.
-        kinds_everywhere = {self.expert_parts(self.hf_module(p))[1]  # type: ignore[index]
-                            for p in adapter.modules
-                            if self.expert_parts(self.hf_module(p)) is not None}
+        kinds_everywhere = {
+            self.expert_parts(self.hf_module(p))[1]  # type: ignore[index]
+            for p in adapter.modules
+            if self.expert_parts(self.hf_module(p)) is not None
+        }
         has_gate_up = bool(kinds_everywhere & {"w1", "w3"})
         has_down = "w2" in kinds_everywhere
         prefix = f"{TINKER_PREFIX}{block}"
@@ -104,13 +105,16 @@ class GptOssProfile(FamilyProfile):
                     continue  # the other half of the block-diagonal LoRA stays zero
                 for e, (a, b) in enumerate(broadcast_experts(half, num_experts)):
                     a_blocks.append(PeftBlock(a, Rows(e * rank + j0, 1, r), Rows.all(hidden)))
-                    b_blocks.append(PeftBlock(b, Rows(INTERLEAVE_OFFSET[kind], 2, two_ffn // 2),
-                                              Rows(j0 * num_experts + e, num_experts, r)))
+                    b_blocks.append(
+                        PeftBlock(b, Rows(INTERLEAVE_OFFSET[kind], 2, two_ffn // 2), Rows(j0 * num_experts + e, num_experts, r))
+                    )
             dtype = next(iter(kinds.values())).a.dtype if kinds else "F32"
-            layout.tensors.append(PeftTensorSpec(f"{gate_up}.lora_A.weight", dtype, (rank * num_experts, hidden),
-                                                 tuple(a_blocks)))
-            layout.tensors.append(PeftTensorSpec(f"{gate_up}.lora_B.weight", dtype, (two_ffn, rank * num_experts),
-                                                 tuple(b_blocks)))
+            layout.tensors.append(
+                PeftTensorSpec(f"{gate_up}.lora_A.weight", dtype, (rank * num_experts, hidden), tuple(a_blocks))
+            )
+            layout.tensors.append(
+                PeftTensorSpec(f"{gate_up}.lora_B.weight", dtype, (two_ffn, rank * num_experts), tuple(b_blocks))
+            )
             layout.rank_pattern[GATE_UP] = rank
             layout.alpha_pattern[GATE_UP] = 2 * adapter.alpha
             if f"mlp.experts.{GATE_UP}" not in layout.target_parameters:
@@ -124,15 +128,14 @@ class GptOssProfile(FamilyProfile):
                     a_blocks.append(PeftBlock(a, Rows(e * r, 1, r), Rows.all(ffn)))
                     b_blocks.append(PeftBlock(b, Rows.all(hidden), Rows(e, num_experts, r)))
             dtype = w2.a.dtype if w2 is not None else "F32"
-            layout.tensors.append(PeftTensorSpec(f"{prefix}.lora_A.weight", dtype, (r * num_experts, ffn),
-                                                 tuple(a_blocks)))
-            layout.tensors.append(PeftTensorSpec(f"{prefix}.lora_B.weight", dtype, (hidden, r * num_experts),
-                                                 tuple(b_blocks)))
+            layout.tensors.append(PeftTensorSpec(f"{prefix}.lora_A.weight", dtype, (r * num_experts, ffn), tuple(a_blocks)))
+            layout.tensors.append(PeftTensorSpec(f"{prefix}.lora_B.weight", dtype, (hidden, r * num_experts), tuple(b_blocks)))
             if f"mlp.experts.{DOWN}" not in layout.target_parameters:
                 layout.target_parameters.append(f"mlp.experts.{DOWN}")
 
-    def expert_reference(self, model: nn.Module, block: str, kind: str, a: torch.Tensor, b: torch.Tensor,
-                         *, scale: float, cast: torch.dtype | None) -> None:
+    def expert_reference(
+        self, model: nn.Module, block: str, kind: str, a: torch.Tensor, b: torch.Tensor, *, scale: float, cast: torch.dtype | None
+    ) -> None:
         # transformers' GptOssExperts: `gate_up = x @ gate_up_proj[e]`, gate = gate_up[..., ::2],
         # up = gate_up[..., 1::2]; `out = h @ down_proj[e]`. Weights are (in, out), so the
         # (out, in) LoRA delta goes in transposed. Written against that module, not the merge ops.

@@ -123,8 +123,15 @@ class _Accumulator:
 
 def _dense_fast_path(t: MergedTensor) -> bool:
     op = t.ops[0] if len(t.ops) == 1 else None
-    return (op is not None and op.expert is None and not op.transposed and op.rows.step == 1
-            and op.rows.start == 0 and op.rows.count == t.source.shape[0] and len(t.source.shape) == 2)
+    return (
+        op is not None
+        and op.expert is None
+        and not op.transposed
+        and op.rows.step == 1
+        and op.rows.start == 0
+        and op.rows.count == t.source.shape[0]
+        and len(t.source.shape) == 2
+    )
 
 
 # What a task reports back: data bytes written, and rounding statistics for adapted blocks.
@@ -133,14 +140,23 @@ TaskResult = tuple[int, _BlockStats | None]
 COPY_CHUNK = 64 << 20
 
 
-def _copy_task(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int,
-               ws: _Workspace | None) -> TaskResult:
+def _copy_task(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int, ws: _Workspace | None) -> TaskResult:
     _safetensors.copy_range(src_fd, src_offset, dst_fd, dst_offset, count)
     return count, None
 
 
-def _dense_block(fd: int, info: TensorInfo, r0: int, n: int, a: torch.Tensor, b: torch.Tensor, scale: float,
-                 dst_fd: int, dst_offset: int, ws: _Workspace | None) -> TaskResult:
+def _dense_block(
+    fd: int,
+    info: TensorInfo,
+    r0: int,
+    n: int,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    dst_fd: int,
+    dst_offset: int,
+    ws: _Workspace | None,
+) -> TaskResult:
     """Rows ``r0:r0+n`` of a dense tensor: read, ``W + scale * B[rows] @ A`` in fp32, cast back, write."""
     assert ws is not None
     dtype = info.torch_dtype
@@ -157,8 +173,16 @@ def _dense_block(fd: int, info: TensorInfo, r0: int, n: int, a: torch.Tensor, b:
     return pwrite_all(dst_fd, written, dst_offset + r0 * row_bytes), stats
 
 
-def _slab_block(fd: int, info: TensorInfo, slab: int, ops: list[tuple[MergeOp, torch.Tensor, torch.Tensor]],
-                scale: float, dst_fd: int, dst_offset: int, ws: _Workspace | None) -> TaskResult:
+def _slab_block(
+    fd: int,
+    info: TensorInfo,
+    slab: int,
+    ops: list[tuple[MergeOp, torch.Tensor, torch.Tensor]],
+    scale: float,
+    dst_fd: int,
+    dst_offset: int,
+    ws: _Workspace | None,
+) -> TaskResult:
     """One 2-D slab (a whole 2-D tensor, or one expert of a 3-D one) with its ops, possibly transposed."""
     assert ws is not None
     dtype = info.torch_dtype
@@ -263,8 +287,14 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _tasks(plan: ExportPlan, writers: dict[str, ShardWriter], fds: FdCache, factors: FactorReader,
-           accs: list[_Accumulator], tensors: list[MergedTensor]) -> Iterator[_Task]:
+def _tasks(
+    plan: ExportPlan,
+    writers: dict[str, ShardWriter],
+    fds: FdCache,
+    factors: FactorReader,
+    accs: list[_Accumulator],
+    tensors: list[MergedTensor],
+) -> Iterator[_Task]:
     """Every task of the export, shard by shard and tensor by tensor (runs on the calling thread)."""
     by_name = {t.name: t for t in plan.merged}
     scale = plan.scale
@@ -286,8 +316,10 @@ def _tasks(plan: ExportPlan, writers: dict[str, ShardWriter], fds: FdCache, fact
                 a, b = factors.fp32(op.a), factors.fp32(op.b)
                 accs[index].add_op(a, b, scale)
                 rows = max(1, BLOCK_ELEMENTS // max(info.shape[1], 1))
-                runs = [(partial(_dense_block, src_fd, info, r0, min(rows, info.shape[0] - r0), a, b, scale,
-                                 writer.fd, dst), True) for r0 in range(0, info.shape[0], rows)]
+                runs = [
+                    (partial(_dense_block, src_fd, info, r0, min(rows, info.shape[0] - r0), a, b, scale, writer.fd, dst), True)
+                    for r0 in range(0, info.shape[0], rows)
+                ]
             else:
                 by_slab: dict[int, list[tuple[MergeOp, torch.Tensor, torch.Tensor]]] = {}
                 for op in t.ops:  # factors are read here, on the calling thread
@@ -295,15 +327,15 @@ def _tasks(plan: ExportPlan, writers: dict[str, ShardWriter], fds: FdCache, fact
                     accs[index].add_op(a, b, scale)
                     by_slab.setdefault(0 if op.expert is None else op.expert, []).append((op, a, b))
                 slabs = 1 if len(info.shape) == 2 else info.shape[0]
-                runs = [(partial(_slab_block, src_fd, info, s, by_slab.get(s, []), scale, writer.fd, dst), True)
-                        for s in range(slabs)]
+                runs = [
+                    (partial(_slab_block, src_fd, info, s, by_slab.get(s, []), scale, writer.fd, dst), True) for s in range(slabs)
+                ]
             factors.clear()
             for i, (run, needs_ws) in enumerate(runs):
                 yield _Task(run, needs_ws, writer, index, i == len(runs) - 1)
 
 
-def write_merged(plan: ExportPlan, out: Path, progress: Progress | None = None,
-                 workers: int | None = None) -> list[TensorDelta]:
+def write_merged(plan: ExportPlan, out: Path, progress: Progress | None = None, workers: int | None = None) -> list[TensorDelta]:
     """Write the merged model described by ``plan`` into the (empty, existing) directory ``out``."""
     workers = workers or default_workers()
     writers: dict[str, ShardWriter] = {}

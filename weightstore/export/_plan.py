@@ -134,8 +134,7 @@ def _view_shape(target: TensorInfo, op: MergeOp) -> tuple[int, int]:
         view = shape
     else:
         if len(shape) != 3 or not 0 <= op.expert < shape[0]:
-            raise InvalidRequest(f"{op.module}: expert {op.expert} does not exist in {target.name} {shape}",
-                                 module=op.module)
+            raise InvalidRequest(f"{op.module}: expert {op.expert} does not exist in {target.name} {shape}", module=op.module)
         view = shape[1:]
     out_dim, in_dim = (view[1], view[0]) if op.transposed else (view[0], view[1])
     return out_dim, in_dim
@@ -166,8 +165,9 @@ def _overlap(a: Rows, b: Rows) -> bool:
     return bool(set(a.indices()) & set(b.indices()))
 
 
-def check_merge_ops(name: str, source: TensorInfo, ops: list[MergeOp] | tuple[MergeOp, ...],
-                    shapes: Mapping[str, tuple[int, ...]]) -> None:
+def check_merge_ops(
+    name: str, source: TensorInfo, ops: list[MergeOp] | tuple[MergeOp, ...], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
     """Every op fits the target's view, and ops on the same view never write the same rows."""
     _ = source.torch_dtype  # refuses integer/fp8 targets before any work
     by_unit: dict[int | None, list[MergeOp]] = {}
@@ -177,13 +177,16 @@ def check_merge_ops(name: str, source: TensorInfo, ops: list[MergeOp] | tuple[Me
         b_shape = _factor_shape(shapes, op.b.key, op.b.index)
         if op.rows.stop > out_dim or a_shape[1] != in_dim or b_shape[0] != op.rows.count:
             raise InvalidRequest(
-                f"{op.module}: delta {b_shape[0]}x{a_shape[1]} does not fit rows {op.rows} of {name} "
-                f"(view {out_dim}x{in_dim})", module=op.module, target=name)
+                f"{op.module}: delta {b_shape[0]}x{a_shape[1]} does not fit rows {op.rows} of {name} (view {out_dim}x{in_dim})",
+                module=op.module,
+                target=name,
+            )
         for other in by_unit.get(op.expert, ()):
             if _overlap(op.rows, other.rows):
                 where = "" if op.expert is None else f" expert {op.expert}"
-                raise InvalidRequest(f"{op.module} and {other.module} write the same rows of {name}{where}",
-                                     module=op.module, target=name)
+                raise InvalidRequest(
+                    f"{op.module} and {other.module} write the same rows of {name}{where}", module=op.module, target=name
+                )
         by_unit.setdefault(op.expert, []).append(op)
 
 
@@ -203,12 +206,17 @@ def assign_shards(entries: list[OutEntry], shard_bytes: int) -> tuple[OutputShar
 
 
 def _unused_keys(adapter: TinkerAdapter, used: set[str]) -> list[str]:
-    return sorted(k for m in adapter.modules.values() if not m.is_empty
-                  for k in (m.a.name, m.b.name) if k not in used)
+    return sorted(k for m in adapter.modules.values() if not m.is_empty for k in (m.a.name, m.b.name) if k not in used)
 
 
-def build_plan(base: BaseCheckpoint, adapter: TinkerAdapter, *, to: ExportTarget,
-               shard_bytes: int = DEFAULT_SHARD_BYTES, base_model_name: str | None = None) -> ExportPlan:
+def build_plan(
+    base: BaseCheckpoint,
+    adapter: TinkerAdapter,
+    *,
+    to: ExportTarget,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    base_model_name: str | None = None,
+) -> ExportPlan:
     """Plan an export of ``adapter`` onto ``base`` (both already opened)."""
     if to not in ("peft", "merged"):
         raise InvalidRequest(f"export target must be 'peft' or 'merged', got {to!r}")
@@ -216,8 +224,9 @@ def build_plan(base: BaseCheckpoint, adapter: TinkerAdapter, *, to: ExportTarget
         raise InvalidRequest("shard size must be positive")
     if base.config.get("quantization_config"):
         method = base.config["quantization_config"].get("quant_method", "?")
-        raise InvalidRequest(f"quantised base models ({method}) are not supported; use a bf16/fp32 checkpoint",
-                             quant_method=str(method))
+        raise InvalidRequest(
+            f"quantised base models ({method}) are not supported; use a bf16/fp32 checkpoint", quant_method=str(method)
+        )
     profile = profile_for(base.config)
     modules = tuple(p for p, m in adapter.modules.items() if not m.is_empty)
     if to == "peft":
@@ -234,8 +243,7 @@ def build_plan(base: BaseCheckpoint, adapter: TinkerAdapter, *, to: ExportTarget
             used.update((mt.op.a.key, mt.op.b.key))
     unused = _unused_keys(adapter, used)
     if unused:
-        raise InvalidRequest(f"adapter keys not used by the {profile.name} mapping: {', '.join(unused[:5])}",
-                             keys=unused[:20])
+        raise InvalidRequest(f"adapter keys not used by the {profile.name} mapping: {', '.join(unused[:5])}", keys=unused[:20])
     shapes = factor_shapes(adapter)
     for name, (source, ops) in by_target.items():
         check_merge_ops(name, source, ops, shapes)
@@ -249,15 +257,21 @@ def build_plan(base: BaseCheckpoint, adapter: TinkerAdapter, *, to: ExportTarget
         if name not in base.tensors:  # an lm_head materialised from a tied base
             tensors.append(MergedTensor(name, source, tuple(ops)))
     return ExportPlan(
-        to="merged", family=profile.name, base=base, adapter=adapter, modules=modules, merged=tuple(tensors),
+        to="merged",
+        family=profile.name,
+        base=base,
+        adapter=adapter,
+        modules=modules,
+        merged=tuple(tensors),
         shards=assign_shards([t.entry for t in tensors], shard_bytes),
         config_overrides={"tie_word_embeddings": False} if untie else {},
         copy_files=base.aux_files,
     )
 
 
-def _plan_peft(base: BaseCheckpoint, adapter: TinkerAdapter, profile: FamilyProfile, modules: tuple[str, ...],
-               base_model_name: str | None) -> ExportPlan:
+def _plan_peft(
+    base: BaseCheckpoint, adapter: TinkerAdapter, profile: FamilyProfile, modules: tuple[str, ...], base_model_name: str | None
+) -> ExportPlan:
     layout = profile.peft_layout(adapter, base)
     counts = Counter(t.name for t in layout.tensors)
     dupes = sorted(n for n, c in counts.items() if c > 1)
@@ -266,14 +280,18 @@ def _plan_peft(base: BaseCheckpoint, adapter: TinkerAdapter, profile: FamilyProf
     used = {b.source.key for t in layout.tensors for b in t.blocks}
     unused = _unused_keys(adapter, used)
     if unused:
-        raise InvalidRequest(f"adapter keys not used by the {profile.name} PEFT mapping: {', '.join(unused[:5])}",
-                             keys=unused[:20])
+        raise InvalidRequest(
+            f"adapter keys not used by the {profile.name} PEFT mapping: {', '.join(unused[:5])}", keys=unused[:20]
+        )
     shapes = factor_shapes(adapter)
     for spec in layout.tensors:
         for block in spec.blocks:
             src = _factor_shape(shapes, block.source.key, block.source.index)
-            if block.rows.stop > spec.shape[0] or block.cols.stop > spec.shape[1] or \
-                    (block.rows.count, block.cols.count) != tuple(src):
+            if (
+                block.rows.stop > spec.shape[0]
+                or block.cols.stop > spec.shape[1]
+                or (block.rows.count, block.cols.count) != tuple(src)
+            ):
                 raise InvalidRequest(f"PEFT block {block} does not fit {spec.name} {spec.shape}", key=spec.name)
     name = base_model_name or adapter.base_model_name or base.root.name
     config: dict[str, Any] = {
@@ -298,17 +316,27 @@ def _plan_peft(base: BaseCheckpoint, adapter: TinkerAdapter, profile: FamilyProf
         config["target_parameters"] = list(layout.target_parameters)
     entries = [OutEntry(t.name, t.dtype, t.shape) for t in sorted(layout.tensors, key=lambda t: t.name)]
     return ExportPlan(
-        to="peft", family=profile.name, base=base, adapter=adapter, modules=modules,
+        to="peft",
+        family=profile.name,
+        base=base,
+        adapter=adapter,
+        modules=modules,
         peft=tuple(sorted(layout.tensors, key=lambda t: t.name)),
         shards=(OutputShard(PEFT_WEIGHTS, tuple(order_for_alignment(entries))),),
         peft_config=config,
     )
 
 
-def plan_export(adapter_dir: str | Path, base_dir: str | Path, *, to: ExportTarget,
-                shard_size: int = DEFAULT_SHARD_BYTES, base_model_name: str | None = None,
-                base_sha256: Mapping[str, str] | None = None,
-                adapter_sha256: Mapping[str, str] | None = None) -> ExportPlan:
+def plan_export(
+    adapter_dir: str | Path,
+    base_dir: str | Path,
+    *,
+    to: ExportTarget,
+    shard_size: int = DEFAULT_SHARD_BYTES,
+    base_model_name: str | None = None,
+    base_sha256: Mapping[str, str] | None = None,
+    adapter_sha256: Mapping[str, str] | None = None,
+) -> ExportPlan:
     """Open both inputs (header-only, hashes checked when given) and plan the export."""
     base = open_base(Path(base_dir), expected_sha256=base_sha256)
     adapter = open_adapter(Path(adapter_dir), expected_sha256=adapter_sha256)

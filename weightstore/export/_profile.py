@@ -76,8 +76,9 @@ class PeftLayout:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
 
-def dense_peft_tensors(hf_module: str, module: LoraModule, *, a: FactorRef | None = None,
-                       b: FactorRef | None = None) -> list[PeftTensorSpec]:
+def dense_peft_tensors(
+    hf_module: str, module: LoraModule, *, a: FactorRef | None = None, b: FactorRef | None = None
+) -> list[PeftTensorSpec]:
     """The two PEFT tensors of a plain ``nn.Linear`` LoRA: the factors copied unscaled."""
     a = a or FactorRef(module.a.name, None)
     b = b or FactorRef(module.b.name, None)
@@ -85,10 +86,18 @@ def dense_peft_tensors(hf_module: str, module: LoraModule, *, a: FactorRef | Non
     b_shape = module.b.shape[-2:]
     prefix = f"{TINKER_PREFIX}{hf_module}"
     return [
-        PeftTensorSpec(f"{prefix}.lora_A.weight", module.a.dtype, (a_shape[0], a_shape[1]),
-                       (PeftBlock(a, Rows.all(a_shape[0]), Rows.all(a_shape[1])),)),
-        PeftTensorSpec(f"{prefix}.lora_B.weight", module.b.dtype, (b_shape[0], b_shape[1]),
-                       (PeftBlock(b, Rows.all(b_shape[0]), Rows.all(b_shape[1])),)),
+        PeftTensorSpec(
+            f"{prefix}.lora_A.weight",
+            module.a.dtype,
+            (a_shape[0], a_shape[1]),
+            (PeftBlock(a, Rows.all(a_shape[0]), Rows.all(a_shape[1])),),
+        ),
+        PeftTensorSpec(
+            f"{prefix}.lora_B.weight",
+            module.b.dtype,
+            (b_shape[0], b_shape[1]),
+            (PeftBlock(b, Rows.all(b_shape[0]), Rows.all(b_shape[1])),),
+        ),
     ]
 
 
@@ -151,44 +160,54 @@ class FamilyProfile:
     def dense_source(self, module: LoraModule, hf: str, base: BaseCheckpoint) -> tuple[str, TensorInfo]:
         """The output tensor a dense module merges into, and the base tensor it starts from."""
         if len(module.a.shape) != 2:
-            raise InvalidRequest(f"adapter module {module.path}: expected 2-D LoRA factors, got lora_A "
-                                 f"{module.a.shape}", module=module.path)
+            raise InvalidRequest(
+                f"adapter module {module.path}: expected 2-D LoRA factors, got lora_A {module.a.shape}", module=module.path
+            )
         if hf.endswith("embed_tokens"):
             # nn.Embedding LoRA has the transposed convention (delta = (B @ A).T); Tinker never
             # trains input embeddings, so an adapter that does is refused rather than guessed at.
-            raise InvalidRequest(f"adapter module {module.path}: LoRA on input embeddings is not supported",
-                                 module=module.path)
+            raise InvalidRequest(f"adapter module {module.path}: LoRA on input embeddings is not supported", module=module.path)
         target = f"{hf}.weight"
         if hf == LM_HEAD and base.ties_embeddings:
             # The merged model gets its own lm_head = embed_tokens + delta; folding the delta into
             # embed_tokens would also change the input embeddings (DESIGN §8).
             source = base.tensors.get(self.embed_key)
             if source is None:
-                raise InvalidRequest(f"adapter trains unembed_tokens but the tied base has no {self.embed_key}",
-                                     module=module.path)
+                raise InvalidRequest(
+                    f"adapter trains unembed_tokens but the tied base has no {self.embed_key}", module=module.path
+                )
         else:
             source = base.tensors.get(target)
             if source is None:
                 raise InvalidRequest(
                     f"adapter module {module.path} targets {target}, which the base model does not have",
-                    module=module.path, target=target)
+                    module=module.path,
+                    target=target,
+                )
         out_dim, in_dim = module.b.shape[0], module.a.shape[1]
         if source.shape != (out_dim, in_dim):
             raise InvalidRequest(
                 f"adapter module {module.path}: delta shape {(out_dim, in_dim)} does not match base tensor "
-                f"{source.name} {source.shape}", module=module.path, target=target)
+                f"{source.name} {source.shape}",
+                module=module.path,
+                target=target,
+            )
         return target, source
 
     def dense_merge_op(self, module: LoraModule, hf: str, base: BaseCheckpoint) -> MergeTarget:
         target, source = self.dense_source(module, hf, base)
-        op = MergeOp(module=module.path, a=FactorRef(module.a.name, None), b=FactorRef(module.b.name, None),
-                     expert=None, transposed=False, rows=Rows.all(source.shape[0]))
+        op = MergeOp(
+            module=module.path,
+            a=FactorRef(module.a.name, None),
+            b=FactorRef(module.b.name, None),
+            expert=None,
+            transposed=False,
+            rows=Rows.all(source.shape[0]),
+        )
         return MergeTarget(target, source, op)
 
-    def expert_merge_ops(self, module: LoraModule, block: str, kind: str,
-                         base: BaseCheckpoint) -> list[MergeTarget]:
-        raise InvalidRequest(f"family {self.name} has no experts, but the adapter has {module.path}",
-                             module=module.path)
+    def expert_merge_ops(self, module: LoraModule, block: str, kind: str, base: BaseCheckpoint) -> list[MergeTarget]:
+        raise InvalidRequest(f"family {self.name} has no experts, but the adapter has {module.path}", module=module.path)
 
     # --- PEFT ------------------------------------------------------------------------------------
 
@@ -210,16 +229,17 @@ class FamilyProfile:
             self.expert_peft(layout, block, kinds, adapter, base)
         return layout
 
-    def expert_peft(self, layout: PeftLayout, block: str, kinds: Mapping[str, LoraModule],
-                    adapter: TinkerAdapter, base: BaseCheckpoint) -> None:
+    def expert_peft(
+        self, layout: PeftLayout, block: str, kinds: Mapping[str, LoraModule], adapter: TinkerAdapter, base: BaseCheckpoint
+    ) -> None:
         first = next(iter(kinds.values()))
-        raise InvalidRequest(f"family {self.name} has no experts, but the adapter has {first.path}",
-                             module=first.path)
+        raise InvalidRequest(f"family {self.name} has no experts, but the adapter has {first.path}", module=first.path)
 
     # --- reference (in memory, on a loaded transformers model) ------------------------------------
 
-    def apply_reference(self, model: nn.Module, adapter: TinkerAdapter, load: LoadFactor, *,
-                        scale: float, cast: torch.dtype | None) -> None:
+    def apply_reference(
+        self, model: nn.Module, adapter: TinkerAdapter, load: LoadFactor, *, scale: float, cast: torch.dtype | None
+    ) -> None:
         """Add every LoRA delta to ``model``'s parameters in place (fp32 math, optional rounding)."""
         with torch.no_grad():
             for module in adapter.modules.values():
@@ -239,8 +259,9 @@ class FamilyProfile:
                     weight = param(linear, "weight")
                 weight.copy_(cast_like(weight.float() + scale * (b @ a), cast).to(weight.dtype))
 
-    def expert_reference(self, model: nn.Module, block: str, kind: str, a: torch.Tensor, b: torch.Tensor,
-                         *, scale: float, cast: torch.dtype | None) -> None:
+    def expert_reference(
+        self, model: nn.Module, block: str, kind: str, a: torch.Tensor, b: torch.Tensor, *, scale: float, cast: torch.dtype | None
+    ) -> None:
         raise InvalidRequest(f"family {self.name} has no experts")
 
 
@@ -263,15 +284,19 @@ def broadcast_experts(module: LoraModule, num_experts: int) -> list[tuple[Factor
     """
     a, b = module.a.shape, module.b.shape
     if len(a) != 3 or len(b) != 3:
-        raise InvalidRequest(f"adapter module {module.path}: expert LoRA factors must be 3-D, got lora_A {a}, "
-                             f"lora_B {b}", module=module.path)
+        raise InvalidRequest(
+            f"adapter module {module.path}: expert LoRA factors must be 3-D, got lora_A {a}, lora_B {b}", module=module.path
+        )
     if a[0] == 1 and b[0] == 1:
-        raise InvalidRequest(f"adapter module {module.path}: both factors are shared (leading dim 1); "
-                             "cannot tell the expert count", module=module.path)
+        raise InvalidRequest(
+            f"adapter module {module.path}: both factors are shared (leading dim 1); cannot tell the expert count",
+            module=module.path,
+        )
     for what, dim in (("lora_A", a[0]), ("lora_B", b[0])):
         if dim not in (1, num_experts):
-            raise InvalidRequest(f"adapter module {module.path}: {what} has {dim} experts, the base model "
-                                 f"{num_experts}", module=module.path)
+            raise InvalidRequest(
+                f"adapter module {module.path}: {what} has {dim} experts, the base model {num_experts}", module=module.path
+            )
     return [
         (FactorRef(module.a.name, 0 if a[0] == 1 else e), FactorRef(module.b.name, 0 if b[0] == 1 else e))
         for e in range(num_experts)

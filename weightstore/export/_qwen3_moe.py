@@ -54,8 +54,7 @@ class Qwen3MoeProfile(FamilyProfile):
     description: ClassVar[str] = "Qwen3-MoE (experts separate or fused gate_up_proj/down_proj)"
     model_types: ClassVar[frozenset[str]] = frozenset({"qwen3_moe"})
 
-    def expert_merge_ops(self, module: LoraModule, block: str, kind: str,
-                         base: BaseCheckpoint) -> list[MergeTarget]:
+    def expert_merge_ops(self, module: LoraModule, block: str, kind: str, base: BaseCheckpoint) -> list[MergeTarget]:
         num_experts = config_experts(base)
         refs = broadcast_experts(module, num_experts)
         proj = EXPERT_PROJECTIONS[kind]
@@ -66,19 +65,23 @@ class Qwen3MoeProfile(FamilyProfile):
                 target = f"{block}.{e}.{proj}.weight"
                 source = base.tensors.get(target)
                 if source is None:
-                    raise InvalidRequest(f"adapter module {module.path}: base model lacks {target}",
-                                         module=module.path, target=target)
+                    raise InvalidRequest(
+                        f"adapter module {module.path}: base model lacks {target}", module=module.path, target=target
+                    )
                 if source.shape != (out_dim, in_dim):
-                    raise InvalidRequest(f"adapter module {module.path}: delta {(out_dim, in_dim)} does not match "
-                                         f"{target} {source.shape}", module=module.path, target=target)
+                    raise InvalidRequest(
+                        f"adapter module {module.path}: delta {(out_dim, in_dim)} does not match {target} {source.shape}",
+                        module=module.path,
+                        target=target,
+                    )
                 ops.append(MergeTarget(target, source, MergeOp(module.path, a, b, None, False, Rows.all(out_dim))))
             return ops
         fused = f"{block}.down_proj" if kind == "w2" else f"{block}.gate_up_proj"
         source = base.tensors.get(fused)
         if source is None:
             raise InvalidRequest(
-                f"adapter module {module.path}: base model has neither {block}.0.{proj}.weight nor {fused}",
-                module=module.path)
+                f"adapter module {module.path}: base model has neither {block}.0.{proj}.weight nor {fused}", module=module.path
+            )
         if kind == "w2":
             expected = (num_experts, out_dim, in_dim)  # (E, hidden, ffn)
             rows = Rows.all(out_dim)
@@ -86,17 +89,21 @@ class Qwen3MoeProfile(FamilyProfile):
             expected = (num_experts, 2 * out_dim, in_dim)  # (E, 2*ffn, hidden): [gate rows | up rows]
             rows = Rows(FUSED_GATE_UP.index(proj) * out_dim, 1, out_dim)
         if source.shape != expected:
-            raise InvalidRequest(f"adapter module {module.path}: {fused} is {source.shape}, expected {expected}",
-                                 module=module.path, target=fused)
+            raise InvalidRequest(
+                f"adapter module {module.path}: {fused} is {source.shape}, expected {expected}", module=module.path, target=fused
+            )
         for e, (a, b) in enumerate(refs):
             ops.append(MergeTarget(fused, source, MergeOp(module.path, a, b, e, False, rows)))
         return ops
 
-    def expert_peft(self, layout: PeftLayout, block: str, kinds: Mapping[str, LoraModule],
-                    adapter: TinkerAdapter, base: BaseCheckpoint) -> None:
+    def expert_peft(
+        self, layout: PeftLayout, block: str, kinds: Mapping[str, LoraModule], adapter: TinkerAdapter, base: BaseCheckpoint
+    ) -> None:
         if ("w1" in kinds) != ("w3" in kinds):
-            raise InvalidRequest(f"{block}: PEFT fuses gate (w1) and up (w3) into one LoRA on transformers 5.x, "
-                                 "so the adapter must train both or neither")
+            raise InvalidRequest(
+                f"{block}: PEFT fuses gate (w1) and up (w3) into one LoRA on transformers 5.x, "
+                "so the adapter must train both or neither"
+            )
         for kind, module in sorted(kinds.items()):
             self.expert_merge_ops(module, block, kind, base)  # same shape checks as the merge
             proj = EXPERT_PROJECTIONS[kind]
@@ -104,8 +111,9 @@ class Qwen3MoeProfile(FamilyProfile):
                 layout.tensors.extend(dense_peft_tensors(f"{block}.{e}.{proj}", module, a=a, b=b))
             layout.target_modules.add(proj)
 
-    def expert_reference(self, model: nn.Module, block: str, kind: str, a: torch.Tensor, b: torch.Tensor,
-                         *, scale: float, cast: torch.dtype | None) -> None:
+    def expert_reference(
+        self, model: nn.Module, block: str, kind: str, a: torch.Tensor, b: torch.Tensor, *, scale: float, cast: torch.dtype | None
+    ) -> None:
         # transformers' Qwen3MoeExperts: gate_up_proj (E, 2*ffn, hidden), forward does
         # `linear(x, gate_up_proj[e]).chunk(2)` -> gate = first half of rows, up = second half;
         # down_proj (E, hidden, ffn). Written against that module, not against EXPERT_PROJECTIONS.

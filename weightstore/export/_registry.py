@@ -44,5 +44,8 @@ def profile_for(config: Mapping[str, Any]) -> FamilyProfile:
             return profile
     known = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in known_families())
     arch = config.get("model_type") or config.get("architectures") or "unknown"
-    raise InvalidRequest(f"unsupported model architecture {arch!r}; known families: {known}",
-                         model_type=str(config.get("model_type")), known=[f.name for f in known_families()])
+    raise InvalidRequest(
+        f"unsupported model architecture {arch!r}; known families: {known}",
+        model_type=str(config.get("model_type")),
+        known=[f.name for f in known_families()],
+    )

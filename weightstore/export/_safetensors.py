@@ -75,7 +75,8 @@ class TensorInfo:
         except KeyError:
             raise InvalidFormat(
                 f"{self.file.name}: tensor {self.name!r} has dtype {self.dtype}, which cannot be merged",
-                tensor=self.name, dtype=self.dtype,
+                tensor=self.name,
+                dtype=self.dtype,
             ) from None
 
 
@@ -102,8 +103,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for name, info in entries:
         begin, end = info["data_offsets"]
         tensors[name] = TensorInfo(
-            name=name, file=path, dtype=info["dtype"], shape=tuple(info["shape"]),
-            offset=data_start + begin, nbytes=end - begin,
+            name=name,
+            file=path,
+            dtype=info["dtype"],
+            shape=tuple(info["shape"]),
+            offset=data_start + begin,
+            nbytes=end - begin,
         )
     return tensors, dict(metadata)
 
@@ -121,7 +126,9 @@ def check_sha256(root: Path, names: Iterable[str], expected: Mapping[str, str], 
         if got != want.lower():
             raise IntegrityError(
                 f"{what}: {name} is corrupt (sha256 {got[:16]}..., expected {want[:16]}...)",
-                file=name, expected=want, actual=got,
+                file=name,
+                expected=want,
+                actual=got,
             )
 
 
@@ -164,8 +171,7 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count
     done = 0
     try:
         while done < count:
-            n = os.copy_file_range(src_fd, dst_fd, min(_IO_CHUNK, count - done), src_offset + done,
-                                   dst_offset + done)
+            n = os.copy_file_range(src_fd, dst_fd, min(_IO_CHUNK, count - done), src_offset + done, dst_offset + done)
             if n == 0:
                 raise IntegrityError(f"unexpected end of file copying {count} bytes at offset {src_offset}")
             done += n
@@ -212,8 +218,7 @@ def build_header(entries: Sequence[OutEntry], metadata: Mapping[str, str]) -> by
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for entry in entries:
-        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape),
-                              "data_offsets": [offset, offset + entry.nbytes]}
+        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
         offset += entry.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-byte aligned, as safetensors does
@@ -259,8 +264,9 @@ class ShardWriter:
     def close(self) -> None:
         try:
             if self._written != self._expected:
-                raise ExportFailed(f"internal: {self.path.name} got {self._written} data bytes, "
-                                   f"its header describes {self._expected}")
+                raise ExportFailed(
+                    f"internal: {self.path.name} got {self._written} data bytes, its header describes {self._expected}"
+                )
         finally:
             os.close(self.fd)
 

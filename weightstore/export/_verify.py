@@ -63,8 +63,8 @@ _ROWS_PER_PROBE, _PROBES = 16, 4
 def noop_guard(deltas: list[TensorDelta], warn_fraction: float, *, adapter_is_zero: bool) -> NoOpGuard:
     """``deltas`` as measured on the written values; ``adapter_is_zero`` decided from the factors alone,
     so a merge loop that silently skipped its work cannot also report a zero adapter."""
-    delta_sq = sum(d.delta_norm ** 2 for d in deltas)
-    lost_sq = sum(d.lost_norm ** 2 for d in deltas)
+    delta_sq = sum(d.delta_norm**2 for d in deltas)
+    lost_sq = sum(d.lost_norm**2 for d in deltas)
     unchanged = tuple(d.name for d in deltas if d.delta_norm > 0 and not d.changed)
     all_unchanged = bool(deltas) and not any(d.changed for d in deltas)
     return NoOpGuard(
@@ -103,7 +103,7 @@ def module_delta_norms(adapter: TinkerAdapter) -> list[TensorDelta]:
 
 # --- 2. sampled recomputation --------------------------------------------------------------------
 
-_HALF_ULP = {"BF16": 2.0 ** -8, "F16": 2.0 ** -11, "F32": 2.0 ** -24, "F64": 2.0 ** -53}
+_HALF_ULP = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}
 
 
 def _spread(items: list[Any], n: int) -> list[Any]:
@@ -146,8 +146,16 @@ def _row_probes(n_rows: int) -> list[range]:
     return [range(s, s + _ROWS_PER_PROBE) for s in starts]
 
 
-def _check_slab(t: MergedTensor, expert: int | None, out_slab: torch.Tensor, base_slab: torch.Tensor,
-                rows: list[int], factors: FactorReader, scale: float, rank: int) -> tuple[float, float]:
+def _check_slab(
+    t: MergedTensor,
+    expert: int | None,
+    out_slab: torch.Tensor,
+    base_slab: torch.Tensor,
+    rows: list[int],
+    factors: FactorReader,
+    scale: float,
+    rank: int,
+) -> tuple[float, float]:
     """Compare one (out, in)-oriented slab's selected rows with an fp64 recomputation.
 
     Returns (max abs error, max error/allowed ratio). ``out_slab``/``base_slab`` hold exactly the
@@ -172,8 +180,7 @@ def _check_slab(t: MergedTensor, expert: int | None, out_slab: torch.Tensor, bas
     # |written - exact| <= half an ulp of the result (relative) + what fp32 accumulation of
     # W + scale*B@A (r products) can be off by before that rounding, + half the smallest subnormal.
     finfo = torch.finfo(TORCH_DTYPES[dtype])
-    allowed = (_HALF_ULP[dtype] * expected.abs() + (rank + 2) * 2.0 ** -23 * magnitude
-               + finfo.smallest_normal * finfo.eps / 2)
+    allowed = _HALF_ULP[dtype] * expected.abs() + (rank + 2) * 2.0**-23 * magnitude + finfo.smallest_normal * finfo.eps / 2
     err = (out_slab - expected).abs()
     return float(err.max()) if err.numel() else 0.0, float((err / allowed).max()) if err.numel() else 0.0
 
@@ -212,8 +219,7 @@ def _same_bytes(a: TensorInfo, b: TensorInfo, chunk: int = 1 << 20) -> bool:
 
 
 def recompute_merged(plan: ExportPlan, out_dir: Path, samples: int) -> RecomputeCheck:
-    tolerance = ("|written - fp64(W + scale*B@A)| <= half-ulp(dtype)*|expected| "
-                 "+ (r+2)*2^-23*(|W| + scale*|B|@|A|)")
+    tolerance = "|written - fp64(W + scale*B@A)| <= half-ulp(dtype)*|expected| + (r+2)*2^-23*(|W| + scale*|B|@|A|)"
     # Structure: the output holds exactly the planned tensors with the planned dtypes and shapes.
     try:
         written = output_tensors(out_dir)
@@ -223,8 +229,7 @@ def recompute_merged(plan: ExportPlan, out_dir: Path, samples: int) -> Recompute
     actual_meta = {n: (i.dtype, i.shape) for n, i in written.items()}
     if expected_meta != actual_meta:
         diff = sorted(set(expected_meta.items()) ^ set(actual_meta.items()))
-        return RecomputeCheck(False, (), (), math.inf, math.inf, tolerance,
-                              f"output tensors differ from the plan: {diff[:3]}")
+        return RecomputeCheck(False, (), (), math.inf, math.inf, tolerance, f"output tensors differ from the plan: {diff[:3]}")
 
     adapted = [t for t in plan.merged if t.ops]
     lm_head = [t for t in adapted if t.name == "lm_head.weight"]
@@ -242,8 +247,7 @@ def recompute_merged(plan: ExportPlan, out_dir: Path, samples: int) -> Recompute
                     experts = sorted({op.expert for op in t.ops if op.expert is not None})
                     units: list[tuple[int | None, Any, Any]] = []
                     for e in _spread(experts, 3):
-                        units.append((e, out_f.get_slice(t.name)[e : e + 1][0],
-                                      base_f.get_slice(t.source.name)[e : e + 1][0]))
+                        units.append((e, out_f.get_slice(t.name)[e : e + 1][0], base_f.get_slice(t.source.name)[e : e + 1][0]))
                 else:
                     units = [(None, None, None)]
                 for expert, out_slab, base_slab in units:
@@ -253,8 +257,7 @@ def recompute_merged(plan: ExportPlan, out_dir: Path, samples: int) -> Recompute
                         for probe in _row_probes(n_rows):
                             o = out_f.get_slice(t.name)[probe.start : probe.stop].double()
                             b = base_f.get_slice(t.source.name)[probe.start : probe.stop].double()
-                            e_, w_ = _check_slab(t, None, o, b, list(probe), factors, plan.scale,
-                                                 plan.adapter.rank)
+                            e_, w_ = _check_slab(t, None, o, b, list(probe), factors, plan.scale, plan.adapter.rank)
                             max_err, worst = max(max_err, e_), max(worst, w_)
                         continue
                     if expert is None:
@@ -263,20 +266,33 @@ def recompute_merged(plan: ExportPlan, out_dir: Path, samples: int) -> Recompute
                     o, b = out_slab.double(), base_slab.double()
                     if transposed:
                         o, b = o.T, b.T
-                    e_, w_ = _check_slab(t, expert, o, b, list(range(o.shape[0])), factors, plan.scale,
-                                         plan.adapter.rank)
+                    e_, w_ = _check_slab(t, expert, o, b, list(range(o.shape[0])), factors, plan.scale, plan.adapter.rank)
                     max_err, worst = max(max_err, e_), max(worst, w_)
                 factors.clear()
         # Untouched tensors: byte-identical to the base (read back, not trusted from the writer).
         for t in untouched:
             if not _same_bytes(written[t.name], t.source):
-                return RecomputeCheck(False, tuple(s.name for s in sampled), tuple(u.name for u in untouched),
-                                      max_err, worst, tolerance, f"untouched tensor {t.name} differs from the base")
+                return RecomputeCheck(
+                    False,
+                    tuple(s.name for s in sampled),
+                    tuple(u.name for u in untouched),
+                    max_err,
+                    worst,
+                    tolerance,
+                    f"untouched tensor {t.name} differs from the base",
+                )
     finally:
         opened.close()
     passed = worst <= 1.0
-    return RecomputeCheck(passed, tuple(s.name for s in sampled), tuple(u.name for u in untouched), max_err, worst,
-                          tolerance, "" if passed else f"recomputed values off by {worst:.3g}x the allowed error")
+    return RecomputeCheck(
+        passed,
+        tuple(s.name for s in sampled),
+        tuple(u.name for u in untouched),
+        max_err,
+        worst,
+        tolerance,
+        "" if passed else f"recomputed values off by {worst:.3g}x the allowed error",
+    )
 
 
 def recompute_peft(plan: ExportPlan, out_dir: Path) -> RecomputeCheck:
@@ -304,8 +320,15 @@ def recompute_peft(plan: ExportPlan, out_dir: Path) -> RecomputeCheck:
     finally:
         opened.close()
     passed = max_err == 0.0
-    return RecomputeCheck(passed, tuple(s.name for s in plan.peft), (), max_err, 0.0 if passed else math.inf,
-                          tolerance, "" if passed else f"PEFT tensors differ from the adapter by up to {max_err:.3g}")
+    return RecomputeCheck(
+        passed,
+        tuple(s.name for s in plan.peft),
+        (),
+        max_err,
+        0.0 if passed else math.inf,
+        tolerance,
+        "" if passed else f"PEFT tensors differ from the adapter by up to {max_err:.3g}",
+    )
 
 
 # --- 3. forward pass -----------------------------------------------------------------------------
@@ -314,8 +337,9 @@ def recompute_peft(plan: ExportPlan, out_dir: Path) -> RecomputeCheck:
 def forward_check(plan: ExportPlan, out_dir: Path, max_bytes: int) -> ForwardCheck:
     size = plan.base.total_bytes
     if size > max_bytes:
-        return ForwardCheck(False, True, f"skipped: base weights {size} bytes exceed the forward-check "
-                                         f"threshold of {max_bytes} bytes")
+        return ForwardCheck(
+            False, True, f"skipped: base weights {size} bytes exceed the forward-check threshold of {max_bytes} bytes"
+        )
     from transformers import AutoModelForCausalLM  # heavy; only when the check runs
 
     vocab = int(plan.base.config.get("vocab_size") or 0)
@@ -337,8 +361,9 @@ def forward_check(plan: ExportPlan, out_dir: Path, max_bytes: int) -> ForwardChe
     model = AutoModelForCausalLM.from_pretrained(plan.base.root, **load_kw)
     base_logits = logits(model)
     with FactorReader(plan.adapter) as factors:
-        profile.apply_reference(model, plan.adapter, lambda key: factors.raw(FactorRef(key, None)).float(),
-                                scale=plan.scale, cast=cast)
+        profile.apply_reference(
+            model, plan.adapter, lambda key: factors.raw(FactorRef(key, None)).float(), scale=plan.scale, cast=cast
+        )
     ref_logits = logits(model)
     del model
     exported: Any  # a transformers model, or a PeftModel wrapping one
@@ -347,24 +372,36 @@ def forward_check(plan: ExportPlan, out_dir: Path, max_bytes: int) -> ForwardChe
     else:
         from peft import PeftModel
 
-        exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(plan.base.root, **load_kw),
-                                             str(out_dir))
+        exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(plan.base.root, **load_kw), str(out_dir))
     out_logits = logits(exported)
     del exported
     tol = FORWARD_RTOL[plan.to] * max(1.0, float(ref_logits.abs().max()))
     diff = float((out_logits - ref_logits).abs().max())
     effect = float((ref_logits - base_logits).abs().max())
     what = "AutoModelForCausalLM(merged)" if merged else "PeftModel(base, adapter)"
-    return ForwardCheck(True, diff <= tol, f"{what} vs base + adapter applied in memory ({profile.name} reference)",
-                        diff, tol, effect, ids.numel())
+    return ForwardCheck(
+        True,
+        diff <= tol,
+        f"{what} vs base + adapter applied in memory ({profile.name} reference)",
+        diff,
+        tol,
+        effect,
+        ids.numel(),
+    )
 
 
 # --- all together ----------------------------------------------------------------------------------
 
 
-def verify(plan: ExportPlan, out_dir: Path, deltas: list[TensorDelta] | None, *, samples: int = DEFAULT_SAMPLES,
-           forward_max_bytes: int = DEFAULT_FORWARD_MAX_BYTES,
-           rounding_warn_fraction: float = DEFAULT_ROUNDING_WARN_FRACTION) -> VerificationReport:
+def verify(
+    plan: ExportPlan,
+    out_dir: Path,
+    deltas: list[TensorDelta] | None,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    forward_max_bytes: int = DEFAULT_FORWARD_MAX_BYTES,
+    rounding_warn_fraction: float = DEFAULT_ROUNDING_WARN_FRACTION,
+) -> VerificationReport:
     """Run all checks on an export written to ``out_dir``; raise :class:`VerificationFailed` on failure."""
     warnings: list[str] = []
     module_deltas = module_delta_norms(plan.adapter)
@@ -378,31 +415,48 @@ def verify(plan: ExportPlan, out_dir: Path, deltas: list[TensorDelta] | None, *,
         noop = noop_guard(module_deltas, rounding_warn_fraction, adapter_is_zero=adapter_is_zero)
         recompute = recompute_peft(plan, out_dir)
     if noop.rounding_loss > rounding_warn_fraction:
-        warnings.append(f"rounding into the base dtype lost {noop.rounding_loss:.0%} of the adapter's delta norm "
-                        f"(threshold {rounding_warn_fraction:.0%}); the PEFT export keeps the adapter exact")
+        warnings.append(
+            f"rounding into the base dtype lost {noop.rounding_loss:.0%} of the adapter's delta norm "
+            f"(threshold {rounding_warn_fraction:.0%}); the PEFT export keeps the adapter exact"
+        )
     elif noop.rounding_warned:
-        warnings.append(f"{len(noop.rounding_warned)} tensor(s) lost more than {rounding_warn_fraction:.0%} of "
-                        f"their delta to rounding, e.g. {noop.rounding_warned[0]}")
+        warnings.append(
+            f"{len(noop.rounding_warned)} tensor(s) lost more than {rounding_warn_fraction:.0%} of "
+            f"their delta to rounding, e.g. {noop.rounding_warned[0]}"
+        )
     if noop.adapter_is_zero:
         warnings.append("the adapter is exactly zero: the export equals the base model")
-    forward = (forward_check(plan, out_dir, forward_max_bytes) if noop.passed and recompute.passed
-               else ForwardCheck(False, True, "skipped: an earlier check failed"))
-    if forward.ran and forward.passed and forward.adapter_effect < WEAK_SIGNAL_RATIO * forward.tolerance \
-            and not noop.adapter_is_zero:
-        warnings.append(f"the adapter moves the logits by only {forward.adapter_effect:.3g} "
-                        f"(tolerance {forward.tolerance:.3g}); the forward check is weak evidence")
+    forward = (
+        forward_check(plan, out_dir, forward_max_bytes)
+        if noop.passed and recompute.passed
+        else ForwardCheck(False, True, "skipped: an earlier check failed")
+    )
+    if (
+        forward.ran
+        and forward.passed
+        and forward.adapter_effect < WEAK_SIGNAL_RATIO * forward.tolerance
+        and not noop.adapter_is_zero
+    ):
+        warnings.append(
+            f"the adapter moves the logits by only {forward.adapter_effect:.3g} "
+            f"(tolerance {forward.tolerance:.3g}); the forward check is weak evidence"
+        )
     report = VerificationReport(noop, recompute, forward, tuple(warnings))
     if not report.passed:
         problems = []
         if not noop.passed:
-            problems.append(f"no-op guard: all {noop.adapted_tensors} adapted tensors equal the base although the "
-                            f"adapter is not zero (rounding into the base dtype accounts for "
-                            f"{noop.rounding_loss:.0%} of the delta)")
+            problems.append(
+                f"no-op guard: all {noop.adapted_tensors} adapted tensors equal the base although the "
+                f"adapter is not zero (rounding into the base dtype accounts for "
+                f"{noop.rounding_loss:.0%} of the delta)"
+            )
         if not recompute.passed:
             problems.append(f"recomputation: {recompute.detail}")
         if not forward.passed:
-            problems.append(f"forward pass: logits differ from base + adapter by {forward.max_abs_diff:.3g} "
-                            f"(tolerance {forward.tolerance:.3g}, adapter effect {forward.adapter_effect:.3g})")
+            problems.append(
+                f"forward pass: logits differ from base + adapter by {forward.max_abs_diff:.3g} "
+                f"(tolerance {forward.tolerance:.3g}, adapter effect {forward.adapter_effect:.3g})"
+            )
         raise VerificationFailed("export verification failed: " + "; ".join(problems), report=report.to_dict())
     return report
 

@@ -94,8 +94,15 @@ def login(request: Request, ctx: CtxDep, api_key: Annotated[str, Form(max_length
     if not principal.is_admin:
         return _render(request, "login.html", status=403, error="This is not an admin key: the admin UI needs one.")
     resp = RedirectResponse("/admin", status_code=303)
-    resp.set_cookie(COOKIE, _serializer(ctx).dumps({"k": principal.key_id}), max_age=SESSION_MAX_AGE, httponly=True,
-                    samesite="strict", secure=ctx.settings.cookie_secure, path="/admin")
+    resp.set_cookie(
+        COOKIE,
+        _serializer(ctx).dumps({"k": principal.key_id}),
+        max_age=SESSION_MAX_AGE,
+        httponly=True,
+        samesite="strict",
+        secure=ctx.settings.cookie_secure,
+        path="/admin",
+    )
     return resp
 
 
@@ -117,8 +124,10 @@ def sparkline(values: list[float], width: int = 120, height: int = 28) -> Markup
     top = max(values) or 1.0
     step = width / max(1, len(values) - 1)
     pts = " ".join(f"{i * step:.1f},{height - 2 - (v / top) * (height - 4):.1f}" for i, v in enumerate(values))
-    return Markup(f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-                  f'aria-label="trend"><polyline fill="none" stroke="currentColor" stroke-width="1.5" points="{pts}"/></svg>')
+    return Markup(
+        f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="trend"><polyline fill="none" stroke="currentColor" stroke-width="1.5" points="{pts}"/></svg>'
+    )
 
 
 def daily_chart(points: list[dict[str, Any]], width: int = 760, height: int = 240) -> Markup:
@@ -132,15 +141,19 @@ def daily_chart(points: list[dict[str, Any]], width: int = 760, height: int = 24
     cmax, gmax = max(costs) or 0.01, max(gbs) or 1.0
     n = len(points)
     bw = w / n
-    parts = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="stored GB and cost per day">']
+    parts = [
+        f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="stored GB and cost per day">'
+    ]
     parts.append(f'<line x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}" class="axis"/>')
     for i, (p, c) in enumerate(zip(points, costs, strict=True)):
         bh = c / cmax * h
         x = pad_l + i * bw
-        parts.append(f'<rect class="bar" x="{x + bw * 0.1:.1f}" y="{pad_t + h - bh:.1f}" width="{bw * 0.8:.1f}" '
-                     f'height="{bh:.1f}"><title>{escape(p["bucket"])}: {_fmt_money(c)}, '
-                     f'{p["average_gb"]:.3f} GB</title></rect>')
+        parts.append(
+            f'<rect class="bar" x="{x + bw * 0.1:.1f}" y="{pad_t + h - bh:.1f}" width="{bw * 0.8:.1f}" '
+            f'height="{bh:.1f}"><title>{escape(p["bucket"])}: {_fmt_money(c)}, '
+            f"{p['average_gb']:.3f} GB</title></rect>"
+        )
     pts = " ".join(f"{pad_l + (i + 0.5) * bw:.1f},{pad_t + h - g / gmax * h:.1f}" for i, g in enumerate(gbs))
     parts.append(f'<polyline class="line" fill="none" points="{pts}"/>')
     parts.append(f'<text x="{pad_l - 6}" y="{pad_t + 10}" text-anchor="end" class="lbl cost">{_fmt_money(cmax)}</text>')
@@ -148,8 +161,10 @@ def daily_chart(points: list[dict[str, Any]], width: int = 760, height: int = 24
     parts.append(f'<text x="{pad_l + w + 6}" y="{pad_t + 10}" class="lbl gb">{gmax:.2f} GB</text>')
     parts.append(f'<text x="{pad_l + w + 6}" y="{pad_t + h}" class="lbl gb">0 GB</text>')
     for i in sorted({0, n // 2, n - 1}):
-        parts.append(f'<text x="{pad_l + (i + 0.5) * bw:.1f}" y="{pad_t + h + 18}" text-anchor="middle" '
-                     f'class="lbl">{escape(points[i]["bucket"])}</text>')
+        parts.append(
+            f'<text x="{pad_l + (i + 0.5) * bw:.1f}" y="{pad_t + h + 18}" text-anchor="middle" '
+            f'class="lbl">{escape(points[i]["bucket"])}</text>'
+        )
     parts.append("</svg>")
     return Markup("".join(parts))
 
@@ -182,15 +197,30 @@ def overview(request: Request, ctx: CtxDep) -> HTMLResponse:
         c = cur.get(tid)
         pts = metering.series(by_tenant.get(tid, []), start=start, end=now)
         gb = [p["average_gb"] for p in pts]
-        first, last = sum(gb[: len(gb) // 2]), sum(gb[len(gb) // 2:])
+        first, last = sum(gb[: len(gb) // 2]), sum(gb[len(gb) // 2 :])
         trend = None if first == 0 else (last - first) / first * 100
         logical = c.logical_bytes if c else 0
-        rows.append({"tenant": tid, "checkpoints": c.checkpoint_count if c else 0, "gb": logical / metering.GB,
-                     "physical_gb": physical.get(tid, 0) / metering.GB,
-                     "monthly": _fmt_money(c.monthly_cost_usd if c else 0), "trend": trend, "spark": sparkline(gb)})
+        rows.append(
+            {
+                "tenant": tid,
+                "checkpoints": c.checkpoint_count if c else 0,
+                "gb": logical / metering.GB,
+                "physical_gb": physical.get(tid, 0) / metering.GB,
+                "monthly": _fmt_money(c.monthly_cost_usd if c else 0),
+                "trend": trend,
+                "spark": sparkline(gb),
+            }
+        )
     total_monthly = sum((r.monthly_cost_usd for r in cur.values()), Decimal("0.00"))
-    return _render(request, "overview.html", rows=rows, now=now, total_monthly=_fmt_money(total_monthly),
-                   total_gb=sum(r["gb"] for r in rows), trend_days=TREND_DAYS)
+    return _render(
+        request,
+        "overview.html",
+        rows=rows,
+        now=now,
+        total_monthly=_fmt_money(total_monthly),
+        total_gb=sum(r["gb"] for r in rows),
+        trend_days=TREND_DAYS,
+    )
 
 
 def _tenant_or_404(session: Session, tenant_id: str) -> Tenant:
@@ -210,8 +240,9 @@ def _parse_day(value: str | None) -> date | None:
 
 
 @router.get("/tenants/{tenant_id}", response_class=HTMLResponse)
-def tenant_page(request: Request, tenant_id: str, ctx: CtxDep, days: int = 30, since: str | None = None,
-                until: str | None = None) -> HTMLResponse:
+def tenant_page(
+    request: Request, tenant_id: str, ctx: CtxDep, days: int = 30, since: str | None = None, until: str | None = None
+) -> HTMLResponse:
     now = ctx.clock.now()
     d_since, d_until = _parse_day(since), _parse_day(until)
     last_day = datetime.combine(d_until, datetime.min.time(), UTC) if d_until else _day_floor(now)
@@ -230,14 +261,15 @@ def tenant_page(request: Request, tenant_id: str, ctx: CtxDep, days: int = 30, s
         _admin_key_id(request, ctx, session)
         tenant = _tenant_or_404(session, tenant_id)
         prices = metering.pricing(session, ctx.settings)
-        daily = metering.usage(session, prices, start=start, end=end, group_by=(), bucket_seconds=metering.DAY,
-                               tenant_id=tenant.id)
+        daily = metering.usage(
+            session, prices, start=start, end=end, group_by=(), bucket_seconds=metering.DAY, tenant_id=tenant.id
+        )
         by_run = metering.usage(session, prices, start=start, end=end, group_by=("run_id",), tenant_id=tenant.id)
         by_kind = metering.usage(session, prices, start=start, end=end, group_by=("kind",), tenant_id=tenant.id)
-        cur_run = {r.key["run_id"]: r for r in metering.current(session, prices, now=now, group_by=("run_id",),
-                                                                 tenant_id=tenant.id)}
-        cur_kind = {r.key["kind"]: r for r in metering.current(session, prices, now=now, group_by=("kind",),
-                                                                tenant_id=tenant.id)}
+        cur_run = {
+            r.key["run_id"]: r for r in metering.current(session, prices, now=now, group_by=("run_id",), tenant_id=tenant.id)
+        }
+        cur_kind = {r.key["kind"]: r for r in metering.current(session, prices, now=now, group_by=("kind",), tenant_id=tenant.id)}
         physical = metering.physical_current(session, now=now, tenant_id=tenant.id).get(tenant.id, 0)
         largest = metering.largest_checkpoints(session, tenant_id=tenant.id, now=now)
         expiring = metering.expiring_soon(session, tenant_id=tenant.id, now=now)
@@ -250,10 +282,16 @@ def tenant_page(request: Request, tenant_id: str, ctx: CtxDep, days: int = 30, s
         for name in sorted({r.key[col] for r in rows} | set(cur)):
             u = next((r for r in rows if r.key[col] == name), None)
             c = cur.get(name)
-            out.append({"name": name, "gb_hours": float(u.gb_hours) if u else 0.0,
-                        "cost": _fmt_money(u.cost_usd if u else 0), "current_gb": (c.logical_bytes if c else 0) / metering.GB,
-                        "count": c.checkpoint_count if c else 0,
-                        "monthly": _fmt_money(c.monthly_cost_usd if c else 0)})
+            out.append(
+                {
+                    "name": name,
+                    "gb_hours": float(u.gb_hours) if u else 0.0,
+                    "cost": _fmt_money(u.cost_usd if u else 0),
+                    "current_gb": (c.logical_bytes if c else 0) / metering.GB,
+                    "count": c.checkpoint_count if c else 0,
+                    "monthly": _fmt_money(c.monthly_cost_usd if c else 0),
+                }
+            )
         return out
 
     months = []
@@ -262,16 +300,30 @@ def tenant_page(request: Request, tenant_id: str, ctx: CtxDep, days: int = 30, s
         months.append(f"{m.year:04d}-{m.month:02d}")
         m = date(m.year + (m.month == 12), m.month % 12 + 1, 1)
     return _render(
-        request, "tenant.html", tenant=tenant.id, now=now, start=start.date(), end=(shown_end - timedelta(days=1)).date(),
-        windows=WINDOWS, days=(shown_end - start).days, chart=daily_chart(points), points=points,
+        request,
+        "tenant.html",
+        tenant=tenant.id,
+        now=now,
+        start=start.date(),
+        end=(shown_end - timedelta(days=1)).date(),
+        windows=WINDOWS,
+        days=(shown_end - start).days,
+        chart=daily_chart(points),
+        points=points,
         window_cost=_fmt_money(sum((Decimal(p["cost_usd"]) for p in points), Decimal("0.00"))),
-        window_gb_hours=sum(p["gb_hours"] for p in points), runs=breakdown(by_run, cur_run, "run_id"),
-        kinds=breakdown(by_kind, cur_kind, "kind"), largest=largest, expiring=expiring,
-        logical_gb=logical / metering.GB, physical_gb=physical / metering.GB,
+        window_gb_hours=sum(p["gb_hours"] for p in points),
+        runs=breakdown(by_run, cur_run, "run_id"),
+        kinds=breakdown(by_kind, cur_kind, "kind"),
+        largest=largest,
+        expiring=expiring,
+        logical_gb=logical / metering.GB,
+        physical_gb=physical / metering.GB,
         saving_gb=max(0, logical - physical) / metering.GB,
         saving_pct=(100 * (logical - physical) / logical) if logical else 0.0,
         monthly=_fmt_money(sum((c.monthly_cost_usd for c in cur_kind.values()), Decimal("0.00"))),
-        rate=rate, months=list(reversed(months)))
+        rate=rate,
+        months=list(reversed(months)),
+    )
 
 
 def _load_invoice(request: Request, ctx: Context, tenant_id: str, month: str) -> tuple[str, Any]:
@@ -279,8 +331,9 @@ def _load_invoice(request: Request, ctx: Context, tenant_id: str, month: str) ->
     with session_scope(ctx.engine) as session:
         _admin_key_id(request, ctx, session)
         tenant = _tenant_or_404(session, tenant_id)
-        inv = metering.invoice(session, metering.pricing(session, ctx.settings), tenant_id=tenant.id, month=month,
-                               now=ctx.clock.now())
+        inv = metering.invoice(
+            session, metering.pricing(session, ctx.settings), tenant_id=tenant.id, month=month, now=ctx.clock.now()
+        )
     return tenant.id, inv
 
 

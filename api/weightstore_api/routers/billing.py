@@ -50,8 +50,7 @@ def _csv(rows: list[dict[str, Any]], filename: str) -> Response:
         w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    return Response(buf.getvalue(), media_type="text/csv",
-                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    return Response(buf.getvalue(), media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 class CurrentUsagePublic(Schema):
@@ -65,17 +64,21 @@ class CurrentUsagePublic(Schema):
 
 
 @router.get("/v1/billing/current", operation_id="billing_current", response_model=CurrentUsagePublic)
-def billing_current(principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep, tenant: str | None = None,
-                    group_by: GroupBy = "tenant_id") -> CurrentUsagePublic:
+def billing_current(
+    principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep, tenant: str | None = None, group_by: GroupBy = "tenant_id"
+) -> CurrentUsagePublic:
     """Checkpoints stored now per group (logical bytes) and the cost of keeping them 720 hours."""
     tid = scope_tenant(session, principal, tenant)
     now = ctx.clock.now()
     prices = metering.pricing(session, ctx.settings)
     rows = metering.current(session, prices, now=now, group_by=_groups(group_by), tenant_id=tid)
     return CurrentUsagePublic(
-        at=now, rows=[r.as_dict() for r in rows], total_logical_bytes=sum(r.logical_bytes for r in rows),
+        at=now,
+        rows=[r.as_dict() for r in rows],
+        total_logical_bytes=sum(r.logical_bytes for r in rows),
         total_projected_monthly_cost_usd=str(sum((r.monthly_cost_usd for r in rows), metering.round_cents(0))),
-        physical_bytes_by_tenant=metering.physical_current(session, now=now, tenant_id=tid))
+        physical_bytes_by_tenant=metering.physical_current(session, now=now, tenant_id=tid),
+    )
 
 
 class UsagePublic(Schema):
@@ -101,37 +104,65 @@ def _window(since: datetime | None, until: datetime | None, now: datetime) -> tu
     return start, end
 
 
-@router.get("/v1/billing/usage", operation_id="billing_usage", response_model=UsagePublic,
-            responses={200: {"content": {"text/csv": {}}}})
-def billing_usage(principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep, tenant: str | None = None,
-                  since: datetime | None = None, until: datetime | None = None, group_by: GroupBy = "tenant_id",
-                  bucket: Literal["day", "hour", "none"] = "day",
-                  format: Literal["json", "csv"] = "json") -> Any:
+@router.get(
+    "/v1/billing/usage", operation_id="billing_usage", response_model=UsagePublic, responses={200: {"content": {"text/csv": {}}}}
+)
+def billing_usage(
+    principal: CurrentPrincipal,
+    ctx: CtxDep,
+    session: SessionDep,
+    tenant: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    group_by: GroupBy = "tenant_id",
+    bucket: Literal["day", "hour", "none"] = "day",
+    format: Literal["json", "csv"] = "json",
+) -> Any:
     """Usage (byte-seconds, GB-hours) and cost in ``[since, until)`` per group and per UTC day/hour."""
     tid = scope_tenant(session, principal, tenant)
     start, end = _window(since, until, ctx.clock.now())
     seconds = {"day": metering.DAY, "hour": metering.HOUR, "none": None}[bucket]
     if seconds == metering.HOUR and end - start > timedelta(days=62):
         raise InvalidRequest("hourly buckets cover at most 62 days")
-    rows = metering.usage(session, metering.pricing(session, ctx.settings), start=start, end=end,
-                          group_by=_groups(group_by), bucket_seconds=seconds, tenant_id=tid)
+    rows = metering.usage(
+        session,
+        metering.pricing(session, ctx.settings),
+        start=start,
+        end=end,
+        group_by=_groups(group_by),
+        bucket_seconds=seconds,
+        tenant_id=tid,
+    )
     out = [r.as_dict() for r in rows]
     if format == "csv":
         return _csv(out, f"usage-{start.date()}-{end.date()}.csv")
-    return UsagePublic(start=start, end=end, bucket=None if seconds is None else bucket, rows=out,
-                       total_byte_seconds=sum(r.byte_seconds for r in rows),
-                       total_cost_usd=str(sum((r.cost_usd for r in rows), metering.round_cents(0))))
+    return UsagePublic(
+        start=start,
+        end=end,
+        bucket=None if seconds is None else bucket,
+        rows=out,
+        total_byte_seconds=sum(r.byte_seconds for r in rows),
+        total_cost_usd=str(sum((r.cost_usd for r in rows), metering.round_cents(0))),
+    )
 
 
-@router.get("/v1/billing/tenants/{tenant_id}/invoices/{month}", operation_id="billing_invoice",
-            responses={200: {"content": {"text/csv": {}}}})
-def billing_invoice(tenant_id: str, month: str, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep,
-                    format: Literal["json", "csv"] = "json") -> Any:
+@router.get(
+    "/v1/billing/tenants/{tenant_id}/invoices/{month}",
+    operation_id="billing_invoice",
+    responses={200: {"content": {"text/csv": {}}}},
+)
+def billing_invoice(
+    tenant_id: str,
+    month: str,
+    principal: CurrentPrincipal,
+    ctx: CtxDep,
+    session: SessionDep,
+    format: Literal["json", "csv"] = "json",
+) -> Any:
     """Invoice of one calendar month (UTC): a line per (run, kind), each rounded; total = sum of lines."""
     tid = scope_tenant(session, principal, tenant_id)
     assert tid is not None
-    inv = metering.invoice(session, metering.pricing(session, ctx.settings), tenant_id=tid, month=month,
-                               now=ctx.clock.now())
+    inv = metering.invoice(session, metering.pricing(session, ctx.settings), tenant_id=tid, month=month, now=ctx.clock.now())
     if format == "csv":
         return invoice_csv(inv)
     return inv.as_dict()
@@ -140,8 +171,16 @@ def billing_invoice(tenant_id: str, month: str, principal: CurrentPrincipal, ctx
 def invoice_csv(inv: metering.Invoice) -> Response:
     rows = inv.csv_rows()
     if rows:
-        rows.append({**{k: "" for k in rows[0]}, "tenant_id": inv.tenant_id, "month": inv.month, "run_id": "TOTAL",
-                     "byte_seconds": inv.byte_seconds, "amount_usd": str(inv.total_usd)})
+        rows.append(
+            {
+                **{k: "" for k in rows[0]},
+                "tenant_id": inv.tenant_id,
+                "month": inv.month,
+                "run_id": "TOTAL",
+                "byte_seconds": inv.byte_seconds,
+                "amount_usd": str(inv.total_usd),
+            }
+        )
     return _csv(rows, f"invoice-{inv.tenant_id}-{inv.month}.csv")
 
 
@@ -162,17 +201,28 @@ class CurrentCheckpointStorageUsageResponse(Schema):
     data: list[CurrentCheckpointStorageUsageItem]
 
 
-@router.get("/api/v1/billing/usage/checkpoints/current", operation_id="tinker_current_checkpoint_storage_usage",
-            response_model=CurrentCheckpointStorageUsageResponse, tags=["tinker"])
+@router.get(
+    "/api/v1/billing/usage/checkpoints/current",
+    operation_id="tinker_current_checkpoint_storage_usage",
+    response_model=CurrentCheckpointStorageUsageResponse,
+    tags=["tinker"],
+)
 def tinker_current_usage(principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep) -> CurrentCheckpointStorageUsageResponse:
     """One item per tenant (all tenants for an admin key, the caller's own otherwise); gross 720-hour projection."""
     tid = scope_tenant(session, principal, None)
     prices = metering.pricing(session, ctx.settings)
     rows = metering.current(session, prices, now=ctx.clock.now(), group_by=("tenant_id",), tenant_id=tid)
-    data = [CurrentCheckpointStorageUsageItem(
-        project_id=r.key["tenant_id"], user_name=r.key["tenant_id"], checkpoint_count=r.checkpoint_count,
-        size_bytes=r.logical_bytes, size_gigabytes=r.logical_bytes / metering.GB,
-        estimated_monthly_cost_usd=float(r.monthly_cost_usd)) for r in rows]
+    data = [
+        CurrentCheckpointStorageUsageItem(
+            project_id=r.key["tenant_id"],
+            user_name=r.key["tenant_id"],
+            checkpoint_count=r.checkpoint_count,
+            size_bytes=r.logical_bytes,
+            size_gigabytes=r.logical_bytes / metering.GB,
+            estimated_monthly_cost_usd=float(r.monthly_cost_usd),
+        )
+        for r in rows
+    ]
     total_bytes = sum(r.logical_bytes for r in rows)
     if total_bytes:
         rate = float(sum(r.monthly_cost_exact_usd for r in rows) / total_bytes * metering.GB)

@@ -115,11 +115,25 @@ def job_public(session: Session, job: ExportJob) -> ExportJobPublic:
     out = None
     if src and job.output_name:
         out = str(TinkerPath(TinkerPath.parse(src).run_id, exportjobs.TARGETS[job.target], job.output_name))
-    return ExportJobPublic(job_id=job.id, batch_id=job.batch_id, state=job.state, source=src, target=job.target,
-                           base_model=job.base_model, output_path=out, result=exportjobs.result_path(session, job),
-                           progress_bytes=job.progress_bytes, total_bytes=job.total_bytes, attempts=job.attempts,
-                           created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-                           not_before=job.not_before, verification=job.verification, error=job.error)
+    return ExportJobPublic(
+        job_id=job.id,
+        batch_id=job.batch_id,
+        state=job.state,
+        source=src,
+        target=job.target,
+        base_model=job.base_model,
+        output_path=out,
+        result=exportjobs.result_path(session, job),
+        progress_bytes=job.progress_bytes,
+        total_bytes=job.total_bytes,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        not_before=job.not_before,
+        verification=job.verification,
+        error=job.error,
+    )
 
 
 def _opts(options: ExportOptions | None) -> dict[str, Any] | None:
@@ -131,24 +145,45 @@ def _opts(options: ExportOptions | None) -> dict[str, Any] | None:
 def create_export(body: ExportCreate, principal: WriterPrincipal, ctx: CtxDep, session: SessionDep) -> ExportJobPublic:
     """Queue an export. The same request twice returns the same job (a failed or cancelled one is
     queued again)."""
-    job = exportjobs.submit(ctx, principal, body.source, target=body.target, base_model=body.base_model,
-                            output_name=body.output_name, options=_opts(body.options))
+    job = exportjobs.submit(
+        ctx,
+        principal,
+        body.source,
+        target=body.target,
+        base_model=body.base_model,
+        output_name=body.output_name,
+        options=_opts(body.options),
+    )
     return job_public(session, job)
 
 
 @router.post("/exports/batch", operation_id="create_export_batch", status_code=202, response_model=ExportBatchPublic)
-def create_export_batch(body: ExportBatchCreate, principal: WriterPrincipal, ctx: CtxDep,
-                        session: SessionDep) -> ExportBatchPublic:
-    batch_id, jobs = exportjobs.submit_batch(ctx, principal, target=body.target, sources=body.sources,
-                                             run_id=body.run_id, kind=body.kind, name_pattern=body.name_pattern,
-                                             base_model=body.base_model, options=_opts(body.options))
+def create_export_batch(
+    body: ExportBatchCreate, principal: WriterPrincipal, ctx: CtxDep, session: SessionDep
+) -> ExportBatchPublic:
+    batch_id, jobs = exportjobs.submit_batch(
+        ctx,
+        principal,
+        target=body.target,
+        sources=body.sources,
+        run_id=body.run_id,
+        kind=body.kind,
+        name_pattern=body.name_pattern,
+        base_model=body.base_model,
+        options=_opts(body.options),
+    )
     return ExportBatchPublic(batch_id=batch_id, jobs=[job_public(session, j) for j in jobs])
 
 
 @router.get("/exports", operation_id="list_exports", response_model=ExportJobsPublic)
-def list_exports(principal: CurrentPrincipal, session: SessionDep, state: str | None = None,
-                 batch_id: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                 offset: Offset = 0) -> ExportJobsPublic:
+def list_exports(
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    state: str | None = None,
+    batch_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Offset = 0,
+) -> ExportJobsPublic:
     rows, total = exportjobs.list_jobs(session, principal, state=state, batch_id=batch_id, limit=limit, offset=offset)
     return ExportJobsPublic(jobs=[job_public(session, j) for j in rows], total_count=total)
 
@@ -167,19 +202,35 @@ def cancel_export(job_id: str, principal: WriterPrincipal, ctx: CtxDep, session:
 def base_public(session: Session, row: BaseModelRow, *, detail: bool, now: datetime | None = None) -> BaseModelPublic:
     files = usage = None
     if detail:
-        files = [BaseModelFileDecl(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256)
-                 for f in basemodels.files_of(session, row.name)]
+        files = [
+            BaseModelFileDecl(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256)
+            for f in basemodels.files_of(session, row.name)
+        ]
         usage = basemodels.usage(session, row.name, now=now)
-    return BaseModelPublic(name=row.name, architecture=row.architecture, size_bytes=row.size_bytes,
-                           created_at=row.created_at, files=files, usage=usage)
+    return BaseModelPublic(
+        name=row.name,
+        architecture=row.architecture,
+        size_bytes=row.size_bytes,
+        created_at=row.created_at,
+        files=files,
+        usage=usage,
+    )
 
 
-@router.put("/base-model-blobs/{sha256}", operation_id="put_base_model_blob", response_model=BlobReceipt,
-            openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string",
-                                                                                                  "format": "binary"}}},
-                                           "required": True}})
-async def put_base_model_blob(sha256: str, size: Annotated[int, Query(ge=0)], request: Request,
-                              principal: AdminPrincipal, ctx: CtxDep) -> BlobReceipt:
+@router.put(
+    "/base-model-blobs/{sha256}",
+    operation_id="put_base_model_blob",
+    response_model=BlobReceipt,
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "required": True,
+        }
+    },
+)
+async def put_base_model_blob(
+    sha256: str, size: Annotated[int, Query(ge=0)], request: Request, principal: AdminPrincipal, ctx: CtxDep
+) -> BlobReceipt:
     """Send one base-model file (admin). Stored only if size and sha256 match; already-stored
     bytes are not sent again (the request body is drained and ignored)."""
     from weightstore.names import check_sha256
@@ -210,16 +261,15 @@ async def put_base_model_blob(sha256: str, size: Annotated[int, Query(ge=0)], re
 def create_base_model(body: BaseModelCreate, principal: AdminPrincipal, ctx: CtxDep, request: Request) -> BaseModelPublic:
     """Register a base model from its manifest. Files whose bytes are not stored yet are listed in
     a 400 ``upload_incomplete`` error (``details.missing``: sha256s to PUT to /v1/base-model-blobs)."""
-    row = basemodels.register_manifest(ctx, principal, body.name, [(f.path, f.size_bytes, f.sha256) for f in body.files],
-                                       request_id=request_id_of(request))
-    return BaseModelPublic(name=row.name, architecture=row.architecture, size_bytes=row.size_bytes,
-                           created_at=row.created_at)
+    row = basemodels.register_manifest(
+        ctx, principal, body.name, [(f.path, f.size_bytes, f.sha256) for f in body.files], request_id=request_id_of(request)
+    )
+    return BaseModelPublic(name=row.name, architecture=row.architecture, size_bytes=row.size_bytes, created_at=row.created_at)
 
 
 @router.get("/base-models", operation_id="list_base_models", response_model=BaseModelsPublic)
 def list_base_models(principal: CurrentPrincipal, session: SessionDep) -> BaseModelsPublic:
-    return BaseModelsPublic(base_models=[base_public(session, r, detail=False)
-                                         for r in basemodels.list_base_models(session)])
+    return BaseModelsPublic(base_models=[base_public(session, r, detail=False) for r in basemodels.list_base_models(session)])
 
 
 @router.get("/base-models/{name:path}", operation_id="get_base_model", response_model=BaseModelPublic)

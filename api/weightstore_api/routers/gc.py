@@ -66,14 +66,24 @@ class DefaultTTLPublic(BaseModel):
 
 
 def _public(row: Any) -> GcRunPublic:
-    return GcRunPublic(id=row.id, phases=row.phases.split(","), dry_run=row.dry_run, state=row.state,
-                       started_at=row.started_at, finished_at=row.finished_at, owner=row.owner, plan=row.plan,
-                       stats=row.stats, findings=row.findings)
+    return GcRunPublic(
+        id=row.id,
+        phases=row.phases.split(","),
+        dry_run=row.dry_run,
+        state=row.state,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        owner=row.owner,
+        plan=row.plan,
+        stats=row.stats,
+        findings=row.findings,
+    )
 
 
 @router.get("/gc/runs", operation_id="list_gc_runs", response_model=GcRunsPublic)
-def list_gc_runs(_: AdminPrincipal, ctx: CtxDep, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                 offset: Offset = 0) -> GcRunsPublic:
+def list_gc_runs(
+    _: AdminPrincipal, ctx: CtxDep, limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Offset = 0
+) -> GcRunsPublic:
     return GcRunsPublic(runs=[_public(r) for r in runner.list_runs(ctx, limit=limit, offset=offset)])
 
 
@@ -95,19 +105,28 @@ async def create_gc_run(body: GcRunCreate, _: AdminPrincipal, ctx: CtxDep) -> Gc
 
 
 @router.post("/checkpoints/{checkpoint_id}/restore", operation_id="restore_checkpoint", response_model=CheckpointPublic)
-def restore(checkpoint_id: str, body: RestoreCreate, principal: AdminPrincipal, ctx: CtxDep, session: SessionDep,
-            request: Request) -> CheckpointPublic:
+def restore(
+    checkpoint_id: str, body: RestoreCreate, principal: AdminPrincipal, ctx: CtxDep, session: SessionDep, request: Request
+) -> CheckpointPublic:
     """Undo an expiry (until the collector releases the checkpoint, one grace period after it expired)."""
-    ckpt = restore_checkpoint(session, principal, checkpoint_id, settings=ctx.settings, now=ctx.clock.now(),
-                              ttl_seconds=body.ttl_seconds, request_id=request_id_of(request))
+    ckpt = restore_checkpoint(
+        session,
+        principal,
+        checkpoint_id,
+        settings=ctx.settings,
+        now=ctx.clock.now(),
+        ttl_seconds=body.ttl_seconds,
+        request_id=request_id_of(request),
+    )
     return checkpoint_public(ckpt)
 
 
 @router.put("/tenants/{tenant}/default-ttl", operation_id="set_tenant_default_ttl", response_model=DefaultTTLPublic)
 def put_default_ttl(tenant: str, body: DefaultTTLUpdate, _: AdminPrincipal, ctx: CtxDep, session: SessionDep) -> DefaultTTLPublic:
     t = set_default_ttl(session, tenant, settings=ctx.settings, training=body.training_seconds, sampler=body.sampler_seconds)
-    return DefaultTTLPublic(tenant=t.name, training_seconds=t.default_ttl_training_seconds,
-                            sampler_seconds=t.default_ttl_sampler_seconds)
+    return DefaultTTLPublic(
+        tenant=t.name, training_seconds=t.default_ttl_training_seconds, sampler_seconds=t.default_ttl_sampler_seconds
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -41,15 +41,25 @@ STREAM_BATCH = 8 * 1024 * 1024  # hop to a worker thread once per 8 MiB, not onc
 # --- runs -------------------------------------------------------------------------------------
 @router.post("/runs", operation_id="create_run", status_code=201, response_model=RunPublic)
 def create_run(body: RunCreate, principal: WriterPrincipal, ctx: CtxDep, session: SessionDep, request: Request) -> RunPublic:
-    run = runs.create_run(session, principal, base_model=body.base_model, now=ctx.clock.now(), run_id=body.run_id,
-                          lora_rank=body.lora_rank, train_mlp=body.train_mlp, train_attn=body.train_attn,
-                          train_unembed=body.train_unembed, user_metadata=body.user_metadata)
+    run = runs.create_run(
+        session,
+        principal,
+        base_model=body.base_model,
+        now=ctx.clock.now(),
+        run_id=body.run_id,
+        lora_rank=body.lora_rank,
+        train_mlp=body.train_mlp,
+        train_attn=body.train_attn,
+        train_unembed=body.train_unembed,
+        user_metadata=body.user_metadata,
+    )
     return run_public(run)
 
 
 @router.get("/runs", operation_id="list_runs", response_model=RunsPublic)
-def list_runs(principal: CurrentPrincipal, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-              offset: Offset = 0) -> RunsPublic:
+def list_runs(
+    principal: CurrentPrincipal, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Offset = 0
+) -> RunsPublic:
     rows, total = runs.list_runs(session, principal, limit=limit, offset=offset)
     return RunsPublic(runs=[run_public(r) for r in rows], total_count=total)
 
@@ -63,21 +73,37 @@ def get_run(run_id: str, principal: CurrentPrincipal, session: SessionDep) -> Ru
 @router.post("/uploads", operation_id="declare_upload", status_code=201, response_model=UploadPublic)
 def declare_upload(body: UploadCreate, principal: WriterPrincipal, ctx: CtxDep) -> UploadPublic:
     req = uploads.UploadRequest(
-        run_id=body.run_id, kind=body.kind, name=body.name, ttl_seconds=body.ttl_seconds, overwrite=body.overwrite,
-        user_metadata=body.user_metadata, transfer=body.transfer,
-        files=[uploads.DeclaredFile(f.path, f.size_bytes, f.sha256) for f in body.files])
+        run_id=body.run_id,
+        kind=body.kind,
+        name=body.name,
+        ttl_seconds=body.ttl_seconds,
+        overwrite=body.overwrite,
+        user_metadata=body.user_metadata,
+        transfer=body.transfer,
+        files=[uploads.DeclaredFile(f.path, f.size_bytes, f.sha256) for f in body.files],
+    )
     ans = uploads.declare(ctx, principal, req)
-    return UploadPublic(upload_id=ans.upload_id, expires_at=ans.expires_at, tinker_path=ans.tinker_path,
-                        bytes_to_send=ans.bytes_to_send,
-                        files=[FileAnswerPublic(**vars(f)) for f in ans.files])
+    return UploadPublic(
+        upload_id=ans.upload_id,
+        expires_at=ans.expires_at,
+        tinker_path=ans.tinker_path,
+        bytes_to_send=ans.bytes_to_send,
+        files=[FileAnswerPublic(**vars(f)) for f in ans.files],
+    )
 
 
-@router.put("/uploads/{upload_id}/files/{path:path}", operation_id="stream_upload_file", response_model=FileReceipt,
-            openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string",
-                                                                                                  "format": "binary"}}},
-                                           "required": True}})
-async def stream_upload_file(upload_id: str, path: str, request: Request, principal: WriterPrincipal,
-                             ctx: CtxDep) -> FileReceipt:
+@router.put(
+    "/uploads/{upload_id}/files/{path:path}",
+    operation_id="stream_upload_file",
+    response_model=FileReceipt,
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "required": True,
+        }
+    },
+)
+async def stream_upload_file(upload_id: str, path: str, request: Request, principal: WriterPrincipal, ctx: CtxDep) -> FileReceipt:
     """Send one declared file's bytes through the service. The object becomes visible only if
     size and sha256 match the declaration."""
     writer = await run_in_threadpool(uploads.open_stream, ctx, principal, upload_id, path)
@@ -104,8 +130,9 @@ async def stream_upload_file(upload_id: str, path: str, request: Request, princi
 def commit_upload(upload_id: str, principal: WriterPrincipal, ctx: CtxDep, request: Request) -> CommitPublic:
     res = uploads.commit(ctx, principal, upload_id, request_id=request_id_of(request))
     CHECKPOINTS_COMMITTED.labels(res.checkpoint.kind).inc()
-    return CommitPublic(tinker_path=res.tinker_path, checkpoint=checkpoint_public(res.checkpoint),
-                        bytes_received=res.bytes_received)
+    return CommitPublic(
+        tinker_path=res.tinker_path, checkpoint=checkpoint_public(res.checkpoint), bytes_received=res.bytes_received
+    )
 
 
 @router.delete("/uploads/{upload_id}", operation_id="abort_upload", status_code=204)
@@ -115,26 +142,36 @@ def abort_upload(upload_id: str, principal: WriterPrincipal, ctx: CtxDep) -> Non
 
 # --- checkpoints ------------------------------------------------------------------------------
 @router.get("/checkpoints", operation_id="list_checkpoints", response_model=CheckpointsPublic)
-def list_checkpoints(principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep, run_id: str | None = None,
-                     kind: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                     offset: Offset = 0) -> CheckpointsPublic:
-    rows, total = checkpoints.list_checkpoints(session, principal, now=ctx.clock.now(), run_id=run_id, kind=kind,
-                                               limit=limit, offset=offset)
+def list_checkpoints(
+    principal: CurrentPrincipal,
+    ctx: CtxDep,
+    session: SessionDep,
+    run_id: str | None = None,
+    kind: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Offset = 0,
+) -> CheckpointsPublic:
+    rows, total = checkpoints.list_checkpoints(
+        session, principal, now=ctx.clock.now(), run_id=run_id, kind=kind, limit=limit, offset=offset
+    )
     return CheckpointsPublic(checkpoints=[checkpoint_public(c) for c in rows], total_count=total)
 
 
 @router.get("/checkpoints/{run_id}/{segment}/{name}", operation_id="get_checkpoint", response_model=CheckpointPublic)
-def get_checkpoint(run_id: str, segment: str, name: str, principal: CurrentPrincipal, ctx: CtxDep,
-                   session: SessionDep) -> CheckpointPublic:
+def get_checkpoint(
+    run_id: str, segment: str, name: str, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep
+) -> CheckpointPublic:
     path = TinkerPath.from_checkpoint_id(run_id, f"{segment}/{name}")
     ckpt = checkpoints.get_for(session, principal, path, now=ctx.clock.now(), allow_public=True)
     return checkpoint_public(ckpt, session)
 
 
-@router.get("/checkpoints/{run_id}/{segment}/{name}/files", operation_id="get_checkpoint_file_urls",
-            response_model=FileUrlsPublic)
-def get_checkpoint_file_urls(run_id: str, segment: str, name: str, principal: CurrentPrincipal, ctx: CtxDep,
-                             session: SessionDep) -> FileUrlsPublic:
+@router.get(
+    "/checkpoints/{run_id}/{segment}/{name}/files", operation_id="get_checkpoint_file_urls", response_model=FileUrlsPublic
+)
+def get_checkpoint_file_urls(
+    run_id: str, segment: str, name: str, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep
+) -> FileUrlsPublic:
     """Short-lived presigned GET URLs, one per file, with size and sha256 to verify against."""
     path = TinkerPath.from_checkpoint_id(run_id, f"{segment}/{name}")
     now = ctx.clock.now()
@@ -144,19 +181,28 @@ def get_checkpoint_file_urls(run_id: str, segment: str, name: str, principal: Cu
 
 
 @router.delete("/checkpoints/{run_id}/{segment}/{name}", operation_id="delete_checkpoint", status_code=204)
-def delete_checkpoint(run_id: str, segment: str, name: str, principal: WriterPrincipal, ctx: CtxDep,
-                      session: SessionDep, request: Request) -> None:
+def delete_checkpoint(
+    run_id: str, segment: str, name: str, principal: WriterPrincipal, ctx: CtxDep, session: SessionDep, request: Request
+) -> None:
     path = TinkerPath.from_checkpoint_id(run_id, f"{segment}/{name}")
     checkpoints.delete(session, principal, path, now=ctx.clock.now(), request_id=request_id_of(request))
 
 
-@router.put("/checkpoints/{run_id}/{segment}/{name}/ttl", operation_id="set_checkpoint_ttl",
-            response_model=CheckpointPublic)
-def set_checkpoint_ttl(run_id: str, segment: str, name: str, body: TTLUpdate, principal: WriterPrincipal,
-                       ctx: CtxDep, session: SessionDep, request: Request) -> CheckpointPublic:
+@router.put("/checkpoints/{run_id}/{segment}/{name}/ttl", operation_id="set_checkpoint_ttl", response_model=CheckpointPublic)
+def set_checkpoint_ttl(
+    run_id: str,
+    segment: str,
+    name: str,
+    body: TTLUpdate,
+    principal: WriterPrincipal,
+    ctx: CtxDep,
+    session: SessionDep,
+    request: Request,
+) -> CheckpointPublic:
     path = TinkerPath.from_checkpoint_id(run_id, f"{segment}/{name}")
-    ckpt = checkpoints.set_ttl(session, principal, path, body.ttl_seconds, settings=ctx.settings, now=ctx.clock.now(),
-                               request_id=request_id_of(request))
+    ckpt = checkpoints.set_ttl(
+        session, principal, path, body.ttl_seconds, settings=ctx.settings, now=ctx.clock.now(), request_id=request_id_of(request)
+    )
     return checkpoint_public(ckpt)
 
 

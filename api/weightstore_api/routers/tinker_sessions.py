@@ -42,10 +42,12 @@ POLL_INTERVAL_SECONDS = 0.2
 
 @router.post("/create_session", operation_id="tinker_create_session", response_model=CreateSessionPublic)
 def create_session(body: CreateSessionBody, principal: CurrentPrincipal, ctx: CtxDep) -> CreateSessionPublic:
-    sid = tinker_sessions.create_session(ctx, principal, user_metadata=body.user_metadata, tags=body.tags,
-                                       project_id=body.project_id)
-    return CreateSessionPublic(session_id=sid, info_message="weightstore: storage and export only; "
-                                                            "training and sampling are not available")
+    sid = tinker_sessions.create_session(
+        ctx, principal, user_metadata=body.user_metadata, tags=body.tags, project_id=body.project_id
+    )
+    return CreateSessionPublic(
+        session_id=sid, info_message="weightstore: storage and export only; training and sampling are not available"
+    )
 
 
 @router.post("/session_heartbeat", operation_id="tinker_session_heartbeat")
@@ -58,8 +60,7 @@ def session_heartbeat(body: SessionIdBody, principal: CurrentPrincipal, ctx: Ctx
 
 
 @router.post("/sessions/{session_id}/finish", operation_id="tinker_finish_session")
-def finish_session(session_id: str, principal: CurrentPrincipal, ctx: CtxDep,
-                   body: FinishBody | None = None) -> dict[str, str]:
+def finish_session(session_id: str, principal: CurrentPrincipal, ctx: CtxDep, body: FinishBody | None = None) -> dict[str, str]:
     reason = (body.reason or {}).get("type") if body is not None else None
     tinker_sessions.finish_session(ctx, principal, session_id, str(reason) if reason else None)
     return {"status": "finished"}
@@ -70,24 +71,40 @@ def load_weights(body: LoadWeightsBody, principal: WriterPrincipal, ctx: CtxDep)
     """Create-via-load only (``session_id`` + ``model_seq_id``): loading into a live model is training."""
     if body.session_id is None or body.model_seq_id is None:
         raise Unsupported("loading weights into an existing model is training, which weightstore does not do")
-    request_id, model_id = tinker_sessions.load_weights(ctx, principal, session_id=body.session_id,
-                                                      model_seq_id=body.model_seq_id, path=body.path,
-                                                      base_model=body.base_model, user_metadata=body.user_metadata)
+    request_id, model_id = tinker_sessions.load_weights(
+        ctx,
+        principal,
+        session_id=body.session_id,
+        model_seq_id=body.model_seq_id,
+        path=body.path,
+        base_model=body.base_model,
+        user_metadata=body.user_metadata,
+    )
     return FuturePublic(request_id=request_id, model_id=model_id)
 
 
 @router.post("/get_info", operation_id="tinker_get_info", response_model=GetInfoPublic)
 def get_info(body: ModelIdBody, principal: CurrentPrincipal, ctx: CtxDep) -> GetInfoPublic:
     info = tinker_sessions.get_info(ctx, principal, body.model_id)
-    return GetInfoPublic(model_data=ModelDataPublic(model_name=info.base_model, tokenizer_id=info.base_model),
-                         model_id=info.model_id, is_lora=True, lora_rank=info.lora_rank, model_name=info.base_model)
+    return GetInfoPublic(
+        model_data=ModelDataPublic(model_name=info.base_model, tokenizer_id=info.base_model),
+        model_id=info.model_id,
+        is_lora=True,
+        lora_rank=info.lora_rank,
+        model_name=info.base_model,
+    )
 
 
 @router.post("/save_weights_external", operation_id="tinker_save_weights_external", response_model=FuturePublic)
 def save_weights_external(body: SaveExternalBody, principal: WriterPrincipal, ctx: CtxDep) -> FuturePublic:
-    request_id = tinker_sessions.save_weights_external(ctx, principal, model_id=body.model_id, name=body.path,
-                                                     ttl_seconds=body.ttl_seconds,
-                                                     age_recipients=body.age_encryption_recipients)
+    request_id = tinker_sessions.save_weights_external(
+        ctx,
+        principal,
+        model_id=body.model_id,
+        name=body.path,
+        ttl_seconds=body.ttl_seconds,
+        age_recipients=body.age_encryption_recipients,
+    )
     return FuturePublic(request_id=request_id, model_id=body.model_id)
 
 
@@ -106,21 +123,38 @@ def retrieve_future(body: RetrieveFutureBody, principal: CurrentPrincipal, ctx: 
 
 
 def _unsupported(what: str) -> None:
-    raise Unsupported(f"{what} is not supported: weightstore stores and exports checkpoints, it does not "
-                      "train or sample (use a Tinker service for that)")
+    raise Unsupported(
+        f"{what} is not supported: weightstore stores and exports checkpoints, it does not "
+        "train or sample (use a Tinker service for that)"
+    )
 
 
 # Training and sampling endpoints of the SDK: a clear, non-retried 400 instead of a 404 or a hang.
-for _path, _what in [("/create_model", "creating a model"), ("/forward_backward", "forward_backward"),
-                     ("/forward", "forward"), ("/optim_step", "optim_step"), ("/save_weights", "save_state"),
-                     ("/save_weights_for_sampler", "save_weights_for_sampler"), ("/asample", "sampling"),
-                     ("/create_sampling_session", "sampling"), ("/join_sampling_session", "sampling"),
-                     ("/create_custom_loss", "custom losses"), ("/unload_model", "unload_model"),
-                     ("/retrieve_futures", "batched retrieve_futures")]:
+for _path, _what in [
+    ("/create_model", "creating a model"),
+    ("/forward_backward", "forward_backward"),
+    ("/forward", "forward"),
+    ("/optim_step", "optim_step"),
+    ("/save_weights", "save_state"),
+    ("/save_weights_for_sampler", "save_weights_for_sampler"),
+    ("/asample", "sampling"),
+    ("/create_sampling_session", "sampling"),
+    ("/join_sampling_session", "sampling"),
+    ("/create_custom_loss", "custom losses"),
+    ("/unload_model", "unload_model"),
+    ("/retrieve_futures", "batched retrieve_futures"),
+]:
+
     def _handler(principal: CurrentPrincipal, _what: str = _what) -> None:
         _unsupported(_what)
 
-    router.add_api_route(_path, _handler, methods=["POST"], operation_id="tinker_unsupported" + _path.replace("/", "_"),
-                         responses={400: {"description": "Unsupported here"}}, include_in_schema=True)
+    router.add_api_route(
+        _path,
+        _handler,
+        methods=["POST"],
+        operation_id="tinker_unsupported" + _path.replace("/", "_"),
+        responses={400: {"description": "Unsupported here"}},
+        include_in_schema=True,
+    )
 
 __all__ = ["InvalidRequest", "router"]
