@@ -29,6 +29,7 @@ COPY pyproject.toml README.md ./
 COPY weightstore ./weightstore
 COPY api ./api
 COPY gc ./gc
+COPY cli ./cli
 # Migrations are not part of the wheel: `weightstore migrate` (or serve with WEIGHTSTORE_AUTO_MIGRATE=true) reads them here.
 COPY alembic.ini ./
 COPY alembic ./alembic

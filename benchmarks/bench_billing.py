@@ -338,7 +338,7 @@ def main() -> None:
             results["SQLite"] = measure(f"sqlite:///{path}")
             print(results["SQLite"], flush=True)
     if not args.skip_pg:
-        from weightstore.localpg import LocalPostgres
+        from tests.support.localpg import LocalPostgres
 
         with LocalPostgres() as pg:
             url = pg.create_database("bench")  # type: ignore[attr-defined]

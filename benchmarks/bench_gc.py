@@ -10,7 +10,7 @@
      labelled as such.
 2. Full collector pass over a catalog of M checkpoints of which 10 % expired longer than one grace
    period ago (so the one pass expires, releases and sweeps them: every phase does work), on SQLite
-   and PostgreSQL (a throw-away cluster via ``weightstore.localpg.LocalPostgres``, started here):
+   and PostgreSQL (a throw-away cluster via ``tests.support.localpg.LocalPostgres``, started here):
    wall time and peak RSS, each in a fresh subprocess. The catalog is built with bulk inserts; the
    object store is a stub (empty listing, deletes succeed) so the figure is the catalog side; the
    store side is figure 1.
@@ -61,15 +61,14 @@ def _catalog_blobs(url: str, shas: list[str], at: datetime) -> None:
 
 
 def bench_sweep(n: int, per_key_sample: int, raw_sample: int) -> dict[str, Any]:
-    from weightstore_gc import run
-    from weightstore_gc.phases import DELETE_CONCURRENCY
-
     from weightstore import db
     from weightstore.clock import FakeClock
     from weightstore.context import Context
     from weightstore.embedded import SeaweedFS, ensure_bucket
     from weightstore.objectstore import BLOB_PREFIX, ObjectStore, S3Location, blob_key
     from weightstore.settings import Settings
+    from weightstore_gc import run
+    from weightstore_gc.phases import DELETE_CONCURRENCY
 
     out: dict[str, Any] = {"n": n, "per_key_sample": per_key_sample, "raw_sample": raw_sample, "concurrency": DELETE_CONCURRENCY}
     with tempfile.TemporaryDirectory() as d:
@@ -141,13 +140,13 @@ def _peak_rss_mib() -> float:
 def _catalog_pass(url: str, m: int) -> dict[str, float]:
     """Runs in a fresh process: build the catalog in bulk, then one full collector pass."""
     import sqlalchemy as sa
-    from weightstore_gc import run
 
     from weightstore import db
     from weightstore.clock import FakeClock
     from weightstore.context import Context
     from weightstore.models import Blob, Checkpoint, CheckpointFile, Tenant, TrainingRun, UsageEvent
     from weightstore.settings import Settings
+    from weightstore_gc import run
 
     settings = Settings(database_url=url, log_json=False)
     db.upgrade(url)
@@ -285,7 +284,7 @@ def main() -> None:
         backends["SQLite"] = bench_catalog(f"sqlite:///{d}/bench.db", args.m)
     print(json.dumps(backends), flush=True)
     if not args.no_pg:
-        from weightstore.localpg import LocalPostgres
+        from tests.support.localpg import LocalPostgres
 
         with LocalPostgres() as pg:
             backends["PostgreSQL"] = bench_catalog(pg.create_database("bench_gc"), args.m)

@@ -124,7 +124,7 @@ def main() -> None:
         }
         log_path = work / "serve.log"
         log = open(log_path, "w")  # noqa: SIM115 - a file, not a pipe: a full pipe would stall the server
-        server = subprocess.Popen([sys.executable, "-m", "weightstore.cli", "serve"], env=env, stderr=log, stdout=log, text=True)
+        server = subprocess.Popen([sys.executable, "-m", "weightstore_cli", "serve"], env=env, stderr=log, stdout=log, text=True)
         admin = None
         for _ in range(600):
             found = [ln for ln in log_path.read_text().splitlines() if "bootstrap admin key" in ln]

@@ -16,7 +16,7 @@ Fixtures
 ``s3_bucket`` (function)
     Name of a fresh, empty bucket on ``s3_server``; emptied and deleted afterwards.
 ``pg_server`` (session)
-    A started :class:`~weightstore.localpg.LocalPostgres`. Tests using it are
+    A started :class:`~tests.support.localpg.LocalPostgres`. Tests using it are
     skipped when ``WEIGHTSTORE_TEST_PG=0``.
 ``pg_url`` (function)
     SQLAlchemy URL of a fresh database on ``pg_server``, dropped afterwards.
@@ -37,8 +37,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.localpg import LocalPostgres
 from weightstore.embedded import SeaweedFS, ensure_bucket
-from weightstore.localpg import LocalPostgres
 
 __all__ = ["S3Config"]
 

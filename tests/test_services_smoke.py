@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from botocore.exceptions import ClientError
 
 from tests.fixtures_services import S3Config
+from tests.support.localpg import LocalPostgres
 from weightstore.embedded import SeaweedFS
-from weightstore.localpg import LocalPostgres
 
 # A plain opener: loopback requests must not go through a proxy from the environment.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))

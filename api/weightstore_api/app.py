@@ -1,14 +1,12 @@
 """The FastAPI application: middleware, the error table, health/metrics, and every router.
 
-Routers are the modules of ``weightstore_api.routers`` that expose ``router``; each module owns one
-resource (native, tinker, admin, billing, exports, gc). ``create_app`` takes a ready ``Context``
+``ROUTERS`` below is the whole HTTP surface: one module per resource, included in this order
+(route matching is first-match, so the order is part of the contract). ``create_app`` takes a ready ``Context``
 so tests and ``weightstore serve`` decide where the catalog and the object store are.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -22,16 +20,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from weightstore.context import Context
 from weightstore.errors import WeightstoreError
 
-from . import routers as routers_pkg
 from .errors import http_error_handler, validation_error_handler, weightstore_error_handler
 from .observability import REGISTRY, request_context
+from .routers import admin, billing, exports, gc, native, tinker, tinker_sessions
 
 # A background service started with the app and stopped with it: returns its stop function.
 Background = Callable[[Context], Callable[[], None]]
 
 
-def _router_modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(routers_pkg.__path__) if not m.name.startswith("_"))
+ROUTERS = (admin.router, billing.router, exports.router, gc.router, native.router, tinker.router, tinker_sessions.router)
 
 
 def create_app(ctx: Context, *, background: Sequence[Background] = ()) -> FastAPI:
@@ -90,10 +87,8 @@ def create_app(ctx: Context, *, background: Sequence[Background] = ()) -> FastAP
     def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    for name in _router_modules():
-        module = importlib.import_module(f"{routers_pkg.__name__}.{name}")
-        if hasattr(module, "router"):
-            app.include_router(module.router)
-        if hasattr(module, "install"):  # routers that need more than include_router (static files, ...)
-            module.install(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    admin.install(app)  # static files and the sign-in redirect need more than include_router
+    gc.install(app)  # the collector's metrics join /metrics
     return app

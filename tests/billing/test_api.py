@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.billing.ledger_builder import LedgerBuilder
-from weightstore.cli import app as cli_app
+from weightstore_cli import app as cli_app
 
 GB = 10**9
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 
-from weightstore_gc import verify
-
 from weightstore import auth, checkpoints, runs, uploads
 from weightstore.auth import Principal
 from weightstore.context import Context
@@ -13,6 +11,7 @@ from weightstore.db import session_scope
 from weightstore.names import TinkerPath
 from weightstore.objectstore import blob_key
 from weightstore.uploads import DeclaredFile, UploadRequest
+from weightstore_gc import verify
 
 
 def principal(ctx: Context, key: str) -> Principal:

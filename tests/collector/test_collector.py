@@ -7,7 +7,6 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
-from weightstore_gc import lease, restore_checkpoint, run, verify
 
 from tests.collector._util import assert_verified, delete, download, new_run, object_exists, principal, save
 from tests.helpers import sampler_files
@@ -15,6 +14,7 @@ from weightstore.db import session_scope
 from weightstore.errors import InvalidRequest, LeaseHeld, LeaseLost, NotFound
 from weightstore.models import Blob, BlobState, Checkpoint, GcRun, Lease, UsageEvent
 from weightstore.objectstore import blob_key
+from weightstore_gc import lease, restore_checkpoint, run, verify
 
 HOUR = 3600
 

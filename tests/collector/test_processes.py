@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from weightstore_gc import run
 
 from tests.collector._util import assert_verified, delete, download, new_run, object_exists, principal, save
 from tests.helpers import sampler_files
 from weightstore.db import session_scope
 from weightstore.models import Blob
+from weightstore_gc import run
 
-CLI = [sys.executable, "-c", "from weightstore.cli import main; main()"]
+CLI = [sys.executable, "-c", "from weightstore_cli import main; main()"]
 
 
 def _env(ctx, tmp_path: Path, **extra: str) -> dict[str, str]:  # type: ignore[no-untyped-def]

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from weightstore_gc import run
 
 from tests.collector._util import assert_verified, declare, delete, download, new_run, principal, save, send
 from tests.helpers import sampler_files
@@ -16,6 +15,7 @@ from weightstore import uploads
 from weightstore.db import session_scope
 from weightstore.errors import CatalogBusy, UploadIncomplete
 from weightstore.models import Blob
+from weightstore_gc import run
 
 
 def _garbage(ctx, keys, clock, seed):  # type: ignore[no-untyped-def]

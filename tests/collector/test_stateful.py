@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
-from weightstore_gc import run, verify
 
 from tests.collector._util import declare, delete, download, new_run, principal, save
 from tests.helpers import sampler_files
 from weightstore import checkpoints
 from weightstore.db import session_scope
 from weightstore.names import TinkerPath
+from weightstore_gc import run, verify
 
 HOUR = 3600
 

@@ -11,7 +11,6 @@ import hashlib
 import httpx
 import pytest
 import urllib3
-from weightstore_gc import run as gc_run
 
 from tests.api.test_bad_input import assert_error, assert_nothing_stored, decl
 from tests.helpers import sampler_files
@@ -20,6 +19,7 @@ from weightstore.db import session_scope
 from weightstore.models import Upload
 from weightstore.objectstore import STAGING_PREFIX, blob_key
 from weightstore.uploads import WRITER_META
+from weightstore_gc import run as gc_run
 
 
 def _declare(http: httpx.Client, run_id: str, name: str, files: dict[str, bytes]) -> dict:

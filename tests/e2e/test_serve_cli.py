@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import free_port
 from tests.helpers import state_files
 
-CLI = [sys.executable, "-m", "weightstore.cli"]
+CLI = [sys.executable, "-m", "weightstore_cli"]
 
 
 @pytest.fixture

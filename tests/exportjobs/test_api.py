@@ -10,11 +10,11 @@ import pytest
 import torch
 from sqlmodel import select
 
-from weightstore.cli.exports import upload_base_model, wait_for
 from weightstore.client import Client
 from weightstore.db import session_scope
 from weightstore.models import Checkpoint
 from weightstore.worker import start_in_process
+from weightstore_cli.exports import upload_base_model, wait_for
 
 from .builders import adapter_files, adapter_weights, reference_logits
 

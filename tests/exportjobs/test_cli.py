@@ -7,8 +7,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from weightstore.cli import app
 from weightstore.client import Client
+from weightstore_cli import app
 
 from .builders import adapter_files
 from .test_api import live  # noqa: F401 - fixture

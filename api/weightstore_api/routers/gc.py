@@ -9,11 +9,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
+
+from weightstore.errors import NotFound
 from weightstore_gc import restore_checkpoint, runner
 from weightstore_gc.metrics import ALL as GC_METRICS
 from weightstore_gc.tenant_ttl import set_default_ttl
-
-from weightstore.errors import NotFound
 
 from ..convert import checkpoint_public
 from ..deps import AdminPrincipal, CtxDep, Offset, SessionDep

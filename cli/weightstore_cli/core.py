@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from weightstore.cli._common import FORMAT_OPTION, KEY_OPTION, URL_OPTION, client, confirm, emit, err, handle_errors
+from weightstore_cli.common import FORMAT_OPTION, KEY_OPTION, URL_OPTION, client, confirm, emit, err, handle_errors
 
 keys_app = typer.Typer(help="API keys (admin).", no_args_is_help=True)
 runs_app = typer.Typer(help="Training runs.", no_args_is_help=True)
@@ -19,12 +19,12 @@ def serve() -> None:
     """Run the service (embedded default: SQLite + a local SeaweedFS under ./var; or the configured
     PostgreSQL and S3). Prints the URL and, on first start, a bootstrap admin key."""
     import uvicorn
-    from weightstore_api.app import create_app
-    from weightstore_api.observability import configure_logging
 
     from weightstore import auth, bootstrap
     from weightstore.db import session_scope
     from weightstore.settings import Settings
+    from weightstore_api.app import create_app
+    from weightstore_api.observability import configure_logging
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)

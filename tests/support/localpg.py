@@ -223,7 +223,7 @@ class LocalPostgres:
         }
         # Appending keeps the file's owner (postgres) even though we may be root.
         with (self.data_dir / "postgresql.conf").open("a") as conf:
-            conf.write("\n# added by weightstore.localpg (disposable test cluster)\n")
+            conf.write("\n# added by tests.support.localpg (disposable test cluster)\n")
             for key, value in settings.items():
                 conf.write(f"{key} = {value}\n")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import typer
 
-from weightstore.cli._common import FORMAT_OPTION, emit, err
+from weightstore_cli.common import FORMAT_OPTION, emit, err
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LEASE_HELD, EXIT_LEASE_LOST, EXIT_FINDINGS = 0, 1, 2, 3, 4, 5
 
@@ -73,9 +73,8 @@ def _human(key: str, v: Any) -> str:
 
 
 def _run(phases: list[str], dry_run: bool, fmt: str) -> None:
-    from weightstore_gc import runner
-
     from weightstore.errors import LeaseHeld, LeaseLost, WeightstoreError
+    from weightstore_gc import runner
 
     try:
         with _context() as ctx:

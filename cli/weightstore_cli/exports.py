@@ -10,8 +10,8 @@ from typing import Any
 
 import typer
 
-from weightstore.cli._common import FORMAT_OPTION, KEY_OPTION, URL_OPTION, client, confirm, emit, err, handle_errors
 from weightstore.errors import ExportFailed, UploadIncomplete, WeightstoreError
+from weightstore_cli.common import FORMAT_OPTION, KEY_OPTION, URL_OPTION, client, confirm, emit, err, handle_errors
 
 base_app = typer.Typer(help="Registered base models (Hugging Face layouts in the blob store).", no_args_is_help=True)
 exports_app = typer.Typer(help="Export jobs: list, show, cancel.", no_args_is_help=True)

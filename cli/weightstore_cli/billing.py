@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from weightstore.cli._common import FORMAT_OPTION, KEY_OPTION, URL_OPTION, client, emit, err, handle_errors
+from weightstore_cli.common import FORMAT_OPTION, KEY_OPTION, URL_OPTION, client, emit, err, handle_errors
 
 billing_app = typer.Typer(help="Storage usage and invoices (GB = 1e9 bytes; 1 GB-month = 720 GB-hours).", no_args_is_help=True)
 

@@ -1,0 +1,24 @@
+"""``weightstore`` command line: data on stdout, messages on stderr, ``--format json``, ``-y``.
+
+The CLI is the outermost layer: it may import the core (``weightstore``), the API app
+(``weightstore_api``, for ``serve``) and the collector (``weightstore_gc``); nothing imports it.
+Each command module below defines ``register(app)``; this list is the whole command surface.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from weightstore_cli import billing, core, exports, gc
+
+app = typer.Typer(
+    name="weightstore", no_args_is_help=True, add_completion=False, help="Checkpoint and weights storage for LoRA fine-tuning."
+)
+
+COMMAND_MODULES = (core, exports, gc, billing)  # registration order = order in `weightstore --help`
+for _module in COMMAND_MODULES:
+    _module.register(app)
+
+
+def main() -> None:
+    app()

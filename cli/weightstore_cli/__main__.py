@@ -1,0 +1,3 @@
+from weightstore_cli import main
+
+main()

@@ -1,3 +1,0 @@
-from weightstore.cli import main
-
-main()
