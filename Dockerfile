@@ -1,4 +1,4 @@
-# weightstore service image: CPU-only, runs as an unprivileged user.
+# weightstore service image: needs no GPU (exports run on CPU), runs as an unprivileged user.
 #
 # Without S3/database settings the service keeps everything under /var/lib/weightstore:
 # an embedded SeaweedFS (bound to loopback inside the container) and a SQLite catalog.
@@ -22,10 +22,18 @@ RUN groupadd --system --gid 10001 weightstore \
 
 WORKDIR /app
 
-# Metadata first, sources after, so editing code does not bust the layer cache of the
-# (large) dependency install more than necessary. torch==2.13.0 is pinned in
-# pyproject.toml next to transformers/peft, which keeps pip on the CPU wheel.
-COPY pyproject.toml README.md ./
+# Dependencies first, in a layer keyed on pyproject.toml alone, so that editing code (or the README)
+# reuses the cached install of torch and the rest. The list is read from [project].dependencies with
+# the standard library, so pyproject.toml stays the one place dependencies are named.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+
+# Sources after: only the project itself installs here (--no-deps: its dependencies are in the layer above).
+# The product only: tests, benchmarks, docs and tools stay out (see .dockerignore).
+COPY README.md ./
 COPY weightstore ./weightstore
 COPY api ./api
 COPY gc ./gc
@@ -33,7 +41,7 @@ COPY cli ./cli
 # Migrations are not part of the wheel: `weightstore migrate` (or serve with WEIGHTSTORE_AUTO_MIGRATE=true) reads them here.
 COPY alembic.ini ./
 COPY alembic ./alembic
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps .
 
 USER 10001:10001
 VOLUME ["/var/lib/weightstore"]

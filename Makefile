@@ -2,7 +2,7 @@
 #
 #   make test      install (if pyproject.toml changed), system packages (if missing), run pytest
 #   make serve     run the service (embedded SeaweedFS + SQLite unless configured otherwise)
-#   make lint      ruff + hadolint
+#   make lint      ruff check, ruff format --check, mypy, hadolint, README module map (CI runs it before test)
 #   make bench     run every benchmarks/bench_*.py in turn
 #
 # Tests start their own SeaweedFS and PostgreSQL (tests/fixtures_services.py); nothing needs
@@ -55,9 +55,13 @@ test: $(STAMP) sysdeps
 serve: $(STAMP)
 	$(VENV)/bin/weightstore serve $(SERVE_ARGS)
 
+# Fast checks first. mypy reads what to check (and how strictly) from [tool.mypy] in pyproject.toml.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint --failure-threshold warning Dockerfile
+	$(PY) tools/module_map.py --check
 
 # Each benchmark is its own module (run with -m from the repository root, so they can
 # import shared helpers from the benchmarks package); stop at the first failure.

@@ -44,9 +44,11 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from weightstore import db, intervals, metering
+from weightstore import db
+from weightstore.billing import aggregates, catalog, intervals, invoices, overview, units, usage
+from weightstore.billing.pricing import Pricing
 from weightstore.db import session_scope
-from weightstore.metering import Pricing
+from weightstore.models import UsageEventKind
 
 NOW = datetime(2026, 3, 20, tzinfo=UTC)
 START = NOW - timedelta(days=90)
@@ -210,38 +212,33 @@ def measure(url: str) -> dict[str, float]:
     out: dict[str, float] = {}
     with session_scope(engine) as s:
         out["invoice, largest tenant (20% of ledger)"] = timed(
-            lambda: metering.invoice(s, price, tenant_id="tenant-000", month="2026-02")
+            lambda: invoices.invoice(s, price, tenant_id="tenant-000", month="2026-02")
         )
-        out["invoice, typical tenant (0.8%)"] = timed(lambda: metering.invoice(s, price, tenant_id="tenant-042", month="2026-02"))
+        out["invoice, typical tenant (0.8%)"] = timed(lambda: invoices.invoice(s, price, tenant_id="tenant-042", month="2026-02"))
         out["tenant chart, 30 days by day (largest)"] = timed(
-            lambda: metering.usage(
+            lambda: usage.usage(
                 s,
                 price,
                 start=NOW - timedelta(days=30),
                 end=NOW,
                 group_by=(),
-                bucket_seconds=metering.DAY,
+                bucket_seconds=units.DAY,
                 tenant_id="tenant-000",
             )
         )
 
         def current_and_days() -> None:
-            if hasattr(metering, "overview"):
-                metering.overview(s, price, now=NOW, start=NOW - timedelta(days=14))
-            else:  # older code (this script also measures the previous commit for the "before" column)
-                metering.current(s, price, now=NOW)
-                metering.usage(s, price, start=NOW - timedelta(days=14), end=NOW, bucket_seconds=metering.DAY)
+            overview.overview(s, price, now=NOW, start=NOW - timedelta(days=14))
 
-        def overview() -> None:  # what /admin computes
+        def overview_page() -> None:  # what /admin computes
             current_and_days()
-            metering.physical_current(s, now=NOW)
+            catalog.physical_current(s, now=NOW)
 
-        out["current usage, all tenants"] = timed(lambda: metering.current(s, price, now=NOW))
+        out["current usage, all tenants"] = timed(lambda: usage.current(s, price, now=NOW))
         out["overview without physical (current + 14 days)"] = timed(current_and_days)
-        out["physical bytes, all tenants"] = timed(lambda: metering.physical_current(s, now=NOW))
-        out["overview page (all tenants: current + physical + 14 days)"] = timed(overview)
-        if hasattr(metering, "_day_sums"):
-            cross_check(s)
+        out["physical bytes, all tenants"] = timed(lambda: catalog.physical_current(s, now=NOW))
+        out["overview page (all tenants: current + physical + 14 days)"] = timed(overview_page)
+        cross_check(s)
     out["ledger write (1 event + derived rows, own transaction), ms per event"] = write_ms(engine)
     engine.dispose()
     return out
@@ -251,12 +248,12 @@ def write_ms(engine, n: int = 100) -> float:  # type: ignore[no-untyped-def]
     """The writers' cost: ``ledger.record`` of a commit and an end per new checkpoint, each event in
     its own transaction (what a commit/delete request pays), on the loaded tables. Milliseconds per
     event, median of 2n."""
-    from weightstore import ledger
+    from weightstore.billing import ledger
 
     times = []
     for i in range(n):
         ck, at = f"bench-write-{i}", NOW - timedelta(hours=1 + i)
-        for event, when in (("commit", at), ("end", at + timedelta(minutes=30))):
+        for event, when in ((UsageEventKind.commit, at), (UsageEventKind.end, at + timedelta(minutes=30))):
             t = time.perf_counter()
             with session_scope(engine) as s:
                 ledger.record(
@@ -282,10 +279,10 @@ def cross_check(s) -> None:  # type: ignore[no-untyped-def]
     fine = ["tenant_id", "kind"]
     for now in (NOW, NOW - timedelta(hours=7, seconds=13)):
         for start in (now - timedelta(days=14), now - timedelta(days=14, hours=5, seconds=3), now - timedelta(hours=3)):
-            ws, we = metering.epoch(start), metering.epoch(now)
-            by_days = metering._day_sums(s, ws=ws, we=we, tenant_id=None)
-            by_intervals = metering._window_sums(
-                s, fine, ws=ws, we=we, bucket_seconds=metering.DAY, tenant_id=None, current_at_end=True
+            ws, we = units.epoch(start), units.epoch(now)
+            by_days = aggregates.day_sums(s, ws=ws, we=we, tenant_id=None)
+            by_intervals = aggregates.window_sums(
+                s, fine, ws=ws, we=we, bucket_seconds=units.DAY, tenant_id=None, current_at_end=True
             )
             assert by_days == by_intervals, (now, start)
     print("cross-check: usage_day path == usage_interval path (6 windows, all tenants)", flush=True)

@@ -133,15 +133,17 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """uvicorn serving ``create_app(ctx)`` on a loopback port in a background thread."""
+    """uvicorn serving ``create_app(ctx)`` on a loopback port in a background thread, wired like
+    ``weightstore serve``: with the in-process collector behind ``POST /v1/admin/gc/runs``."""
 
     def __init__(self, ctx: Context, background=()) -> None:  # type: ignore[no-untyped-def]
         from weightstore_api.app import create_app
+        from weightstore_gc import LocalCollector
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         ctx.settings = ctx.settings.model_copy(update={"public_url": self.url})
-        self.app = create_app(ctx, background=background)
+        self.app = create_app(ctx, background=background, collector=LocalCollector())
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

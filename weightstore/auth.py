@@ -1,4 +1,4 @@
-"""Tenants, API keys and roles.
+"""Tenants, hashed ``tml-`` API keys, roles, and the authenticated ``Principal`` a request acts as.
 
 Keys look like ``tml-<43 url-safe chars>`` (the Tinker SDK refuses keys without the ``tml-``
 prefix). Only their sha256 is stored: 256 random bits make a slow KDF pointless, and a constant-
@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from weightstore.errors import AlreadyExists, AuthenticationFailed, Forbidden, InvalidRequest, NotFound
 from weightstore.models import ApiKey, Role, Tenant
@@ -102,7 +102,7 @@ def revoke_key(session: Session, *, key_id: str, principal: Principal, now: date
 
 
 def list_keys(session: Session, *, tenant_id: str | None) -> list[ApiKey]:
-    q = select(ApiKey).order_by(ApiKey.created_at)  # type: ignore[arg-type]
+    q = select(ApiKey).order_by(col(ApiKey.created_at))
     if tenant_id is not None:
         q = q.where(ApiKey.tenant_id == tenant_id)
     return list(session.exec(q))
@@ -110,7 +110,7 @@ def list_keys(session: Session, *, tenant_id: str | None) -> list[ApiKey]:
 
 def bootstrap_admin(session: Session, *, now: datetime, tenant: str = "admin") -> str | None:
     """Create the first admin key if no admin key exists; returns it (once) or None."""
-    exists = session.exec(select(ApiKey).where(ApiKey.role == Role.admin.value, ApiKey.revoked_at.is_(None))).first()  # type: ignore[union-attr]
+    exists = session.exec(select(ApiKey).where(ApiKey.role == Role.admin.value, col(ApiKey.revoked_at).is_(None))).first()
     if exists is not None:
         return None
     _, plaintext = create_key(session, tenant=tenant, role=Role.admin.value, now=now, name="bootstrap")

@@ -1,35 +1,36 @@
 """Registered base models: Hugging Face layouts stored in the same content-addressed blob store.
 
 A base model is a name plus a manifest (``base_model_file``: relative path → blob sha256), exactly
-like a checkpoint. Registration goes through the same write order as an upload (rule S2): object
-durable at ``blob_key(sha)`` with its sha256 checked by the store → blob row ``live`` → manifest
-committed, in one transaction that re-checks the blobs. Content already stored (a second name for
-the same weights, a shared tokenizer) moves zero bytes.
+like a checkpoint. Registration goes through the same write order as an upload (rule S2, via
+``blobs``): object durable at ``blob_key(sha)`` with its sha256 checked → blob row ``live`` →
+manifest committed, in one transaction that re-checks the blobs (``blobs.lock_live``). Content
+already stored (a second name for the same weights, a shared tokenizer) moves zero bytes.
 
 Export workers *materialise* a base model into a local cache keyed by sha256 (one file per blob,
 written to a temp name and renamed only after its sha256 matched), so a model used by many jobs
 is downloaded once per machine, and a corrupted object in the store fails the job loudly instead of
 producing a silently wrong merge.
+
+``register``, ``store_blob``, ``finish_blob``, ``register_manifest`` and ``materialise`` are
+workflows (object-store I/O between short transactions); the others are catalog functions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from weightstore import audit, uploads
+from weightstore import audit, blobs
 from weightstore.auth import Principal
 from weightstore.checkpoints import visible_clause
 from weightstore.context import Context
@@ -37,7 +38,6 @@ from weightstore.db import session_scope
 from weightstore.errors import (
     AlreadyExists,
     CatalogBusy,
-    DataLoss,
     InUse,
     InvalidName,
     InvalidRequest,
@@ -45,13 +45,11 @@ from weightstore.errors import (
     UploadIncomplete,
 )
 from weightstore.hashing import sha256_file
-from weightstore.models import BaseModel, BaseModelFile, Blob, BlobState, Checkpoint, ExportJob, TrainingRun
+from weightstore.models import BaseModel, BaseModelFile, Checkpoint, ExportJob, ExportJobState, TrainingRun
 from weightstore.names import check_file_path, check_sha256
 from weightstore.objectstore import blob_key
-from weightstore.uploads import BlobWriter
 
-Progress = Callable[[int], None]
-CHUNK = 8 * 1024 * 1024
+Progress = blobs.Progress
 # Hugging Face repo ids ("org/name") are the natural names; ".." and empty segments are refused so a
 # name can never be mistaken for a path.
 BASE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
@@ -62,7 +60,8 @@ _INCLUDE = re.compile(
     r"special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json)|"
     r".*\.tiktoken|preprocessor_config\.json)$"
 )
-ACTIVE_JOB_STATES = ("queued", "running")
+ACTIVE_JOB_STATES = tuple(s.value for s in ExportJobState.active())
+"""Export jobs in these states still need their base model (``remove`` refuses)."""
 
 
 def check_base_name(name: str) -> str:
@@ -79,28 +78,19 @@ def check_base_name(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class LocalFile:
-    path: str
-    """Relative path inside the model directory."""
-    local: Path
-    size_bytes: int
-    sha256: str
-
-
-def scan_dir(directory: Path) -> list[LocalFile]:
+def scan_dir(directory: Path) -> list[blobs.LocalFile]:
     """The model files of a Hugging Face layout directory, hashed. Refuses a directory that is not
     a safetensors model (no config.json, no shards, an index naming a missing shard)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InvalidRequest(f"{directory} is not a directory")
-    out: list[LocalFile] = []
+    out: list[blobs.LocalFile] = []
     for p in sorted(directory.rglob("*")):
         rel = p.relative_to(directory).as_posix()
         if not p.is_file() or rel.startswith(".") or "/." in rel or not _INCLUDE.match(p.name):
             continue
         check_file_path(rel)
-        out.append(LocalFile(rel, p, p.stat().st_size, sha256_file(p)))
+        out.append(blobs.LocalFile(rel, p, p.stat().st_size, sha256_file(p)))
     paths = {f.path for f in out}
     if "config.json" not in paths:
         raise InvalidRequest(f"{directory}: no config.json (expected a Hugging Face model directory)")
@@ -128,41 +118,6 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def _put_blob(ctx: Context, f: LocalFile, progress: Progress | None) -> int:
-    """Store one file at its content address unless a live blob already holds it. Returns bytes sent."""
-    with session_scope(ctx.engine) as session:
-        blob = session.get(Blob, f.sha256)
-        if blob is not None and blob.state == BlobState.deleting:
-            raise CatalogBusy(f"{f.path}: these bytes are being garbage-collected right now; retry in a minute")
-        live = blob is not None and blob.state == BlobState.live
-    if live and ctx.store.head(blob_key(f.sha256)) is not None:
-        if progress:
-            progress(f.size_bytes)
-        return 0
-    s = ctx.settings
-    # BlobWriter: the object only appears at its key once size and sha256 matched (the file may
-    # have changed since it was hashed).
-    writer = BlobWriter(
-        ctx.store,
-        sha256=f.sha256,
-        size=f.size_bytes,
-        exists=False,
-        part_size=s.part_size_bytes,
-        threshold=s.multipart_threshold_bytes,
-    )
-    try:
-        with open(f.local, "rb") as fh:
-            while data := fh.read(CHUNK):
-                writer.write(data)
-                if progress:
-                    progress(len(data))
-        writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    return f.size_bytes
-
-
 def register(
     ctx: Context,
     principal: Principal,
@@ -172,7 +127,7 @@ def register(
     progress: Progress | None = None,
     request_id: str | None = None,
 ) -> BaseModel:
-    """Upload a local Hugging Face directory as base model ``name`` (admin only; in-process use)."""
+    """Upload a local Hugging Face directory as base model ``name`` (admin only; in-process use). Workflow."""
     principal.require_admin()
     check_base_name(name)
     directory = Path(directory)
@@ -181,12 +136,12 @@ def register(
             raise AlreadyExists(f"base model {name!r} is already registered (remove it first)")
     files = scan_dir(directory)
     config = _read_config(directory)
-    sent = sum(_put_blob(ctx, f, progress) for f in files)
+    sent = sum(blobs.store_file(ctx, f, progress=progress) for f in files)
     now = ctx.clock.now()
     with session_scope(ctx.engine) as session:
-        for f in files:
-            uploads.mark_live(session, f.sha256, f.size_bytes, now)
-        session.flush()
+        _, not_live = blobs.lock_live(session, [f.sha256 for f in files])
+        if not_live:
+            raise CatalogBusy(f"{len(not_live)} file(s) were garbage-collected while being registered; retry")
         return _commit_manifest(
             session,
             principal,
@@ -199,36 +154,30 @@ def register(
         )
 
 
-def store_blob(ctx: Context, principal: Principal, sha256: str, size: int) -> BlobWriter | None:
+def store_blob(ctx: Context, principal: Principal, sha256: str, size: int) -> blobs.BlobWriter | None:
     """Start receiving one base-model file through the service (admin only). ``None``: a live blob
-    already holds these bytes and nothing needs to move."""
+    already holds these bytes (now touched) and nothing needs to move. Workflow."""
     principal.require_admin()
     with session_scope(ctx.engine) as session:
-        blob = session.get(Blob, sha256)
-        if blob is not None and blob.state == BlobState.deleting:
-            raise CatalogBusy("these bytes are being garbage-collected right now; retry in a minute")
-        if blob is not None and blob.state == BlobState.live:
-            blob.last_referenced_at = ctx.clock.now()
-            session.add(blob)
+        live = blobs.reusable(session, sha256)
+        if live is not None:
+            blobs.touch(session, [sha256], ctx.clock.now())
             return None
-    s = ctx.settings
-    return BlobWriter(
-        ctx.store, sha256=sha256, size=size, exists=False, part_size=s.part_size_bytes, threshold=s.multipart_threshold_bytes
-    )
+    return blobs.open_writer(ctx, sha256, size)
 
 
-def finish_blob(ctx: Context, writer: BlobWriter) -> None:
-    """Verify and publish a blob received by ``store_blob``, then mark it live (write order S2)."""
+def finish_blob(ctx: Context, writer: blobs.BlobWriter) -> None:
+    """Verify and publish a blob received by ``store_blob``, then mark it live (write order S2). Workflow."""
     writer.finish()
     with session_scope(ctx.engine) as session:
-        uploads.mark_live(session, writer.sha256, writer.size, ctx.clock.now())
+        blobs.mark_live(session, writer.sha256, writer.size, ctx.clock.now())
 
 
 def register_manifest(
     ctx: Context, principal: Principal, name: str, files: list[tuple[str, int, str]], *, request_id: str | None = None
 ) -> BaseModel:
     """Register a manifest (path, size, sha256) whose blobs were sent with ``store_blob``. Files not
-    yet live are named in an ``UploadIncomplete`` error (``details.missing``: their sha256s)."""
+    yet live are named in an ``UploadIncomplete`` error (``details.missing``: their sha256s). Workflow."""
     principal.require_admin()
     check_base_name(name)
     paths = [f[0] for f in files]
@@ -245,11 +194,8 @@ def register_manifest(
     with session_scope(ctx.engine) as session:
         if session.get(BaseModel, name) is not None:
             raise AlreadyExists(f"base model {name!r} is already registered (remove it first)")
-        missing = []
-        for _path, size, sha in files:
-            blob = session.get(Blob, sha)
-            if blob is None or blob.state != BlobState.live or blob.size_bytes != size:
-                missing.append(sha)
+        live, _ = blobs.lock_live(session, [sha for _, _, sha in files])
+        missing = [sha for _path, size, sha in files if sha not in live or live[sha].size_bytes != size]
     if missing:
         raise UploadIncomplete(f"{len(missing)} file(s) must be sent first", missing=sorted(set(missing)))
     cfg_entry = next(f for f in files if f[0] == "config.json")
@@ -264,10 +210,9 @@ def register_manifest(
     with session_scope(ctx.engine) as session:
         if session.get(BaseModel, name) is not None:
             raise AlreadyExists(f"base model {name!r} is already registered (remove it first)")
-        for _path, _size, sha in files:
-            blob = session.get(Blob, sha)
-            if blob is None or blob.state != BlobState.live:  # collected meanwhile: send again
-                raise UploadIncomplete("a file was garbage-collected meanwhile; send it again", missing=[sha])
+        _, not_live = blobs.lock_live(session, [sha for _, _, sha in files])
+        if not_live:  # collected meanwhile: send again
+            raise UploadIncomplete("a file was garbage-collected meanwhile; send it again", missing=not_live[:1])
         return _commit_manifest(session, principal, name, files, config, now=now, request_id=request_id)
 
 
@@ -278,10 +223,12 @@ def _commit_manifest(
     files: list[tuple[str, int, str]],
     config: dict[str, Any],
     *,
-    now: Any,
+    now: datetime,
     request_id: str | None = None,
     **details: Any,
 ) -> BaseModel:
+    """Insert the base model row and its manifest over blobs the caller checked live, touch them
+    and record the audit row."""
     if session.get(BaseModel, name) is not None:
         raise AlreadyExists(f"base model {name!r} is already registered (remove it first)")
     archs = config.get("architectures")
@@ -297,8 +244,7 @@ def _commit_manifest(
     session.flush()
     for path, size, sha in files:
         session.add(BaseModelFile(base_model=name, path=path, size_bytes=size, sha256=sha))
-    shas = sorted({f[2] for f in files})
-    session.execute(sa.update(Blob).where(Blob.sha256.in_(shas)).values(last_referenced_at=now))  # type: ignore[attr-defined]
+    blobs.touch(session, [f[2] for f in files], now)
     audit.record(
         session,
         at=now,
@@ -331,7 +277,7 @@ def files_of(session: Session, name: str) -> list[BaseModelFile]:
     return list(session.exec(select(BaseModelFile).where(BaseModelFile.base_model == name).order_by(BaseModelFile.path)).all())  # type: ignore[arg-type]
 
 
-def usage(session: Session, name: str, *, now: Any) -> dict[str, int]:
+def usage(session: Session, name: str, *, now: datetime) -> dict[str, int]:
     """What still uses a base model: visible checkpoints of runs trained on it, and unfinished jobs."""
     ckpts = session.exec(
         select(sa.func.count())
@@ -347,7 +293,7 @@ def usage(session: Session, name: str, *, now: Any) -> dict[str, int]:
     return {"checkpoints": int(ckpts), "active_jobs": int(jobs)}
 
 
-def remove(session: Session, principal: Principal, name: str, *, now: Any, request_id: str | None = None) -> None:
+def remove(session: Session, principal: Principal, name: str, *, now: datetime, request_id: str | None = None) -> None:
     """Unregister a base model. Refused (``InUse``) while checkpoints of runs on it are visible or
     jobs that use it are unfinished. The blobs become garbage after the collector's grace period."""
     principal.require_admin()
@@ -359,8 +305,7 @@ def remove(session: Session, principal: Principal, name: str, *, now: Any, reque
             f"{used['active_jobs']} unfinished export job(s)",
             **used,
         )
-    shas = sa.select(BaseModelFile.sha256).where(BaseModelFile.base_model == name)  # type: ignore[call-overload]
-    session.execute(sa.update(Blob).where(Blob.sha256.in_(shas)).values(last_referenced_at=now))  # type: ignore[attr-defined]
+    blobs.touch(session, [f.sha256 for f in files_of(session, name)], now)
     session.execute(sa.delete(BaseModelFile).where(BaseModelFile.base_model == name))  # type: ignore[arg-type]
     session.execute(sa.delete(BaseModel).where(BaseModel.name == name))  # type: ignore[arg-type]
     audit.record(
@@ -381,41 +326,13 @@ def cache_root(ctx: Context) -> Path:
     return Path(ctx.settings.data_dir) / "cache"
 
 
-def fetch_blob(ctx: Context, sha256: str, size: int, dest: Path, *, progress: Progress | None = None, what: str = "") -> None:
-    """Download one blob to ``dest`` (atomic: temp file, then rename), verifying size and sha256.
-    A mismatch is ``DataLoss``: the store holds bytes that differ from what was verified at commit."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    n = 0
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for data in ctx.store.iter_chunks(blob_key(sha256)):
-                out.write(data)
-                h.update(data)
-                n += len(data)
-                if progress:
-                    progress(len(data))
-        if n != size or h.hexdigest() != sha256:
-            raise DataLoss(
-                f"{what or sha256}: the stored object is corrupt (expected sha256 {sha256} and "
-                f"{size} bytes, got {h.hexdigest()} and {n} bytes)",
-                sha256=sha256,
-                file=what,
-            )
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def materialise(ctx: Context, name: str, *, root: Path | None = None, progress: Progress | None = None) -> Path:
     """A local directory holding base model ``name``, every file's sha256 verified.
 
     Blobs are cached as ``root/blobs/<sha>`` (reused by every model and job on this machine); the
     model directory is ``root/models/<manifest digest>/`` with hard links (copies across devices)
     to them, built in a temp dir and renamed into place, so a half-built directory is never seen.
+    Workflow.
     """
     root = Path(root or cache_root(ctx))
     with session_scope(ctx.engine) as session:
@@ -433,7 +350,7 @@ def materialise(ctx: Context, name: str, *, root: Path | None = None, progress: 
             if progress:
                 progress(size)
             continue
-        fetch_blob(ctx, sha, size, blob, progress=progress, what=f"base model {name}: {path}")
+        blobs.fetch_to_file(ctx, sha, size, blob, progress=progress, what=f"base model {name}: {path}")
     (root / "models").mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root / "models", prefix=f".{digest}-"))
     try:
@@ -457,7 +374,6 @@ def materialise(ctx: Context, name: str, *, root: Path | None = None, progress: 
 
 __all__ = [
     "check_base_name",
-    "fetch_blob",
     "files_of",
     "finish_blob",
     "get",

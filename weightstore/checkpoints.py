@@ -1,4 +1,4 @@
-"""Checkpoints once committed: look-up, listing, delete, TTL, download URLs.
+"""Checkpoints once committed: look-up, listing, delete, TTL change, expiry, download URLs.
 
 Visibility rule (one place): a checkpoint is visible when it is ``committed`` and not past its
 ``expires_at``. An expired checkpoint disappears at once, before the collector confirms it.
@@ -13,12 +13,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from weightstore import audit, ledger
+from weightstore import audit
 from weightstore.auth import Principal
-from weightstore.errors import InvalidTTL, NotFound
+from weightstore.billing import ledger
+from weightstore.errors import NotFound
 from weightstore.models import Blob, Checkpoint, CheckpointFile, CheckpointState
 from weightstore.names import TinkerPath
 from weightstore.objectstore import ObjectStore, blob_key
+from weightstore.retention import check_ttl, expires_at_for
 from weightstore.settings import Settings
 
 
@@ -35,21 +37,6 @@ def is_visible(ckpt: Checkpoint, now: datetime) -> bool:
 
 def tinker_path(ckpt: Checkpoint) -> str:
     return str(TinkerPath(ckpt.run_id, ckpt.kind, ckpt.name))
-
-
-def check_ttl(settings: Settings, ttl_seconds: int | None) -> None:
-    if ttl_seconds is None:
-        return
-    if (
-        isinstance(ttl_seconds, bool)
-        or not isinstance(ttl_seconds, int)
-        or not (settings.ttl_min_seconds <= ttl_seconds <= settings.ttl_max_seconds)
-    ):
-        raise InvalidTTL(f"ttl_seconds is out of range ({settings.ttl_min_seconds}..{settings.ttl_max_seconds})")
-
-
-def expires_at_for(now: datetime, ttl_seconds: int | None) -> datetime | None:
-    return None if ttl_seconds is None else now + timedelta(seconds=ttl_seconds)
 
 
 def find(

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -70,6 +71,7 @@ def _raise_for(response: httpx.Response) -> None:
     message = (body.get("message") if isinstance(body, dict) else None) or response.text or response.reason_phrase
     cls = error_for_code(code) if code else WeightstoreError
     err = cls(f"{message} (HTTP {response.status_code})", **(body.get("details") or {}) if isinstance(body, dict) else {})
+    # The HTTP status rides along for callers that log it; the core error classes know nothing of HTTP.
     err.status_code = response.status_code  # type: ignore[attr-defined]
     raise err
 
@@ -93,6 +95,7 @@ class RawHTTP:
             r = self.pool.request(method, url, body=body, headers=headers or {}, preload_content=not stream)
         except urllib3.exceptions.HTTPError as exc:
             err = StoreUnavailable(f"cannot reach the object store behind a presigned URL: {exc}")
+            # Read back (getattr) by the presigned upload path to fall back to streaming; client-side only.
             err.unreachable = True  # type: ignore[attr-defined]
             raise err from exc
         if r.status >= 400:
@@ -143,9 +146,7 @@ class HashCache:
         root = directory or Path(os.environ.get("WEIGHTSTORE_CACHE_DIR") or Path.home() / ".cache" / "weightstore")
         self.path = root / "sha256-cache.sqlite"
 
-    def _connect(self):  # type: ignore[no-untyped-def]
-        import sqlite3
-
+    def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=5)
         conn.execute("create table if not exists h (path text primary key, size int, mtime int, ino int, sha text)")

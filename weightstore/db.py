@@ -1,24 +1,32 @@
-"""Catalog engine and sessions, and the programmatic ``alembic upgrade head``.
+"""Catalog engines (SQLite with WAL and ``BEGIN IMMEDIATE``, or PostgreSQL), ``session_scope``, and migrations.
 
-Service functions take ``session`` keyword-only and never commit: the caller (a request, a CLI
-command, a collector phase) owns the transaction.
+Transactions (docs/design.md): a catalog function takes ``session: Session`` first and never commits,
+rolls back or opens a session; the caller owns the transaction. Only workflows (which interleave
+object-store I/O with catalog steps) open ``session_scope``, one short scope per catalog step.
 """
 
 from __future__ import annotations
 
+import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    """An engine for the catalog at ``url``: SQLite tuned for one writer at a time, or a pooled PostgreSQL."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -26,7 +34,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:
             # WAL lets readers run beside the one writer; foreign keys are off by default in SQLite.
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
@@ -36,14 +44,14 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
+        def _sqlite_begin(conn: Connection) -> None:
             # pysqlite's deferred BEGIN lets two writers both read then fail to upgrade their lock;
             # BEGIN IMMEDIATE serialises writers up front so "check, then write" is atomic.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         # Let SQLAlchemy (not pysqlite) emit BEGIN, so the hook above decides the lock mode.
         @event.listens_for(engine, "connect")
-        def _no_autobegin(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        def _no_autobegin(dbapi_conn: sqlite3.Connection, _record: object) -> None:
             dbapi_conn.isolation_level = None
 
         return engine
@@ -65,8 +73,6 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 def migrations_dir() -> Path:
     """The ``alembic/`` folder: beside the package in a checkout, or in the working directory of an
     installed image (the Dockerfile copies it to /app); ``WEIGHTSTORE_MIGRATIONS_DIR`` overrides."""
-    import os
-
     candidates = [os.environ.get("WEIGHTSTORE_MIGRATIONS_DIR"), REPO_ROOT / "alembic", Path.cwd() / "alembic"]
     for c in candidates:
         if c and (Path(c) / "env.py").exists():
@@ -74,8 +80,9 @@ def migrations_dir() -> Path:
     raise RuntimeError("alembic migrations not found: set WEIGHTSTORE_MIGRATIONS_DIR")
 
 
-def alembic_config(url: str):  # type: ignore[no-untyped-def]
-    from alembic.config import Config
+def alembic_config(url: str) -> Config:
+    """Alembic's configuration for ``url``, without an ``alembic.ini`` (tests and ``upgrade`` share it)."""
+    from alembic.config import Config  # alembic loads only when migrating
 
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))

@@ -4,11 +4,12 @@ Every error the core raises is a ``WeightstoreError`` with a stable, machine-rea
 Each leaf also derives from the stdlib exception it is closest to (``ValueError``,
 ``LookupError``, ``PermissionError``, ...), so callers that know nothing of weightstore still catch
 it sensibly. The HTTP layer maps classes to status codes in exactly one table
-(``weightstore_api.errors.STATUS_BY_CLASS``); the Python client maps ``code`` back to the class with
+(``weightstore_api.errors.ERROR_TABLE``); the Python client maps ``code`` back to the class with
 ``error_for_code``.
 
 Why the status discipline matters: the Tinker SDK retries 408/409/429/5xx for minutes, so a
-*permanent* error must never be one of those (except where Tinker documents it, e.g. publish 409).
+*permanent* error must never be one of those (except where Tinker documents it: the publish /
+unpublish 409, ``Conflict``).
 Only ``TransientError`` subclasses are retryable.
 """
 
@@ -90,6 +91,13 @@ class Unsupported(InvalidRequest):
     code = "unsupported"
 
 
+class SessionFinished(InvalidRequest):
+    """A heartbeat for a Tinker session that has finished. Answered 410 (Tinker's contract: the
+    status that stops the SDK's heartbeat loop)."""
+
+    code = "session_finished"
+
+
 class AuthenticationFailed(WeightstoreError, PermissionError):
     code = "unauthenticated"
 
@@ -113,7 +121,8 @@ class AlreadyExists(WeightstoreError, FileExistsError):
 
 
 class Conflict(WeightstoreError, RuntimeError):
-    """A state conflict that Tinker's contract answers with 409 (publish twice, ...)."""
+    """A state conflict that Tinker's contract answers with 409: publish a checkpoint that is
+    already public, unpublish one that is already private. Nothing else raises it."""
 
     code = "conflict"
 

@@ -1,6 +1,6 @@
 """Export jobs: queued rows that turn a raw checkpoint into a PEFT adapter or a merged HF model.
 
-Life of a job (``export_job.state``)::
+Life of a job (``export_job.state``, an ``ExportJobState``; the collector reads the same enum)::
 
     queued ──claim──▶ running ──▶ succeeded
       ▲                  │ ├────▶ failed      (permanent error, verification failure, attempts used up)
@@ -15,11 +15,17 @@ Rules that keep several workers on several machines from doing one job twice:
   worker's job is claimed again once its lease has expired.
 - **Heartbeat** extends the lease only while ``lease_owner`` is still us and the job still
   ``running``; otherwise the worker stops (cancelled, or taken over after a stall).
-- **Publish** is fenced: the output checkpoint commits in the same transaction as the conditional
+- **Publish** is fenced: the output is published with ``publish.publish_files`` (verified blob
+  writes, then one manifest transaction), and that transaction also runs the conditional
   ``UPDATE`` that marks the job ``succeeded`` (still ours, still running). A worker that lost its
-  lease rolls back its commit, so one job never yields two outputs.
+  lease rolls the whole commit back, so one job never yields two outputs.
 - **Same request twice** returns the same job: ``request_key`` is a hash of (tenant, source
   checkpoint, target, base model, output name, options) and unique in the table.
+
+Transactions: ``submit``, ``submit_batch``, ``claim`` and ``heartbeat`` are workflows because
+their outcome must be committed before the caller goes on (a claimed job is run, a heartbeat
+extends the lease; ``submit`` retries once in a fresh transaction when an identical submission
+raced it). ``run_job`` is a workflow; the read and cancel functions are catalog functions.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import Session, select
 
-from weightstore import audit, basemodels, checkpoints, uploads
+from weightstore import audit, basemodels, blobs, checkpoints, publish, retention
 from weightstore.auth import Principal
 from weightstore.context import Context
 from weightstore.db import session_scope
@@ -56,7 +62,7 @@ from weightstore.errors import (
     TransientError,
     WeightstoreError,
 )
-from weightstore.models import Checkpoint, ExportJob, Role, TrainingRun
+from weightstore.models import Checkpoint, ExportJob, ExportJobState, Role, TrainingRun
 from weightstore.names import TinkerPath, check_name, new_id
 
 log = logging.getLogger(__name__)
@@ -64,15 +70,14 @@ log = logging.getLogger(__name__)
 TARGETS = {"peft": "external", "merged": "merged"}
 """Export target → kind of the output checkpoint (``external_weights`` is what Tinker serves)."""
 SOURCE_KINDS = ("sampler", "training")
-ACTIVE = ("queued", "running")
-FINISHED = ("succeeded", "failed", "cancelled")
+LOST = "lost"
+"""What ``run_job`` returns when the job was cancelled or taken over (not a state: the row is someone else's)."""
 MAX_ATTEMPTS = 5
 """Claims per job before a transient failure becomes permanent (a crash-looping job stops)."""
 BACKOFF_BASE_SECONDS = 5.0
 BACKOFF_MAX_SECONDS = 300.0
 MAX_BATCH = 1000
 PROGRESS_EVERY_BYTES = 8 * 1024 * 1024
-UPLOAD_CHUNK = 8 * 1024 * 1024
 
 
 def backoff_seconds(attempt: int) -> float:
@@ -133,12 +138,12 @@ def _submit_one(
     if output_name is not None:
         check_name(output_name, max_length=ctx.settings.name_max_length)
     if "ttl_seconds" in options:
-        checkpoints.check_ttl(ctx.settings, options["ttl_seconds"])
+        retention.check_ttl(ctx.settings, options["ttl_seconds"])
     key = _request_key(principal.tenant_id, source.id, target, base, output_name, options)
     existing = session.exec(select(ExportJob).where(ExportJob.request_key == key)).first()
     if existing is not None:
-        if existing.state in ("failed", "cancelled") or (
-            existing.state == "succeeded" and not _result_visible(session, existing, now)
+        if existing.state in (ExportJobState.failed, ExportJobState.cancelled) or (
+            existing.state == ExportJobState.succeeded and not _result_visible(session, existing, now)
         ):
             # Asking again for something that did not produce a usable result is a retry, not a
             # duplicate: the same job is queued once more.
@@ -155,7 +160,7 @@ def _submit_one(
         options=options or None,
         request_key=key,
         output_name=output_name or _default_output_name(source),
-        state="queued",
+        state=ExportJobState.queued,
         total_bytes=source.size_bytes,
         created_at=now,
     )
@@ -186,7 +191,7 @@ def _result_visible(session: Session, job: ExportJob, now: datetime) -> bool:
 
 
 def _requeue(job: ExportJob, now: datetime) -> None:
-    job.state, job.attempts, job.error, job.verification = "queued", 0, None, None
+    job.state, job.attempts, job.error, job.verification = ExportJobState.queued, 0, None, None
     job.lease_owner = job.lease_expires_at = job.heartbeat_at = job.not_before = None
     job.progress_bytes, job.finished_at, job.result_checkpoint_id, job.started_at = 0, None, None, None
     job.created_at = now
@@ -355,11 +360,11 @@ def cancel(session: Session, principal: Principal, job_id: str, *, now: datetime
     publishes (its publish is fenced on ``state = 'running'``)."""
     principal.require_write()
     job = get_job(session, principal, job_id)
-    if job.state in FINISHED:
-        if job.state == "cancelled":
+    if job.state in ExportJobState.finished():
+        if job.state == ExportJobState.cancelled:
             return job
         raise InvalidRequest(f"export job {job_id} already {job.state}")
-    job.state, job.finished_at, job.lease_expires_at = "cancelled", now, None
+    job.state, job.finished_at, job.lease_expires_at = ExportJobState.cancelled, now, None
     job.error = {"code": "cancelled", "message": "cancelled by request"}
     session.add(job)
     audit.record(session, at=now, action="export.cancel", tenant_id=principal.tenant_id, key_id=principal.key_id, target=job.id)
@@ -372,10 +377,10 @@ def cancel(session: Session, principal: Principal, job_id: str, *, now: datetime
 def _claimable(now: datetime) -> Any:
     return sa.or_(
         sa.and_(
-            ExportJob.state == "queued",  # type: ignore[arg-type]
+            ExportJob.state == ExportJobState.queued,  # type: ignore[arg-type]
             sa.or_(ExportJob.not_before.is_(None), ExportJob.not_before <= now),
         ),  # type: ignore[union-attr,operator,arg-type]
-        sa.and_(ExportJob.state == "running", ExportJob.lease_expires_at < now),  # type: ignore[arg-type,operator]
+        sa.and_(ExportJob.state == ExportJobState.running, ExportJob.lease_expires_at < now),  # type: ignore[arg-type,operator]
     )
 
 
@@ -395,7 +400,7 @@ def claim(ctx: Context, owner: str, *, job_id: str | None = None) -> ExportJob |
                 sa.update(ExportJob)
                 .where(ExportJob.id == candidate, _claimable(now))  # type: ignore[arg-type]
                 .values(
-                    state="running",
+                    state=ExportJobState.running,
                     lease_owner=owner,
                     lease_expires_at=now + timedelta(seconds=lease),
                     heartbeat_at=now,
@@ -412,7 +417,7 @@ def claim(ctx: Context, owner: str, *, job_id: str | None = None) -> ExportJob |
 
 
 def _owned(owner: str) -> Any:
-    return sa.and_(ExportJob.lease_owner == owner, ExportJob.state == "running")  # type: ignore[arg-type]
+    return sa.and_(ExportJob.lease_owner == owner, ExportJob.state == ExportJobState.running)  # type: ignore[arg-type]
 
 
 def heartbeat(
@@ -538,10 +543,10 @@ def convert(
 
 def _download_checkpoint(ctx: Context, ckpt_files: list[tuple[str, int, str]], dest: Path, progress: _Progress) -> None:
     for path, size, sha in ckpt_files:
-        basemodels.fetch_blob(ctx, sha, size, dest / path, progress=progress.add, what=f"source file {path}")
+        blobs.fetch_to_file(ctx, sha, size, dest / path, progress=progress.add, what=f"source file {path}")
 
 
-def _upload_output(
+def _publish_output(
     ctx: Context,
     principal: Principal,
     job: ExportJob,
@@ -551,55 +556,32 @@ def _upload_output(
     progress: _Progress,
     verification: dict[str, Any],
 ) -> Checkpoint:
-    files = sorted(p for p in out_dir.rglob("*") if p.is_file())
-    declared = [
-        uploads.DeclaredFile(p.relative_to(out_dir).as_posix(), p.stat().st_size, basemodels.sha256_file(p)) for p in files
-    ]
+    """Publish the converted files as the job's output checkpoint, fenced by the job's lease."""
+    files = publish.local_files(out_dir)
     with progress.lock:
-        progress.total += sum(d.size_bytes for d in declared)
-    kind = TARGETS[job.target]
-    ttl = (job.options or {}).get("ttl_seconds")
-    req = uploads.UploadRequest(
+        progress.total += sum(f.size_bytes for f in files)
+    new = publish.NewCheckpoint(
         run_id=source.run_id,
-        kind=kind,
+        kind=TARGETS[job.target],
         name=job.output_name or source.name,
-        files=declared,
-        ttl_seconds=ttl,
+        ttl_seconds=(job.options or {}).get("ttl_seconds"),
         user_metadata={
             "exported_from": checkpoints.tinker_path(source),
             "export_job": job.id,
             "base_model": job.base_model or "",
         },
+        exported_from_id=source.id,
     )
-    ans = uploads.declare(ctx, principal, req, internal=True)
-    local = {d.path: out_dir / d.path for d in declared}
-    for f in ans.files:
-        if f.transfer == "present":
-            progress.add(f.size_bytes)
-            continue
-        writer = uploads.open_stream(ctx, principal, ans.upload_id, f.path)
-        try:
-            with open(local[f.path], "rb") as fh:
-                while data := fh.read(UPLOAD_CHUNK):
-                    writer.write(data)
-                    progress.add(len(data))
-        except BaseException:
-            writer.abort()
-            raise
-        uploads.finish_stream(ctx, principal, ans.upload_id, f.path, writer)
 
-    def publish(session: Session, ckpt: Checkpoint) -> None:
+    def still_ours(session: Session, ckpt: Checkpoint) -> None:
         # Fencing: the output exists only if this worker still owns the running job.
-        ckpt.exported_from_id = source.id
-        session.add(ckpt)
-        now = ctx.clock.now()
         res = session.execute(
             sa.update(ExportJob)
             .where(ExportJob.id == job.id, _owned(owner))  # type: ignore[arg-type]
             .values(
-                state="succeeded",
+                state=ExportJobState.succeeded,
                 result_checkpoint_id=ckpt.id,
-                finished_at=now,
+                finished_at=ctx.clock.now(),
                 lease_expires_at=None,
                 verification=verification,
                 error=None,
@@ -610,14 +592,9 @@ def _upload_output(
         if res.rowcount != 1:  # type: ignore[attr-defined]
             raise LeaseLost(f"export job {job.id} was cancelled or taken over; output discarded")
 
-    try:
-        return uploads.commit(ctx, principal, ans.upload_id, on_validated=publish).checkpoint
-    except BaseException:
-        try:
-            uploads.abort(ctx, principal, ans.upload_id)
-        except WeightstoreError:
-            pass
-        raise
+    return publish.publish_files(
+        ctx, principal, new, files, fence=still_ours, progress=progress.add, audit_details={"export_job": job.id}
+    )
 
 
 def run_job(
@@ -657,19 +634,19 @@ def run_job(
             verification = convert_fn(job.target, adapter_dir, base_dir, out_dir, base_name=base.name, shard_bytes=shard)
             if progress.lost:
                 raise progress.lost
-            _upload_output(ctx, principal, job, source, out_dir, owner, progress, verification)
+            _publish_output(ctx, principal, job, source, out_dir, owner, progress, verification)
         log.info("export job %s succeeded", job.id)
-        return "succeeded"
+        return ExportJobState.succeeded
     except LeaseLost:
         log.info("export job %s: lease lost (cancelled or taken over); stopping", job.id)
-        return "lost"
+        return LOST
     except TransientError as exc:
         if job.attempts >= MAX_ATTEMPTS:
             _finish(
                 ctx,
                 job.id,
                 owner,
-                state="failed",
+                state=ExportJobState.failed,
                 finished_at=ctx.clock.now(),
                 error={
                     **exc.to_dict(),
@@ -677,20 +654,20 @@ def run_job(
                     "message": f"{exc.message} (gave up after {job.attempts} attempts)",
                 },
             )
-            return "failed"
+            return ExportJobState.failed
         delay = backoff_seconds(job.attempts)
         log.warning("export job %s: transient error (%s); retrying in %.0f s", job.id, exc.message, delay)
         _finish(
             ctx,
             job.id,
             owner,
-            state="queued",
+            state=ExportJobState.queued,
             lease_owner=None,
             progress_bytes=0,
             not_before=ctx.clock.now() + timedelta(seconds=delay),
             error={**exc.to_dict(), "retry_in_seconds": delay},
         )
-        return "queued"
+        return ExportJobState.queued
     except Exception as exc:  # noqa: BLE001 - any other failure is permanent and reported on the job
         err = (
             exc.to_dict()
@@ -700,8 +677,10 @@ def run_job(
         details = getattr(exc, "details", None) or {}
         ver = verification if verification is not None else _jsonable(details.get("verification"))
         log.warning("export job %s failed: %s", job.id, err.get("message"))
-        _finish(ctx, job.id, owner, state="failed", finished_at=ctx.clock.now(), error=_jsonable(err), verification=ver)
-        return "failed"
+        _finish(
+            ctx, job.id, owner, state=ExportJobState.failed, finished_at=ctx.clock.now(), error=_jsonable(err), verification=ver
+        )
+        return ExportJobState.failed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -84,6 +84,44 @@ class UploadState(StrEnum):
     aborted = "aborted"
 
 
+class ExportJobState(StrEnum):
+    """``export_job.state``: written by ``weightstore.exportjobs``, read by the collector's
+    reference rules (an unfinished job protects its source's blobs). Stored as plain VARCHAR."""
+
+    queued = "queued"  # waiting for a worker (or for ``not_before`` after a transient error)
+    running = "running"  # claimed under a lease
+    succeeded = "succeeded"  # output committed (``result_checkpoint_id``)
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @classmethod
+    def active(cls) -> tuple[ExportJobState, ...]:
+        """States whose job still needs its source checkpoint and base model."""
+        return (cls.queued, cls.running)
+
+    @classmethod
+    def finished(cls) -> tuple[ExportJobState, ...]:
+        return (cls.succeeded, cls.failed, cls.cancelled)
+
+
+class GcRunState(StrEnum):
+    """``gc_run.state``: written by the collector (``weightstore_gc.runner``), read by the API and CLI."""
+
+    running = "running"
+    finished = "finished"  # every phase ran
+    stopped = "stopped"  # fail closed: findings, nothing deleted after them
+    aborted = "aborted"  # lease lost or an error
+
+
+class UsageEventKind(StrEnum):
+    """``usage_event.event``: written by ``weightstore.billing.ledger``, read by ``weightstore.billing.intervals``."""
+
+    commit = "commit"  # storage starts at ``at``
+    end = "end"  # storage ends at ``at`` (delete, overwrite, or expiry stamped at ``expires_at``)
+    ttl = "ttl"  # ``expires_at`` changed
+    restore = "restore"  # an admin undid an expiry: cancels earlier ends
+
+
 class Tenant(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=64)
     name: str = Field(max_length=128, unique=True)
@@ -222,7 +260,7 @@ class UploadFile(SQLModel, table=True):
 class UsageEvent(SQLModel, table=True):
     """Append-only ledger: billing is a pure function of these rows. Never updated or deleted.
 
-    ``event`` is ``commit`` (storage starts at ``at``), ``end`` (storage ends at ``at``: delete,
+    ``event`` (a ``UsageEventKind``) is ``commit`` (storage starts at ``at``), ``end`` (storage ends at ``at``: delete,
     overwrite, or expiry — for expiry ``at`` is the checkpoint's ``expires_at``, not the time the
     collector noticed), ``ttl`` (``expires_at`` changed) or ``restore`` (an admin undid an expiry).
     """
@@ -290,7 +328,8 @@ class ExportJob(SQLModel, table=True):
     """Deterministic hash of (tenant, source, target, base, options): the same request twice
     returns the same job instead of doing the work again."""
     output_name: str | None = Field(default=None, max_length=255)
-    state: str = Field(default="queued", max_length=16)
+    state: str = Field(default=ExportJobState.queued, max_length=16)
+    """An ``ExportJobState`` value (a plain string column: no migration)."""
     progress_bytes: int = _bytes_col()
     total_bytes: int = _bytes_col()
     attempts: int = 0
@@ -311,7 +350,7 @@ class GcRun(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=64)
     phases: str = Field(max_length=128)
     dry_run: bool = False
-    state: str = Field(default="running", max_length=16)
+    state: str = Field(default=GcRunState.running.value, max_length=16)
     started_at: datetime = _ts(index=True)
     finished_at: datetime | None = _ts(nullable=True)
     owner: str | None = Field(default=None, max_length=128)
@@ -351,6 +390,67 @@ class IdempotencyRecord(SQLModel, table=True):
     response: dict[str, Any] | None = _json_col()
 
 
+def _enum_col(enum: type[StrEnum], default: StrEnum | None = None) -> Any:
+    """A state column holding a ``StrEnum``'s *values* as VARCHAR(16) (no database enum type, no
+    CHECK: adding a state is a code change, not a migration); rows read back as enum members."""
+    values = sa.Enum(enum, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+    return Field(default=default, sa_column=Column(values, nullable=False))
+
+
+class TinkerSessionState(StrEnum):
+    active = "active"
+    finished = "finished"  # heartbeats answer 410 (session_finished), loads are refused
+
+
+class TinkerFutureState(StrEnum):
+    export = "export"  # waiting for its export job; ``retrieve_future`` polls the job
+    done = "done"  # ``result`` holds the final JSON the SDK receives
+
+
+class TinkerSession(SQLModel, table=True):
+    """A Tinker SDK session (``create_session``): the scope in which ``load_weights`` makes models.
+    Tenant-scoped: the primary key starts with the tenant, so a foreign id is simply not found."""
+
+    __tablename__ = "tinker_session"
+    tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=64)
+    id: str = Field(primary_key=True, max_length=64)
+    state: TinkerSessionState = _enum_col(TinkerSessionState, TinkerSessionState.active)
+    created_at: datetime = _ts()
+    finish_reason: str | None = Field(default=None, max_length=255)
+    project_id: str | None = Field(default=None, max_length=255)
+    tags: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    user_metadata: dict[str, Any] | None = _json_col()
+
+
+class TinkerModel(SQLModel, table=True):
+    """A "model" made by create-via-load (``load_weights``): its non-trainable run ``id`` (spelled
+    ``{session}:train:{n}``) holds nothing until ``save_weights_external`` exports ``source``."""
+
+    __tablename__ = "tinker_model"
+    tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=64)
+    id: str = Field(primary_key=True, max_length=200)
+    session_id: str = Field(max_length=64)
+    source_checkpoint_id: str = Field(max_length=64)
+    source_path: str = Field(max_length=512)
+    created_at: datetime = _ts()
+
+
+class TinkerFuture(SQLModel, table=True):
+    """A request the SDK long-polls with ``retrieve_future``: done at once (``load_weights``), or
+    waiting for an export job whose result it then places at ``tinker://{model_id}/external_weights/{output_name}``."""
+
+    __tablename__ = "tinker_future"
+    tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=64)
+    id: str = Field(primary_key=True, max_length=64)
+    state: TinkerFutureState = _enum_col(TinkerFutureState)
+    created_at: datetime = _ts()
+    job_id: str | None = Field(default=None, max_length=64)
+    model_id: str | None = Field(default=None, max_length=200)
+    output_name: str | None = Field(default=None, max_length=255)
+    ttl_seconds: int | None = None
+    result: dict[str, Any] | None = _json_col()
+
+
 OPEN_END_S = 2**62
 """``usage_interval.stop_s`` of a checkpoint still storing bytes with no expiry: "never" as a number, so
 that overlap tests are plain range comparisons (``start_s < :we AND stop_s > :ws``) an index can serve."""
@@ -359,8 +459,8 @@ that overlap tests are plain range comparisons (``start_s < :we AND stop_s > :ws
 class UsageInterval(SQLModel, table=True):
     """Derived from ``usage_event``, one row per checkpoint: the interval its bytes are billed for.
 
-    Not a source of truth: ``weightstore.intervals.rebuild_intervals`` recomputes every row from the
-    ledger, and the ledger writers (``weightstore.ledger``) refresh a checkpoint's row from its
+    Not a source of truth: ``weightstore.billing.intervals.rebuild_intervals`` recomputes every row from the
+    ledger, and the ledger writers (``weightstore.billing.ledger``) refresh a checkpoint's row from its
     ledger rows in the same transaction. Times are whole epoch seconds (``BigInteger``), so
     window arithmetic is the same integer SQL on SQLite and PostgreSQL.
     """
@@ -406,7 +506,7 @@ class UsageDay(SQLModel, table=True):
     With them, the bytes stored at a day boundary and the byte-seconds of whole days are prefix sums
     over days (``C(t)`` in §4), so all-tenant views read O(tenants x kinds x days) rows, not one per
     checkpoint. Maintained with ``usage_interval`` in the same transaction by
-    ``weightstore.intervals.refresh_intervals`` (new edges minus old edges), recomputed by
+    ``weightstore.billing.intervals.refresh_intervals`` (new edges minus old edges), recomputed by
     ``rebuild_intervals``. Rows of days after "now" hold future edges (planned expiries): readers use
     rows of days that end before the instant they need and read the rest from ``usage_interval``.
     ``size x offset`` sums are split at 10^6 bytes (``*_off_hi`` = sum of ``size // 10^6 x offset``,

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from weightstore.auth import Principal
 from weightstore.errors import AlreadyExists, InvalidRequest, NotFound
@@ -69,9 +69,7 @@ def list_runs(session: Session, principal: Principal, *, limit: int = 20, offset
     base = select(TrainingRun).where(TrainingRun.tenant_id == principal.tenant_id)
     total = session.exec(select(sa.func.count()).select_from(base.subquery())).one()
     rows = session.exec(
-        base.order_by(TrainingRun.created_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined]
-        .offset(offset)
-        .limit(limit)
+        base.order_by(col(TrainingRun.created_at).desc(), col(TrainingRun.id).desc()).offset(offset).limit(limit)
     ).all()
     return list(rows), int(total)
 

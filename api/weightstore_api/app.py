@@ -2,7 +2,9 @@
 
 ``ROUTERS`` below is the whole HTTP surface: one module per resource, included in this order
 (route matching is first-match, so the order is part of the contract). ``create_app`` takes a ready ``Context``
-so tests and ``weightstore serve`` decide where the catalog and the object store are.
+so tests and ``weightstore serve`` decide where the catalog and the object store are, and the
+``collector`` (a ``CollectorPort``) that ``POST /v1/admin/gc/runs`` triggers: the API never imports
+the collector package; the outermost layer injects it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from weightstore.collector import CollectorPort
 from weightstore.context import Context
 from weightstore.errors import WeightstoreError
 
@@ -31,7 +34,10 @@ Background = Callable[[Context], Callable[[], None]]
 ROUTERS = (admin.router, billing.router, exports.router, gc.router, native.router, tinker.router, tinker_sessions.router)
 
 
-def create_app(ctx: Context, *, background: Sequence[Background] = ()) -> FastAPI:
+def create_app(ctx: Context, *, background: Sequence[Background] = (), collector: CollectorPort | None = None) -> FastAPI:
+    """The app over ``ctx``. ``background`` services start and stop with it; without a
+    ``collector`` the collector cannot be triggered over HTTP (400 ``unsupported``) and its metrics
+    are not in ``/metrics``."""
     stops: list[Callable[[], None]] = []
 
     @asynccontextmanager
@@ -59,6 +65,7 @@ def create_app(ctx: Context, *, background: Sequence[Background] = ()) -> FastAP
         },
     )
     app.state.ctx = ctx
+    app.state.collector = collector
     app.middleware("http")(request_context)
     app.add_exception_handler(WeightstoreError, weightstore_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
@@ -90,5 +97,6 @@ def create_app(ctx: Context, *, background: Sequence[Background] = ()) -> FastAP
     for router in ROUTERS:
         app.include_router(router)
     admin.install(app)  # static files and the sign-in redirect need more than include_router
-    gc.install(app)  # the collector's metrics join /metrics
+    if collector is not None:
+        gc.register_metrics(collector)  # the collector's metrics join /metrics
     return app

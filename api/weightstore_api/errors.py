@@ -1,11 +1,24 @@
-"""The one table that maps core errors to HTTP status codes.
+"""The one table that maps core errors to HTTP status codes and headers (``ERROR_TABLE``), and the
+handlers that render every error in one body shape.
 
-Permanent errors never get 408/409/429/5xx (the Tinker SDK retries those for minutes); the only
-409 is ``Conflict``, which Tinker's contract uses for publish/unpublish of a checkpoint already in
-that state. Transient errors are 503 with ``Retry-After``.
+The rule: a *permanent* error is never 408, 409, 429 or 5xx, because the Tinker SDK retries those
+for minutes. Transient errors (``TransientError``: store down, catalog busy, lease lost) are 503
+with ``Retry-After``. The exceptions, each Tinker's own contract:
+
+- ``Conflict`` → 409 with ``x-should-retry: false``: publish / unpublish of a checkpoint already in
+  that state (the header stops the SDK's HTTP-layer retries);
+- ``SessionFinished`` → 410: a heartbeat for a finished session (the status stops the SDK's
+  heartbeat loop);
+- ``DataLoss`` and unknown errors → 500: a broken invariant, for operators to look at.
+
+Every route lets core errors propagate to ``weightstore_error_handler``; none builds its own
+status. (The admin UI's sign-in page renders its form instead of JSON, with ``status_for``.)
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -13,31 +26,46 @@ from fastapi.responses import JSONResponse
 
 from weightstore import errors as e
 
-STATUS_BY_CLASS: list[tuple[type[e.WeightstoreError], int]] = [
-    # most specific first
-    (e.AuthenticationFailed, 401),
-    (e.Forbidden, 403),
-    (e.NotFound, 404),
-    (e.Conflict, 409),  # Tinker: publish/unpublish when already in that state
-    (e.QuotaExceeded, 413),
-    (e.InvalidRequest, 400),  # names, paths, TTL, formats, integrity, incomplete/expired uploads
-    (e.AlreadyExists, 400),  # permanent: never 409, the SDK would retry it
-    (e.InUse, 400),
-    (e.LeaseHeld, 423),
-    (e.TransientError, 503),  # store down, catalog busy, lease lost: retry
-    (e.DataLoss, 500),
-    (e.ExportFailed, 422),
-    (e.WeightstoreError, 500),
-]
-
 RETRY_AFTER_SECONDS = 5
 
 
+@dataclass(frozen=True)
+class ErrorMapping:
+    """How one error class goes on the wire."""
+
+    error: type[e.WeightstoreError]
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Sent with every error of the class (and its subclasses)."""
+
+
+ERROR_TABLE: tuple[ErrorMapping, ...] = (
+    # most specific first: the first entry the error is an instance of wins
+    ErrorMapping(e.AuthenticationFailed, 401),
+    ErrorMapping(e.Forbidden, 403),
+    ErrorMapping(e.NotFound, 404),
+    ErrorMapping(e.Conflict, 409, {"x-should-retry": "false"}),  # Tinker: publish/unpublish when already in that state
+    ErrorMapping(e.SessionFinished, 410),  # Tinker: stops the SDK's heartbeat loop
+    ErrorMapping(e.QuotaExceeded, 413),
+    ErrorMapping(e.InvalidRequest, 400),  # names, paths, TTL, formats, integrity, incomplete/expired uploads
+    ErrorMapping(e.AlreadyExists, 400),  # permanent: never 409, the SDK would retry it
+    ErrorMapping(e.InUse, 400),
+    ErrorMapping(e.LeaseHeld, 423),
+    ErrorMapping(e.TransientError, 503, {"Retry-After": str(RETRY_AFTER_SECONDS)}),  # store down, catalog busy, lease lost
+    ErrorMapping(e.DataLoss, 500),
+    ErrorMapping(e.ExportFailed, 422),
+    ErrorMapping(e.WeightstoreError, 500),
+)
+
+_UNMAPPED = ErrorMapping(e.WeightstoreError, 500)
+
+
+def mapping_for(exc: e.WeightstoreError) -> ErrorMapping:
+    return next((m for m in ERROR_TABLE if isinstance(exc, m.error)), _UNMAPPED)
+
+
 def status_for(exc: e.WeightstoreError) -> int:
-    for cls, status in STATUS_BY_CLASS:
-        if isinstance(exc, cls):
-            return status
-    return 500
+    return mapping_for(exc).status
 
 
 def request_id_of(request: Request) -> str | None:
@@ -51,10 +79,11 @@ def error_body(code: str, message: str, request: Request, **extra: object) -> di
 
 async def weightstore_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.WeightstoreError)
-    status = status_for(exc)
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.retryable else None
+    mapping = mapping_for(exc)
     extra = {"details": exc.details} if exc.details else {}
-    return JSONResponse(error_body(exc.code, exc.message, request, **extra), status_code=status, headers=headers)
+    return JSONResponse(
+        error_body(exc.code, exc.message, request, **extra), status_code=mapping.status, headers=dict(mapping.headers) or None
+    )
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:

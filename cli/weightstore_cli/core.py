@@ -23,7 +23,7 @@ def serve() -> None:
     from weightstore import auth, bootstrap
     from weightstore.db import session_scope
     from weightstore.settings import Settings
-    from weightstore_api.app import create_app
+    from weightstore_api.app import Background, create_app
     from weightstore_api.observability import configure_logging
 
     settings = Settings()
@@ -33,13 +33,17 @@ def serve() -> None:
     ctx = running.ctx
     with session_scope(ctx.engine) as s:
         admin_key = auth.bootstrap_admin(s, now=ctx.clock.now())
-    background = []
-    if settings.embedded_gc:
-        try:
-            from weightstore_gc.scheduler import start_in_process as start_gc
+    background: list[Background] = []
+    collector = None  # POST /v1/admin/gc/runs answers 400 unsupported without one
+    try:
+        from weightstore_gc import LocalCollector
+        from weightstore_gc.scheduler import start_in_process as start_gc
 
+        collector = LocalCollector()
+        if settings.embedded_gc:
             background.append(start_gc)
-        except ImportError:
+    except ImportError:
+        if settings.embedded_gc:
             err("weightstore: collector not available; skipping in-process GC")
     if settings.embedded_worker:
         try:
@@ -51,7 +55,7 @@ def serve() -> None:
     # Stopped last by the app's lifespan: uvicorn re-raises SIGTERM after a graceful shutdown, so
     # code after uvicorn.run() is not a reliable place to stop the embedded S3 store.
     background.insert(0, lambda _ctx: running.close)
-    app = create_app(ctx, background=background)
+    app = create_app(ctx, background=background, collector=collector)
     url = f"http://{settings.host}:{settings.port}"
     typer.echo(f"weightstore listening on {url}", err=True)
     typer.echo(f"  S3 store: {ctx.settings.s3_endpoint_url} (bucket {settings.s3_bucket})", err=True)

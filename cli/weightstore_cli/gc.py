@@ -16,13 +16,16 @@ Exit codes (stable, for cron jobs and orchestrators):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from weightstore_cli.common import FORMAT_OPTION, emit, err
+
+if TYPE_CHECKING:
+    from weightstore_gc import CollectorHooks
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LEASE_HELD, EXIT_LEASE_LOST, EXIT_FINDINGS = 0, 1, 2, 3, 4, 5
 
@@ -72,13 +75,18 @@ def _human(key: str, v: Any) -> str:
     return str(v)
 
 
-def _run(phases: list[str], dry_run: bool, fmt: str) -> None:
+def run_phases(phases: Sequence[str], *, dry_run: bool, fmt: str, hooks: CollectorHooks | None = None) -> None:
+    """``weightstore gc run|expire|mark|sweep|orphans``: run, print, exit with the documented code.
+
+    ``hooks`` is for tests only (tests/collector/_paused_collector.py stops a real collector
+    process at an exact step); the commands never pass any."""
     from weightstore.errors import LeaseHeld, LeaseLost, WeightstoreError
-    from weightstore_gc import runner
+    from weightstore.models import GcRunState
+    from weightstore_gc import NO_HOOKS, run
 
     try:
         with _context() as ctx:
-            rep = runner.run(ctx, phases, dry_run=dry_run)
+            rep = run(ctx, phases, dry_run=dry_run, hooks=hooks or NO_HOOKS)
     except LeaseHeld as exc:
         err(f"gc: lease held elsewhere: {exc.message}")
         raise typer.Exit(EXIT_LEASE_HELD) from None
@@ -92,14 +100,14 @@ def _run(phases: list[str], dry_run: bool, fmt: str) -> None:
         emit(rep.to_dict(), "json")
     else:
         _print_plan(rep)
-    if rep.state == "stopped" or rep.errors:
+    if rep.state == GcRunState.stopped or rep.errors:
         err("gc: stopped fail-closed: referenced data is missing; nothing was deleted after the finding")
         raise typer.Exit(EXIT_FINDINGS)
 
 
 def _phase_command(phases: list[str], doc: str) -> Any:
     def command(dry_run: bool = DRY_RUN, fmt: str = FORMAT_OPTION) -> None:
-        _run(phases, dry_run, fmt)
+        run_phases(phases, dry_run=dry_run, fmt=fmt)
 
     command.__doc__ = doc
     return command
@@ -139,11 +147,13 @@ def verify_cmd(
 @gc_app.command("status")
 def status_cmd(limit: int = typer.Option(10, "--limit"), fmt: str = FORMAT_OPTION) -> None:
     """The lease holder and the last runs."""
-    from weightstore_gc import lease, list_runs
+    from weightstore import collector
+    from weightstore.db import session_scope
+    from weightstore_gc import lease
 
-    with _context() as ctx:
-        held = lease.current(ctx.engine)
-        runs = list_runs(ctx, limit=limit)
+    with _context() as ctx, session_scope(ctx.engine) as s:
+        held = lease.current(s)
+        runs = collector.list_runs(s, limit=limit)
         now = ctx.clock.now()
     lease_row = (
         None
@@ -211,19 +221,17 @@ def default_ttl_cmd(
     fmt: str = FORMAT_OPTION,
 ) -> None:
     """Show or set a tenant's default TTL per kind (applied to new uploads without a ttl)."""
-    from weightstore_gc.tenant_ttl import set_default_ttl
+    from weightstore import retention
+    from weightstore.db import session_scope
 
     try:
-        with _context() as ctx:
-            from weightstore.db import session_scope
-
-            with session_scope(ctx.engine) as s:
-                t = set_default_ttl(s, tenant, settings=ctx.settings, training=training, sampler=sampler)
-                row = {
-                    "tenant": t.name,
-                    "training_seconds": t.default_ttl_training_seconds,
-                    "sampler_seconds": t.default_ttl_sampler_seconds,
-                }
+        with _context() as ctx, session_scope(ctx.engine) as s:
+            t = retention.set_default_ttl(s, tenant, settings=ctx.settings, training=training, sampler=sampler)
+            row = {
+                "tenant": t.name,
+                "training_seconds": t.default_ttl_training_seconds,
+                "sampler_seconds": t.default_ttl_sampler_seconds,
+            }
     except Exception as exc:  # noqa: BLE001 - one line on stderr
         err(f"gc default-ttl: error: {exc}")
         raise typer.Exit(EXIT_ERROR) from None

@@ -6,6 +6,10 @@ destructive batch; if the row no longer carries its owner and token, another pro
 after the lease ran out and this one raises ``LeaseLost`` and stops. Works on SQLite (writers are
 serialised by ``BEGIN IMMEDIATE``) and PostgreSQL (``SELECT ... FOR UPDATE``; a racing first
 insert fails on the primary key and is reported as ``LeaseHeld``).
+
+Transactions: ``acquire``, ``check`` and ``release`` each run one short transaction of their own
+and commit it before returning: a fence only fences once it is committed, so they take the engine,
+never a caller's session. ``current`` is a plain catalog read on the caller's session.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from weightstore.clock import Clock
 from weightstore.db import session_scope
@@ -110,6 +114,6 @@ def acquire(engine: Engine, clock: Clock, *, ttl_seconds: int, owner: str | None
     return LeaseHandle(engine, clock, name, owner, token, ttl_seconds)
 
 
-def current(engine: Engine, name: str = GC_LEASE) -> Lease | None:
-    with session_scope(engine) as s:
-        return s.get(Lease, name)
+def current(session: Session, name: str = GC_LEASE) -> Lease | None:
+    """The lease row (holder, token, expiry), or ``None`` if no collector ever ran."""
+    return session.get(Lease, name)

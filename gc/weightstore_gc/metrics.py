@@ -1,7 +1,8 @@
 """Prometheus metrics of the collector, on their own registry.
 
-The API adds these collectors to its ``/metrics`` registry (``weightstore_api.routers.gc.install``);
-a standalone worker can serve them itself (``weightstore gc worker --metrics-port``).
+The API adds these to its ``/metrics`` when it is given a collector (``LocalCollector.metrics``,
+wired by ``weightstore serve``); a standalone worker serves them itself (``weightstore gc worker
+--metrics-port``).
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ executes, and returns its plan and statistics (counts and bytes).
 Every destructive batch is preceded by a lease check (``LeaseLost`` aborts the run) and deletes
 only what the plan named *and* a fresh re-check in the same transaction still allows.
 See docs/design-gc.md for the numbered rules (G1..G12) cited below.
+
+Each phase is a workflow (docs/design.md, transaction convention): it interleaves object-store
+calls with catalog steps, so it opens one short ``session_scope`` per step and never holds a
+transaction across a listing, a HEAD or a delete.
 """
 
 from __future__ import annotations
@@ -17,24 +21,23 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from weightstore import checkpoints
+from weightstore import blobs, checkpoints
+from weightstore.blobs import refs
 from weightstore.context import Context
 from weightstore.db import session_scope
 from weightstore.models import (
     Blob,
     BlobState,
     Checkpoint,
-    CheckpointFile,
     CheckpointState,
     GcLiveBlob,
-    TenantBlob,
     Upload,
     UploadFile,
     UploadState,
 )
 from weightstore.objectstore import BLOB_PREFIX, STAGING_PREFIX, ObjectInfo, blob_key, sha256_from_key
 
-from . import _debug, refs
+from .hooks import NO_HOOKS, CollectorHooks
 from .lease import LeaseHandle
 
 log = logging.getLogger("weightstore.gc")
@@ -45,7 +48,6 @@ DELETE_CONCURRENCY = 4
 """S3 DeleteObjects calls (≤1000 keys each) in flight at once during a sweep. A single call is
 bounded by the store's per-key work (SeaweedFS: ~1,000 keys/s per call); calls in parallel use
 more of it. Small, so a sweep never floods a shared store."""
-LOCK_TIMEOUT = "10s"  # PostgreSQL: give up a tombstone batch rather than stall writers longer
 
 
 @dataclass
@@ -90,6 +92,8 @@ class Collection:
     """The ``blobs/`` listing, taken once per run and shared by mark and orphans."""
     swept: set[str] = field(default_factory=set)
     """Blobs this run's sweep deleted: the (older) listing still shows them; orphans skips them."""
+    hooks: CollectorHooks = NO_HOOKS
+    """Test-only stopping points; production runs with the no-op default."""
 
     @property
     def grace_cutoff(self) -> datetime:
@@ -253,72 +257,17 @@ def sweep_candidates(c: Collection, mark_run_id: str, *, after: str = "", limit:
 
 def _tombstone(c: Collection, shas: Sequence[str]) -> list[str]:
     """In one transaction: re-check every candidate is still unreferenced and past grace, and
-    mark it ``deleting`` (G7). Returns the shas now tombstoned (old tombstones included)."""
+    mark it ``deleting`` (G7, ``blobs.tombstone``). Returns the shas now tombstoned (old tombstones included)."""
     with session_scope(c.ctx.engine) as s:
-        pg = s.get_bind().dialect.name == "postgresql"
-        if pg:
-            s.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-            # Row locks first (the upload commit takes the same ones before it writes a manifest),
-            # then block new references in the tables that create them, then re-check: the
-            # re-check statement sees every reference committed before the locks were granted.
-            s.execute(sa.select(Blob.sha256).where(Blob.sha256.in_(shas)).with_for_update())  # type: ignore[call-overload,attr-defined]
-            s.execute(sa.text("LOCK TABLE checkpoint_file, upload_file, base_model_file IN SHARE MODE"))
-        fresh = [
-            r[0]
-            for r in s.execute(
-                sa.select(Blob.sha256).where(  # type: ignore[call-overload]
-                    Blob.sha256.in_(shas),
-                    Blob.state.in_([BlobState.live.value, BlobState.pending.value]),  # type: ignore[attr-defined]
-                    Blob.last_referenced_at < c.grace_cutoff,
-                    sa.not_(refs.is_referenced(Blob.sha256)),
-                )
-            ).all()
-        ]
-        if fresh:
-            s.execute(
-                sa.update(Blob)
-                .where(Blob.sha256.in_(fresh))  # type: ignore[attr-defined]
-                .values(state=BlobState.deleting.value, tombstoned_at=c.now)
-            )
-        old = [
-            r[0]
-            for r in s.execute(
-                sa.select(Blob.sha256).where(  # type: ignore[call-overload]
-                    Blob.sha256.in_(shas), Blob.state == BlobState.deleting.value
-                )
-            ).all()
-        ]  # type: ignore[attr-defined]
-        return sorted(set(old) | set(fresh))
+        return blobs.tombstone(s, shas, grace_cutoff=c.grace_cutoff, now=c.now)
 
 
 def _forget(c: Collection, shas: Sequence[str]) -> int:
-    """Remove the rows of blobs whose object the store confirmed deleted (G10): the released
-    manifests that still name them, the tenant proofs, then the blob row itself."""
+    """Remove the rows of blobs whose object the store confirmed deleted (G10, ``blobs.forget``)."""
     if not shas:
         return 0
     with session_scope(c.ctx.engine) as s:
-        gone = [
-            r[0]
-            for r in s.execute(
-                sa.select(Blob.sha256).where(  # type: ignore[call-overload]
-                    Blob.sha256.in_(shas), Blob.state == BlobState.deleting.value
-                )
-            ).all()
-        ]  # type: ignore[attr-defined]
-        if not gone:
-            return 0
-        # Only manifests of deleted checkpoints can still name a tombstoned blob (G7 re-checked it).
-        # Anything else (a bug elsewhere) makes the blob delete fail on the foreign key: loud, not lossy.
-        # Driven by the sha256 index with a correlated EXISTS: an IN (SELECT deleted checkpoints)
-        # made SQLite scan the manifest table per batch (measured ~1 s a batch at 20k checkpoints).
-        released = sa.exists().where(
-            Checkpoint.id == CheckpointFile.checkpoint_id,  # type: ignore[arg-type]
-            Checkpoint.state == CheckpointState.deleted.value,
-        )  # type: ignore[arg-type]
-        s.execute(sa.delete(CheckpointFile).where(CheckpointFile.sha256.in_(gone), released))  # type: ignore[attr-defined]
-        s.execute(sa.delete(TenantBlob).where(TenantBlob.sha256.in_(gone)))  # type: ignore[attr-defined]
-        res = s.execute(sa.delete(Blob).where(Blob.sha256.in_(gone), Blob.state == BlobState.deleting.value))  # type: ignore[attr-defined]
-        return int(res.rowcount)  # type: ignore[attr-defined]
+        return blobs.forget(s, shas)
 
 
 def sweep(c: Collection, mark_run_id: str) -> PhaseResult:
@@ -381,9 +330,7 @@ def sweep(c: Collection, mark_run_id: str) -> PhaseResult:
         while page := sweep_candidates(c, mark_run_id, after=after, limit=batch):
             after = page[-1][0]
             if not first:
-                if _debug.armed("between_batches"):
-                    drain(True)  # a test kills us here: let the previous batches finish first
-                _debug.pause("between_batches")
+                c.hooks.between_batches(lambda: drain(True))
             first = False
             if len(in_flight) >= DELETE_CONCURRENCY:
                 drain(False)
@@ -397,7 +344,7 @@ def sweep(c: Collection, mark_run_id: str) -> PhaseResult:
                 continue
             res.stats["tombstoned"] += len(dead)
             res.stats["skipped_rereferenced"] += len(chunk) - len(dead)
-            _debug.pause("after_tombstone")
+            c.hooks.after_tombstone()
             if not dead:
                 continue
             c.check_lease()  # G12: right before the destructive call is submitted
@@ -527,11 +474,7 @@ def _close_uploads(c: Collection, upload_ids: Sequence[str]) -> int:
         )
         # The grace period of their blobs starts now, not at their last write (G5).
         shas = sa.select(UploadFile.sha256).where(UploadFile.upload_id.in_(upload_ids))  # type: ignore[call-overload,attr-defined]
-        s.execute(
-            sa.update(Blob)
-            .where(Blob.sha256.in_(shas), Blob.state != BlobState.deleting.value)  # type: ignore[attr-defined]
-            .values(last_referenced_at=c.now)
-        )
+        blobs.touch_unless_deleting(s, shas, c.now)
         mpus = s.execute(
             sa.select(UploadFile.staging_key, UploadFile.multipart_upload_id).where(  # type: ignore[call-overload]
                 UploadFile.upload_id.in_(upload_ids), UploadFile.multipart_upload_id.is_not(None)

@@ -1,9 +1,10 @@
 """Run collector phases under the lease and record the run (``gc_run``: plan, stats, findings).
 
 ``run(ctx, phases=("expire", "mark", "sweep", "orphans"))`` is what the scheduler and
-``weightstore gc run`` call. A dry run takes no lease and changes nothing but its own ``gc_run`` /
-``gc_live_blob`` rows. Outcomes: ``finished``, ``stopped`` (fail closed: findings, nothing deleted
-after them), ``aborted`` (lease lost or an error).
+``weightstore gc run`` call; ``LocalCollector`` offers the same to the API as a
+``weightstore.collector.CollectorPort``. A dry run takes no lease and changes nothing but its own
+``gc_run`` / ``gc_live_blob`` rows. Outcomes (``GcRunState``): ``finished``, ``stopped`` (fail
+closed: findings, nothing deleted after them), ``aborted`` (lease lost or an error).
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+from prometheus_client.registry import Collector as MetricsCollector
 
+from weightstore.collector import PHASES
 from weightstore.context import Context
 from weightstore.db import session_scope
 from weightstore.errors import LeaseLost
-from weightstore.models import GcLiveBlob, GcRun
+from weightstore.models import GcLiveBlob, GcRun, GcRunState
 from weightstore.names import new_id
 
-from . import _debug, lease, metrics
+from . import lease, metrics
+from .hooks import NO_HOOKS, CollectorHooks
 from .phases import Collection, Finding, PhaseResult, expire, mark, orphans, sweep
 
 log = logging.getLogger("weightstore.gc")
-PHASES = ("expire", "mark", "sweep", "orphans")
 KEEP_LIVE_SETS = 3  # saved live sets kept for inspection; older ones are dropped
 
 
@@ -35,7 +38,7 @@ class RunReport:
     run_id: str
     phases: list[str]
     dry_run: bool
-    state: str = "running"
+    state: GcRunState = GcRunState.running
     plan: dict[str, dict[str, int]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
@@ -67,14 +70,22 @@ def _normalise(phases: Sequence[str]) -> list[str]:
 
 
 def run(
-    ctx: Context, phases: Sequence[str] = PHASES, *, dry_run: bool = False, owner: str | None = None, check_objects: bool = True
+    ctx: Context,
+    phases: Sequence[str] = PHASES,
+    *,
+    dry_run: bool = False,
+    owner: str | None = None,
+    check_objects: bool = True,
+    hooks: CollectorHooks = NO_HOOKS,
 ) -> RunReport:
-    """Raises ``LeaseHeld`` (another collector works: nothing recorded) or ``LeaseLost``."""
+    """Workflow: one collector run (each phase opens its own short transactions).
+
+    Raises ``LeaseHeld`` (another collector works: nothing recorded) or ``LeaseLost``."""
     names = _normalise(phases)
     handle = None if dry_run else lease.acquire(ctx.engine, ctx.clock, ttl_seconds=ctx.settings.gc_lease_seconds, owner=owner)
     try:
-        _debug.pause("after_lease")
-        return _run_locked(ctx, names, dry_run=dry_run, handle=handle, check_objects=check_objects)
+        hooks.after_lease()
+        return _run_locked(ctx, names, dry_run=dry_run, handle=handle, check_objects=check_objects, hooks=hooks)
     finally:
         if handle is not None:
             try:
@@ -84,7 +95,7 @@ def run(
 
 
 def _run_locked(
-    ctx: Context, names: list[str], *, dry_run: bool, handle: lease.LeaseHandle | None, check_objects: bool
+    ctx: Context, names: list[str], *, dry_run: bool, handle: lease.LeaseHandle | None, check_objects: bool, hooks: CollectorHooks
 ) -> RunReport:
     now = ctx.clock.now()
     t0 = time.perf_counter()
@@ -95,12 +106,12 @@ def _run_locked(
                 id=rep.run_id,
                 phases=",".join(names),
                 dry_run=dry_run,
-                state="running",
+                state=GcRunState.running.value,
                 started_at=now,
                 owner=handle.owner if handle else None,
             )
         )
-    c = Collection(ctx, rep.run_id, now, dry_run, handle)
+    c = Collection(ctx, rep.run_id, now, dry_run, handle, hooks=hooks)
     try:
         for name in names:
             res: PhaseResult
@@ -115,16 +126,16 @@ def _run_locked(
             rep.plan[name], rep.stats[name] = res.plan, res.stats
             rep.findings.extend(res.findings)
             if res.stop:
-                rep.state = "stopped"
+                rep.state = GcRunState.stopped
                 log.error("gc run %s stopped after %s: %d findings", rep.run_id, name, len(res.findings))
                 break
         else:
-            rep.state = "finished"
+            rep.state = GcRunState.finished
     except LeaseLost:
-        rep.state = "aborted"
+        rep.state = GcRunState.aborted
         raise
     except Exception as exc:
-        rep.state = "aborted"
+        rep.state = GcRunState.aborted
         rep.findings.append(Finding("run_failed", type(exc).__name__, str(exc)))
         raise
     finally:
@@ -140,7 +151,7 @@ def _record(ctx: Context, rep: RunReport) -> None:
             row = s.get(GcRun, rep.run_id)
             if row is None:
                 return
-            row.state, row.finished_at = rep.state, ctx.clock.now()
+            row.state, row.finished_at = rep.state.value, ctx.clock.now()
             row.plan, row.stats = rep.plan, rep.stats
             row.findings = [f.to_dict() for f in rep.findings]
             s.add(row)
@@ -161,16 +172,20 @@ def _observe(rep: RunReport) -> None:
     metrics.DELETED_BLOBS.inc(sw.get("deleted_objects", 0))
     metrics.DELETED_BYTES.inc(sw.get("deleted_bytes", 0))
     metrics.DELETE_FAILURES.inc(sw.get("delete_failures", 0))
-    if rep.state == "finished":
+    if rep.state == GcRunState.finished:
         metrics.LAST_SUCCESS.set_to_current_time()
 
 
-def list_runs(ctx: Context, *, limit: int = 50, offset: int = 0) -> list[GcRun]:
-    with session_scope(ctx.engine) as s:
-        q = sa.select(GcRun).order_by(GcRun.started_at.desc(), GcRun.id.desc()).offset(offset).limit(limit)  # type: ignore[attr-defined]
-        return list(s.execute(q).scalars().all())
+@dataclass(frozen=True)
+class LocalCollector:
+    """The collector run in this process, as the API's ``CollectorPort`` (``weightstore serve``
+    and the test server pass one to ``create_app``)."""
 
+    hooks: CollectorHooks = NO_HOOKS
 
-def get_run(ctx: Context, run_id: str) -> GcRun | None:
-    with session_scope(ctx.engine) as s:
-        return s.get(GcRun, run_id)
+    @property
+    def metrics(self) -> Sequence[MetricsCollector]:
+        return metrics.ALL
+
+    def run(self, ctx: Context, phases: Sequence[str], *, dry_run: bool) -> str:
+        return run(ctx, phases, dry_run=dry_run, hooks=self.hooks).run_id

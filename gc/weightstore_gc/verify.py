@@ -7,6 +7,9 @@
   ``end`` events = ``restore`` events (+1 once the checkpoint is no longer committed);
 - with ``expect_collected=True`` (tests, after a full collection past grace): no unreferenced blob
   row, no ``blobs/`` object without a row, no staging object of a closed upload (V6, warnings).
+
+A workflow (it interleaves catalog reads with store listings, HEADs and GETs): one short read
+transaction per step, none held across object-store I/O.
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from weightstore.blobs import refs
 from weightstore.context import Context
 from weightstore.db import session_scope
 from weightstore.models import Blob, BlobState, Checkpoint, CheckpointFile, CheckpointState, Upload, UploadState, UsageEvent
 from weightstore.objectstore import BLOB_PREFIX, STAGING_PREFIX, blob_key, sha256_from_key
 
-from . import refs
 from .phases import Finding
 
 

@@ -17,8 +17,9 @@ from weightstore import auth, db
 @pytest.fixture
 def fuzz_app(ctx):
     from weightstore_api.app import create_app
+    from weightstore_gc import LocalCollector
 
-    app = create_app(ctx)
+    app = create_app(ctx, collector=LocalCollector())  # wired like `weightstore serve`
     with db.session_scope(ctx.engine) as s:
         key = auth.create_key(s, tenant="fuzz", role="trainer", now=ctx.clock.now())[1]
     return app, key

@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from weightstore import ledger
+from weightstore.billing import ledger
 from weightstore.db import session_scope
-from weightstore.models import UsageDay, UsageEvent, UsageInterval
+from weightstore.models import UsageDay, UsageEvent, UsageEventKind, UsageInterval
 
 T0 = datetime(2026, 1, 10, tzinfo=UTC)  # an hour-aligned instant inside a month
 
@@ -36,7 +36,16 @@ class LedgerBuilder:
                 ledger.record(s, **row)  # type: ignore[arg-type]
 
     def _add(
-        self, ckpt: str, event: str, at: datetime, *, tenant: str, run: str, kind: str, size: int, expires_at: datetime | None
+        self,
+        ckpt: str,
+        event: UsageEventKind,
+        at: datetime,
+        *,
+        tenant: str,
+        run: str,
+        kind: str,
+        size: int,
+        expires_at: datetime | None,
     ) -> None:
         row: dict[str, object] = dict(
             tenant_id=tenant,
@@ -66,7 +75,7 @@ class LedgerBuilder:
         kind: str = "training",
         expires_at: datetime | None = None,
     ) -> None:
-        self._add(ckpt, "commit", at, tenant=tenant, run=run, kind=kind, size=size, expires_at=expires_at)
+        self._add(ckpt, UsageEventKind.commit, at, tenant=tenant, run=run, kind=kind, size=size, expires_at=expires_at)
 
     def end(
         self,
@@ -79,7 +88,7 @@ class LedgerBuilder:
         kind: str = "training",
         expires_at: datetime | None = None,
     ) -> None:
-        self._add(ckpt, "end", at, tenant=tenant, run=run, kind=kind, size=size, expires_at=expires_at)
+        self._add(ckpt, UsageEventKind.end, at, tenant=tenant, run=run, kind=kind, size=size, expires_at=expires_at)
 
     def ttl(
         self,
@@ -92,7 +101,7 @@ class LedgerBuilder:
         run: str = "run-1",
         kind: str = "training",
     ) -> None:
-        self._add(ckpt, "ttl", at, tenant=tenant, run=run, kind=kind, size=size, expires_at=expires_at)
+        self._add(ckpt, UsageEventKind.ttl, at, tenant=tenant, run=run, kind=kind, size=size, expires_at=expires_at)
 
     def restore(
         self,
@@ -105,7 +114,7 @@ class LedgerBuilder:
         run: str = "run-1",
         kind: str = "training",
     ) -> None:
-        self._add(ckpt, "restore", at, tenant=tenant, run=run, kind=kind, size=size, expires_at=expires_at)
+        self._add(ckpt, UsageEventKind.restore, at, tenant=tenant, run=run, kind=kind, size=size, expires_at=expires_at)
 
     def replay(self, events: list[tuple], ops: list[tuple], *, ops_one_transaction_each: bool) -> list[tuple]:
         """Random-history helper for property tests: ``events`` = (tenant, kind, start offset, life or

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 from sqlmodel import select
 
 from tests.billing.ledger_builder import T0, h
-from weightstore import metering
+from weightstore.billing import catalog, invoices, overview, units, usage
+from weightstore.billing.intervals import rebuild_intervals
+from weightstore.billing.pricing import Pricing, load_pricing
+from weightstore.billing.units import DAY, HOUR
 from weightstore.db import session_scope
-from weightstore.intervals import rebuild_intervals
-from weightstore.metering import DAY, HOUR, Pricing
 from weightstore.models import (
     OPEN_END_S,
     Blob,
@@ -33,7 +34,7 @@ PRICE = Pricing(default=Decimal("0.10"))
 
 def total(engine, start, end, **kw):  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
-        return metering.usage(s, kw.pop("pricing", PRICE), start=start, end=end, **kw)
+        return usage.usage(s, kw.pop("pricing", PRICE), start=start, end=end, **kw)
 
 
 def test_one_gb_for_72_hours_costs_exactly_one_cent(engine, ledger):
@@ -44,7 +45,7 @@ def test_one_gb_for_72_hours_costs_exactly_one_cent(engine, ledger):
     assert row.cost_exact_usd == Fraction(1, 100)
     assert row.cost_usd == Decimal("0.01")
     with session_scope(engine) as s:
-        inv = metering.invoice(s, PRICE, tenant_id="acme", month="2026-01")
+        inv = invoices.invoice(s, PRICE, tenant_id="acme", month="2026-01")
     assert inv.total_usd == Decimal("0.01")
     assert [(ln.run_id, ln.kind, ln.amount_usd) for ln in inv.lines] == [("run-1", "training", Decimal("0.01"))]
 
@@ -65,7 +66,7 @@ def test_huge_checkpoints_over_long_windows_stay_exact(engine, ledger):
     assert by_day["2026-01-10"] == big * 86400 + big * 19 * 3600 + 3 * 23 * 3600  # T0's day
     assert by_day["2026-01-11"] == big * 86400 + big * 5 * 3600 + 3 * 86400
     with session_scope(engine) as s:
-        ov = metering.overview(s, PRICE, now=end, start=start)
+        ov = overview.overview(s, PRICE, now=end, start=start)
     assert [(r.checkpoint_count, r.logical_bytes) for r in ov.current] == [(2, big + 3)]
     assert [r.byte_seconds for r in ov.daily] == [r.byte_seconds for r in daily]
 
@@ -87,9 +88,9 @@ def test_month_boundary_is_split_between_two_invoices(engine, ledger):
     ledger.commit("c1", start, size)
     ledger.end("c1", end, size)
     with session_scope(engine) as s:
-        jan = metering.invoice(s, PRICE, tenant_id="acme", month="2026-01")
-        feb = metering.invoice(s, PRICE, tenant_id="acme", month="2026-02")
-        mar = metering.invoice(s, PRICE, tenant_id="acme", month="2026-03")
+        jan = invoices.invoice(s, PRICE, tenant_id="acme", month="2026-01")
+        feb = invoices.invoice(s, PRICE, tenant_id="acme", month="2026-02")
+        mar = invoices.invoice(s, PRICE, tenant_id="acme", month="2026-03")
     assert jan.byte_seconds == size * int((datetime(2026, 2, 1, tzinfo=UTC) - start).total_seconds())
     assert feb.byte_seconds == size * int((end - datetime(2026, 2, 1, tzinfo=UTC)).total_seconds())
     assert jan.byte_seconds + feb.byte_seconds == size * int((end - start).total_seconds())
@@ -149,10 +150,10 @@ def test_pricing_precedence_tenant_then_kind_then_default(engine, ledger):
     from weightstore.settings import Settings
 
     with session_scope(engine) as s:
-        p = metering.pricing(s, Settings(price_per_kind_usd={"training": 0.12}))
+        p = load_pricing(s, Settings(price_per_kind_usd={"training": 0.12}))
         rows = {
             (r.key["tenant_id"], r.key["kind"]): r.cost_usd
-            for r in metering.usage(s, p, start=T0, end=T0 + h(800), group_by=("tenant_id", "kind"))
+            for r in usage.usage(s, p, start=T0, end=T0 + h(800), group_by=("tenant_id", "kind"))
         }
     assert rows == {
         ("acme", "training"): Decimal("0.12"),
@@ -167,8 +168,8 @@ def test_current_usage_and_projection(engine, ledger):
     ledger.commit("c", T0, GB, kind="sampler")
     ledger.end("c", T0 + h(2), GB, kind="sampler")
     with session_scope(engine) as s:
-        [row] = metering.current(s, PRICE, now=T0 + h(0.5))
-        later = metering.current(s, PRICE, now=T0 + h(5), group_by=("kind",))
+        [row] = usage.current(s, PRICE, now=T0 + h(0.5))
+        later = usage.current(s, PRICE, now=T0 + h(5), group_by=("kind",))
     assert (row.checkpoint_count, row.logical_bytes, row.monthly_cost_usd) == (3, 5 * GB, Decimal("0.50"))
     assert [(r.key, r.logical_bytes) for r in later] == [({"kind": "training"}, 3 * GB)]
 
@@ -187,8 +188,8 @@ def test_dedup_bills_twice_logically_once_physically(engine, ledger):
     ledger.commit("c1", T0, GB, kind="training")
     ledger.commit("c2", T0, GB, kind="sampler")
     with session_scope(engine) as s:
-        [cur] = metering.current(s, PRICE, now=T0 + h(1))
-        physical = metering.physical_current(s, now=T0 + h(1))
+        [cur] = usage.current(s, PRICE, now=T0 + h(1))
+        physical = catalog.physical_current(s, now=T0 + h(1))
     assert cur.logical_bytes == 2 * GB
     assert physical == {"acme": GB}
     [row] = total(engine, T0, T0 + h(72))
@@ -254,15 +255,15 @@ def test_property_overview_is_current_plus_daily_buckets_in_one_pass(engine, led
     start, now = T0 + timedelta(seconds=ws), T0 + timedelta(seconds=ws + wlen)
     pricing = Pricing(default=Decimal("0.10"), per_kind={"sampler": Decimal("0.07")})
     with session_scope(engine) as s:
-        ov = metering.overview(s, pricing, now=now, start=start, bucket_seconds=DAY)
-        cur = metering.current(s, pricing, now=now)
-        daily = metering.usage(s, pricing, start=start, end=now, bucket_seconds=DAY)
+        ov = overview.overview(s, pricing, now=now, start=start, bucket_seconds=DAY)
+        cur = usage.current(s, pricing, now=now)
+        daily = usage.usage(s, pricing, start=start, end=now, bucket_seconds=DAY)
     assert ov.current == cur
     assert ov.daily == daily
     assert any(r.key == {"tenant_id": "t4"} and r.checkpoint_count == 1 for r in ov.current)
     # reference per (tenant, day): plain Python overlap of each interval with each bucket
     expected: dict[tuple[str, str], int] = {}
-    t0 = metering.epoch(T0)
+    t0 = units.epoch(T0)
     for tenant, _kind, s0, life, ttl, size in events:
         e0 = min(s0 + (life or 10**9), s0 + (ttl or 10**9))
         a, z = t0 + max(s0, ws), t0 + min(e0, ws + wlen)
@@ -270,17 +271,15 @@ def test_property_overview_is_current_plus_daily_buckets_in_one_pass(engine, led
         while b * DAY < z:
             overlap = min(z, (b + 1) * DAY) - max(a, b * DAY)
             if overlap > 0:
-                key = (tenant, metering.from_epoch(b * DAY).date().isoformat())
+                key = (tenant, units.from_epoch(b * DAY).date().isoformat())
                 expected[key] = expected.get(key, 0) + size * overlap
             b += 1
     assert {(r.key["tenant_id"], r.key["bucket"]): r.byte_seconds for r in ov.daily} == expected
     with session_scope(engine) as s:  # one tenant at a time (PostgreSQL reads it another way)
         for tenant in ("t1", "t2", "t3"):
-            one = metering.usage(s, pricing, start=start, end=now, bucket_seconds=DAY, tenant_id=tenant)
+            one = usage.usage(s, pricing, start=start, end=now, bucket_seconds=DAY, tenant_id=tenant)
             assert {r.key["bucket"]: r.byte_seconds for r in one} == {b: v for (t, b), v in expected.items() if t == tenant}
-            assert metering.current(s, pricing, now=now, tenant_id=tenant) == [
-                r for r in ov.current if r.key["tenant_id"] == tenant
-            ]
+            assert usage.current(s, pricing, now=now, tenant_id=tenant) == [r for r in ov.current if r.key["tenant_id"] == tenant]
 
 
 # --- the derived usage_interval table ------------------------------------------------------------
@@ -305,10 +304,10 @@ def _recompute_from_ledger(engine) -> dict[str, tuple]:  # type: ignore[no-untyp
         if not commits:
             continue
         last_restore = max((e.id for e in evs if e.event == "restore"), default=0)
-        ends = [metering.epoch(e.at) for e in evs if e.event == "end" and e.id > last_restore]
-        start = min(metering.epoch(e.at) for e in commits)
+        ends = [units.epoch(e.at) for e in evs if e.event == "end" and e.id > last_restore]
+        start = min(units.epoch(e.at) for e in commits)
         end = min(ends) if ends else None
-        exp = None if evs[-1].expires_at is None else metering.epoch(evs[-1].expires_at)
+        exp = None if evs[-1].expires_at is None else units.epoch(evs[-1].expires_at)
         stop = min([x for x in (end, exp) if x is not None], default=OPEN_END_S)
         out[ck] = (
             evs[0].tenant_id,
@@ -343,7 +342,7 @@ def test_property_derived_intervals_equal_the_ledger(engine, ledger, events, ops
         assert rebuild_intervals(s) == len(maintained)
     assert _interval_rows(engine) == maintained
     # billing = plain overlap sums over the recomputed intervals; daily buckets add up to the window
-    w0, w1 = metering.epoch(T0) + ws, metering.epoch(T0) + ws + wlen
+    w0, w1 = units.epoch(T0) + ws, units.epoch(T0) + ws + wlen
     expected: dict[str, int] = {}
     for tenant, _run, _kind, size, start, _end, _exp, stop in maintained.values():
         overlap = max(0, min(stop, w1) - max(start, w0))
@@ -356,7 +355,7 @@ def test_property_derived_intervals_equal_the_ledger(engine, ledger, events, ops
         daily[r.key["tenant_id"]] = daily.get(r.key["tenant_id"], 0) + r.byte_seconds
     assert daily == expected
     with session_scope(engine) as s:
-        now_rows = metering.current(s, PRICE, now=window[0])
+        now_rows = usage.current(s, PRICE, now=window[0])
     live: dict[str, int] = {}
     for tenant, _run, _kind, size, start, _end, _exp, stop in maintained.values():
         if start <= w0 < stop:
@@ -367,7 +366,7 @@ def test_property_derived_intervals_equal_the_ledger(engine, ledger, events, ops
 def test_service_writers_and_bulk_expiry_maintain_the_derived_table(engine):
     """The ledger writers used by the service (commit, ttl, end, bulk expiry, restore) keep
     usage_interval equal to a rebuild, in the writer's own transaction."""
-    from weightstore import ledger as ledger_mod
+    from weightstore.billing import ledger as ledger_mod
 
     with session_scope(engine) as s:
         s.add(Tenant(id="acme", name="acme", created_at=T0))
@@ -398,7 +397,7 @@ def test_service_writers_and_bulk_expiry_maintain_the_derived_table(engine):
         ledger_mod.on_end(s, s.get(Checkpoint, "k1"), at=T0 + h(2), now=T0 + h(2))
         ledger_mod.on_end_expired(s, ["k2"], now=T0 + h(30))
     rows = _interval_rows(engine)
-    t0 = metering.epoch(T0)
+    t0 = units.epoch(T0)
     assert {k: (v[4], v[7]) for k, v in rows.items()} == {
         "k0": (t0, OPEN_END_S),
         "k1": (t0, t0 + 2 * 3600),

@@ -1,7 +1,7 @@
 """The derived ``usage_day`` table (per tenant, kind and UTC day: sums over the interval edges) and the
 billing paths that read it (overview, current usage, daily/window usage per tenant and kind), on
 SQLite and PostgreSQL (``db_url``). Reference: the same numbers from ``usage_interval`` (the previous
-code path, ``metering._window_sums``) and plain Python."""
+code path, ``aggregates.window_sums``) and plain Python."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from sqlmodel import select
 from alembic import command
 from tests.billing.ledger_builder import T0, h
 from tests.billing.test_metering import _EVENTS, _OPS
-from weightstore import db, metering
+from weightstore import db
+from weightstore.billing import aggregates, overview, units, usage
+from weightstore.billing.intervals import derive_intervals, rebuild_days, rebuild_intervals
+from weightstore.billing.pricing import Pricing
+from weightstore.billing.units import DAY, SPLIT
 from weightstore.db import session_scope
-from weightstore.intervals import SPLIT, derive_intervals, rebuild_days, rebuild_intervals
-from weightstore.metering import DAY, Pricing
 from weightstore.models import OPEN_END_S, Checkpoint, Tenant, TrainingRun, UsageDay, UsageEvent, UsageInterval
 
 GB = 10**9
@@ -59,14 +61,14 @@ def days_from_intervals(engine) -> dict[tuple[str, str, int], tuple[int, ...]]: 
 def interval_path(engine, ws: int, we: int, tenant_id: str | None = None):  # type: ignore[no-untyped-def]
     """Daily byte-seconds per (tenant, kind, day) and the state at ``we``, read from usage_interval."""
     with session_scope(engine) as s:
-        return metering._window_sums(
+        return aggregates.window_sums(
             s, ["tenant_id", "kind"], ws=ws, we=we, bucket_seconds=DAY, tenant_id=tenant_id, current_at_end=True
         )
 
 
 def day_path(engine, ws: int, we: int, tenant_id: str | None = None):  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
-        return metering._day_sums(s, ws=ws, we=we, tenant_id=tenant_id)
+        return aggregates.day_sums(s, ws=ws, we=we, tenant_id=tenant_id)
 
 
 @hsettings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
@@ -83,7 +85,7 @@ def test_property_maintained_usage_day_equals_rebuild_and_python(engine, ledger,
         assert rebuild_days(s) == len(maintained)
     assert day_rows(engine) == maintained
     # both read paths agree exactly: windows/now on and off day boundaries, all tenants and one
-    w0 = metering.epoch(T0) + ws
+    w0 = units.epoch(T0) + ws
     for we in (w0 + wlen, (w0 + wlen) // DAY * DAY + DAY):
         assert day_path(engine, w0, we) == interval_path(engine, w0, we)
         assert day_path(engine, w0, we, "t2") == interval_path(engine, w0, we, "t2")
@@ -104,8 +106,8 @@ def test_overview_on_a_partial_day_with_expiries_later_today(engine, ledger):
     ledger.commit("at-now", now, 13)  # current, no usage yet
     ledger.commit("later", now + h(1), 17, tenant="initech")  # not yet current
     with session_scope(engine) as s:
-        ov = metering.overview(s, PRICE, now=now, start=start)
-    ws, we = metering.epoch(start), metering.epoch(now)
+        ov = overview.overview(s, PRICE, now=now, start=start)
+    ws, we = units.epoch(start), units.epoch(now)
     assert {(r.key["tenant_id"], r.checkpoint_count, r.logical_bytes) for r in ov.current} == {
         ("acme", 3, 3 * GB + 7 + 13),
         ("globex", 1, 5 * GB),
@@ -113,8 +115,8 @@ def test_overview_on_a_partial_day_with_expiries_later_today(engine, ledger):
     stored = {
         "acme": [
             (3 * GB, -(10**12), 10**12),
-            (7, metering.epoch(day0 + h(1)), we + 10 * 3600),
-            (11, metering.epoch(day0 + h(8)), we - 3600),
+            (7, units.epoch(day0 + h(1)), we + 10 * 3600),
+            (11, units.epoch(day0 + h(8)), we - 3600),
         ],
         "globex": [(5 * GB, we - 7200, we + 8 * 3600)],
     }
@@ -124,13 +126,13 @@ def test_overview_on_a_partial_day_with_expiries_later_today(engine, ledger):
             for d in range(ws // DAY, (we - 1) // DAY + 1):
                 overlap = min(z, we, (d + 1) * DAY) - max(a, ws, d * DAY)
                 if overlap > 0:
-                    key = (tenant, metering.from_epoch(d * DAY).date().isoformat())
+                    key = (tenant, units.from_epoch(d * DAY).date().isoformat())
                     expected[key] = expected.get(key, 0) + size * overlap
     assert {(r.key["tenant_id"], r.key["bucket"]): r.byte_seconds for r in ov.daily} == expected
     assert day_path(engine, ws, we) == interval_path(engine, ws, we)
     with session_scope(engine) as s:  # the same numbers through the public functions
-        assert ov.current == metering.current(s, PRICE, now=now)
-        assert ov.daily == metering.usage(s, PRICE, start=start, end=now, bucket_seconds=DAY)
+        assert ov.current == usage.current(s, PRICE, now=now)
+        assert ov.daily == usage.usage(s, PRICE, start=start, end=now, bucket_seconds=DAY)
 
 
 def test_window_usage_without_buckets_reads_usage_day_and_matches_the_intervals(engine, ledger):
@@ -139,8 +141,8 @@ def test_window_usage_without_buckets_reads_usage_day_and_matches_the_intervals(
     ledger.end("b", T0 + h(50), GB, kind="sampler", tenant="globex")
     start, end = T0 + timedelta(hours=1, seconds=1), T0 + timedelta(days=2, hours=5)
     with session_scope(engine) as s:
-        rows = metering.usage(s, PRICE, start=start, end=end, group_by=("tenant_id", "kind"))
-        by_run = metering.usage(s, PRICE, start=start, end=end, group_by=("tenant_id", "run_id"))  # interval path
+        rows = usage.usage(s, PRICE, start=start, end=end, group_by=("tenant_id", "kind"))
+        by_run = usage.usage(s, PRICE, start=start, end=end, group_by=("tenant_id", "run_id"))  # interval path
     got = {(r.key["tenant_id"], r.key["kind"]): r.byte_seconds for r in rows}
     assert got == {
         ("acme", "training"): 2 * GB * (53 - 3) * 3600,  # [3 h, 53 h): the window ends first
@@ -152,7 +154,7 @@ def test_window_usage_without_buckets_reads_usage_day_and_matches_the_intervals(
 def test_service_writers_and_bulk_expiry_maintain_usage_day(engine):
     """The service's ledger writers, including the bulk ``on_end_expired`` (many checkpoints, one
     statement), keep usage_day equal to its definition, in the writer's own transaction."""
-    from weightstore import ledger as ledger_mod
+    from weightstore.billing import ledger as ledger_mod
 
     with session_scope(engine) as s:
         s.add(Tenant(id="acme", name="acme", created_at=T0))
@@ -185,7 +187,7 @@ def test_service_writers_and_bulk_expiry_maintain_usage_day(engine):
     assert day_rows(engine) == days_from_intervals(engine)
     with session_scope(engine) as s:
         rows = {r.checkpoint_id: r.stop_s for r in s.exec(select(UsageInterval)).all()}
-    t0 = metering.epoch(T0)
+    t0 = units.epoch(T0)
     assert {k: rows[k] for k in ("k2", "k3", "k4", "k5")} == {f"k{i}": t0 + (20 + 11 * i) * 3600 for i in range(2, 6)}
     before = day_rows(engine)
     with session_scope(engine) as s:
@@ -224,7 +226,7 @@ def test_migration_0004_derives_usage_day_from_an_existing_ledger(db_url):
         command.check(cfg)
         expected = days_from_intervals(eng)
         assert day_rows(eng) == expected
-        t0 = metering.epoch(T0)
+        t0 = units.epoch(T0)
         assert expected[("acme", "training", t0 // DAY)][:2] == (2, 2 * 10**15 + 1)
         assert expected[("globex", "sampler", t0 // DAY + 1)][5] == 10**15 + 2
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import httpx
 import pytest
 
@@ -44,3 +46,26 @@ def test_admin_gc_endpoints(server, keys, ctx, clock, db_url):
     delete(ctx, p, path)
     assert object_exists(ctx, files["adapter_model.safetensors"])
     assert_verified(ctx)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_app_without_collector_refuses_to_trigger_runs(ctx, keys, db_url):
+    """The API never imports the collector: built without one, a trigger is a 400 ``unsupported``
+    (nothing runs, nothing is recorded) while the catalog-only admin endpoints still work."""
+    from fastapi.testclient import TestClient
+
+    from weightstore_api.app import create_app
+
+    with TestClient(create_app(ctx), headers={"X-API-Key": keys.admin}) as admin:
+        r = admin.post("/v1/admin/gc/runs", json={"dry_run": True})
+        assert (r.status_code, r.json()["code"]) == (400, "unsupported")
+        assert admin.get("/v1/admin/gc/runs").json() == {"runs": []}
+        r = admin.put("/v1/admin/tenants/acme/default-ttl", json={"training_seconds": 10})
+        assert (r.status_code, r.json()["code"]) == (400, "invalid_ttl")  # the one TTL check
+
+
+def test_the_api_phase_schema_is_the_collectors_phase_list():
+    from weightstore.collector import PHASES
+    from weightstore_api.routers.gc import Phase
+
+    assert get_args(Phase) == PHASES

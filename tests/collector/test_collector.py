@@ -14,7 +14,8 @@ from weightstore.db import session_scope
 from weightstore.errors import InvalidRequest, LeaseHeld, LeaseLost, NotFound
 from weightstore.models import Blob, BlobState, Checkpoint, GcRun, Lease, UsageEvent
 from weightstore.objectstore import blob_key
-from weightstore_gc import lease, restore_checkpoint, run, verify
+from weightstore.retention import restore_checkpoint
+from weightstore_gc import lease, run, verify
 
 HOUR = 3600
 

@@ -1,8 +1,8 @@
 """Collector processes: SIGKILL at the worst moments, and two collectors started at once.
 
-The collector runs as a real ``weightstore gc`` subprocess; ``WEIGHTSTORE_GC_PAUSE_AT`` parks it at
-a named point (after the tombstone transaction, between delete batches, after taking the lease)
-so the test can kill it exactly there.
+The collector runs as a real ``weightstore gc`` subprocess (``_paused_collector.py``: the CLI's
+``run_phases`` with injected hooks) parked at a named point (after the tombstone transaction,
+between delete batches, after taking the lease) so the test can kill it exactly there.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from weightstore.models import Blob
 from weightstore_gc import run
 
 CLI = [sys.executable, "-c", "from weightstore_cli import main; main()"]
+PAUSED = [sys.executable, str(Path(__file__).with_name("_paused_collector.py"))]
 
 
 def _env(ctx, tmp_path: Path, **extra: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -77,8 +78,8 @@ def test_sigkill_then_next_run_finishes(ctx, keys, clock, tmp_path, point):
     p, pk, keep, doomed = _setup(ctx, keys)
     marker = tmp_path / "paused"
     proc = subprocess.Popen(
-        [*CLI, "gc", "sweep"],
-        env=_env(ctx, tmp_path, WEIGHTSTORE_GC_PAUSE_AT=point, WEIGHTSTORE_GC_PAUSE_FILE=str(marker)),
+        [*PAUSED, "sweep", "--pause-at", point, "--marker", str(marker)],
+        env=_env(ctx, tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -106,13 +107,10 @@ def test_sigkill_then_next_run_finishes(ctx, keys, clock, tmp_path, point):
 @pytest.mark.slow
 def test_two_collectors_exactly_one_works(ctx, keys, clock, tmp_path):
     p, pk, keep, doomed = _setup(ctx, keys)
-    env = _env(
-        ctx, tmp_path, WEIGHTSTORE_GC_PAUSE_AT="after_lease", WEIGHTSTORE_GC_PAUSE_SECONDS="4", WEIGHTSTORE_GC_LEASE_SECONDS="60"
-    )
-    procs = [
-        subprocess.Popen([*CLI, "gc", "run", "--format", "json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for _ in range(2)
-    ]
+    env = _env(ctx, tmp_path, WEIGHTSTORE_GC_LEASE_SECONDS="60")
+    every_phase = ["expire", "mark", "sweep", "orphans"]  # what `weightstore gc run` runs
+    command = [*PAUSED, *every_phase, "--pause-at", "after_lease", "--pause-seconds", "4", "--format", "json"]
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [pr.communicate(timeout=120) for pr in procs]
     codes = sorted(pr.returncode for pr in procs)
     assert codes == [0, 3], outs

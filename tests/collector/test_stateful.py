@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from tests.collector._util import declare, delete, download, new_run, principal, save
 from tests.helpers import sampler_files
-from weightstore import checkpoints
+from weightstore import checkpoints, retention
 from weightstore.db import session_scope
 from weightstore.names import TinkerPath
 from weightstore_gc import run, verify
@@ -51,7 +51,7 @@ def test_collector_state_machine(ctx, keys, clock, db_url):
         def save(self, seed: int, ttl: int | None) -> None:
             files = files_for(seed)
             path = save(ctx, p, run_id, f"c{next(counter)}", files, ttl=ttl)
-            self.model[path] = (files, checkpoints.expires_at_for(clock.now(), ttl))
+            self.model[path] = (files, retention.expires_at_for(clock.now(), ttl))
 
         @rule(data=st.data())
         def delete(self, data: st.DataObject) -> None:
@@ -68,7 +68,7 @@ def test_collector_state_machine(ctx, keys, clock, db_url):
                 path = data.draw(st.sampled_from(vis))
                 with session_scope(ctx.engine) as s:
                     checkpoints.set_ttl(s, p, TinkerPath.parse(path), ttl, settings=ctx.settings, now=clock.now())
-                self.model[path] = (self.model[path][0], checkpoints.expires_at_for(clock.now(), ttl))
+                self.model[path] = (self.model[path][0], retention.expires_at_for(clock.now(), ttl))
 
         @rule(seconds=st.sampled_from([60, HOUR, grace + 1]))
         def advance(self, seconds: int) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import tarfile
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,7 +16,7 @@ import tinker
 from sqlmodel import select
 
 from tests.helpers import sampler_files
-from weightstore import auth, db, uploads
+from weightstore import auth, db, publish
 from weightstore.models import Blob, Checkpoint, CheckpointFile, TenantBlob, TrainingRun, UsageEvent
 from weightstore.names import TinkerPath
 
@@ -84,21 +86,15 @@ def test_copy_weights_zero_copy_and_idempotent(ctx, server, keys, sdk, other_sdk
 
 
 def _commit_external(ctx, api_key: str, run_id: str, name: str, files: dict[str, bytes]) -> str:
+    """An external_weights checkpoint as an export job publishes it (local files → checkpoint)."""
     with db.session_scope(ctx.engine) as s:
         principal = auth.authenticate(s, api_key, now=ctx.clock.now())
-    import hashlib
-
-    req = uploads.UploadRequest(
-        run_id=run_id,
-        kind="external",
-        name=name,
-        files=[uploads.DeclaredFile(p, len(b), hashlib.sha256(b).hexdigest()) for p, b in files.items()],
-    )
-    ans = uploads.declare(ctx, principal, req, internal=True)
-    for f in ans.files:
-        if f.transfer != "present":
-            uploads.receive_bytes(ctx, principal, ans.upload_id, f.path, files[f.path])
-    return uploads.commit(ctx, principal, ans.upload_id).tinker_path
+    with tempfile.TemporaryDirectory() as tmp:
+        for path, data in files.items():
+            (Path(tmp) / path).write_bytes(data)
+        new = publish.NewCheckpoint(run_id=run_id, kind="external", name=name)
+        ckpt = publish.publish_files(ctx, principal, new, publish.local_files(Path(tmp)))
+    return str(TinkerPath(ckpt.run_id, ckpt.kind, ckpt.name))
 
 
 def test_external_weights_urls_unauthenticated_get(ctx, keys, sdk, other_sdk, seeded):

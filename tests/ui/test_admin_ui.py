@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from weightstore import ledger
+from weightstore.billing import ledger
 from weightstore.db import session_scope
 from weightstore.models import Blob, Checkpoint, CheckpointFile, Tenant, TrainingRun
 

@@ -110,10 +110,27 @@ def _staging(out_dir: Path) -> Iterator[Path]:
 
 
 def _resolve_plan(
-    plan: ExportPlan | None, to: ExportTarget, adapter_dir: str | Path, base_dir: str | Path, **plan_kw: object
+    plan: ExportPlan | None,
+    to: ExportTarget,
+    adapter_dir: str | Path,
+    base_dir: str | Path,
+    *,
+    shard_size: int = DEFAULT_SHARD_BYTES,
+    base_model_name: str | None = None,
+    base_sha256: Mapping[str, str] | None = None,
+    adapter_sha256: Mapping[str, str] | None = None,
 ) -> ExportPlan:
+    """The caller's plan after checking it matches this export, or a new plan (arguments as in ``plan_export``)."""
     if plan is None:
-        return plan_export(adapter_dir, base_dir, to=to, **plan_kw)  # type: ignore[arg-type]
+        return plan_export(
+            adapter_dir,
+            base_dir,
+            to=to,
+            shard_size=shard_size,
+            base_model_name=base_model_name,
+            base_sha256=base_sha256,
+            adapter_sha256=adapter_sha256,
+        )
     if plan.to != to:
         raise InvalidRequest(f"this plan exports to {plan.to}, not {to}")
     if (Path(adapter_dir).resolve(), Path(base_dir).resolve()) != (plan.adapter.root.resolve(), plan.base.root.resolve()):

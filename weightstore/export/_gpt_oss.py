@@ -85,11 +85,7 @@ class GptOssProfile(FamilyProfile):
             self._target(module, block, kind, base)  # same shape checks as the merge
         # target_parameters applies to every layer, so the targeted set (and hence the nesting) is
         # decided from the whole adapter, not from this block alone.
-        kinds_everywhere = {
-            self.expert_parts(self.hf_module(p))[1]  # type: ignore[index]
-            for p in adapter.modules
-            if self.expert_parts(self.hf_module(p)) is not None
-        }
+        kinds_everywhere = {parts[1] for p in adapter.modules if (parts := self.expert_parts(self.hf_module(p))) is not None}
         has_gate_up = bool(kinds_everywhere & {"w1", "w3"})
         has_down = "w2" in kinds_everywhere
         prefix = f"{TINKER_PREFIX}{block}"

@@ -124,9 +124,9 @@ class VerificationReport:
         return self.noop.passed and self.recompute.passed and self.forward.passed
 
     def to_dict(self) -> dict[str, Any]:
-        out = _jsonable(self)
+        out: dict[str, Any] = _jsonable(self)  # a dataclass always becomes a dict
         out["passed"] = self.passed
-        return out  # type: ignore[no-any-return]
+        return out
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ class ExportResult:
         return self.bytes_written / 1e6 / self.write_seconds if self.write_seconds > 0 else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
-        out = _jsonable(self)
+        out: dict[str, Any] = _jsonable(self)  # a dataclass always becomes a dict
         out["verification"] = self.verification.to_dict()
         out["throughput_mb_s"] = round(self.throughput_mb_s, 1)
-        return out  # type: ignore[no-any-return]
+        return out

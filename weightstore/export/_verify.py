@@ -19,6 +19,7 @@ Three checks, each aimed at a different way merge tools have corrupted weights:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -118,24 +119,20 @@ class _Opened:
     """safetensors files opened with safe_open (mmap), kept open for the whole check."""
 
     def __init__(self) -> None:
-        from safetensors import safe_open
-
-        self._open = safe_open
-        self._handles: dict[Path, Any] = {}
-        self._ctx: list[Any] = []
+        self._handles: dict[Path, Any] = {}  # safe_open handles: safetensors ships no types for them
+        self._stack = contextlib.ExitStack()
 
     def __call__(self, path: Path) -> Any:
-        h = self._handles.get(path)
-        if h is None:
-            ctx = self._open(str(path), framework="pt")
-            h = ctx.__enter__()
-            self._ctx.append(ctx)
-            self._handles[path] = h
-        return h
+        from safetensors import safe_open
+
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            self._handles[path] = handle
+        return handle
 
     def close(self) -> None:
-        for ctx in self._ctx:
-            ctx.__exit__(None, None, None)
+        self._stack.close()
 
 
 def _row_probes(n_rows: int) -> list[range]:
@@ -351,7 +348,8 @@ def forward_check(plan: ExportPlan, out_dir: Path, max_bytes: int) -> ForwardChe
 
     def logits(model: Any) -> torch.Tensor:
         with torch.no_grad():
-            return model(input_ids=ids).logits.float()
+            out: torch.Tensor = model(input_ids=ids).logits.float()  # transformers models are untyped calls
+        return out
 
     profile = profile_for(plan.base.config)
     merged = plan.to == "merged"

@@ -3,7 +3,7 @@
 Sign-in takes an admin API key in a POST form (never in a URL, never logged); the session is a
 cookie signed with itsdangerous (HttpOnly, SameSite=Strict, Secure when configured) that names the
 key id, and every page re-checks that the key is still an unrevoked admin key. Every number comes
-from ``weightstore.metering`` (SQL aggregates over the ledger), so pages stay fast on large catalogs.
+from ``weightstore.billing`` (SQL aggregates over the ledger), so pages stay fast on large catalogs.
 """
 
 from __future__ import annotations
@@ -21,13 +21,18 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from markupsafe import Markup, escape
 from sqlmodel import Session, select
 
-from weightstore import auth, bootstrap, metering
+from weightstore import auth, bootstrap
+from weightstore.billing import catalog, invoices, usage
+from weightstore.billing.overview import overview as all_tenants_overview
+from weightstore.billing.pricing import load_pricing
+from weightstore.billing.units import DAY, GB
 from weightstore.context import Context
 from weightstore.db import session_scope
-from weightstore.errors import AuthenticationFailed, InvalidRequest, NotFound
+from weightstore.errors import AuthenticationFailed, Forbidden, InvalidRequest, NotFound, WeightstoreError
 from weightstore.models import ApiKey, Role, Tenant
 
-from ..deps import CtxDep
+from ..deps import CtxDep, SessionDep
+from ..errors import status_for
 from .billing import invoice_csv
 
 HERE = Path(__file__).resolve().parent.parent
@@ -84,15 +89,23 @@ def login_form(request: Request) -> HTMLResponse:
     return _render(request, "login.html", error=None)
 
 
+SIGN_IN_REFUSALS: dict[type[WeightstoreError], str] = {
+    AuthenticationFailed: "That key is not valid.",  # unknown, malformed or revoked: not told apart
+    Forbidden: "This is not an admin key: the admin UI needs one.",
+}
+"""What the sign-in form says for each error it may meet; the status comes from the error table."""
+
+
 @router.post("/login", response_class=HTMLResponse)
-def login(request: Request, ctx: CtxDep, api_key: Annotated[str, Form(max_length=200)] = "") -> Response:
-    with session_scope(ctx.engine) as session:
-        try:
-            principal = auth.authenticate(session, api_key.strip(), now=ctx.clock.now())
-        except AuthenticationFailed:
-            return _render(request, "login.html", status=401, error="That key is not valid.")
-    if not principal.is_admin:
-        return _render(request, "login.html", status=403, error="This is not an admin key: the admin UI needs one.")
+def login(request: Request, ctx: CtxDep, session: SessionDep, api_key: Annotated[str, Form(max_length=200)] = "") -> Response:
+    """Sign in with an admin key. A refused key gets the form again, with the status the one error
+    table gives its error (an HTML page, not the JSON error body: a browser shows this)."""
+    try:
+        principal = auth.authenticate(session, api_key.strip(), now=ctx.clock.now())
+        principal.require_admin()
+    except (AuthenticationFailed, Forbidden) as exc:
+        message = next(text for cls, text in SIGN_IN_REFUSALS.items() if isinstance(exc, cls))
+        return _render(request, "login.html", status=status_for(exc), error=message)
     resp = RedirectResponse("/admin", status_code=303)
     resp.set_cookie(
         COOKIE,
@@ -179,23 +192,23 @@ def overview(request: Request, ctx: CtxDep) -> HTMLResponse:
     now = ctx.clock.now()
     with session_scope(ctx.engine) as session:
         _admin_key_id(request, ctx, session)
-        prices = metering.pricing(session, ctx.settings)
+        prices = load_pricing(session, ctx.settings)
         tenants = [t.id for t in session.exec(select(Tenant).order_by(Tenant.id))]
         end = _day_floor(now) + timedelta(days=1)
         start = end - timedelta(days=TREND_DAYS)
         # one pass over the intervals: current usage + daily buckets up to now (never bill the future:
         # open-ended checkpoints accrue until now, not until the bucket's end)
-        ov = metering.overview(session, prices, now=now, start=start)
+        ov = all_tenants_overview(session, prices, now=now, start=start)
         cur = {r.key["tenant_id"]: r for r in ov.current}
         daily = ov.daily
-        physical = metering.physical_current(session, now=now)
-    by_tenant: dict[str, list[metering.UsageRow]] = {}
+        physical = catalog.physical_current(session, now=now)
+    by_tenant: dict[str, list[usage.UsageRow]] = {}
     for r in daily:
         by_tenant.setdefault(r.key["tenant_id"], []).append(r)
     rows = []
     for tid in sorted(set(tenants) | set(cur)):
         c = cur.get(tid)
-        pts = metering.series(by_tenant.get(tid, []), start=start, end=now)
+        pts = usage.series(by_tenant.get(tid, []), start=start, end=now)
         gb = [p["average_gb"] for p in pts]
         first, last = sum(gb[: len(gb) // 2]), sum(gb[len(gb) // 2 :])
         trend = None if first == 0 else (last - first) / first * 100
@@ -204,8 +217,8 @@ def overview(request: Request, ctx: CtxDep) -> HTMLResponse:
             {
                 "tenant": tid,
                 "checkpoints": c.checkpoint_count if c else 0,
-                "gb": logical / metering.GB,
-                "physical_gb": physical.get(tid, 0) / metering.GB,
+                "gb": logical / GB,
+                "physical_gb": physical.get(tid, 0) / GB,
                 "monthly": _fmt_money(c.monthly_cost_usd if c else 0),
                 "trend": trend,
                 "spark": sparkline(gb),
@@ -260,24 +273,20 @@ def tenant_page(
     with session_scope(ctx.engine) as session:
         _admin_key_id(request, ctx, session)
         tenant = _tenant_or_404(session, tenant_id)
-        prices = metering.pricing(session, ctx.settings)
-        daily = metering.usage(
-            session, prices, start=start, end=end, group_by=(), bucket_seconds=metering.DAY, tenant_id=tenant.id
-        )
-        by_run = metering.usage(session, prices, start=start, end=end, group_by=("run_id",), tenant_id=tenant.id)
-        by_kind = metering.usage(session, prices, start=start, end=end, group_by=("kind",), tenant_id=tenant.id)
-        cur_run = {
-            r.key["run_id"]: r for r in metering.current(session, prices, now=now, group_by=("run_id",), tenant_id=tenant.id)
-        }
-        cur_kind = {r.key["kind"]: r for r in metering.current(session, prices, now=now, group_by=("kind",), tenant_id=tenant.id)}
-        physical = metering.physical_current(session, now=now, tenant_id=tenant.id).get(tenant.id, 0)
-        largest = metering.largest_checkpoints(session, tenant_id=tenant.id, now=now)
-        expiring = metering.expiring_soon(session, tenant_id=tenant.id, now=now)
+        prices = load_pricing(session, ctx.settings)
+        daily = usage.usage(session, prices, start=start, end=end, group_by=(), bucket_seconds=DAY, tenant_id=tenant.id)
+        by_run = usage.usage(session, prices, start=start, end=end, group_by=("run_id",), tenant_id=tenant.id)
+        by_kind = usage.usage(session, prices, start=start, end=end, group_by=("kind",), tenant_id=tenant.id)
+        cur_run = {r.key["run_id"]: r for r in usage.current(session, prices, now=now, group_by=("run_id",), tenant_id=tenant.id)}
+        cur_kind = {r.key["kind"]: r for r in usage.current(session, prices, now=now, group_by=("kind",), tenant_id=tenant.id)}
+        physical = catalog.physical_current(session, now=now, tenant_id=tenant.id).get(tenant.id, 0)
+        largest = catalog.largest_checkpoints(session, tenant_id=tenant.id, now=now)
+        expiring = catalog.expiring_soon(session, tenant_id=tenant.id, now=now)
         rate = prices.rate(tenant.id, None)
-    points = metering.series(daily, start=start, end=end)
+    points = usage.series(daily, start=start, end=end)
     logical = sum(r.logical_bytes for r in cur_kind.values())
 
-    def breakdown(rows: list[metering.UsageRow], cur: dict[str, metering.CurrentRow], col: str) -> list[dict[str, Any]]:
+    def breakdown(rows: list[usage.UsageRow], cur: dict[str, usage.CurrentRow], col: str) -> list[dict[str, Any]]:
         out = []
         for name in sorted({r.key[col] for r in rows} | set(cur)):
             u = next((r for r in rows if r.key[col] == name), None)
@@ -287,7 +296,7 @@ def tenant_page(
                     "name": name,
                     "gb_hours": float(u.gb_hours) if u else 0.0,
                     "cost": _fmt_money(u.cost_usd if u else 0),
-                    "current_gb": (c.logical_bytes if c else 0) / metering.GB,
+                    "current_gb": (c.logical_bytes if c else 0) / GB,
                     "count": c.checkpoint_count if c else 0,
                     "monthly": _fmt_money(c.monthly_cost_usd if c else 0),
                 }
@@ -316,9 +325,9 @@ def tenant_page(
         kinds=breakdown(by_kind, cur_kind, "kind"),
         largest=largest,
         expiring=expiring,
-        logical_gb=logical / metering.GB,
-        physical_gb=physical / metering.GB,
-        saving_gb=max(0, logical - physical) / metering.GB,
+        logical_gb=logical / GB,
+        physical_gb=physical / GB,
+        saving_gb=max(0, logical - physical) / GB,
         saving_pct=(100 * (logical - physical) / logical) if logical else 0.0,
         monthly=_fmt_money(sum((c.monthly_cost_usd for c in cur_kind.values()), Decimal("0.00"))),
         rate=rate,
@@ -331,8 +340,8 @@ def _load_invoice(request: Request, ctx: Context, tenant_id: str, month: str) ->
     with session_scope(ctx.engine) as session:
         _admin_key_id(request, ctx, session)
         tenant = _tenant_or_404(session, tenant_id)
-        inv = metering.invoice(
-            session, metering.pricing(session, ctx.settings), tenant_id=tenant.id, month=month, now=ctx.clock.now()
+        inv = invoices.invoice(
+            session, load_pricing(session, ctx.settings), tenant_id=tenant.id, month=month, now=ctx.clock.now()
         )
     return tenant.id, inv
 

@@ -17,8 +17,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel as Schema
 from sqlmodel import Session
 
-from weightstore import metering
 from weightstore.auth import Principal
+from weightstore.billing import catalog, invoices, usage
+from weightstore.billing.pricing import load_pricing
+from weightstore.billing.units import DAY, GB, HOUR, HOURS_PER_MONTH, round_cents
 from weightstore.errors import InvalidRequest, NotFound
 from weightstore.models import Tenant
 
@@ -56,7 +58,7 @@ def _csv(rows: list[dict[str, Any]], filename: str) -> Response:
 class CurrentUsagePublic(Schema):
     at: datetime
     currency: str = "USD"
-    hours_projected: int = metering.HOURS_PER_MONTH
+    hours_projected: int = HOURS_PER_MONTH
     rows: list[dict[str, Any]]
     total_logical_bytes: int
     total_projected_monthly_cost_usd: str
@@ -70,14 +72,14 @@ def billing_current(
     """Checkpoints stored now per group (logical bytes) and the cost of keeping them 720 hours."""
     tid = scope_tenant(session, principal, tenant)
     now = ctx.clock.now()
-    prices = metering.pricing(session, ctx.settings)
-    rows = metering.current(session, prices, now=now, group_by=_groups(group_by), tenant_id=tid)
+    prices = load_pricing(session, ctx.settings)
+    rows = usage.current(session, prices, now=now, group_by=_groups(group_by), tenant_id=tid)
     return CurrentUsagePublic(
         at=now,
         rows=[r.as_dict() for r in rows],
         total_logical_bytes=sum(r.logical_bytes for r in rows),
-        total_projected_monthly_cost_usd=str(sum((r.monthly_cost_usd for r in rows), metering.round_cents(0))),
-        physical_bytes_by_tenant=metering.physical_current(session, now=now, tenant_id=tid),
+        total_projected_monthly_cost_usd=str(sum((r.monthly_cost_usd for r in rows), round_cents(0))),
+        physical_bytes_by_tenant=catalog.physical_current(session, now=now, tenant_id=tid),
     )
 
 
@@ -121,12 +123,12 @@ def billing_usage(
     """Usage (byte-seconds, GB-hours) and cost in ``[since, until)`` per group and per UTC day/hour."""
     tid = scope_tenant(session, principal, tenant)
     start, end = _window(since, until, ctx.clock.now())
-    seconds = {"day": metering.DAY, "hour": metering.HOUR, "none": None}[bucket]
-    if seconds == metering.HOUR and end - start > timedelta(days=62):
+    seconds = {"day": DAY, "hour": HOUR, "none": None}[bucket]
+    if seconds == HOUR and end - start > timedelta(days=62):
         raise InvalidRequest("hourly buckets cover at most 62 days")
-    rows = metering.usage(
+    rows = usage.usage(
         session,
-        metering.pricing(session, ctx.settings),
+        load_pricing(session, ctx.settings),
         start=start,
         end=end,
         group_by=_groups(group_by),
@@ -142,7 +144,7 @@ def billing_usage(
         bucket=None if seconds is None else bucket,
         rows=out,
         total_byte_seconds=sum(r.byte_seconds for r in rows),
-        total_cost_usd=str(sum((r.cost_usd for r in rows), metering.round_cents(0))),
+        total_cost_usd=str(sum((r.cost_usd for r in rows), round_cents(0))),
     )
 
 
@@ -162,13 +164,13 @@ def billing_invoice(
     """Invoice of one calendar month (UTC): a line per (run, kind), each rounded; total = sum of lines."""
     tid = scope_tenant(session, principal, tenant_id)
     assert tid is not None
-    inv = metering.invoice(session, metering.pricing(session, ctx.settings), tenant_id=tid, month=month, now=ctx.clock.now())
+    inv = invoices.invoice(session, load_pricing(session, ctx.settings), tenant_id=tid, month=month, now=ctx.clock.now())
     if format == "csv":
         return invoice_csv(inv)
     return inv.as_dict()
 
 
-def invoice_csv(inv: metering.Invoice) -> Response:
+def invoice_csv(inv: invoices.Invoice) -> Response:
     rows = inv.csv_rows()
     if rows:
         rows.append(
@@ -210,22 +212,20 @@ class CurrentCheckpointStorageUsageResponse(Schema):
 def tinker_current_usage(principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep) -> CurrentCheckpointStorageUsageResponse:
     """One item per tenant (all tenants for an admin key, the caller's own otherwise); gross 720-hour projection."""
     tid = scope_tenant(session, principal, None)
-    prices = metering.pricing(session, ctx.settings)
-    rows = metering.current(session, prices, now=ctx.clock.now(), group_by=("tenant_id",), tenant_id=tid)
+    prices = load_pricing(session, ctx.settings)
+    rows = usage.current(session, prices, now=ctx.clock.now(), group_by=("tenant_id",), tenant_id=tid)
     data = [
         CurrentCheckpointStorageUsageItem(
             project_id=r.key["tenant_id"],
             user_name=r.key["tenant_id"],
             checkpoint_count=r.checkpoint_count,
             size_bytes=r.logical_bytes,
-            size_gigabytes=r.logical_bytes / metering.GB,
+            size_gigabytes=r.logical_bytes / GB,
             estimated_monthly_cost_usd=float(r.monthly_cost_usd),
         )
         for r in rows
     ]
     total_bytes = sum(r.logical_bytes for r in rows)
-    if total_bytes:
-        rate = float(sum(r.monthly_cost_exact_usd for r in rows) / total_bytes * metering.GB)
-    else:
-        rate = float(prices.rate(tid, None))
+    # the blended rate of what is stored; with nothing stored, the tenant's list price
+    rate = float(sum(r.monthly_cost_exact_usd for r in rows) / total_bytes * GB) if total_bytes else float(prices.rate(tid, None))
     return CurrentCheckpointStorageUsageResponse(effective_rate_usd_per_gigabyte_month=round(rate, 6), data=data)

@@ -14,7 +14,7 @@ from sqlmodel import Session
 from weightstore import basemodels, exportjobs
 from weightstore.models import BaseModel as BaseModelRow
 from weightstore.models import ExportJob
-from weightstore.names import TinkerPath
+from weightstore.names import TinkerPath, check_sha256
 
 from ..deps import AdminPrincipal, CtxDep, CurrentPrincipal, Offset, SessionDep, WriterPrincipal
 from ..errors import request_id_of
@@ -233,8 +233,6 @@ async def put_base_model_blob(
 ) -> BlobReceipt:
     """Send one base-model file (admin). Stored only if size and sha256 match; already-stored
     bytes are not sent again (the request body is drained and ignored)."""
-    from weightstore.names import check_sha256
-
     check_sha256(sha256)
     writer = await run_in_threadpool(basemodels.store_blob, ctx, principal, sha256, size)
     if writer is None:

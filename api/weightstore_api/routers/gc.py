@@ -1,19 +1,25 @@
-"""Admin endpoints of the collector: list/get/trigger runs, restore an expired checkpoint, and set
-a tenant's default TTL. The collector's Prometheus metrics join the app's ``/metrics``."""
+"""Admin endpoints of the collector and retention: runs, restore, tenant default TTLs.
+
+List, read and trigger collector runs; restore an expired checkpoint; set a tenant's default TTL.
+
+Runs are triggered through the ``CollectorPort`` the app was built with (``create_app(...,
+collector=...)``); this module never imports the collector package. Without one, triggering a run
+answers 400 ``unsupported``; reading recorded runs, restore and default TTLs need only the core.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import Session
 
-from weightstore.errors import NotFound
-from weightstore_gc import restore_checkpoint, runner
-from weightstore_gc.metrics import ALL as GC_METRICS
-from weightstore_gc.tenant_ttl import set_default_ttl
+from weightstore import collector, retention
+from weightstore.collector import CollectorPort
+from weightstore.errors import NotFound, Unsupported
+from weightstore.models import GcRun
 
 from ..convert import checkpoint_public
 from ..deps import AdminPrincipal, CtxDep, Offset, SessionDep
@@ -22,7 +28,11 @@ from ..observability import REGISTRY
 from ..schemas import CheckpointPublic
 
 router = APIRouter(prefix="/v1/admin", tags=["gc"])
-Phase = Literal["expire", "mark", "sweep", "orphans"]
+Phase = Literal["expire", "mark", "sweep", "orphans"]  # weightstore.collector.PHASES, as a schema type
+
+
+def _every_phase() -> list[Phase]:
+    return list(get_args(Phase))
 
 
 class GcRunPublic(BaseModel):
@@ -44,7 +54,7 @@ class GcRunsPublic(BaseModel):
 
 class GcRunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    phases: list[Phase] = Field(default_factory=lambda: ["expire", "mark", "sweep", "orphans"])
+    phases: list[Phase] = Field(default_factory=_every_phase)
     dry_run: bool = False
 
 
@@ -65,7 +75,7 @@ class DefaultTTLPublic(BaseModel):
     sampler_seconds: int | None
 
 
-def _public(row: Any) -> GcRunPublic:
+def _public(row: GcRun) -> GcRunPublic:
     return GcRunPublic(
         id=row.id,
         phases=row.phases.split(","),
@@ -82,26 +92,39 @@ def _public(row: Any) -> GcRunPublic:
 
 @router.get("/gc/runs", operation_id="list_gc_runs", response_model=GcRunsPublic)
 def list_gc_runs(
-    _: AdminPrincipal, ctx: CtxDep, limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Offset = 0
+    _: AdminPrincipal, session: SessionDep, limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Offset = 0
 ) -> GcRunsPublic:
-    return GcRunsPublic(runs=[_public(r) for r in runner.list_runs(ctx, limit=limit, offset=offset)])
+    return GcRunsPublic(runs=[_public(r) for r in collector.list_runs(session, limit=limit, offset=offset)])
+
+
+def _recorded_run(session: Session, run_id: str) -> GcRun:
+    row = collector.get_run(session, run_id)
+    if row is None:
+        raise NotFound(f"gc run {run_id} not found")
+    return row
 
 
 @router.get("/gc/runs/{run_id}", operation_id="get_gc_run", response_model=GcRunPublic)
-def get_gc_run(run_id: str, _: AdminPrincipal, ctx: CtxDep) -> GcRunPublic:
-    row = runner.get_run(ctx, run_id)
-    if row is None:
-        raise NotFound(f"gc run {run_id} not found")
-    return _public(row)
+def get_gc_run(run_id: str, _: AdminPrincipal, session: SessionDep) -> GcRunPublic:
+    return _public(_recorded_run(session, run_id))
+
+
+def _collector_of(request: Request) -> CollectorPort:
+    port: CollectorPort | None = request.app.state.collector
+    if port is None:
+        raise Unsupported("this server runs no collector; run `weightstore gc run` where the collector is installed")
+    return port
 
 
 @router.post("/gc/runs", operation_id="create_gc_run", status_code=201, response_model=GcRunPublic)
-async def create_gc_run(body: GcRunCreate, _: AdminPrincipal, ctx: CtxDep) -> GcRunPublic:
-    """Run the collector now (synchronously). 423 ``lease_held`` if another collector is working."""
-    rep = await run_in_threadpool(runner.run, ctx, list(body.phases), dry_run=body.dry_run)
-    row = runner.get_run(ctx, rep.run_id)
-    assert row is not None
-    return _public(row)
+def create_gc_run(body: GcRunCreate, _: AdminPrincipal, ctx: CtxDep, session: SessionDep, request: Request) -> GcRunPublic:
+    """Run the collector now (synchronously, on a worker thread). 423 ``lease_held`` if another
+    collector is working; 400 ``unsupported`` if this server was started without one.
+
+    Workflow: the collector commits its own short transactions; ``session`` is first used after
+    the run, to read the row it recorded."""
+    run_id = _collector_of(request).run(ctx, list(body.phases), dry_run=body.dry_run)
+    return _public(_recorded_run(session, run_id))
 
 
 @router.post("/checkpoints/{checkpoint_id}/restore", operation_id="restore_checkpoint", response_model=CheckpointPublic)
@@ -109,7 +132,7 @@ def restore(
     checkpoint_id: str, body: RestoreCreate, principal: AdminPrincipal, ctx: CtxDep, session: SessionDep, request: Request
 ) -> CheckpointPublic:
     """Undo an expiry (until the collector releases the checkpoint, one grace period after it expired)."""
-    ckpt = restore_checkpoint(
+    ckpt = retention.restore_checkpoint(
         session,
         principal,
         checkpoint_id,
@@ -123,14 +146,17 @@ def restore(
 
 @router.put("/tenants/{tenant}/default-ttl", operation_id="set_tenant_default_ttl", response_model=DefaultTTLPublic)
 def put_default_ttl(tenant: str, body: DefaultTTLUpdate, _: AdminPrincipal, ctx: CtxDep, session: SessionDep) -> DefaultTTLPublic:
-    t = set_default_ttl(session, tenant, settings=ctx.settings, training=body.training_seconds, sampler=body.sampler_seconds)
+    t = retention.set_default_ttl(
+        session, tenant, settings=ctx.settings, training=body.training_seconds, sampler=body.sampler_seconds
+    )
     return DefaultTTLPublic(
         tenant=t.name, training_seconds=t.default_ttl_training_seconds, sampler_seconds=t.default_ttl_sampler_seconds
     )
 
 
-def install(app: FastAPI) -> None:
-    for metric in GC_METRICS:
+def register_metrics(port: CollectorPort) -> None:
+    """Add the collector's metrics to the app's ``/metrics`` registry (once per process)."""
+    for metric in port.metrics:
         try:
             REGISTRY.register(metric)
         except ValueError:  # already registered by an earlier app in this process (tests)

@@ -5,8 +5,9 @@ The ``tinker`` SDK (0.38.0) and its CLI call these paths unchanged. Run ids cont
 unencoded) and a checkpoint id is two path segments (``weights/step-1``), so every checkpoint
 route is spelled out as ``.../checkpoints/{segment}/{name}[/action]`` — explicit paths, no
 catch-alls, so nothing here can shadow another router's ``/api/v1/...`` routes (billing).
-Errors follow the one table in ``errors.py``: no permanent error is ever 408/409/429/5xx (the
-SDK retries those for minutes), the only 409 being Tinker's own publish/unpublish contract.
+Errors propagate to the one table in ``errors.py``: no permanent error is ever 408/409/429/5xx
+(the SDK retries those for minutes), the only 409 being Tinker's own publish/unpublish contract.
+Request and response schemas live in ``tinker_schemas``.
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
 from sqlmodel import Session, select
 
-from weightstore import checkpoints, runs, tinker_compat
+from weightstore import checkpoints
 from weightstore.auth import Principal
-from weightstore.errors import Conflict
 from weightstore.models import BaseModel as BaseModelRow
 from weightstore.models import Checkpoint, TrainingRun
 from weightstore.names import TinkerPath
+from weightstore.tinker import archive
+from weightstore.tinker import audit_log as tinker_audit_log
+from weightstore.tinker import checkpoints as tinker_checkpoints
+from weightstore.tinker import runs as tinker_runs
 
 from ..deps import AdminPrincipal, CtxDep, CurrentPrincipal, Offset, SessionDep, WriterPrincipal
-from ..errors import error_body, request_id_of
+from ..errors import request_id_of
 from .tinker_schemas import (
     ArchiveUrlPublic,
     AuditEntryPublic,
@@ -56,7 +59,7 @@ def tinker_checkpoint(ckpt: Checkpoint) -> TinkerCheckpointPublic:
     path = TinkerPath(ckpt.run_id, ckpt.kind, ckpt.name)
     return TinkerCheckpointPublic(
         checkpoint_id=path.checkpoint_id,
-        checkpoint_type=ckpt.kind,  # type: ignore[arg-type]
+        checkpoint_type=ckpt.kind,
         time=ckpt.created_at,
         tinker_path=str(path),
         size_bytes=ckpt.size_bytes,
@@ -67,8 +70,8 @@ def tinker_checkpoint(ckpt: Checkpoint) -> TinkerCheckpointPublic:
 
 
 def tinker_run(session: Session, principal: Principal, run: TrainingRun, now: datetime) -> TinkerRunPublic:
-    last = tinker_compat.last_checkpoint(session, principal, run, "training", now=now)
-    last_sampler = tinker_compat.last_checkpoint(session, principal, run, "sampler", now=now)
+    last = tinker_checkpoints.last_checkpoint(session, principal, run, "training", now=now)
+    last_sampler = tinker_checkpoints.last_checkpoint(session, principal, run, "sampler", now=now)
     return TinkerRunPublic(
         training_run_id=run.id,
         base_model=run.base_model,
@@ -113,7 +116,7 @@ def tinker_healthz() -> dict[str, str]:
 @router.get("/get_server_capabilities", operation_id="tinker_server_capabilities", response_model=ServerCapabilitiesPublic)
 def server_capabilities(principal: CurrentPrincipal, session: SessionDep) -> ServerCapabilitiesPublic:
     """Registered base models; none is trainable or sampleable here (storage only)."""
-    names = session.exec(select(BaseModelRow.name).order_by(BaseModelRow.name)).all()  # type: ignore[arg-type]
+    names = session.exec(select(BaseModelRow.name).order_by(BaseModelRow.name)).all()
     return ServerCapabilitiesPublic(
         supported_models=[SupportedModelPublic(model_name=n, trainable=False, sampleable=False) for n in names]
     )
@@ -132,7 +135,7 @@ def list_training_runs(
 ) -> TinkerRunsPublic:
     """Newest first. ``project_id`` is accepted and ignored: weightstore has tenants, not projects."""
     now = ctx.clock.now()
-    rows, total = tinker_compat.list_runs(session, principal, now=now, limit=limit, offset=offset, access_scope=access_scope)
+    rows, total = tinker_runs.list_runs(session, principal, now=now, limit=limit, offset=offset, access_scope=access_scope)
     return TinkerRunsPublic(
         training_runs=[tinker_run(session, principal, r, now) for r in rows],
         cursor=CursorPublic(offset=offset, limit=limit, total_count=total),
@@ -145,7 +148,7 @@ def get_training_run(
 ) -> TinkerRunPublic:
     now = ctx.clock.now()
     return tinker_run(
-        session, principal, tinker_compat.get_run(session, principal, run_id, now=now, access_scope=access_scope), now
+        session, principal, tinker_runs.get_run(session, principal, run_id, now=now, access_scope=access_scope), now
     )
 
 
@@ -156,8 +159,8 @@ def list_run_checkpoints(run_id: str, principal: CurrentPrincipal, ctx: CtxDep, 
     """Every visible checkpoint of the run, newest first, unpaged (``cursor: null``). Other tenants
     see a run only through its published checkpoints."""
     now = ctx.clock.now()
-    run = tinker_compat.get_run(session, principal, run_id, now=now, access_scope="accessible")
-    rows = tinker_compat.run_checkpoints(session, principal, run, now=now)
+    run = tinker_runs.get_run(session, principal, run_id, now=now, access_scope="accessible")
+    rows = tinker_checkpoints.run_checkpoints(session, principal, run, now=now)
     return TinkerCheckpointsPublic(checkpoints=[tinker_checkpoint(c) for c in rows], cursor=None)
 
 
@@ -169,7 +172,7 @@ def list_user_checkpoints(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Offset = 0,
 ) -> TinkerCheckpointsPublic:
-    rows, total = tinker_compat.user_checkpoints(session, principal, now=ctx.clock.now(), limit=limit, offset=offset)
+    rows, total = tinker_checkpoints.user_checkpoints(session, principal, now=ctx.clock.now(), limit=limit, offset=offset)
     return TinkerCheckpointsPublic(
         checkpoints=[tinker_checkpoint(c) for c in rows], cursor=CursorPublic(offset=offset, limit=limit, total_count=total)
     )
@@ -187,11 +190,8 @@ def delete_checkpoint(
 def _set_public(
     session: Session, principal: Principal, path: TinkerPath, public: bool, now: datetime, request: Request
 ) -> Response:
-    try:
-        tinker_compat.set_public(session, principal, path, public, now=now, request_id=request_id_of(request))
-    except Conflict as exc:
-        # Tinker documents 409 here; the header at least stops the SDK's HTTP-layer retries.
-        return JSONResponse(error_body(exc.code, exc.message, request), status_code=409, headers={"x-should-retry": "false"})
+    """Already in that state: ``Conflict``, which the error table answers 409 (Tinker's contract)."""
+    tinker_checkpoints.set_public(session, principal, path, public, now=now, request_id=request_id_of(request))
     return Response(status_code=204)
 
 
@@ -260,14 +260,16 @@ def external_weights_urls(
 def checkpoint_archive(run_id: str, segment: str, name: str, principal: CurrentPrincipal, ctx: CtxDep) -> ArchiveUrlPublic:
     """Legacy (SDK ≤ 0.35): an uncompressed tar of ``adapter_config.json``,
     ``adapter_model.safetensors`` and ``checkpoint_complete``, built here, as ``{url, expires}``."""
-    res = tinker_compat.archive_url(ctx, principal, _path(run_id, segment, name))
+    res = archive.archive_url(ctx, principal, _path(run_id, segment, name))
     return ArchiveUrlPublic(url=res.url, expires=res.expires_at)
 
 
 # --- by tinker path -----------------------------------------------------------------------------
 @router.post("/weights_info", operation_id="tinker_weights_info", response_model=WeightsInfoPublic)
 def weights_info(body: TinkerPathBody, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep) -> WeightsInfoPublic:
-    info = tinker_compat.weights_info(ctx, session, principal, TinkerPath.parse(body.tinker_path))
+    info = tinker_checkpoints.weights_info(
+        session, principal, TinkerPath.parse(body.tinker_path), store=ctx.store, settings=ctx.settings, now=ctx.clock.now()
+    )
     return WeightsInfoPublic(
         base_model=info.base_model,
         is_lora=info.is_lora,
@@ -283,6 +285,7 @@ def copy_weights(
     body: CopyWeightsBody,
     principal: WriterPrincipal,
     ctx: CtxDep,
+    session: SessionDep,
     request: Request,
     x_idempotency_key: Annotated[str | None, Header()] = None,
 ) -> CopyWeightsPublic:
@@ -292,10 +295,12 @@ def copy_weights(
     run_id = None
     if body.session_id is not None and body.model_seq_id is not None:
         run_id = f"{body.session_id}:train:{body.model_seq_id}"
-    path = tinker_compat.copy_weights(
-        ctx,
+    path = tinker_checkpoints.copy_weights(
+        session,
         principal,
         body.source_path,
+        settings=ctx.settings,
+        now=ctx.clock.now(),
         ttl_seconds=body.ttl_seconds,
         run_id=run_id,
         idempotency_key=x_idempotency_key,
@@ -313,7 +318,7 @@ def audit_log(
     day: date | None = None,
 ) -> AuditLogPublic:
     start = datetime(day.year, day.month, day.day, tzinfo=UTC) if day else None
-    rows = tinker_compat.audit_entries(session, event_type=event_type, day=start)
+    rows = tinker_audit_log.audit_entries(session, event_type=event_type, day=start)
     entries = []
     for r in rows:
         details = {**(r.details or {}), "tenant_id": r.tenant_id, "key_id": r.key_id, "request_id": r.request_id}
@@ -330,4 +335,4 @@ def audit_log(
     return AuditLogPublic(entries=entries)
 
 
-__all__ = ["router", "runs", "tinker_checkpoint", "tinker_run"]
+__all__ = ["router", "tinker_checkpoint", "tinker_run"]

@@ -2,7 +2,8 @@
 (0.38.0: ``tinker/types/*.py``). The SDK validates responses strictly: required fields must be
 present, timestamps carry an offset, ``checkpoint_type`` is one of its three literals.
 
-No ``router`` here: the app only includes modules that define one.
+The one place for the surface's request bodies (``...Body``) and responses (``...Public``): both
+``tinker`` (storage half) and ``tinker_sessions`` (session half) import them from here.
 """
 
 from __future__ import annotations

@@ -3,21 +3,19 @@ needs from a "training" service — sessions, heartbeats, create-via-load, get_i
 ``save_weights_external`` (a PEFT export job) and the ``retrieve_future`` long-poll.
 
 Training itself (forward/backward, optimizer steps, sampling, saving from a live model) is out of
-scope: those endpoints answer 400 ``unsupported`` at once, a status the SDK does not retry.
+scope: those endpoints answer 400 ``unsupported`` at once, a status the SDK does not retry. A
+heartbeat for a finished session raises ``SessionFinished``, which the error table answers 410.
 """
 
 from __future__ import annotations
 
-import time
-
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from weightstore import tinker_sessions
-from weightstore.errors import InvalidRequest, Unsupported
+from weightstore.errors import Unsupported
+from weightstore.tinker import sessions as tinker_sessions
 
-from ..deps import CtxDep, CurrentPrincipal, WriterPrincipal
-from ..errors import error_body
+from ..deps import CtxDep, CurrentPrincipal, SessionDep, WriterPrincipal
 from .tinker_schemas import (
     CreateSessionBody,
     CreateSessionPublic,
@@ -41,9 +39,9 @@ POLL_INTERVAL_SECONDS = 0.2
 
 
 @router.post("/create_session", operation_id="tinker_create_session", response_model=CreateSessionPublic)
-def create_session(body: CreateSessionBody, principal: CurrentPrincipal, ctx: CtxDep) -> CreateSessionPublic:
+def create_session(body: CreateSessionBody, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep) -> CreateSessionPublic:
     sid = tinker_sessions.create_session(
-        ctx, principal, user_metadata=body.user_metadata, tags=body.tags, project_id=body.project_id
+        session, principal, now=ctx.clock.now(), user_metadata=body.user_metadata, tags=body.tags, project_id=body.project_id
     )
     return CreateSessionPublic(
         session_id=sid, info_message="weightstore: storage and export only; training and sampling are not available"
@@ -51,29 +49,29 @@ def create_session(body: CreateSessionBody, principal: CurrentPrincipal, ctx: Ct
 
 
 @router.post("/session_heartbeat", operation_id="tinker_session_heartbeat")
-def session_heartbeat(body: SessionIdBody, principal: CurrentPrincipal, ctx: CtxDep, request: Request) -> JSONResponse:
-    try:
-        tinker_sessions.heartbeat(ctx, principal, body.session_id)
-    except tinker_sessions.SessionFinished as exc:  # 410 is what stops the SDK's heartbeat loop
-        return JSONResponse(error_body(exc.code, exc.message, request), status_code=410)
+def session_heartbeat(body: SessionIdBody, principal: CurrentPrincipal, session: SessionDep) -> JSONResponse:
+    tinker_sessions.heartbeat(session, principal, body.session_id)
     return JSONResponse({"type": "session_heartbeat"})
 
 
 @router.post("/sessions/{session_id}/finish", operation_id="tinker_finish_session")
-def finish_session(session_id: str, principal: CurrentPrincipal, ctx: CtxDep, body: FinishBody | None = None) -> dict[str, str]:
+def finish_session(
+    session_id: str, principal: CurrentPrincipal, session: SessionDep, body: FinishBody | None = None
+) -> dict[str, str]:
     reason = (body.reason or {}).get("type") if body is not None else None
-    tinker_sessions.finish_session(ctx, principal, session_id, str(reason) if reason else None)
+    tinker_sessions.finish_session(session, principal, session_id, str(reason) if reason else None)
     return {"status": "finished"}
 
 
 @router.post("/load_weights", operation_id="tinker_load_weights", response_model=FuturePublic)
-def load_weights(body: LoadWeightsBody, principal: WriterPrincipal, ctx: CtxDep) -> FuturePublic:
+def load_weights(body: LoadWeightsBody, principal: WriterPrincipal, ctx: CtxDep, session: SessionDep) -> FuturePublic:
     """Create-via-load only (``session_id`` + ``model_seq_id``): loading into a live model is training."""
     if body.session_id is None or body.model_seq_id is None:
         raise Unsupported("loading weights into an existing model is training, which weightstore does not do")
     request_id, model_id = tinker_sessions.load_weights(
-        ctx,
+        session,
         principal,
+        now=ctx.clock.now(),
         session_id=body.session_id,
         model_seq_id=body.model_seq_id,
         path=body.path,
@@ -84,8 +82,8 @@ def load_weights(body: LoadWeightsBody, principal: WriterPrincipal, ctx: CtxDep)
 
 
 @router.post("/get_info", operation_id="tinker_get_info", response_model=GetInfoPublic)
-def get_info(body: ModelIdBody, principal: CurrentPrincipal, ctx: CtxDep) -> GetInfoPublic:
-    info = tinker_sessions.get_info(ctx, principal, body.model_id)
+def get_info(body: ModelIdBody, principal: CurrentPrincipal, session: SessionDep) -> GetInfoPublic:
+    info = tinker_sessions.get_info(session, principal, body.model_id)
     return GetInfoPublic(
         model_data=ModelDataPublic(model_name=info.base_model, tokenizer_id=info.base_model),
         model_id=info.model_id,
@@ -112,14 +110,12 @@ def save_weights_external(body: SaveExternalBody, principal: WriterPrincipal, ct
 def retrieve_future(body: RetrieveFutureBody, principal: CurrentPrincipal, ctx: CtxDep) -> JSONResponse:
     """The final result, ``{"error", "category"}`` for a failed job, or — after holding the poll
     for up to ``LONG_POLL_SECONDS`` — ``{"type": "try_again"}`` while the export job runs."""
-    deadline = time.monotonic() + LONG_POLL_SECONDS
-    while True:
-        result = tinker_sessions.poll_future(ctx, principal, body.request_id)
-        if result is not None:
-            return JSONResponse(result)
-        if time.monotonic() >= deadline:
-            return JSONResponse({"type": "try_again", "request_id": body.request_id, "queue_state": "active"})
-        time.sleep(POLL_INTERVAL_SECONDS)
+    result = tinker_sessions.wait_for_future(
+        ctx, principal, body.request_id, timeout_seconds=LONG_POLL_SECONDS, interval_seconds=POLL_INTERVAL_SECONDS
+    )
+    if result is None:
+        return JSONResponse({"type": "try_again", "request_id": body.request_id, "queue_state": "active"})
+    return JSONResponse(result)
 
 
 def _unsupported(what: str) -> None:
@@ -157,4 +153,4 @@ for _path, _what in [
         include_in_schema=True,
     )
 
-__all__ = ["InvalidRequest", "router"]
+__all__ = ["router"]

@@ -3,11 +3,12 @@
 Rows are only ever inserted. Storage of a checkpoint accrues from its ``commit`` event to its
 ``end`` event; an ``end`` for an expiry is stamped with the checkpoint's ``expires_at`` (not the
 moment the collector noticed), and ``ttl`` events record every change of ``expires_at`` so that a
-bill for any past window can be recomputed from the rows alone.
+bill for any past window can be recomputed from the rows alone. Event kinds are ``UsageEventKind``.
 
 Every writer also refreshes the checkpoint's derived ``usage_interval`` row and the per-day edge sums
-in ``usage_day`` (``weightstore.intervals.refresh_intervals``) in the same transaction, so billing
-queries read one row per checkpoint (or per tenant, kind and day) instead of regrouping the ledger.
+in ``usage_day`` (``weightstore.billing.intervals.refresh_intervals``) in the same transaction, so
+billing queries read one row per checkpoint (or per tenant, kind and day) instead of regrouping the
+ledger. All functions here are catalog functions: the caller owns the transaction.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from weightstore.intervals import lock_intervals, refresh_intervals
-from weightstore.models import Checkpoint, UsageEvent, UTCDateTime
+from weightstore.billing.intervals import lock_intervals, refresh_intervals
+from weightstore.models import Checkpoint, UsageEvent, UsageEventKind, UTCDateTime
 
 
 def record(
@@ -29,7 +30,7 @@ def record(
     run_id: str,
     checkpoint_id: str,
     kind: str,
-    event: str,
+    event: UsageEventKind,
     at: datetime,
     size_bytes: int,
     expires_at: datetime | None,
@@ -54,7 +55,8 @@ def record(
     refresh_intervals(session, [checkpoint_id])
 
 
-def _event(session: Session, ckpt: Checkpoint, event: str, at: datetime, recorded_at: datetime) -> None:
+def _record_checkpoint(session: Session, ckpt: Checkpoint, event: UsageEventKind, at: datetime, recorded_at: datetime) -> None:
+    """``record`` of one event carrying the checkpoint's current size and ``expires_at``."""
     record(
         session,
         tenant_id=ckpt.tenant_id,
@@ -70,19 +72,23 @@ def _event(session: Session, ckpt: Checkpoint, event: str, at: datetime, recorde
 
 
 def on_commit(session: Session, ckpt: Checkpoint, *, now: datetime) -> None:
-    _event(session, ckpt, "commit", ckpt.created_at, now)
+    """The checkpoint was committed: storage starts at its ``created_at``."""
+    _record_checkpoint(session, ckpt, UsageEventKind.commit, ckpt.created_at, now)
 
 
 def on_end(session: Session, ckpt: Checkpoint, *, at: datetime, now: datetime) -> None:
-    _event(session, ckpt, "end", at, now)
+    """The checkpoint stopped storing bytes at ``at`` (delete, overwrite, expiry)."""
+    _record_checkpoint(session, ckpt, UsageEventKind.end, at, now)
 
 
 def on_ttl(session: Session, ckpt: Checkpoint, *, now: datetime) -> None:
-    _event(session, ckpt, "ttl", now, now)
+    """The checkpoint's ``expires_at`` changed (the new value is on ``ckpt``)."""
+    _record_checkpoint(session, ckpt, UsageEventKind.ttl, now, now)
 
 
 def on_restore(session: Session, ckpt: Checkpoint, *, now: datetime) -> None:
-    _event(session, ckpt, "restore", now, now)
+    """An expiry was undone: cancels the earlier ``end`` rows (billed without a gap)."""
+    _record_checkpoint(session, ckpt, UsageEventKind.restore, now, now)
 
 
 def on_end_expired(session: Session, checkpoint_ids: Sequence[str], *, now: datetime) -> None:
@@ -96,7 +102,7 @@ def on_end_expired(session: Session, checkpoint_ids: Sequence[str], *, now: date
         Checkpoint.run_id,
         Checkpoint.id,
         Checkpoint.kind,  # type: ignore[call-overload]
-        sa.literal("end", sa.String()),
+        sa.literal(UsageEventKind.end.value, sa.String()),
         Checkpoint.expires_at,
         Checkpoint.size_bytes,
         Checkpoint.expires_at,

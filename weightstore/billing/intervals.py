@@ -1,23 +1,28 @@
-"""The derived ``usage_interval`` table: one billing interval per checkpoint, computed from the ledger.
+"""The derived tables billing reads, kept equal to the ledger: ``usage_interval`` and ``usage_day``.
 
-Billing stays a pure function of the append-only ``usage_event`` rows; this table only caches the
-one step that is expensive to repeat on every query (grouping the ledger into one interval per
-checkpoint). One SQL statement (``_derive_sql``) defines it, used two ways:
+Billing stays a pure function of the append-only ``usage_event`` rows; these tables only cache the
+steps that are expensive to repeat on every query (docs/design-billing.md §3).
+
+``usage_interval``: one billing interval per checkpoint. One SQL statement (``derive_sql``) defines
+it, used two ways:
 
 * ``refresh_intervals(session, ids)``: the ledger writers call it after inserting a checkpoint's
   event, in the same transaction (upsert of that checkpoint's row from *all* its ledger rows);
-* ``rebuild_intervals(session)``: every row recomputed from the whole ledger (migration data step,
-  bulk loads, repair). Tests assert that the maintained table equals a rebuild and a plain-Python
-  recomputation after random operations.
+* ``rebuild_intervals(session)``: every row recomputed from the whole ledger (bulk loads, repair).
+  Tests assert that the maintained table equals a rebuild and a plain-Python recomputation after
+  random operations.
 
 Interval rule (docs/design-billing.md §2): start = first ``commit``; stop = min(first ``end`` not
 cancelled by a later ``restore``, ``expires_at`` of the latest ledger row), clamped to ≥ start;
 ``OPEN_END_S`` while neither exists. Times are whole epoch seconds (floored).
 
-Second derived table, ``usage_day`` (``weightstore.models.UsageDay``): per (tenant, kind, UTC day)
-the sums over the intervals' edges (starts and finite stops) in that day. ``refresh_intervals``
-applies (new edges - old edges) of the checkpoints it refreshes, in the same transaction;
-``rebuild_intervals`` recomputes it too (``rebuild_days``: one ``INSERT ... SELECT ... GROUP BY``).
+``usage_day`` (``weightstore.models.UsageDay``): per (tenant, kind, UTC day) the sums over the
+intervals' edges (starts and finite stops) in that day. ``refresh_intervals`` applies (new edges -
+old edges) of the checkpoints it refreshes, in the same transaction; ``rebuild_intervals``
+recomputes it too (``rebuild_days``: one ``INSERT ... SELECT ... GROUP BY``).
+
+The migrations that created these tables carry their own frozen copies of this SQL: a change here
+changes what the service maintains from now on, never what an old migration did.
 """
 
 from __future__ import annotations
@@ -31,12 +36,24 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
-from weightstore.models import OPEN_END_S, UsageInterval
+from weightstore.billing.units import DAY, SPLIT
+from weightstore.models import OPEN_END_S, UsageEventKind, UsageInterval
 
 COLUMNS = ("checkpoint_id", "tenant_id", "run_id", "kind", "size_bytes", "start_s", "end_s", "expires_s", "stop_s")
+"""The columns of ``usage_interval``, in the order ``derive_sql`` inserts them."""
+DAY_SUMS = ("starts", "start_bytes", "start_off_hi", "start_off_lo", "stops", "stop_bytes", "stop_off_hi", "stop_off_lo")
+"""The sum columns of ``usage_day``: four per edge kind (count, bytes, size x offset split at ``SPLIT``)."""
+EDGE_COLUMNS = "checkpoint_id, tenant_id, kind, size_bytes, start_s, stop_s"
+"""What ``add_edges`` needs of an interval row."""
+REFRESH_BATCH = 500
+"""Checkpoints per refresh statement (bounds the ``IN`` list a bulk expiry sends)."""
+
+DaySums = dict[tuple[str, str, int], list[int]]
+"""``usage_day`` deltas per (tenant, kind, day), in ``DAY_SUMS`` order."""
 
 
-def _dialect(conn: Session | Connection) -> str:
+def dialect_of(conn: Session | Connection) -> str:
+    """The database dialect's name (``sqlite`` or ``postgresql``) of a session or connection."""
     bind = conn.get_bind() if isinstance(conn, Session) else conn
     return bind.dialect.name
 
@@ -48,9 +65,13 @@ def epoch_sql(dialect: str, col: str) -> str:
     return f"CAST(floor(extract(epoch FROM {col})) AS BIGINT)"
 
 
-def _derive_sql(dialect: str, only_some: bool) -> str:
+def derive_sql(dialect: str, only_some: bool) -> str:
     """``INSERT ... SELECT`` of the interval rows of all (or ``:ids``) checkpoints, upserting."""
-    ep = lambda c: epoch_sql(dialect, c)  # noqa: E731
+    commit, end, restore = (UsageEventKind.commit.value, UsageEventKind.end.value, UsageEventKind.restore.value)
+
+    def ep(col: str) -> str:
+        return epoch_sql(dialect, col)
+
     f_h = "WHERE checkpoint_id IN :ids" if only_some else ""
     f_e = "WHERE e.checkpoint_id IN :ids" if only_some else ""
     cols = ", ".join(COLUMNS)
@@ -67,12 +88,12 @@ FROM (
          ELSE expires_s END AS stop_s
   FROM (
     SELECT e.checkpoint_id, MIN(e.tenant_id) AS tenant_id, MIN(e.run_id) AS run_id, MIN(e.kind) AS kind,
-      MAX(CASE WHEN e.event = 'commit' THEN e.size_bytes END) AS size_bytes,
-      {ep("MIN(CASE WHEN e.event = 'commit' THEN e.at END)")} AS start_s,
-      {ep("MIN(CASE WHEN e.event = 'end' AND e.id > h.r THEN e.at END)")} AS end_s,
+      MAX(CASE WHEN e.event = '{commit}' THEN e.size_bytes END) AS size_bytes,
+      {ep(f"MIN(CASE WHEN e.event = '{commit}' THEN e.at END)")} AS start_s,
+      {ep(f"MIN(CASE WHEN e.event = '{end}' AND e.id > h.r THEN e.at END)")} AS end_s,
       {ep("MAX(CASE WHEN e.id = h.m THEN e.expires_at END)")} AS expires_s
     FROM usage_event e JOIN (
-      SELECT checkpoint_id, MAX(id) AS m, COALESCE(MAX(CASE WHEN event = 'restore' THEN id END), 0) AS r
+      SELECT checkpoint_id, MAX(id) AS m, COALESCE(MAX(CASE WHEN event = '{restore}' THEN id END), 0) AS r
       FROM usage_event {f_h} GROUP BY checkpoint_id) h ON h.checkpoint_id = e.checkpoint_id
     {f_e}
     GROUP BY e.checkpoint_id) agg
@@ -87,7 +108,7 @@ def lock_intervals(session: Session, checkpoint_ids: Sequence[str]) -> None:
     Two transactions writing events of one checkpoint then queue here, so the second inserts its
     event (and takes its id) after the first committed, and its refresh sees the first's event.
     SQLite needs nothing: ``BEGIN IMMEDIATE`` already serialises writers."""
-    if checkpoint_ids and _dialect(session) == "postgresql":
+    if checkpoint_ids and dialect_of(session) == "postgresql":
         session.execute(
             sa.select(UsageInterval.checkpoint_id)  # type: ignore[call-overload]
             .where(UsageInterval.checkpoint_id.in_(sorted(set(checkpoint_ids))))  # type: ignore[attr-defined]
@@ -96,15 +117,8 @@ def lock_intervals(session: Session, checkpoint_ids: Sequence[str]) -> None:
         ).all()
 
 
-DAY = 86400
-SPLIT = 1_000_000
-"""``size x offset`` sums in ``usage_day`` are kept as (size // SPLIT) x offset and (size % SPLIT) x offset."""
-DAY_SUMS = ("starts", "start_bytes", "start_off_hi", "start_off_lo", "stops", "stop_bytes", "stop_off_hi", "stop_off_lo")
-_EDGE_COLS = "checkpoint_id, tenant_id, kind, size_bytes, start_s, stop_s"
-
-
-def _edges(rows: Iterable[Any], sign: int, into: dict[tuple[str, str, int], list[int]]) -> None:
-    """Add ``sign`` x the ``usage_day`` sums of these interval rows' edges into ``into``."""
+def add_edges(rows: Iterable[Sequence[Any]], sign: int, into: DaySums) -> None:
+    """Add ``sign`` x the ``usage_day`` sums of these interval rows' edges (``EDGE_COLUMNS``) into ``into``."""
     for _ck, tenant, kind, size, start_s, stop_s in rows:
         size, start_s, stop_s = int(size), int(start_s), int(stop_s)
         hi, lo = divmod(size, SPLIT)
@@ -122,8 +136,8 @@ def _edges(rows: Iterable[Any], sign: int, into: dict[tuple[str, str, int], list
 def _refresh_statements(dialect: str) -> tuple[sa.TextClause, sa.TextClause, sa.TextClause]:
     """(upsert of interval rows, read of their edges, upsert of usage_day deltas): built and parsed
     once per dialect, since every ledger write runs them."""
-    derive = sa.text(_derive_sql(dialect, only_some=True)).bindparams(sa.bindparam("ids", expanding=True))
-    read = sa.text(f"SELECT {_EDGE_COLS} FROM usage_interval WHERE checkpoint_id IN :ids").bindparams(
+    derive = sa.text(derive_sql(dialect, only_some=True)).bindparams(sa.bindparam("ids", expanding=True))
+    read = sa.text(f"SELECT {EDGE_COLUMNS} FROM usage_interval WHERE checkpoint_id IN :ids").bindparams(
         sa.bindparam("ids", expanding=True)
     )
     cols = ", ".join(DAY_SUMS)
@@ -146,13 +160,13 @@ def refresh_intervals(session: Session, checkpoint_ids: Sequence[str]) -> None:
     if not checkpoint_ids:
         return
     session.flush()
-    stmt, read, upsert = _refresh_statements(_dialect(session))
-    deltas: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0] * len(DAY_SUMS))
-    for i in range(0, len(checkpoint_ids), 500):
-        ids = list(checkpoint_ids[i : i + 500])
-        _edges(session.execute(read, {"ids": ids}).all(), -1, deltas)
+    stmt, read, upsert = _refresh_statements(dialect_of(session))
+    deltas: DaySums = defaultdict(lambda: [0] * len(DAY_SUMS))
+    for i in range(0, len(checkpoint_ids), REFRESH_BATCH):
+        ids = list(checkpoint_ids[i : i + REFRESH_BATCH])
+        add_edges(session.execute(read, {"ids": ids}).all(), -1, deltas)
         session.execute(stmt, {"ids": ids})
-        _edges(session.execute(read, {"ids": ids}).all(), +1, deltas)
+        add_edges(session.execute(read, {"ids": ids}).all(), +1, deltas)
     params = [
         {"tenant_id": t, "kind": k, "day": d, **dict(zip(DAY_SUMS, v, strict=True))}
         for (t, k, d), v in sorted(deltas.items())
@@ -162,7 +176,9 @@ def refresh_intervals(session: Session, checkpoint_ids: Sequence[str]) -> None:
         session.execute(upsert, params)
 
 
-def _rebuild_days_sql() -> str:
+def rebuild_days_sql() -> str:
+    """``INSERT ... SELECT`` of every ``usage_day`` row from ``usage_interval`` (the table must be empty)."""
+
     def sums(col: str) -> list[str]:
         off = f"({col} % {DAY})"
         return ["1", "size_bytes", f"size_bytes / {SPLIT} * {off}", f"size_bytes % {SPLIT} * {off}"]
@@ -181,20 +197,19 @@ GROUP BY tenant_id, kind, day"""
 
 
 def rebuild_days(session: Session | Connection) -> int:
-    """Recompute ``usage_day`` from ``usage_interval`` (the migration's data step; ``rebuild_intervals``);
-    returns the number of rows."""
+    """Recompute ``usage_day`` from ``usage_interval`` (``rebuild_intervals``); returns the number of rows."""
     session.execute(sa.text("DELETE FROM usage_day"))
-    session.execute(sa.text(_rebuild_days_sql()))
+    session.execute(sa.text(rebuild_days_sql()))
     return int(session.execute(sa.text("SELECT COUNT(*) FROM usage_day")).scalar_one())
 
 
 def derive_intervals(session: Session | Connection) -> int:
     """Recompute ``usage_interval`` alone from the whole ledger (same SQL as the writers' refresh);
-    returns its number of rows. Migration 0002's data step (``usage_day`` does not exist yet there)."""
+    returns its number of rows."""
     if isinstance(session, Session):
         session.flush()
     session.execute(sa.text("DELETE FROM usage_interval"))
-    session.execute(sa.text(_derive_sql(_dialect(session), only_some=False)))
+    session.execute(sa.text(derive_sql(dialect_of(session), only_some=False)))
     return int(session.execute(sa.text("SELECT COUNT(*) FROM usage_interval")).scalar_one())
 
 
