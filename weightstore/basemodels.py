@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from weightstore import audit, blobs
 from weightstore.auth import Principal
@@ -262,7 +262,7 @@ def _commit_manifest(
 
 
 def list_base_models(session: Session) -> list[BaseModel]:
-    return list(session.exec(select(BaseModel).order_by(BaseModel.name)).all())  # type: ignore[arg-type]
+    return list(session.exec(select(BaseModel).order_by(BaseModel.name)).all())
 
 
 def get(session: Session, name: str) -> BaseModel:
@@ -274,7 +274,7 @@ def get(session: Session, name: str) -> BaseModel:
 
 
 def files_of(session: Session, name: str) -> list[BaseModelFile]:
-    return list(session.exec(select(BaseModelFile).where(BaseModelFile.base_model == name).order_by(BaseModelFile.path)).all())  # type: ignore[arg-type]
+    return list(session.exec(select(BaseModelFile).where(BaseModelFile.base_model == name).order_by(BaseModelFile.path)).all())
 
 
 def usage(session: Session, name: str, *, now: datetime) -> dict[str, int]:
@@ -282,14 +282,14 @@ def usage(session: Session, name: str, *, now: datetime) -> dict[str, int]:
     ckpts = session.exec(
         select(sa.func.count())
         .select_from(Checkpoint)
-        .join(TrainingRun, TrainingRun.id == Checkpoint.run_id)
-        .where(  # type: ignore[arg-type]
-            TrainingRun.base_model == name, visible_clause(now)
-        )
+        .join(TrainingRun, col(TrainingRun.id) == col(Checkpoint.run_id))
+        .where(TrainingRun.base_model == name, visible_clause(now))
     ).one()
     jobs = session.exec(
-        select(sa.func.count()).select_from(ExportJob).where(ExportJob.base_model == name, ExportJob.state.in_(ACTIVE_JOB_STATES))
-    ).one()  # type: ignore[attr-defined]
+        select(sa.func.count())
+        .select_from(ExportJob)
+        .where(ExportJob.base_model == name, col(ExportJob.state).in_(ACTIVE_JOB_STATES))
+    ).one()
     return {"checkpoints": int(ckpts), "active_jobs": int(jobs)}
 
 
@@ -306,8 +306,8 @@ def remove(session: Session, principal: Principal, name: str, *, now: datetime, 
             **used,
         )
     blobs.touch(session, [f.sha256 for f in files_of(session, name)], now)
-    session.execute(sa.delete(BaseModelFile).where(BaseModelFile.base_model == name))  # type: ignore[arg-type]
-    session.execute(sa.delete(BaseModel).where(BaseModel.name == name))  # type: ignore[arg-type]
+    session.execute(sa.delete(BaseModelFile).where(col(BaseModelFile.base_model) == name))
+    session.execute(sa.delete(BaseModel).where(col(BaseModel.name) == name))
     audit.record(
         session,
         at=now,

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from weightstore import audit
 from weightstore.auth import Principal
@@ -24,11 +23,11 @@ from weightstore.retention import check_ttl, expires_at_for
 from weightstore.settings import Settings
 
 
-def visible_clause(now: datetime) -> Any:
+def visible_clause(now: datetime) -> sa.ColumnElement[bool]:
     return sa.and_(
-        Checkpoint.state == CheckpointState.committed,  # type: ignore[arg-type]
-        sa.or_(Checkpoint.expires_at.is_(None), Checkpoint.expires_at > now),
-    )  # type: ignore[union-attr,operator]
+        col(Checkpoint.state) == CheckpointState.committed,
+        sa.or_(col(Checkpoint.expires_at).is_(None), col(Checkpoint.expires_at) > now),
+    )
 
 
 def is_visible(ckpt: Checkpoint, now: datetime) -> bool:
@@ -73,7 +72,7 @@ def list_checkpoints(
     if kind is not None:
         q = q.where(Checkpoint.kind == kind)
     total = session.exec(select(sa.func.count()).select_from(q.subquery())).one()
-    q = q.order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc()).offset(offset)  # type: ignore[attr-defined]
+    q = q.order_by(col(Checkpoint.created_at).desc(), col(Checkpoint.id).desc()).offset(offset)
     if limit is not None:
         q = q.limit(limit)
     return list(session.exec(q).all()), int(total)
@@ -82,7 +81,7 @@ def list_checkpoints(
 def files_of(session: Session, ckpt: Checkpoint) -> list[CheckpointFile]:
     return list(
         session.exec(select(CheckpointFile).where(CheckpointFile.checkpoint_id == ckpt.id).order_by(CheckpointFile.path)).all()
-    )  # type: ignore[arg-type]
+    )
 
 
 def end_checkpoint(session: Session, ckpt: Checkpoint, *, state: CheckpointState, at: datetime, now: datetime) -> None:
@@ -92,8 +91,8 @@ def end_checkpoint(session: Session, ckpt: Checkpoint, *, state: CheckpointState
     ckpt.deleted_at = now if state == CheckpointState.deleted else ckpt.deleted_at
     session.add(ckpt)
     ledger.on_end(session, ckpt, at=at, now=now)
-    shas = sa.select(CheckpointFile.sha256).where(CheckpointFile.checkpoint_id == ckpt.id)
-    session.execute(sa.update(Blob).where(Blob.sha256.in_(shas)).values(last_referenced_at=now))  # type: ignore[attr-defined]
+    shas = sa.select(col(CheckpointFile.sha256)).where(col(CheckpointFile.checkpoint_id) == ckpt.id)
+    session.execute(sa.update(Blob).where(col(Blob.sha256).in_(shas)).values(last_referenced_at=now))
 
 
 def expire_due(session: Session, *, now: datetime, limit: int) -> list[str]:
@@ -107,32 +106,32 @@ def expire_due(session: Session, *, now: datetime, limit: int) -> list[str]:
     later (another checkpoint deleted since, an upload closed since) keeps its later time. So the
     blob grace and the restore window are one window counted from ``expires_at``.
     """
-    due = sa.and_(Checkpoint.state == CheckpointState.committed.value, Checkpoint.expires_at <= now)  # type: ignore[arg-type,operator]
-    pick = sa.select(Checkpoint.id).where(due).order_by(Checkpoint.id).limit(limit)  # type: ignore[call-overload]
+    due = sa.and_(col(Checkpoint.state) == CheckpointState.committed.value, col(Checkpoint.expires_at) <= now)
+    pick = sa.select(col(Checkpoint.id)).where(due).order_by(col(Checkpoint.id)).limit(limit)
     ids = [
         r[0]
         for r in session.execute(
             sa.update(Checkpoint)
-            .where(Checkpoint.id.in_(pick.scalar_subquery()), due)  # type: ignore[attr-defined,call-overload]
+            .where(col(Checkpoint.id).in_(pick.scalar_subquery()), due)
             .values(state=CheckpointState.expired.value)
-            .returning(Checkpoint.id)
+            .returning(col(Checkpoint.id))
         ).all()
-    ]  # type: ignore[arg-type]
+    ]
     if not ids:
         return ids
     ledger.on_end_expired(session, ids, now=now)
     # One UPDATE ... FROM a grouped derived table (each blob's latest expires_at among these
     # checkpoints); a correlated subquery per blob row was measured 23 s for 2,000 on PostgreSQL.
     latest = (
-        sa.select(CheckpointFile.sha256.label("sha256"), sa.func.max(Checkpoint.expires_at).label("at"))  # type: ignore[attr-defined]
-        .join(Checkpoint, Checkpoint.id == CheckpointFile.checkpoint_id)  # type: ignore[arg-type]
-        .where(Checkpoint.id.in_(ids))
-        .group_by(CheckpointFile.sha256)
+        sa.select(col(CheckpointFile.sha256).label("sha256"), sa.func.max(Checkpoint.expires_at).label("at"))
+        .join(Checkpoint, col(Checkpoint.id) == col(CheckpointFile.checkpoint_id))
+        .where(col(Checkpoint.id).in_(ids))
+        .group_by(col(CheckpointFile.sha256))
         .subquery()
-    )  # type: ignore[attr-defined]
+    )
     session.execute(
         sa.update(Blob)
-        .where(Blob.sha256 == latest.c.sha256, Blob.last_referenced_at < latest.c.at)  # type: ignore[arg-type]
+        .where(col(Blob.sha256) == latest.c.sha256, col(Blob.last_referenced_at) < latest.c.at)
         .values(last_referenced_at=latest.c.at)
     )
     return ids

@@ -72,7 +72,7 @@ def _raise_for(response: httpx.Response) -> None:
     cls = error_for_code(code) if code else WeightstoreError
     err = cls(f"{message} (HTTP {response.status_code})", **(body.get("details") or {}) if isinstance(body, dict) else {})
     # The HTTP status rides along for callers that log it; the core error classes know nothing of HTTP.
-    err.status_code = response.status_code  # type: ignore[attr-defined]
+    err.status_code = response.status_code
     raise err
 
 
@@ -96,7 +96,7 @@ class RawHTTP:
         except urllib3.exceptions.HTTPError as exc:
             err = StoreUnavailable(f"cannot reach the object store behind a presigned URL: {exc}")
             # Read back (getattr) by the presigned upload path to fall back to streaming; client-side only.
-            err.unreachable = True  # type: ignore[attr-defined]
+            err.unreachable = True
             raise err from exc
         if r.status >= 400:
             detail = r.data[:300].decode("utf-8", "replace") if not stream else ""

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import sqlalchemy as sa
 from prometheus_client.registry import Collector as MetricsCollector
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from weightstore.context import Context
 from weightstore.models import GcRun
@@ -41,7 +41,7 @@ class CollectorPort(Protocol):
 
 def list_runs(session: Session, *, limit: int = 50, offset: int = 0) -> list[GcRun]:
     """Recorded collector runs, newest first."""
-    q = sa.select(GcRun).order_by(GcRun.started_at.desc(), GcRun.id.desc()).offset(offset).limit(limit)  # type: ignore[attr-defined]
+    q = sa.select(GcRun).order_by(col(GcRun.started_at).desc(), col(GcRun.id).desc()).offset(offset).limit(limit)
     return list(session.execute(q).scalars().all())
 
 

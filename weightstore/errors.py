@@ -23,6 +23,10 @@ class WeightstoreError(Exception):
 
     code: ClassVar[str] = "internal_error"
     retryable: ClassVar[bool] = False
+    # Set by the Python client only: the HTTP status of the response that carried the error, and
+    # whether a presigned URL's object store could not be reached. Not pickled (``__reduce__``).
+    status_code: int | None = None
+    unreachable: bool = False
 
     def __init__(self, message: str = "", **details: Any) -> None:
         super().__init__(message or self.code)

@@ -48,7 +48,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from weightstore import audit, basemodels, blobs, checkpoints, publish, retention
 from weightstore.auth import Principal
@@ -337,11 +337,7 @@ def list_jobs(
     if batch_id:
         q = q.where(ExportJob.batch_id == batch_id)
     total = session.exec(select(sa.func.count()).select_from(q.subquery())).one()
-    rows = session.exec(
-        q.order_by(ExportJob.created_at.desc(), ExportJob.id.desc())  # type: ignore[attr-defined]
-        .offset(offset)
-        .limit(limit)
-    ).all()
+    rows = session.exec(q.order_by(col(ExportJob.created_at).desc(), col(ExportJob.id).desc()).offset(offset).limit(limit)).all()
     return list(rows), int(total)
 
 
@@ -374,13 +370,13 @@ def cancel(session: Session, principal: Principal, job_id: str, *, now: datetime
 # --- claim / lease ----------------------------------------------------------------------------
 
 
-def _claimable(now: datetime) -> Any:
+def _claimable(now: datetime) -> sa.ColumnElement[bool]:
     return sa.or_(
         sa.and_(
-            ExportJob.state == ExportJobState.queued,  # type: ignore[arg-type]
-            sa.or_(ExportJob.not_before.is_(None), ExportJob.not_before <= now),
-        ),  # type: ignore[union-attr,operator,arg-type]
-        sa.and_(ExportJob.state == ExportJobState.running, ExportJob.lease_expires_at < now),  # type: ignore[arg-type,operator]
+            col(ExportJob.state) == ExportJobState.queued,
+            sa.or_(col(ExportJob.not_before).is_(None), col(ExportJob.not_before) <= now),
+        ),
+        sa.and_(col(ExportJob.state) == ExportJobState.running, col(ExportJob.lease_expires_at) < now),
     )
 
 
@@ -390,15 +386,15 @@ def claim(ctx: Context, owner: str, *, job_id: str | None = None) -> ExportJob |
     for _ in range(5):  # lost races: try the next candidate
         now = ctx.clock.now()
         with session_scope(ctx.engine) as session:
-            q = sa.select(ExportJob.id).where(_claimable(now))  # type: ignore[call-overload]
+            q = sa.select(col(ExportJob.id)).where(_claimable(now))
             if job_id:
-                q = q.where(ExportJob.id == job_id)
-            candidate = session.execute(q.order_by(ExportJob.created_at, ExportJob.id).limit(1)).scalar()
+                q = q.where(col(ExportJob.id) == job_id)
+            candidate = session.execute(q.order_by(col(ExportJob.created_at), col(ExportJob.id)).limit(1)).scalar()
             if candidate is None:
                 return None
             res = session.execute(
                 sa.update(ExportJob)
-                .where(ExportJob.id == candidate, _claimable(now))  # type: ignore[arg-type]
+                .where(col(ExportJob.id) == candidate, _claimable(now))
                 .values(
                     state=ExportJobState.running,
                     lease_owner=owner,
@@ -409,15 +405,15 @@ def claim(ctx: Context, owner: str, *, job_id: str | None = None) -> ExportJob |
                     started_at=sa.func.coalesce(ExportJob.started_at, now),
                 )
             )
-            if res.rowcount == 1:  # type: ignore[attr-defined]
+            if res.rowcount == 1:  # type: ignore[attr-defined]  # DML yields a CursorResult; sqlmodel types it Result
                 job = session.get(ExportJob, candidate, populate_existing=True)
                 assert job is not None
                 return job
     return None
 
 
-def _owned(owner: str) -> Any:
-    return sa.and_(ExportJob.lease_owner == owner, ExportJob.state == ExportJobState.running)  # type: ignore[arg-type]
+def _owned(owner: str) -> sa.ColumnElement[bool]:
+    return sa.and_(col(ExportJob.lease_owner) == owner, col(ExportJob.state) == ExportJobState.running)
 
 
 def heartbeat(
@@ -431,23 +427,17 @@ def heartbeat(
     if total_bytes is not None:
         values["total_bytes"] = total_bytes
     with session_scope(ctx.engine) as session:
-        res = session.execute(
-            sa.update(ExportJob)
-            .where(ExportJob.id == job_id, _owned(owner))  # type: ignore[arg-type]
-            .values(**values)
-        )
-        if res.rowcount != 1:  # type: ignore[attr-defined]
+        res = session.execute(sa.update(ExportJob).where(col(ExportJob.id) == job_id, _owned(owner)).values(**values))
+        if res.rowcount != 1:  # type: ignore[attr-defined]  # DML yields a CursorResult; sqlmodel types it Result
             raise LeaseLost(f"export job {job_id} is no longer ours (cancelled or taken over)")
 
 
 def _finish(ctx: Context, job_id: str, owner: str, **values: Any) -> bool:
     with session_scope(ctx.engine) as session:
         res = session.execute(
-            sa.update(ExportJob)
-            .where(ExportJob.id == job_id, _owned(owner))  # type: ignore[arg-type]
-            .values(lease_expires_at=None, **values)
+            sa.update(ExportJob).where(col(ExportJob.id) == job_id, _owned(owner)).values(lease_expires_at=None, **values)
         )
-        return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+        return bool(res.rowcount == 1)  # type: ignore[attr-defined]  # DML yields a CursorResult; sqlmodel types it Result
 
 
 # --- run --------------------------------------------------------------------------------------
@@ -577,7 +567,7 @@ def _publish_output(
         # Fencing: the output exists only if this worker still owns the running job.
         res = session.execute(
             sa.update(ExportJob)
-            .where(ExportJob.id == job.id, _owned(owner))  # type: ignore[arg-type]
+            .where(col(ExportJob.id) == job.id, _owned(owner))
             .values(
                 state=ExportJobState.succeeded,
                 result_checkpoint_id=ckpt.id,
@@ -589,7 +579,7 @@ def _publish_output(
                 total_bytes=max(progress.total, progress.done),
             )
         )
-        if res.rowcount != 1:  # type: ignore[attr-defined]
+        if res.rowcount != 1:  # type: ignore[attr-defined]  # DML yields a CursorResult; sqlmodel types it Result
             raise LeaseLost(f"export job {job.id} was cancelled or taken over; output discarded")
 
     return publish.publish_files(

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
-from weightstore import audit, blobs, formats, runs
+from weightstore import audit, blobs, formats, retention, runs
 from weightstore.auth import Principal
 from weightstore.billing import ledger
 from weightstore.checkpoints import end_checkpoint
@@ -32,7 +32,7 @@ from weightstore.context import Context
 from weightstore.db import session_scope
 from weightstore.errors import AlreadyExists, CatalogBusy, InvalidRequest, NotFound
 from weightstore.hashing import sha256_file
-from weightstore.models import Blob, Checkpoint, CheckpointFile, CheckpointState, Tenant, TenantBlob, TrainingRun
+from weightstore.models import Blob, Checkpoint, CheckpointFile, CheckpointState, TenantBlob, TrainingRun
 from weightstore.names import TinkerPath, check_file_path, check_name, check_sha256, new_id
 from weightstore.retention import check_ttl, expires_at_for
 from weightstore.settings import Settings
@@ -104,14 +104,6 @@ def existing_committed(session: Session, path: TinkerPath) -> Checkpoint | None:
     ).first()
 
 
-def tenant_default_ttl(session: Session, tenant_id: str, kind: str) -> int | None:
-    """The TTL a new checkpoint of ``kind`` gets when none was asked for."""
-    tenant = session.get(Tenant, tenant_id)
-    if tenant is None:
-        return None
-    return tenant.default_ttl_training_seconds if kind == "training" else tenant.default_ttl_sampler_seconds
-
-
 def add_manifest(
     session: Session, ckpt: Checkpoint, files: Sequence[ManifestEntry], live: Mapping[str, Blob], *, now: datetime
 ) -> None:
@@ -123,7 +115,7 @@ def add_manifest(
     shas = sorted({sha for _, _, sha in files})
     owned = set(
         session.exec(
-            select(TenantBlob.sha256).where(TenantBlob.tenant_id == ckpt.tenant_id, TenantBlob.sha256.in_(shas))  # type: ignore[attr-defined]
+            select(TenantBlob.sha256).where(TenantBlob.tenant_id == ckpt.tenant_id, col(TenantBlob.sha256).in_(shas))
         ).all()
     )
     for sha in shas:
@@ -230,7 +222,7 @@ def publish_files(
         if not new.overwrite and existing_committed(session, new.tinker_path) is not None:
             raise AlreadyExists(f"{new.tinker_path} already exists")
         if new.ttl_seconds is None:
-            new = replace(new, ttl_seconds=tenant_default_ttl(session, actor.tenant_id, new.kind))
+            new = replace(new, ttl_seconds=retention.tenant_default_ttl(session, actor.tenant_id, new.kind))
     for f in files:
         blobs.store_file(ctx, f, progress=progress)
     now = ctx.clock.now()
@@ -269,5 +261,4 @@ __all__ = [
     "existing_committed",
     "local_files",
     "publish_files",
-    "tenant_default_ttl",
 ]

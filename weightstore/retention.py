@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from weightstore import audit
 from weightstore.auth import Principal
@@ -65,6 +65,14 @@ def set_default_ttl(
     return row
 
 
+def tenant_default_ttl(session: Session, tenant_id: str, kind: str) -> int | None:
+    """The TTL a new checkpoint of ``kind`` gets when none was asked for."""
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        return None
+    return tenant.default_ttl_training_seconds if kind == "training" else tenant.default_ttl_sampler_seconds
+
+
 # --- restore -----------------------------------------------------------------------------------
 def restore_checkpoint(
     session: Session,
@@ -85,7 +93,7 @@ def restore_checkpoint(
     principal.require_admin()
     ckpt = _lock_expired(session, checkpoint_id)
     check_ttl(settings, ttl_seconds)
-    shas = sa.select(CheckpointFile.sha256).where(CheckpointFile.checkpoint_id == ckpt.id)  # type: ignore[call-overload]
+    shas = sa.select(col(CheckpointFile.sha256)).where(col(CheckpointFile.checkpoint_id) == ckpt.id)
     _require_live_blobs(session, shas, checkpoint_id)
     clash = session.exec(
         select(Checkpoint).where(
@@ -100,7 +108,7 @@ def restore_checkpoint(
     ckpt.state = CheckpointState.committed.value
     ckpt.expires_at = expires_at_for(now, ttl_seconds)
     session.add(ckpt)
-    session.execute(sa.update(Blob).where(Blob.sha256.in_(shas)).values(last_referenced_at=now))  # type: ignore[attr-defined]
+    session.execute(sa.update(Blob).where(col(Blob.sha256).in_(shas)).values(last_referenced_at=now))
     ledger.on_restore(session, ckpt, now=now)
     audit.record(
         session,
@@ -132,9 +140,9 @@ def _lock_expired(session: Session, checkpoint_id: str) -> Checkpoint:
     return ckpt
 
 
-def _require_live_blobs(session: Session, shas: sa.Select[tuple[str]], checkpoint_id: str) -> None:
+def _require_live_blobs(session: Session, shas: sa.Select[str], checkpoint_id: str) -> None:
     """Lock the checkpoint's blob rows (PostgreSQL) and refuse unless every one is ``live``."""
-    q = sa.select(Blob.sha256, Blob.state).where(Blob.sha256.in_(shas))  # type: ignore[call-overload,attr-defined]
+    q = sa.select(col(Blob.sha256), col(Blob.state)).where(col(Blob.sha256).in_(shas))
     if _is_postgresql(session):
         q = q.with_for_update()
     if any(state != BlobState.live.value for _, state in session.execute(q).all()):

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
-from weightstore import audit, blobs, formats, publish, runs
+from weightstore import audit, blobs, formats, publish, retention, runs
 from weightstore.auth import Principal
 from weightstore.blobs import BlobWriter, part_size_for, single_put_limit
 from weightstore.context import Context
@@ -148,14 +148,14 @@ def _check_declare(session: Session, principal: Principal, req: UploadRequest) -
         raise InvalidRequest(f"run {run.id} was created by copy_weights and cannot be written to")
     if not req.overwrite and publish.existing_committed(session, req.tinker_path) is not None:
         raise AlreadyExists(f"{req.tinker_path} already exists (overwrite=true replaces a full-state checkpoint)")
-    ttl = req.ttl_seconds if req.ttl_seconds is not None else publish.tenant_default_ttl(session, principal.tenant_id, req.kind)
+    ttl = req.ttl_seconds if req.ttl_seconds is not None else retention.tenant_default_ttl(session, principal.tenant_id, req.kind)
     owned = set(
         session.exec(
             select(TenantBlob.sha256)
-            .join(Blob, Blob.sha256 == TenantBlob.sha256)  # type: ignore[arg-type]
+            .join(Blob, col(Blob.sha256) == col(TenantBlob.sha256))
             .where(
                 TenantBlob.tenant_id == principal.tenant_id,
-                TenantBlob.sha256.in_([f.sha256 for f in req.files]),  # type: ignore[attr-defined]
+                col(TenantBlob.sha256).in_([f.sha256 for f in req.files]),
                 Blob.state == BlobState.live,
             )
         ).all()

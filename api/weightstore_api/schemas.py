@@ -1,10 +1,17 @@
-"""Request and response bodies of the native API (``XCreate`` / ``XPublic`` / ``XsPublic``)."""
+"""Request and response bodies of the native API (``XCreate`` / ``XPublic`` / ``XsPublic``).
+
+Every native router (``/v1``: runs, uploads, checkpoints, keys, exports, base models, collector,
+billing) takes its bodies from here; the Tinker surface has its own in ``routers/tinker_schemas.py``.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from weightstore.billing.units import HOURS_PER_MONTH
 
 
 class Strict(BaseModel):
@@ -154,3 +161,157 @@ class ErrorPublic(BaseModel):
     code: str
     message: str
     request_id: str | None = None
+
+
+# --- export jobs and base models (routers/exports.py) ---------------------------------------------
+class ExportOptions(Strict):
+    ttl_seconds: int | None = Field(default=None, description="TTL of the output checkpoint")
+    shard_bytes: int | None = Field(default=None, ge=1024 * 1024, description="merged: max bytes per output shard")
+
+
+class ExportCreate(Strict):
+    source: str = Field(description="tinker:// path of a sampler or full-state checkpoint")
+    target: str = Field(description="peft or merged")
+    base_model: str | None = Field(default=None, max_length=200, description="registered base model; default: the run's")
+    output_name: str | None = Field(default=None, max_length=255)
+    options: ExportOptions | None = None
+
+
+class ExportBatchCreate(Strict):
+    target: str = Field(description="peft or merged")
+    sources: list[str] | None = Field(default=None, description="tinker:// paths (or use run_id + filters)")
+    run_id: str | None = None
+    kind: str | None = Field(default=None, description="sampler or training")
+    name_pattern: str | None = Field(default=None, max_length=255, description="glob on checkpoint names, e.g. step-*")
+    base_model: str | None = Field(default=None, max_length=200)
+    options: ExportOptions | None = None
+
+
+class ExportJobPublic(BaseModel):
+    job_id: str
+    batch_id: str | None
+    state: str = Field(description="queued, running, succeeded, failed or cancelled")
+    source: str | None
+    target: str
+    base_model: str | None
+    output_path: str | None = Field(description="tinker:// path the output is (or will be) committed at")
+    result: str | None = Field(description="tinker:// path of the committed output, once succeeded")
+    progress_bytes: int
+    total_bytes: int
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    not_before: datetime | None
+    verification: dict[str, Any] | None
+    error: dict[str, Any] | None
+
+
+class ExportJobsPublic(BaseModel):
+    jobs: list[ExportJobPublic]
+    total_count: int
+
+
+class ExportBatchPublic(BaseModel):
+    batch_id: str
+    jobs: list[ExportJobPublic]
+
+
+class BaseModelFileDecl(Strict):
+    path: str = Field(min_length=1, max_length=255)
+    size_bytes: int = Field(ge=0)
+    sha256: str = Field(min_length=64, max_length=64)
+
+
+class BaseModelCreate(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    files: list[BaseModelFileDecl] = Field(min_length=1, max_length=10_000)
+
+
+class BaseModelPublic(BaseModel):
+    name: str
+    architecture: str | None
+    size_bytes: int
+    created_at: datetime
+    files: list[BaseModelFileDecl] | None = None
+    usage: dict[str, int] | None = None
+
+
+class BaseModelsPublic(BaseModel):
+    base_models: list[BaseModelPublic]
+
+
+class BlobReceipt(BaseModel):
+    sha256: str
+    size_bytes: int
+    sent: bool = Field(description="false when the bytes were already stored (nothing moved)")
+
+
+# --- collector and retention (routers/gc.py) -------------------------------------------------------
+Phase = Literal["expire", "mark", "sweep", "orphans"]  # weightstore.collector.PHASES, as a schema type
+
+
+def every_phase() -> list[Phase]:
+    return list(get_args(Phase))
+
+
+class GcRunPublic(BaseModel):
+    id: str
+    phases: list[str]
+    dry_run: bool
+    state: str
+    started_at: datetime
+    finished_at: datetime | None
+    owner: str | None
+    plan: dict[str, Any] | None
+    stats: dict[str, Any] | None
+    findings: list[dict[str, Any]] | None
+
+
+class GcRunsPublic(BaseModel):
+    runs: list[GcRunPublic]
+
+
+class GcRunCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    phases: list[Phase] = Field(default_factory=every_phase)
+    dry_run: bool = False
+
+
+class RestoreCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttl_seconds: int | None = None
+
+
+class DefaultTTLUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    training_seconds: int | None = Field(None, description="Seconds; 0 removes the default; absent leaves it.")
+    sampler_seconds: int | None = None
+
+
+class DefaultTTLPublic(BaseModel):
+    tenant: str
+    training_seconds: int | None
+    sampler_seconds: int | None
+
+
+# --- billing (routers/billing.py) -----------------------------------------------------------------
+class CurrentUsagePublic(BaseModel):
+    at: datetime
+    currency: str = "USD"
+    hours_projected: int = HOURS_PER_MONTH
+    rows: list[dict[str, Any]]
+    total_logical_bytes: int
+    total_projected_monthly_cost_usd: str
+    physical_bytes_by_tenant: dict[str, int]
+
+
+class UsagePublic(BaseModel):
+    start: datetime
+    end: datetime
+    bucket: str | None
+    currency: str = "USD"
+    rows: list[dict[str, Any]]
+    total_byte_seconds: int
+    total_cost_usd: str
+    rounding: str = "each row rounded half-even to the cent; total = sum of rows"

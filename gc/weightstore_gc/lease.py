@@ -23,7 +23,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from weightstore.clock import Clock
 from weightstore.db import session_scope
@@ -54,13 +54,13 @@ class LeaseHandle:
             res = s.execute(
                 sa.update(Lease)
                 .where(
-                    Lease.name == self.name,
-                    Lease.owner == self.owner,  # type: ignore[arg-type]
-                    Lease.token == self.token,
-                )  # type: ignore[arg-type]
+                    col(Lease.name) == self.name,
+                    col(Lease.owner) == self.owner,
+                    col(Lease.token) == self.token,
+                )
                 .values(heartbeat_at=now, expires_at=now + timedelta(seconds=self.ttl_seconds))
             )
-            if res.rowcount != 1:  # type: ignore[attr-defined]
+            if res.rowcount != 1:  # type: ignore[attr-defined]  # DML yields a CursorResult; sqlmodel types it Result
                 raise LeaseLost(f"lease {self.name!r} (token {self.token}) was taken over by another collector")
 
     def release(self) -> None:
@@ -69,12 +69,12 @@ class LeaseHandle:
             s.execute(
                 sa.update(Lease)
                 .where(
-                    Lease.name == self.name,
-                    Lease.owner == self.owner,  # type: ignore[arg-type]
-                    Lease.token == self.token,
+                    col(Lease.name) == self.name,
+                    col(Lease.owner) == self.owner,
+                    col(Lease.token) == self.token,
                 )
                 .values(expires_at=now)
-            )  # type: ignore[arg-type]
+            )
 
 
 def acquire(engine: Engine, clock: Clock, *, ttl_seconds: int, owner: str | None = None, name: str = GC_LEASE) -> LeaseHandle:

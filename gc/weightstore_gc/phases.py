@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlmodel import col
 
 from weightstore import blobs, checkpoints
 from weightstore.blobs import refs
@@ -130,19 +131,19 @@ def expire(c: Collection) -> PhaseResult:
     same run: its restore window is over either way."""
     res = PhaseResult()
     cutoff = c.grace_cutoff
-    expired_or_due = Checkpoint.state.in_([CheckpointState.committed.value, CheckpointState.expired.value])  # type: ignore[attr-defined]
+    expired_or_due = col(Checkpoint.state).in_([CheckpointState.committed.value, CheckpointState.expired.value])
     with session_scope(c.ctx.engine) as s:
         n_due, b_due = s.execute(
             sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Checkpoint.size_bytes), 0)).where(
-                Checkpoint.state == CheckpointState.committed.value,  # type: ignore[arg-type]
-                Checkpoint.expires_at <= c.now,
+                col(Checkpoint.state) == CheckpointState.committed.value,
+                col(Checkpoint.expires_at) <= c.now,
             )
-        ).one()  # type: ignore[arg-type,operator]
+        ).one()
         n_rel, b_rel = s.execute(
             sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Checkpoint.size_bytes), 0)).where(
-                expired_or_due, Checkpoint.expires_at <= cutoff
+                expired_or_due, col(Checkpoint.expires_at) <= cutoff
             )
-        ).one()  # type: ignore[arg-type,operator]
+        ).one()
     res.plan = {
         "expire_checkpoints": int(n_due),
         "expire_bytes": int(b_due),
@@ -159,18 +160,17 @@ def expire(c: Collection) -> PhaseResult:
         res.stats["expired"] += n
         if n < METADATA_CHUNK:
             break
-    released = sa.and_(Checkpoint.state == CheckpointState.expired.value, Checkpoint.expires_at <= cutoff)  # type: ignore[arg-type,operator]
+    released = sa.and_(col(Checkpoint.state) == CheckpointState.expired.value, col(Checkpoint.expires_at) <= cutoff)
     while True:
         c.check_lease()
         with session_scope(c.ctx.engine) as s:
-            pick = sa.select(Checkpoint.id).where(released).limit(METADATA_CHUNK)  # type: ignore[call-overload]
-            n = int(
-                s.execute(
-                    sa.update(Checkpoint)
-                    .where(Checkpoint.id.in_(pick.scalar_subquery()), released)  # type: ignore[attr-defined]
-                    .values(state=CheckpointState.deleted.value, deleted_at=c.now)
-                ).rowcount
-            )  # type: ignore[attr-defined]
+            pick = sa.select(col(Checkpoint.id)).where(released).limit(METADATA_CHUNK)
+            result = s.execute(
+                sa.update(Checkpoint)
+                .where(col(Checkpoint.id).in_(pick.scalar_subquery()), released)
+                .values(state=CheckpointState.deleted.value, deleted_at=c.now)
+            )
+            n = int(result.rowcount)  # type: ignore[attr-defined]  # DML yields a CursorResult; sqlmodel types it Result
         res.stats["released"] += n
         if n < METADATA_CHUNK:
             break
@@ -197,11 +197,13 @@ def mark(c: Collection, *, check_objects: bool = True) -> PhaseResult:
         n, nbytes = s.execute(
             sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Blob.size_bytes), 0))
             .select_from(GcLiveBlob)
-            .outerjoin(Blob, Blob.sha256 == GcLiveBlob.sha256)  # type: ignore[arg-type]
-            .where(GcLiveBlob.run_id == c.run_id)
-        ).one()  # type: ignore[arg-type]
+            .outerjoin(Blob, col(Blob.sha256) == col(GcLiveBlob.sha256))
+            .where(col(GcLiveBlob.run_id) == c.run_id)
+        ).one()
         committed = refs.committed_refs().subquery()
-        q = sa.select(committed.c.sha256, Blob.state, Blob.size_bytes).outerjoin(Blob, Blob.sha256 == committed.c.sha256)  # type: ignore[arg-type,call-overload]
+        q = sa.select(committed.c.sha256, col(Blob.state), col(Blob.size_bytes)).outerjoin(
+            Blob, col(Blob.sha256) == committed.c.sha256
+        )
         n_refs = 0
         for sha, state, size in s.execute(q.execution_options(yield_per=STREAM_ROWS)):
             n_refs += 1
@@ -226,28 +228,28 @@ def mark(c: Collection, *, check_objects: bool = True) -> PhaseResult:
 
 
 # --- sweep -------------------------------------------------------------------------------------
-def _candidate_clause(c: Collection, mark_run_id: str) -> Any:
+def _candidate_clause(c: Collection, mark_run_id: str) -> sa.ColumnElement[bool]:
     """Blobs outside the marked live set and unreferenced for longer than grace, plus tombstones
     left by an earlier run that crashed or failed to delete (G9)."""
     # NOT EXISTS, not NOT IN: PostgreSQL plans NOT IN over a live set larger than work_mem as a
     # per-row rescan (measured: 227 s for a 100k catalog); NOT EXISTS is a hash anti-join.
-    in_live = sa.exists().where(GcLiveBlob.run_id == mark_run_id, GcLiveBlob.sha256 == Blob.sha256)  # type: ignore[arg-type]
+    in_live = sa.exists().where(col(GcLiveBlob.run_id) == mark_run_id, col(GcLiveBlob.sha256) == col(Blob.sha256))
     return sa.or_(
-        Blob.state == BlobState.deleting.value,  # type: ignore[arg-type]
+        col(Blob.state) == BlobState.deleting.value,
         sa.and_(
-            Blob.state.in_([BlobState.live.value, BlobState.pending.value]),  # type: ignore[attr-defined]
-            Blob.last_referenced_at < c.grace_cutoff,
+            col(Blob.state).in_([BlobState.live.value, BlobState.pending.value]),
+            col(Blob.last_referenced_at) < c.grace_cutoff,
             ~in_live,
         ),
-    )  # type: ignore[arg-type,operator]
+    )
 
 
 def sweep_candidates(c: Collection, mark_run_id: str, *, after: str = "", limit: int | None = None) -> list[tuple[str, int, str]]:
     """One page (keyset on sha256) of sweep candidates: (sha256, size, state)."""
     with session_scope(c.ctx.engine) as s:
         q = (
-            sa.select(Blob.sha256, Blob.size_bytes, Blob.state)  # type: ignore[call-overload]
-            .where(Blob.sha256 > after, _candidate_clause(c, mark_run_id))
+            sa.select(col(Blob.sha256), col(Blob.size_bytes), col(Blob.state))
+            .where(col(Blob.sha256) > after, _candidate_clause(c, mark_run_id))
             .order_by(Blob.sha256)
         )
         if limit is not None:
@@ -283,8 +285,8 @@ def sweep(c: Collection, mark_run_id: str) -> PhaseResult:
             sa.select(
                 sa.func.count(),
                 sa.func.coalesce(sa.func.sum(Blob.size_bytes), 0),
-                sa.func.coalesce(sa.func.sum(sa.case((Blob.state == BlobState.deleting.value, 1), else_=0)), 0),
-            ).where(clause)  # type: ignore[arg-type]
+                sa.func.coalesce(sa.func.sum(sa.case((col(Blob.state) == BlobState.deleting.value, 1), else_=0)), 0),
+            ).where(clause)
         ).one()
     res.plan = {"candidates": int(n), "candidate_bytes": int(nbytes), "retry_tombstones": int(retry)}
     res.stats = {
@@ -373,9 +375,7 @@ def orphans(c: Collection) -> PhaseResult:
         stale_uploads = [
             r[0]
             for r in s.execute(
-                sa.select(Upload.id).where(  # type: ignore[call-overload]
-                    Upload.state == UploadState.open.value, Upload.expires_at <= c.now
-                )
+                sa.select(col(Upload.id)).where(col(Upload.state) == UploadState.open.value, col(Upload.expires_at) <= c.now)
             ).all()
         ]
     listing = c.blob_listing()
@@ -387,8 +387,8 @@ def orphans(c: Collection) -> PhaseResult:
         known: dict[str, bool] = {}
         for chunk in _chunks(uids, c.ctx.settings.gc_delete_batch):
             for uid, state, exp in s.execute(
-                sa.select(Upload.id, Upload.state, Upload.expires_at).where(Upload.id.in_(chunk))  # type: ignore[call-overload]
-            ).all():  # type: ignore[attr-defined]
+                sa.select(col(Upload.id), col(Upload.state), col(Upload.expires_at)).where(col(Upload.id).in_(chunk))
+            ).all():
                 known[uid] = state == UploadState.open.value and exp > c.now
     staging = [info for uid, info in staged if not known.get(uid, False) and (uid in known or _older(info, cutoff))]
     mpus = [u for u in c.ctx.store.list_multipart_uploads("") if (init := u.get("Initiated")) is not None and init < mpu_cutoff]
@@ -431,16 +431,16 @@ def _without_row(c: Collection, infos: Sequence[ObjectInfo]) -> list[ObjectInfo]
     presigned PUT writes the blob key before its commit adds the row); one IN query each per ≤1000."""
     shas = [sha256_from_key(i.key) for i in infos]
     with session_scope(c.ctx.engine) as s:
-        keep = {r[0] for r in s.execute(sa.select(Blob.sha256).where(Blob.sha256.in_(shas))).all()}  # type: ignore[call-overload,attr-defined]
+        keep = {r[0] for r in s.execute(sa.select(col(Blob.sha256)).where(col(Blob.sha256).in_(shas))).all()}
         keep |= {
             r[0]
             for r in s.execute(
-                sa.select(UploadFile.sha256)
-                .join(Upload, Upload.id == UploadFile.upload_id)  # type: ignore[call-overload,arg-type]
+                sa.select(col(UploadFile.sha256))
+                .join(Upload, col(Upload.id) == col(UploadFile.upload_id))
                 .where(
-                    UploadFile.sha256.in_(shas),
-                    Upload.state == UploadState.open.value,  # type: ignore[attr-defined]
-                    Upload.expires_at > c.now,
+                    col(UploadFile.sha256).in_(shas),
+                    col(Upload.state) == UploadState.open.value,
+                    col(Upload.expires_at) > c.now,
                 )
             ).all()
         }
@@ -466,23 +466,23 @@ def _close_uploads(c: Collection, upload_ids: Sequence[str]) -> int:
         n = s.execute(
             sa.update(Upload)
             .where(
-                Upload.id.in_(upload_ids),
-                Upload.state == UploadState.open.value,  # type: ignore[attr-defined]
-                Upload.expires_at <= c.now,
+                col(Upload.id).in_(upload_ids),
+                col(Upload.state) == UploadState.open.value,
+                col(Upload.expires_at) <= c.now,
             )
             .values(state=UploadState.expired.value)
         )
         # The grace period of their blobs starts now, not at their last write (G5).
-        shas = sa.select(UploadFile.sha256).where(UploadFile.upload_id.in_(upload_ids))  # type: ignore[call-overload,attr-defined]
+        shas = sa.select(col(UploadFile.sha256)).where(col(UploadFile.upload_id).in_(upload_ids))
         blobs.touch_unless_deleting(s, shas, c.now)
         mpus = s.execute(
-            sa.select(UploadFile.staging_key, UploadFile.multipart_upload_id).where(  # type: ignore[call-overload]
-                UploadFile.upload_id.in_(upload_ids), UploadFile.multipart_upload_id.is_not(None)
+            sa.select(col(UploadFile.staging_key), col(UploadFile.multipart_upload_id)).where(
+                col(UploadFile.upload_id).in_(upload_ids), col(UploadFile.multipart_upload_id).is_not(None)
             )
-        ).all()  # type: ignore[attr-defined,union-attr]
+        ).all()
     for key, mpu in mpus:
         try:
             c.ctx.store.abort_multipart(key, mpu)
         except Exception as exc:  # noqa: BLE001 - garbage only
             log.warning("abort multipart %s failed: %s", key, exc)
-    return int(n.rowcount)  # type: ignore[attr-defined]
+    return int(n.rowcount)  # type: ignore[attr-defined]  # DML yields a CursorResult; sqlmodel types it Result

@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from prometheus_client.registry import Collector as MetricsCollector
+from sqlmodel import col
 
 from weightstore.collector import PHASES
 from weightstore.context import Context
@@ -155,8 +156,8 @@ def _record(ctx: Context, rep: RunReport) -> None:
             row.plan, row.stats = rep.plan, rep.stats
             row.findings = [f.to_dict() for f in rep.findings]
             s.add(row)
-            keep = sa.select(GcRun.id).order_by(GcRun.started_at.desc()).limit(KEEP_LIVE_SETS)  # type: ignore[call-overload,attr-defined]
-            s.execute(sa.delete(GcLiveBlob).where(GcLiveBlob.run_id.notin_(keep.scalar_subquery())))  # type: ignore[attr-defined]
+            keep = sa.select(col(GcRun.id)).order_by(col(GcRun.started_at).desc()).limit(KEEP_LIVE_SETS)
+            s.execute(sa.delete(GcLiveBlob).where(col(GcLiveBlob.run_id).notin_(keep.scalar_subquery())))
     except Exception:  # noqa: BLE001 - never mask the run's own outcome
         log.exception("could not record gc run %s", rep.run_id)
 

@@ -18,12 +18,23 @@ import random
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
+from sqlmodel import col
 
 from weightstore.blobs import refs
 from weightstore.context import Context
 from weightstore.db import session_scope
-from weightstore.models import Blob, BlobState, Checkpoint, CheckpointFile, CheckpointState, Upload, UploadState, UsageEvent
-from weightstore.objectstore import BLOB_PREFIX, STAGING_PREFIX, blob_key, sha256_from_key
+from weightstore.models import (
+    Blob,
+    BlobState,
+    Checkpoint,
+    CheckpointFile,
+    CheckpointState,
+    Upload,
+    UploadState,
+    UsageEvent,
+    UsageEventKind,
+)
+from weightstore.objectstore import BLOB_PREFIX, STAGING_PREFIX, ObjectInfo, blob_key, sha256_from_key
 
 from .phases import Finding
 
@@ -44,7 +55,7 @@ class VerifyReport:
 
 def verify(ctx: Context, *, hash_sample: int = 0, expect_collected: bool = False, seed: int | None = None) -> VerifyReport:
     rep = VerifyReport()
-    objects = {}
+    objects: dict[str, ObjectInfo] = {}
     for info in ctx.store.list_keys(BLOB_PREFIX):
         sha = sha256_from_key(info.key)
         if sha is not None:
@@ -52,42 +63,39 @@ def verify(ctx: Context, *, hash_sample: int = 0, expect_collected: bool = False
     with session_scope(ctx.engine) as s:
         committed = refs.committed_refs().subquery()
         rows = s.execute(
-            sa.select(committed.c.sha256, Blob.state, Blob.size_bytes).outerjoin(Blob, Blob.sha256 == committed.c.sha256)
-        ).all()  # type: ignore[arg-type]
+            sa.select(committed.c.sha256, col(Blob.state), col(Blob.size_bytes)).outerjoin(
+                Blob, col(Blob.sha256) == committed.c.sha256
+            )
+        ).all()
         bad_sizes = s.execute(
             sa.select(
-                CheckpointFile.checkpoint_id,
-                CheckpointFile.path,
-                CheckpointFile.size_bytes,  # type: ignore[call-overload]
-                Blob.size_bytes,
+                col(CheckpointFile.checkpoint_id),
+                col(CheckpointFile.path),
+                col(CheckpointFile.size_bytes),
+                col(Blob.size_bytes),
             )
-            .join(Blob, Blob.sha256 == CheckpointFile.sha256)
-            .where(CheckpointFile.size_bytes != Blob.size_bytes)
+            .join(Blob, col(Blob.sha256) == col(CheckpointFile.sha256))
+            .where(col(CheckpointFile.size_bytes) != col(Blob.size_bytes))
         ).all()
         ledger = s.execute(
-            sa.select(Checkpoint.id, Checkpoint.state, UsageEvent.event, sa.func.count())  # type: ignore[call-overload]
-            .outerjoin(UsageEvent, UsageEvent.checkpoint_id == Checkpoint.id)
-            .group_by(Checkpoint.id, Checkpoint.state, UsageEvent.event)
+            sa.select(col(Checkpoint.id), col(Checkpoint.state), col(UsageEvent.event), sa.func.count())
+            .outerjoin(UsageEvent, col(UsageEvent.checkpoint_id) == col(Checkpoint.id))
+            .group_by(col(Checkpoint.id), col(Checkpoint.state), col(UsageEvent.event))
         ).all()
         live = {r[0] for r in s.execute(sa.select(refs.all_refs().subquery().c.sha256)).all()}
-        blob_rows = {r[0]: r[1] for r in s.execute(sa.select(Blob.sha256, Blob.state)).all()}  # type: ignore[call-overload]
+        blob_rows = {r[0]: r[1] for r in s.execute(sa.select(col(Blob.sha256), col(Blob.state))).all()}
         open_uploads = {
-            r[0]
-            for r in s.execute(
-                sa.select(Upload.id).where(  # type: ignore[call-overload]
-                    Upload.state == UploadState.open.value
-                )
-            ).all()
+            r[0] for r in s.execute(sa.select(col(Upload.id)).where(col(Upload.state) == UploadState.open.value)).all()
         }
     rep.stats = {"referenced_blobs": len(rows), "blob_rows": len(blob_rows), "objects": len(objects)}
     for sha, state, size in rows:
-        info = objects.get(sha)
+        obj = objects.get(sha)
         if state != BlobState.live.value:
             rep.findings.append(Finding("referenced_blob_not_live", sha, f"blob row is {state or 'missing'}"))
-        if info is None:
+        if obj is None:
             rep.findings.append(Finding("missing_object", sha, "referenced blob has no object in the store"))
-        elif size is not None and info.size != size:
-            rep.findings.append(Finding("size_mismatch", sha, f"object has {info.size} bytes, row says {size}"))
+        elif size is not None and obj.size != size:
+            rep.findings.append(Finding("size_mismatch", sha, f"object has {obj.size} bytes, row says {size}"))
     for ckpt_id, path, fsize, bsize in bad_sizes:
         rep.findings.append(Finding("size_mismatch", f"{ckpt_id}/{path}", f"manifest says {fsize}, blob {bsize}"))
     if hash_sample:
@@ -106,13 +114,16 @@ def verify(ctx: Context, *, hash_sample: int = 0, expect_collected: bool = False
             counts.setdefault(ckpt_id, {})[event] = int(n)
     for ckpt_id, state in states.items():
         c = counts.get(ckpt_id, {})
-        ends_expected = c.get("restore", 0) + (0 if state == CheckpointState.committed.value else 1)
-        if c.get("commit", 0) != 1 or c.get("end", 0) != ends_expected:
+        commits = c.get(UsageEventKind.commit, 0)
+        ends = c.get(UsageEventKind.end, 0)
+        restores = c.get(UsageEventKind.restore, 0)
+        ends_expected = restores + (0 if state == CheckpointState.committed.value else 1)
+        if commits != 1 or ends != ends_expected:
             rep.findings.append(
                 Finding(
                     "ledger_inconsistent",
                     ckpt_id,
-                    f"state {state}: commit={c.get('commit', 0)} end={c.get('end', 0)} restore={c.get('restore', 0)}",
+                    f"state {state}: commit={commits} end={ends} restore={restores}",
                 )
             )
     if expect_collected:

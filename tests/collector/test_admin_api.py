@@ -66,6 +66,6 @@ def test_app_without_collector_refuses_to_trigger_runs(ctx, keys, db_url):
 
 def test_the_api_phase_schema_is_the_collectors_phase_list():
     from weightstore.collector import PHASES
-    from weightstore_api.routers.gc import Phase
+    from weightstore_api.schemas import Phase
 
     assert get_args(Phase) == PHASES

@@ -1,5 +1,6 @@
-"""Storage metering and billing: usage and cost as a pure function of the append-only ledger
-(docs/design-billing.md). Writers go through ``ledger``; everything else only reads.
+"""Storage metering and billing: usage and cost as a pure function of the append-only ledger.
+
+See docs/design-billing.md. Writers go through ``ledger``; everything else only reads.
 
 - ``ledger``: appends ``usage_event`` rows (commit, end, TTL change, restore), the one write path;
 - ``intervals``: the derived ``usage_interval`` / ``usage_day`` tables, refreshed by every ledger write

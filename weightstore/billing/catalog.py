@@ -1,4 +1,6 @@
-"""Reads of the catalog (``checkpoint``, ``checkpoint_file``) that describe the present, not a bill:
+"""Present-state reads for billing pages: physical bytes, largest and soonest-expiring checkpoints.
+
+Reads of the catalog (``checkpoint``, ``checkpoint_file``) that describe the present, not a bill:
 physical (deduplicated) bytes, and the largest and soonest-expiring checkpoints of a tenant
 (docs/design-billing.md §1, §9)."""
 
@@ -8,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from weightstore.billing.aggregates import tune
 from weightstore.checkpoints import visible_clause
@@ -53,18 +55,18 @@ def expiring_soon(session: Session, *, tenant_id: str, now: datetime, limit: int
 
 def _checkpoint_list(session: Session, *, tenant_id: str, now: datetime, limit: int, by_expiry: bool) -> list[dict[str, Any]]:
     q = sa.select(
-        Checkpoint.id,
-        Checkpoint.run_id,
-        Checkpoint.kind,
-        Checkpoint.name,
-        Checkpoint.size_bytes,  # type: ignore[call-overload]
-        Checkpoint.created_at,
-        Checkpoint.expires_at,
-    ).where(Checkpoint.tenant_id == tenant_id, visible_clause(now))
+        col(Checkpoint.id),
+        col(Checkpoint.run_id),
+        col(Checkpoint.kind),
+        col(Checkpoint.name),
+        col(Checkpoint.size_bytes),
+        col(Checkpoint.created_at),
+        col(Checkpoint.expires_at),
+    ).where(col(Checkpoint.tenant_id) == tenant_id, visible_clause(now))
     if by_expiry:
-        q = q.where(Checkpoint.expires_at.is_not(None))  # type: ignore[union-attr]
-        q = q.order_by(Checkpoint.expires_at.asc(), Checkpoint.id)  # type: ignore[union-attr]
+        q = q.where(col(Checkpoint.expires_at).is_not(None))
+        q = q.order_by(col(Checkpoint.expires_at).asc(), col(Checkpoint.id))
     else:
-        q = q.order_by(Checkpoint.size_bytes.desc(), Checkpoint.id)  # type: ignore[attr-defined]
+        q = q.order_by(col(Checkpoint.size_bytes).desc(), col(Checkpoint.id))
     rows = session.execute(q.limit(limit)).all()
     return [dict(r._mapping) for r in rows]

@@ -34,7 +34,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from weightstore.billing.units import DAY, SPLIT
 from weightstore.models import OPEN_END_S, UsageEventKind, UsageInterval
@@ -110,9 +110,9 @@ def lock_intervals(session: Session, checkpoint_ids: Sequence[str]) -> None:
     SQLite needs nothing: ``BEGIN IMMEDIATE`` already serialises writers."""
     if checkpoint_ids and dialect_of(session) == "postgresql":
         session.execute(
-            sa.select(UsageInterval.checkpoint_id)  # type: ignore[call-overload]
-            .where(UsageInterval.checkpoint_id.in_(sorted(set(checkpoint_ids))))  # type: ignore[attr-defined]
-            .order_by(UsageInterval.checkpoint_id)
+            sa.select(col(UsageInterval.checkpoint_id))
+            .where(col(UsageInterval.checkpoint_id).in_(sorted(set(checkpoint_ids))))
+            .order_by(col(UsageInterval.checkpoint_id))
             .with_for_update()
         ).all()
 

@@ -1,5 +1,7 @@
-"""Monthly invoices: one calendar month (UTC) of one tenant, a line per (run, kind), each line rounded
-half-even to the cent and the total the sum of the rounded lines (docs/design-billing.md §5, §6)."""
+"""Monthly invoices: one calendar month (UTC) of one tenant, a line per (run, kind).
+
+Each line is rounded half-even to the cent and the total is the sum of the rounded lines
+(docs/design-billing.md §5, §6)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from weightstore.billing.intervals import lock_intervals, refresh_intervals
 from weightstore.models import Checkpoint, UsageEvent, UsageEventKind, UTCDateTime
@@ -98,16 +98,16 @@ def on_end_expired(session: Session, checkpoint_ids: Sequence[str], *, now: date
         return
     cols = ["tenant_id", "run_id", "checkpoint_id", "kind", "event", "at", "size_bytes", "expires_at", "recorded_at"]
     rows = sa.select(
-        Checkpoint.tenant_id,
-        Checkpoint.run_id,
-        Checkpoint.id,
-        Checkpoint.kind,  # type: ignore[call-overload]
+        col(Checkpoint.tenant_id),
+        col(Checkpoint.run_id),
+        col(Checkpoint.id),
+        col(Checkpoint.kind),
         sa.literal(UsageEventKind.end.value, sa.String()),
-        Checkpoint.expires_at,
-        Checkpoint.size_bytes,
-        Checkpoint.expires_at,
+        col(Checkpoint.expires_at),
+        col(Checkpoint.size_bytes),
+        col(Checkpoint.expires_at),
         sa.literal(now, UTCDateTime()),
-    ).where(Checkpoint.id.in_(checkpoint_ids))  # type: ignore[attr-defined]
+    ).where(col(Checkpoint.id).in_(checkpoint_ids))
     lock_intervals(session, checkpoint_ids)
     session.execute(sa.insert(UsageEvent).from_select(cols, rows))
     refresh_intervals(session, checkpoint_ids)

@@ -43,7 +43,7 @@ from datetime import datetime
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from weightstore.blobs import refs
 from weightstore.blobs.writer import BlobWriter, part_size_for, single_put_limit
@@ -105,7 +105,7 @@ def mark_live(session: Session, sha256: str, size: int, now: datetime) -> None:
 def touch(session: Session, shas: Sequence[str], now: datetime) -> None:
     """Restart the grace period of these blobs (S6): a reference just appeared or went away."""
     if shas:
-        session.execute(sa.update(Blob).where(Blob.sha256.in_(sorted(set(shas)))).values(last_referenced_at=now))  # type: ignore[attr-defined]
+        session.execute(sa.update(Blob).where(col(Blob.sha256).in_(sorted(set(shas)))).values(last_referenced_at=now))
 
 
 def lock_live(session: Session, shas: Sequence[str]) -> tuple[dict[str, Blob], list[str]]:
@@ -114,7 +114,7 @@ def lock_live(session: Session, shas: Sequence[str]) -> tuple[dict[str, Blob], l
     ``live`` rows by sha256 and the sha256s that are not live (missing or being deleted): a
     manifest MUST NOT be committed over those."""
     wanted = sorted(set(shas))
-    q = select(Blob).where(Blob.sha256.in_(wanted))  # type: ignore[attr-defined]
+    q = select(Blob).where(col(Blob.sha256).in_(wanted))
     if session.get_bind().dialect.name == "postgresql":
         q = q.with_for_update()
     rows = {b.sha256: b for b in session.exec(q).all()}
@@ -131,29 +131,27 @@ def tombstone(session: Session, shas: Sequence[str], *, grace_cutoff: datetime, 
         # Row locks first (a manifest commit takes the same ones in lock_live), then block new
         # references in the tables that create them, then re-check: the re-check statement sees
         # every reference committed before the locks were granted.
-        session.execute(sa.select(Blob.sha256).where(Blob.sha256.in_(shas)).with_for_update())  # type: ignore[call-overload,attr-defined]
+        session.execute(sa.select(col(Blob.sha256)).where(col(Blob.sha256).in_(shas)).with_for_update())
         session.execute(sa.text(f"LOCK TABLE {', '.join(refs.REFERENCING_TABLES)} IN SHARE MODE"))
     fresh = [
         r[0]
         for r in session.execute(
-            sa.select(Blob.sha256).where(  # type: ignore[call-overload]
-                Blob.sha256.in_(shas),  # type: ignore[attr-defined]
-                Blob.state.in_([BlobState.live.value, BlobState.pending.value]),  # type: ignore[attr-defined]
-                Blob.last_referenced_at < grace_cutoff,
-                sa.not_(refs.is_referenced(Blob.sha256)),
+            sa.select(col(Blob.sha256)).where(
+                col(Blob.sha256).in_(shas),
+                col(Blob.state).in_([BlobState.live.value, BlobState.pending.value]),
+                col(Blob.last_referenced_at) < grace_cutoff,
+                sa.not_(refs.is_referenced(col(Blob.sha256))),
             )
         ).all()
     ]
     if fresh:
         session.execute(
-            sa.update(Blob)
-            .where(Blob.sha256.in_(fresh))  # type: ignore[attr-defined]
-            .values(state=BlobState.deleting.value, tombstoned_at=now)
+            sa.update(Blob).where(col(Blob.sha256).in_(fresh)).values(state=BlobState.deleting.value, tombstoned_at=now)
         )
     old = [
         r[0]
         for r in session.execute(
-            sa.select(Blob.sha256).where(Blob.sha256.in_(shas), Blob.state == BlobState.deleting.value)  # type: ignore[call-overload,attr-defined]
+            sa.select(col(Blob.sha256)).where(col(Blob.sha256).in_(shas), col(Blob.state) == BlobState.deleting.value)
         ).all()
     ]
     return sorted(set(old) | set(fresh))
@@ -167,7 +165,7 @@ def forget(session: Session, shas: Sequence[str]) -> int:
     gone = [
         r[0]
         for r in session.execute(
-            sa.select(Blob.sha256).where(Blob.sha256.in_(shas), Blob.state == BlobState.deleting.value)  # type: ignore[call-overload,attr-defined]
+            sa.select(col(Blob.sha256)).where(col(Blob.sha256).in_(shas), col(Blob.state) == BlobState.deleting.value)
         ).all()
     ]
     if not gone:
@@ -177,21 +175,21 @@ def forget(session: Session, shas: Sequence[str]) -> int:
     # Driven by the sha256 index with a correlated EXISTS: an IN (SELECT deleted checkpoints)
     # made SQLite scan the manifest table per batch (measured ~1 s a batch at 20k checkpoints).
     released = sa.exists().where(
-        Checkpoint.id == CheckpointFile.checkpoint_id,  # type: ignore[arg-type]
-        Checkpoint.state == CheckpointState.deleted.value,  # type: ignore[arg-type]
+        col(Checkpoint.id) == col(CheckpointFile.checkpoint_id),
+        col(Checkpoint.state) == CheckpointState.deleted.value,
     )
-    session.execute(sa.delete(CheckpointFile).where(CheckpointFile.sha256.in_(gone), released))  # type: ignore[attr-defined]
-    session.execute(sa.delete(TenantBlob).where(TenantBlob.sha256.in_(gone)))  # type: ignore[attr-defined]
-    res = session.execute(sa.delete(Blob).where(Blob.sha256.in_(gone), Blob.state == BlobState.deleting.value))  # type: ignore[attr-defined,arg-type]
-    return int(res.rowcount)  # type: ignore[attr-defined]
+    session.execute(sa.delete(CheckpointFile).where(col(CheckpointFile.sha256).in_(gone), released))
+    session.execute(sa.delete(TenantBlob).where(col(TenantBlob.sha256).in_(gone)))
+    res = session.execute(sa.delete(Blob).where(col(Blob.sha256).in_(gone), col(Blob.state) == BlobState.deleting.value))
+    return int(res.rowcount)  # type: ignore[attr-defined]  # DML yields a CursorResult; sqlmodel types it Result
 
 
-def touch_unless_deleting(session: Session, shas: sa.Select[tuple[str]], now: datetime) -> None:
+def touch_unless_deleting(session: Session, shas: sa.Select[str], now: datetime) -> None:
     """Restart the grace period of the blobs ``shas`` selects, leaving tombstones alone (the
     collector closing an expired upload, G5)."""
     session.execute(
         sa.update(Blob)
-        .where(Blob.sha256.in_(shas), Blob.state != BlobState.deleting.value)  # type: ignore[attr-defined,arg-type]
+        .where(col(Blob.sha256).in_(shas), col(Blob.state) != BlobState.deleting.value)
         .values(last_referenced_at=now)
     )
 

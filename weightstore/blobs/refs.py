@@ -1,5 +1,7 @@
-"""What counts as a reference to a blob: the one definition that the collector's mark, sweep and
-verify share, and that ``blobs.tombstone`` re-checks (rule S6/S7: a referenced blob is never deleted).
+"""What counts as a reference to a blob (a referenced blob is never deleted: rules S6, S7).
+
+The one definition that the collector's mark, sweep and verify share, and that ``blobs.tombstone``
+re-checks.
 
 A blob is referenced (must not be deleted) while any of these points at its sha256:
 1. a file of an upload still ``open`` (even past its expiry, until the orphans phase closes it);
@@ -14,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
+from sqlmodel import col
 
 from weightstore.models import (
     BaseModelFile,
@@ -37,29 +40,29 @@ REFERENCING_TABLES = ("checkpoint_file", "upload_file", "base_model_file")
 
 def upload_refs() -> sa.Select[Any]:
     return (
-        sa.select(UploadFile.sha256.label("sha256"))  # type: ignore[attr-defined]
-        .join(Upload, Upload.id == UploadFile.upload_id)  # type: ignore[arg-type]
-        .where(Upload.state == UploadState.open.value)  # type: ignore[arg-type]
+        sa.select(col(UploadFile.sha256).label("sha256"))
+        .join(Upload, col(Upload.id) == col(UploadFile.upload_id))
+        .where(col(Upload.state) == UploadState.open.value)
     )
 
 
 def checkpoint_refs() -> sa.Select[Any]:
     return (
-        sa.select(CheckpointFile.sha256.label("sha256"))  # type: ignore[attr-defined]
-        .join(Checkpoint, Checkpoint.id == CheckpointFile.checkpoint_id)  # type: ignore[arg-type]
-        .where(Checkpoint.state.in_(REFERENCING_CHECKPOINT_STATES))  # type: ignore[attr-defined]
+        sa.select(col(CheckpointFile.sha256).label("sha256"))
+        .join(Checkpoint, col(Checkpoint.id) == col(CheckpointFile.checkpoint_id))
+        .where(col(Checkpoint.state).in_(REFERENCING_CHECKPOINT_STATES))
     )
 
 
 def base_model_refs() -> sa.Select[Any]:
-    return sa.select(BaseModelFile.sha256.label("sha256"))  # type: ignore[attr-defined]
+    return sa.select(col(BaseModelFile.sha256).label("sha256"))
 
 
 def export_refs() -> sa.Select[Any]:
     return (
-        sa.select(CheckpointFile.sha256.label("sha256"))  # type: ignore[attr-defined]
-        .join(ExportJob, ExportJob.source_checkpoint_id == CheckpointFile.checkpoint_id)  # type: ignore[arg-type]
-        .where(ExportJob.state.notin_(EXPORT_FINISHED_STATES))  # type: ignore[attr-defined]
+        sa.select(col(CheckpointFile.sha256).label("sha256"))
+        .join(ExportJob, col(ExportJob.source_checkpoint_id) == col(CheckpointFile.checkpoint_id))
+        .where(col(ExportJob.state).notin_(EXPORT_FINISHED_STATES))
     )
 
 

@@ -1,5 +1,6 @@
-"""The core of the Tinker-compatible surface (``/api/v1``): what the HTTP layer needs beyond the
-plain checkpoint and run functions. One public module per noun:
+"""The core of the Tinker-compatible surface (``/api/v1``).
+
+What the HTTP layer needs beyond the plain checkpoint and run functions. One public module per noun:
 
 - ``runs``: which training runs a caller may see through Tinker's ``access_scope``.
 - ``checkpoints``: which checkpoints a caller may see, publish / unpublish, ``weights_info``, and

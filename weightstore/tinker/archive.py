@@ -1,7 +1,8 @@
-"""The legacy archive (Tinker SDK ≤ 0.35): a deterministic, uncompressed tar of a checkpoint's
-adapter files plus ``checkpoint_complete`` at its root, stored as a content-addressed blob that
-nothing references (the collector reclaims it after the grace period) and handed out as a
-presigned GET."""
+"""The legacy archive of the Tinker SDK ≤ 0.35: one tar of a checkpoint's adapter files.
+
+A deterministic, uncompressed tar of the adapter files plus ``checkpoint_complete`` at its root,
+stored as a content-addressed blob that nothing references (the collector reclaims it after the
+grace period) and handed out as a presigned GET."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The admin audit listing of the Tinker surface (``/api/v1/audit``): audit events of all tenants
-grouped by Tinker's event types. Catalog function."""
+"""The admin audit listing of the Tinker surface (``/api/v1/audit``).
+
+Audit events of all tenants grouped by Tinker's event types. Catalog function."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Training runs as Tinker lists them: ``owned`` = the caller's tenant; ``accessible`` = owned plus
-other tenants' runs that have at least one *published* checkpoint. Catalog functions."""
+"""Training runs as Tinker lists them, by ``access_scope``.
+
+``owned`` = the caller's tenant; ``accessible`` = owned plus other tenants' runs that have at least
+one *published* checkpoint. Catalog functions."""
 
 from __future__ import annotations
 

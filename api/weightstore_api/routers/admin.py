@@ -27,7 +27,6 @@ from weightstore.billing.overview import overview as all_tenants_overview
 from weightstore.billing.pricing import load_pricing
 from weightstore.billing.units import DAY, GB
 from weightstore.context import Context
-from weightstore.db import session_scope
 from weightstore.errors import AuthenticationFailed, Forbidden, InvalidRequest, NotFound, WeightstoreError
 from weightstore.models import ApiKey, Role, Tenant
 
@@ -188,20 +187,19 @@ def _day_floor(dt: datetime) -> datetime:
 
 
 @router.get("", response_class=HTMLResponse)
-def overview(request: Request, ctx: CtxDep) -> HTMLResponse:
+def overview(request: Request, ctx: CtxDep, session: SessionDep) -> HTMLResponse:
     now = ctx.clock.now()
-    with session_scope(ctx.engine) as session:
-        _admin_key_id(request, ctx, session)
-        prices = load_pricing(session, ctx.settings)
-        tenants = [t.id for t in session.exec(select(Tenant).order_by(Tenant.id))]
-        end = _day_floor(now) + timedelta(days=1)
-        start = end - timedelta(days=TREND_DAYS)
-        # one pass over the intervals: current usage + daily buckets up to now (never bill the future:
-        # open-ended checkpoints accrue until now, not until the bucket's end)
-        ov = all_tenants_overview(session, prices, now=now, start=start)
-        cur = {r.key["tenant_id"]: r for r in ov.current}
-        daily = ov.daily
-        physical = catalog.physical_current(session, now=now)
+    _admin_key_id(request, ctx, session)
+    prices = load_pricing(session, ctx.settings)
+    tenants = [t.id for t in session.exec(select(Tenant).order_by(Tenant.id))]
+    end = _day_floor(now) + timedelta(days=1)
+    start = end - timedelta(days=TREND_DAYS)
+    # one pass over the intervals: current usage + daily buckets up to now (never bill the future:
+    # open-ended checkpoints accrue until now, not until the bucket's end)
+    ov = all_tenants_overview(session, prices, now=now, start=start)
+    cur = {r.key["tenant_id"]: r for r in ov.current}
+    daily = ov.daily
+    physical = catalog.physical_current(session, now=now)
     by_tenant: dict[str, list[usage.UsageRow]] = {}
     for r in daily:
         by_tenant.setdefault(r.key["tenant_id"], []).append(r)
@@ -254,7 +252,13 @@ def _parse_day(value: str | None) -> date | None:
 
 @router.get("/tenants/{tenant_id}", response_class=HTMLResponse)
 def tenant_page(
-    request: Request, tenant_id: str, ctx: CtxDep, days: int = 30, since: str | None = None, until: str | None = None
+    request: Request,
+    tenant_id: str,
+    ctx: CtxDep,
+    session: SessionDep,
+    days: int = 30,
+    since: str | None = None,
+    until: str | None = None,
 ) -> HTMLResponse:
     now = ctx.clock.now()
     d_since, d_until = _parse_day(since), _parse_day(until)
@@ -270,19 +274,18 @@ def tenant_page(
     if start >= now:
         raise InvalidRequest("the window must start in the past")
     shown_end, end = end, min(end, now)  # never bill the future: usage is measured up to now
-    with session_scope(ctx.engine) as session:
-        _admin_key_id(request, ctx, session)
-        tenant = _tenant_or_404(session, tenant_id)
-        prices = load_pricing(session, ctx.settings)
-        daily = usage.usage(session, prices, start=start, end=end, group_by=(), bucket_seconds=DAY, tenant_id=tenant.id)
-        by_run = usage.usage(session, prices, start=start, end=end, group_by=("run_id",), tenant_id=tenant.id)
-        by_kind = usage.usage(session, prices, start=start, end=end, group_by=("kind",), tenant_id=tenant.id)
-        cur_run = {r.key["run_id"]: r for r in usage.current(session, prices, now=now, group_by=("run_id",), tenant_id=tenant.id)}
-        cur_kind = {r.key["kind"]: r for r in usage.current(session, prices, now=now, group_by=("kind",), tenant_id=tenant.id)}
-        physical = catalog.physical_current(session, now=now, tenant_id=tenant.id).get(tenant.id, 0)
-        largest = catalog.largest_checkpoints(session, tenant_id=tenant.id, now=now)
-        expiring = catalog.expiring_soon(session, tenant_id=tenant.id, now=now)
-        rate = prices.rate(tenant.id, None)
+    _admin_key_id(request, ctx, session)
+    tenant = _tenant_or_404(session, tenant_id)
+    prices = load_pricing(session, ctx.settings)
+    daily = usage.usage(session, prices, start=start, end=end, group_by=(), bucket_seconds=DAY, tenant_id=tenant.id)
+    by_run = usage.usage(session, prices, start=start, end=end, group_by=("run_id",), tenant_id=tenant.id)
+    by_kind = usage.usage(session, prices, start=start, end=end, group_by=("kind",), tenant_id=tenant.id)
+    cur_run = {r.key["run_id"]: r for r in usage.current(session, prices, now=now, group_by=("run_id",), tenant_id=tenant.id)}
+    cur_kind = {r.key["kind"]: r for r in usage.current(session, prices, now=now, group_by=("kind",), tenant_id=tenant.id)}
+    physical = catalog.physical_current(session, now=now, tenant_id=tenant.id).get(tenant.id, 0)
+    largest = catalog.largest_checkpoints(session, tenant_id=tenant.id, now=now)
+    expiring = catalog.expiring_soon(session, tenant_id=tenant.id, now=now)
+    rate = prices.rate(tenant.id, None)
     points = usage.series(daily, start=start, end=end)
     logical = sum(r.logical_bytes for r in cur_kind.values())
 
@@ -335,23 +338,20 @@ def tenant_page(
     )
 
 
-def _load_invoice(request: Request, ctx: Context, tenant_id: str, month: str) -> tuple[str, Any]:
+def _load_invoice(request: Request, ctx: Context, session: Session, tenant_id: str, month: str) -> tuple[str, Any]:
     """Signed-in admin check, tenant look-up and the month's invoice (shared by page and CSV)."""
-    with session_scope(ctx.engine) as session:
-        _admin_key_id(request, ctx, session)
-        tenant = _tenant_or_404(session, tenant_id)
-        inv = invoices.invoice(
-            session, load_pricing(session, ctx.settings), tenant_id=tenant.id, month=month, now=ctx.clock.now()
-        )
+    _admin_key_id(request, ctx, session)
+    tenant = _tenant_or_404(session, tenant_id)
+    inv = invoices.invoice(session, load_pricing(session, ctx.settings), tenant_id=tenant.id, month=month, now=ctx.clock.now())
     return tenant.id, inv
 
 
 @router.get("/tenants/{tenant_id}/invoices/{month}", response_class=HTMLResponse)
-def invoice_page(request: Request, tenant_id: str, month: str, ctx: CtxDep) -> HTMLResponse:
-    tenant, inv = _load_invoice(request, ctx, tenant_id, month)
+def invoice_page(request: Request, tenant_id: str, month: str, ctx: CtxDep, session: SessionDep) -> HTMLResponse:
+    tenant, inv = _load_invoice(request, ctx, session, tenant_id, month)
     return _render(request, "invoice.html", inv=inv, tenant=tenant, by_kind=inv.by_kind(), month=month)
 
 
 @router.get("/tenants/{tenant_id}/invoices/{month}/csv")
-def invoice_download(request: Request, tenant_id: str, month: str, ctx: CtxDep) -> Response:
-    return invoice_csv(_load_invoice(request, ctx, tenant_id, month)[1])
+def invoice_download(request: Request, tenant_id: str, month: str, ctx: CtxDep, session: SessionDep) -> Response:
+    return invoice_csv(_load_invoice(request, ctx, session, tenant_id, month)[1])

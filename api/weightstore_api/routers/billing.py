@@ -14,17 +14,18 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
-from pydantic import BaseModel as Schema
 from sqlmodel import Session
 
 from weightstore.auth import Principal
 from weightstore.billing import catalog, invoices, usage
 from weightstore.billing.pricing import load_pricing
-from weightstore.billing.units import DAY, GB, HOUR, HOURS_PER_MONTH, round_cents
+from weightstore.billing.units import DAY, GB, HOUR, round_cents
 from weightstore.errors import InvalidRequest, NotFound
 from weightstore.models import Tenant
 
 from ..deps import CtxDep, CurrentPrincipal, SessionDep
+from ..schemas import CurrentUsagePublic, UsagePublic
+from .tinker_schemas import CurrentCheckpointStorageUsageItem, CurrentCheckpointStorageUsageResponse
 
 router = APIRouter(tags=["billing"])
 
@@ -55,16 +56,6 @@ def _csv(rows: list[dict[str, Any]], filename: str) -> Response:
     return Response(buf.getvalue(), media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
-class CurrentUsagePublic(Schema):
-    at: datetime
-    currency: str = "USD"
-    hours_projected: int = HOURS_PER_MONTH
-    rows: list[dict[str, Any]]
-    total_logical_bytes: int
-    total_projected_monthly_cost_usd: str
-    physical_bytes_by_tenant: dict[str, int]
-
-
 @router.get("/v1/billing/current", operation_id="billing_current", response_model=CurrentUsagePublic)
 def billing_current(
     principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep, tenant: str | None = None, group_by: GroupBy = "tenant_id"
@@ -81,17 +72,6 @@ def billing_current(
         total_projected_monthly_cost_usd=str(sum((r.monthly_cost_usd for r in rows), round_cents(0))),
         physical_bytes_by_tenant=catalog.physical_current(session, now=now, tenant_id=tid),
     )
-
-
-class UsagePublic(Schema):
-    start: datetime
-    end: datetime
-    bucket: str | None
-    currency: str = "USD"
-    rows: list[dict[str, Any]]
-    total_byte_seconds: int
-    total_cost_usd: str
-    rounding: str = "each row rounded half-even to the cent; total = sum of rows"
 
 
 def _window(since: datetime | None, until: datetime | None, now: datetime) -> tuple[datetime, datetime]:
@@ -187,20 +167,6 @@ def invoice_csv(inv: invoices.Invoice) -> Response:
 
 
 # --- Tinker shape -------------------------------------------------------------------------------
-class CurrentCheckpointStorageUsageItem(Schema):
-    project_id: str | None = None
-    org_user_urn: str | None = None
-    user_email: str | None = None
-    user_name: str | None = None
-    checkpoint_count: int
-    size_bytes: int
-    size_gigabytes: float
-    estimated_monthly_cost_usd: float | None = None
-
-
-class CurrentCheckpointStorageUsageResponse(Schema):
-    effective_rate_usd_per_gigabyte_month: float | None = None
-    data: list[CurrentCheckpointStorageUsageItem]
 
 
 @router.get(

@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session
 
 from weightstore import basemodels, exportjobs
@@ -18,96 +17,22 @@ from weightstore.names import TinkerPath, check_sha256
 
 from ..deps import AdminPrincipal, CtxDep, CurrentPrincipal, Offset, SessionDep, WriterPrincipal
 from ..errors import request_id_of
+from ..schemas import (
+    BaseModelCreate,
+    BaseModelFileDecl,
+    BaseModelPublic,
+    BaseModelsPublic,
+    BlobReceipt,
+    ExportBatchCreate,
+    ExportBatchPublic,
+    ExportCreate,
+    ExportJobPublic,
+    ExportJobsPublic,
+    ExportOptions,
+)
 
 router = APIRouter(prefix="/v1", tags=["exports"])
 STREAM_BATCH = 8 * 1024 * 1024
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class ExportOptions(_Strict):
-    ttl_seconds: int | None = Field(default=None, description="TTL of the output checkpoint")
-    shard_bytes: int | None = Field(default=None, ge=1024 * 1024, description="merged: max bytes per output shard")
-
-
-class ExportCreate(_Strict):
-    source: str = Field(description="tinker:// path of a sampler or full-state checkpoint")
-    target: str = Field(description="peft or merged")
-    base_model: str | None = Field(default=None, max_length=200, description="registered base model; default: the run's")
-    output_name: str | None = Field(default=None, max_length=255)
-    options: ExportOptions | None = None
-
-
-class ExportBatchCreate(_Strict):
-    target: str = Field(description="peft or merged")
-    sources: list[str] | None = Field(default=None, description="tinker:// paths (or use run_id + filters)")
-    run_id: str | None = None
-    kind: str | None = Field(default=None, description="sampler or training")
-    name_pattern: str | None = Field(default=None, max_length=255, description="glob on checkpoint names, e.g. step-*")
-    base_model: str | None = Field(default=None, max_length=200)
-    options: ExportOptions | None = None
-
-
-class ExportJobPublic(BaseModel):
-    job_id: str
-    batch_id: str | None
-    state: str = Field(description="queued, running, succeeded, failed or cancelled")
-    source: str | None
-    target: str
-    base_model: str | None
-    output_path: str | None = Field(description="tinker:// path the output is (or will be) committed at")
-    result: str | None = Field(description="tinker:// path of the committed output, once succeeded")
-    progress_bytes: int
-    total_bytes: int
-    attempts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    not_before: datetime | None
-    verification: dict[str, Any] | None
-    error: dict[str, Any] | None
-
-
-class ExportJobsPublic(BaseModel):
-    jobs: list[ExportJobPublic]
-    total_count: int
-
-
-class ExportBatchPublic(BaseModel):
-    batch_id: str
-    jobs: list[ExportJobPublic]
-
-
-class BaseModelFileDecl(_Strict):
-    path: str = Field(min_length=1, max_length=255)
-    size_bytes: int = Field(ge=0)
-    sha256: str = Field(min_length=64, max_length=64)
-
-
-class BaseModelCreate(_Strict):
-    name: str = Field(min_length=1, max_length=200)
-    files: list[BaseModelFileDecl] = Field(min_length=1, max_length=10_000)
-
-
-class BaseModelPublic(BaseModel):
-    name: str
-    architecture: str | None
-    size_bytes: int
-    created_at: datetime
-    files: list[BaseModelFileDecl] | None = None
-    usage: dict[str, int] | None = None
-
-
-class BaseModelsPublic(BaseModel):
-    base_models: list[BaseModelPublic]
-
-
-class BlobReceipt(BaseModel):
-    sha256: str
-    size_bytes: int
-    sent: bool = Field(description="false when the bytes were already stored (nothing moved)")
 
 
 def job_public(session: Session, job: ExportJob) -> ExportJobPublic:
@@ -199,14 +124,15 @@ def cancel_export(job_id: str, principal: WriterPrincipal, ctx: CtxDep, session:
 
 
 # --- base models ------------------------------------------------------------------------------
-def base_public(session: Session, row: BaseModelRow, *, detail: bool, now: datetime | None = None) -> BaseModelPublic:
+def base_public(session: Session, row: BaseModelRow, *, detail_at: datetime | None = None) -> BaseModelPublic:
+    """The public shape of a base model; with ``detail_at``, also its files and what uses it at that instant."""
     files = usage = None
-    if detail:
+    if detail_at is not None:
         files = [
             BaseModelFileDecl(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256)
             for f in basemodels.files_of(session, row.name)
         ]
-        usage = basemodels.usage(session, row.name, now=now)
+        usage = basemodels.usage(session, row.name, now=detail_at)
     return BaseModelPublic(
         name=row.name,
         architecture=row.architecture,
@@ -267,12 +193,12 @@ def create_base_model(body: BaseModelCreate, principal: AdminPrincipal, ctx: Ctx
 
 @router.get("/base-models", operation_id="list_base_models", response_model=BaseModelsPublic)
 def list_base_models(principal: CurrentPrincipal, session: SessionDep) -> BaseModelsPublic:
-    return BaseModelsPublic(base_models=[base_public(session, r, detail=False) for r in basemodels.list_base_models(session)])
+    return BaseModelsPublic(base_models=[base_public(session, r) for r in basemodels.list_base_models(session)])
 
 
 @router.get("/base-models/{name:path}", operation_id="get_base_model", response_model=BaseModelPublic)
 def get_base_model(name: str, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep) -> BaseModelPublic:
-    return base_public(session, basemodels.get(session, name), detail=True, now=ctx.clock.now())
+    return base_public(session, basemodels.get(session, name), detail_at=ctx.clock.now())
 
 
 @router.delete("/base-models/{name:path}", operation_id="delete_base_model", status_code=204)

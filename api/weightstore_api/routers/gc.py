@@ -9,11 +9,9 @@ answers 400 ``unsupported``; reading recorded runs, restore and default TTLs nee
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session
 
 from weightstore import collector, retention
@@ -25,54 +23,17 @@ from ..convert import checkpoint_public
 from ..deps import AdminPrincipal, CtxDep, Offset, SessionDep
 from ..errors import request_id_of
 from ..observability import REGISTRY
-from ..schemas import CheckpointPublic
+from ..schemas import (
+    CheckpointPublic,
+    DefaultTTLPublic,
+    DefaultTTLUpdate,
+    GcRunCreate,
+    GcRunPublic,
+    GcRunsPublic,
+    RestoreCreate,
+)
 
 router = APIRouter(prefix="/v1/admin", tags=["gc"])
-Phase = Literal["expire", "mark", "sweep", "orphans"]  # weightstore.collector.PHASES, as a schema type
-
-
-def _every_phase() -> list[Phase]:
-    return list(get_args(Phase))
-
-
-class GcRunPublic(BaseModel):
-    id: str
-    phases: list[str]
-    dry_run: bool
-    state: str
-    started_at: datetime
-    finished_at: datetime | None
-    owner: str | None
-    plan: dict[str, Any] | None
-    stats: dict[str, Any] | None
-    findings: list[dict[str, Any]] | None
-
-
-class GcRunsPublic(BaseModel):
-    runs: list[GcRunPublic]
-
-
-class GcRunCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    phases: list[Phase] = Field(default_factory=_every_phase)
-    dry_run: bool = False
-
-
-class RestoreCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    ttl_seconds: int | None = None
-
-
-class DefaultTTLUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    training_seconds: int | None = Field(None, description="Seconds; 0 removes the default; absent leaves it.")
-    sampler_seconds: int | None = None
-
-
-class DefaultTTLPublic(BaseModel):
-    tenant: str
-    training_seconds: int | None
-    sampler_seconds: int | None
 
 
 def _public(row: GcRun) -> GcRunPublic:

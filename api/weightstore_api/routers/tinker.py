@@ -1,5 +1,7 @@
-"""Tinker-compatible REST surface, storage half (``/api/v1``): client config, training runs,
-checkpoints, publish, TTL, weights info, copy, external-weights URLs, the legacy archive, audit.
+"""Tinker-compatible REST surface, storage half (``/api/v1``): runs, checkpoints and their actions.
+
+Client config, training runs, checkpoints, publish, TTL, weights info, copy, external-weights URLs,
+the legacy archive, audit.
 
 The ``tinker`` SDK (0.38.0) and its CLI call these paths unchanged. Run ids contain ``:`` (sent
 unencoded) and a checkpoint id is two path segments (``weights/step-1``), so every checkpoint
@@ -13,7 +15,7 @@ Request and response schemas live in ``tinker_schemas``.
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlmodel import Session, select
@@ -34,6 +36,7 @@ from .tinker_schemas import (
     ArchiveUrlPublic,
     AuditEntryPublic,
     AuditLogPublic,
+    CheckpointType,
     CopyWeightsBody,
     CopyWeightsPublic,
     CursorPublic,
@@ -59,7 +62,9 @@ def tinker_checkpoint(ckpt: Checkpoint) -> TinkerCheckpointPublic:
     path = TinkerPath(ckpt.run_id, ckpt.kind, ckpt.name)
     return TinkerCheckpointPublic(
         checkpoint_id=path.checkpoint_id,
-        checkpoint_type=ckpt.kind,
+        # A cast, not a check: the row's kind is a plain str, and pydantic validates it against the
+        # literal when the model is built (the list views pass only TINKER_KINDS).
+        checkpoint_type=cast(CheckpointType, ckpt.kind),
         time=ckpt.created_at,
         tinker_path=str(path),
         size_bytes=ckpt.size_bytes,

@@ -209,3 +209,20 @@ class RetrieveFutureBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     request_id: str
     allow_metadata_only: bool = False
+
+
+# --- billing (routers/billing.py) -----------------------------------------------------------------
+class CurrentCheckpointStorageUsageItem(BaseModel):
+    project_id: str | None = None
+    org_user_urn: str | None = None
+    user_email: str | None = None
+    user_name: str | None = None
+    checkpoint_count: int
+    size_bytes: int
+    size_gigabytes: float
+    estimated_monthly_cost_usd: float | None = None
+
+
+class CurrentCheckpointStorageUsageResponse(BaseModel):
+    effective_rate_usd_per_gigabyte_month: float | None = None
+    data: list[CurrentCheckpointStorageUsageItem]

@@ -1,6 +1,8 @@
-"""Tinker-compatible REST surface, session half (``/api/v1``): what ``tinker checkpoint download``
-needs from a "training" service — sessions, heartbeats, create-via-load, get_info,
-``save_weights_external`` (a PEFT export job) and the ``retrieve_future`` long-poll.
+"""Tinker-compatible REST surface, session half (``/api/v1``): sessions, models and futures.
+
+What ``tinker checkpoint download`` needs from a "training" service: sessions, heartbeats,
+create-via-load, get_info, ``save_weights_external`` (a PEFT export job) and the ``retrieve_future``
+long-poll.
 
 Training itself (forward/backward, optimizer steps, sampling, saving from a live model) is out of
 scope: those endpoints answer 400 ``unsupported`` at once, a status the SDK does not retry. A
