@@ -3,6 +3,9 @@
 Keys look like ``tml-<43 url-safe chars>`` (the Tinker SDK refuses keys without the ``tml-``
 prefix). Only their sha256 is stored: 256 random bits make a slow KDF pointless, and a constant-
 time lookup by hash keeps authentication one indexed query.
+
+``revoke_key`` is the one place that decides who may revoke which key (roles matrix in its docstring
+and in docs/design.md); the HTTP API and the CLI both reach it through ``DELETE /v1/keys/{id}``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from datetime import datetime
 
 from sqlmodel import Session, col, select
 
+from weightstore import uisessions
 from weightstore.errors import AlreadyExists, AuthenticationFailed, Forbidden, InvalidRequest, NotFound
 from weightstore.models import ApiKey, Role, Tenant
 from weightstore.names import check_tenant_name, new_id
@@ -92,13 +96,52 @@ def authenticate(session: Session, key: str | None, *, now: datetime) -> Princip
     return Principal(tenant_id=row.tenant_id, key_id=row.id, role=Role(row.role))
 
 
+ROLE_RANK: dict[Role, int] = {Role.reader: 0, Role.trainer: 1, Role.admin: 2}
+"""Key revocation compares roles by this rank: a key never revokes a key above its own role."""
+
+
 def revoke_key(session: Session, *, key_id: str, principal: Principal, now: datetime) -> ApiKey:
+    """Revoke ``key_id`` as ``principal``: the one place that decides who may revoke which key.
+
+    - A key of another tenant is ``not_found`` to a non-admin (the same answer as a missing key).
+    - Any key may revoke itself (whoever holds a leaked key can at least kill it).
+    - A reader revokes nothing else; a trainer revokes trainer and reader keys of its own tenant,
+      never an admin key (``forbidden``); an admin revokes any key of any tenant.
+    - Nobody revokes the last active admin key of the deployment, not even with itself
+      (``invalid_request``): revoking the admin key in use is fine while another one remains.
+    Revoking an already revoked key changes nothing. The key's admin UI sessions end with it.
+    """
     row = session.get(ApiKey, key_id)
     if row is None or (row.tenant_id != principal.tenant_id and not principal.is_admin):
         raise NotFound(f"key {key_id} not found")
-    row.revoked_at = row.revoked_at or now
+    target_role = Role(row.role)
+    if row.id != principal.key_id and not principal.is_admin:
+        if principal.role == Role.reader:
+            raise Forbidden("a reader key can revoke only itself")
+        if ROLE_RANK[target_role] > ROLE_RANK[principal.role]:
+            raise Forbidden(f"a {principal.role} key cannot revoke a {target_role} key")
+    if row.revoked_at is not None:
+        return row
+    if target_role == Role.admin and not _other_active_admin_keys(session, besides=row.id):
+        raise InvalidRequest("this is the last active admin key of the deployment: create another admin key before revoking it")
+    row.revoked_at = now
     session.add(row)
+    uisessions.end_for_key(session, row.id, now=now)
+    session.flush()
     return row
+
+
+def _other_active_admin_keys(session: Session, *, besides: str) -> list[str]:
+    """Active admin keys other than ``besides``, locked (``FOR UPDATE`` on PostgreSQL; SQLite's
+    ``BEGIN IMMEDIATE`` already serialises writers) so that two admins revoking each other at once
+    cannot both see the other one remaining: the second re-reads after the first commits."""
+    q = (
+        select(ApiKey.id)
+        .where(ApiKey.role == Role.admin.value, col(ApiKey.revoked_at).is_(None))
+        .order_by(col(ApiKey.id))
+        .with_for_update()
+    )
+    return [k for k in session.exec(q) if k != besides]
 
 
 def list_keys(session: Session, *, tenant_id: str | None) -> list[ApiKey]:

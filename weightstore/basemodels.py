@@ -277,20 +277,33 @@ def files_of(session: Session, name: str) -> list[BaseModelFile]:
     return list(session.exec(select(BaseModelFile).where(BaseModelFile.base_model == name).order_by(BaseModelFile.path)).all())
 
 
-def usage(session: Session, name: str, *, now: datetime) -> dict[str, int]:
-    """What still uses a base model: visible checkpoints of runs trained on it, and unfinished jobs."""
-    ckpts = session.exec(
+def usage(session: Session, name: str, *, now: datetime, tenant_id: str | None) -> dict[str, int]:
+    """What still uses a base model: visible checkpoints of runs trained on it, and unfinished jobs.
+
+    ``tenant_id`` counts only that tenant's (what a non-admin key is shown: another tenant's
+    activity is not its business, issue 11 item 1); ``None`` counts every tenant's (admins, and
+    ``remove``'s in-use check). Keyword-only and required, so no caller gets the global count by
+    forgetting to scope it."""
+    ckpt_q = (
         select(sa.func.count())
         .select_from(Checkpoint)
         .join(TrainingRun, col(TrainingRun.id) == col(Checkpoint.run_id))
         .where(TrainingRun.base_model == name, visible_clause(now))
-    ).one()
-    jobs = session.exec(
+    )
+    job_q = (
         select(sa.func.count())
         .select_from(ExportJob)
         .where(ExportJob.base_model == name, col(ExportJob.state).in_(ACTIVE_JOB_STATES))
-    ).one()
-    return {"checkpoints": int(ckpts), "active_jobs": int(jobs)}
+    )
+    if tenant_id is not None:
+        ckpt_q = ckpt_q.where(Checkpoint.tenant_id == tenant_id)
+        job_q = job_q.where(ExportJob.tenant_id == tenant_id)
+    return {"checkpoints": int(session.exec(ckpt_q).one()), "active_jobs": int(session.exec(job_q).one())}
+
+
+def usage_for(session: Session, principal: Principal, name: str, *, now: datetime) -> dict[str, int]:
+    """``usage`` as ``principal`` may see it: every tenant's for an admin, its own tenant's otherwise."""
+    return usage(session, name, now=now, tenant_id=None if principal.is_admin else principal.tenant_id)
 
 
 def remove(session: Session, principal: Principal, name: str, *, now: datetime, request_id: str | None = None) -> None:
@@ -298,7 +311,7 @@ def remove(session: Session, principal: Principal, name: str, *, now: datetime, 
     jobs that use it are unfinished. The blobs become garbage after the collector's grace period."""
     principal.require_admin()
     get(session, name)
-    used = usage(session, name, now=now)
+    used = usage(session, name, now=now, tenant_id=None)
     if used["checkpoints"] or used["active_jobs"]:
         raise InUse(
             f"base model {name!r} is still used by {used['checkpoints']} checkpoint(s) and "
@@ -385,4 +398,5 @@ __all__ = [
     "scan_dir",
     "store_blob",
     "usage",
+    "usage_for",
 ]

@@ -2,7 +2,8 @@
 
 The embedded default (no ``WEIGHTSTORE_S3_ENDPOINT_URL``) starts SeaweedFS on loopback under
 ``data_dir/s3`` with credentials generated once and kept in ``data_dir/s3-credentials.json``
-(mode 600). With an endpoint configured, nothing is started.
+(mode 600), supervised by ``embedded.SeaweedFS`` (lock, stale-store reclaim, restart); a process
+that finds a live owner shares its store. With an endpoint configured, nothing is started.
 """
 
 from __future__ import annotations
@@ -49,24 +50,9 @@ def session_secret(settings: Settings) -> str:
 
 
 EMBEDDED_MARKER = "s3-endpoint.json"
-
-
-def _running_embedded(data_dir: Path) -> str | None:
-    """The endpoint of an embedded store another live process started for this data dir."""
-    marker = data_dir / EMBEDDED_MARKER
-    try:
-        info = json.loads(marker.read_text())
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError):
-        return None
-    try:
-        import httpx
-
-        if httpx.get(info["endpoint_url"] + "/healthz", timeout=2).status_code == 200:
-            return str(info["endpoint_url"])
-    except Exception:  # noqa: BLE001 - a stale marker: start our own store
-        return None
-    return None
+"""Written by the owner of the embedded store while it runs: ``{"endpoint_url", "pid"}``, for
+tools outside this package. Which process owns the store is decided by the store's own lock
+(``embedded.LOCK_FILE``), not by this file, so a stale marker left by a crash misleads nobody."""
 
 
 @dataclass
@@ -84,19 +70,17 @@ def start(settings: Settings, *, migrate: bool = True, clock: Clock | None = Non
     stops: list[Callable[[], None]] = []
     if settings.s3_endpoint_url is None:
         access, secret = _embedded_credentials(settings.data_dir)
-        endpoint = _running_embedded(settings.data_dir)
-        if endpoint is None:
-            # Nobody serves this data dir yet: start the store, and tell later processes
-            # (`weightstore gc`, `weightstore worker`) where it is, so they share it.
-            from weightstore.embedded import SeaweedFS
+        from weightstore.embedded import SeaweedFS
 
-            weed = SeaweedFS(settings.data_dir / "s3", access_key=access, secret_key=secret)
-            weed.start()
-            endpoint = weed.endpoint_url
-            marker = settings.data_dir / EMBEDDED_MARKER
-            marker.write_text(json.dumps({"endpoint_url": endpoint, "pid": os.getpid()}))
-            stops.append(weed.stop)
-            stops.append(lambda: marker.unlink(missing_ok=True))
+        # Own the data dir's store (reclaiming one a crashed owner left running) or, when a live
+        # process (`serve`, `gc`, `worker`) owns it, share it and stand by to take it over on the
+        # same endpoint if that process goes: the store lives as long as any process using it.
+        weed = SeaweedFS(
+            settings.data_dir / "s3", access_key=access, secret_key=secret, endpoint_file=settings.data_dir / EMBEDDED_MARKER
+        )
+        weed.start(share=True)
+        endpoint = weed.endpoint_url
+        stops.append(weed.stop)
         settings = settings.model_copy(
             update={"s3_endpoint_url": endpoint, "s3_access_key_id": access, "s3_secret_access_key": SecretStr(secret)}
         )

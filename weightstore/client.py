@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -37,6 +38,7 @@ from weightstore.errors import (
     IntegrityError,
     NotFound,
     StoreUnavailable,
+    UploadExpired,
     UploadIncomplete,
     WeightstoreError,
     error_for_code,
@@ -52,6 +54,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 8 * 1024 * 1024
 RETRIES = 4
+COMMIT_ATTEMPTS = 5  # a commit that finds files unproven re-sends just those (to the upload's own keys)
+DECLARE_ATTEMPTS = 3  # a fresh upload after the first one gave out (expired, or files kept failing)
+BACKOFF_S = 0.25  # first pause between attempts; doubles, capped at 4 s
 RANGE_PART = 32 * 1024 * 1024  # large downloads: parallel ranged GETs of this size
 FileSource = bytes | Path
 TRANSFERS = ("auto", "presigned", "stream")
@@ -116,7 +121,9 @@ class RawHTTP:
         r = self.request("GET", url, headers={"Range": f"bytes={first}-{last}"}, stream=True)
         try:
             want = last - first + 1
-            if r.status != 206 or int(r.headers.get("Content-Length", -1)) != want:
+            # 200 is the same bytes when the range starts at 0 and the whole object is that long.
+            whole = r.status == 200 and first == 0
+            if (r.status != 206 and not whole) or int(r.headers.get("Content-Length", -1)) != want:
                 raise IntegrityError(f"the store ignored a Range request ({r.status})")
             buf = memoryview(bytearray(want))
             got = 0
@@ -135,6 +142,131 @@ class RawHTTP:
 
     def close(self) -> None:
         self.pool.clear()
+
+
+JOURNAL_VERSION = 1
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping half-open ranges; touching ranges become one."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+class _RangeJournal:
+    """Which byte ranges of a ``.partial`` download are on disk: the sidecar ``<file>.partial.json``.
+
+    A ``.partial`` is pre-sized to its full length (parallel ranged GETs land anywhere in it), so
+    neither its size nor its contents say what was written; only this journal does. A range is
+    recorded only after its bytes were written *and* flushed (fdatasync), and the journal is replaced
+    atomically and fsync'd, so after Ctrl-C, ``kill -9`` or a power cut it names a subset of what is
+    really there. A journal that is missing, unreadable, or for another sha256/size means: start
+    over. Files of one range or less keep it in memory only (``durable=False``): nothing to resume."""
+
+    def __init__(self, partial: Path, sha256: str, size: int, done: list[tuple[int, int]], *, durable: bool) -> None:
+        self.partial, self.path = partial, self.path_for(partial)
+        self.sha256, self.size, self.durable = sha256, size, durable
+        self.done = done
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def path_for(partial: Path) -> Path:
+        return partial.with_name(partial.name + ".json")
+
+    @classmethod
+    def open(cls, partial: Path, sha256: str, size: int, *, durable: bool) -> _RangeJournal:
+        """The journal of an earlier attempt at this very file, or a fresh start: the journal goes
+        first (a crash must never leave an old journal beside new bytes), then a pre-sized partial."""
+        resumed = cls._resume(partial, sha256, size)
+        if resumed is not None:
+            return resumed
+        path = cls.path_for(partial)
+        if path.exists() or partial.exists():
+            log.info("%s: no journal for sha256 %s: downloading it from the start", partial.name, sha256)
+        path.unlink(missing_ok=True)
+        with open(partial, "wb") as f:
+            f.truncate(size)
+        journal = cls(partial, sha256, size, [], durable=durable)
+        journal._save()
+        return journal
+
+    @classmethod
+    def _resume(cls, partial: Path, sha256: str, size: int) -> _RangeJournal | None:
+        try:
+            doc = json.loads(cls.path_for(partial).read_text())
+            done = [(int(start), int(end)) for start, end in doc["done"]]
+            same = doc["version"] == JOURNAL_VERSION and doc["sha256"] == sha256 and doc["size"] == size
+            if not same or partial.stat().st_size != size or any(not 0 <= a < b <= size for a, b in done):
+                return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return cls(partial, sha256, size, _merge(done), durable=True)
+
+    @property
+    def durable_bytes(self) -> int:
+        return sum(end - start for start, end in self.done)
+
+    def plan(self, piece: int) -> list[tuple[int, int, bool]]:
+        """``[0, size)`` in order as ``(start, end, present)``: recorded ranges whole, the holes
+        between them cut into pieces of at most ``piece`` bytes (one ranged GET each)."""
+        out: list[tuple[int, int, bool]] = []
+        pos = 0
+        for start, end in [*self.done, (self.size, self.size)]:
+            out += [(s, min(s + piece, start), False) for s in range(pos, start, piece)]
+            if start < end:
+                out.append((start, end, True))
+            pos = end
+        return out
+
+    def record(self, fd: int, start: int, end: int) -> None:
+        """``[start, end)`` was written through ``fd``: flush it to disk, then note it."""
+        if self.durable:
+            getattr(os, "fdatasync", os.fsync)(fd)  # fdatasync is Linux-only
+        with self._lock:
+            self.done = _merge([*self.done, (start, end)])
+            self._save()
+
+    def _save(self) -> None:
+        if not self.durable:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        doc = {"version": JOURNAL_VERSION, "sha256": self.sha256, "size": self.size, "done": self.done}
+        with open(tmp, "w") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def finish(self, target: Path) -> None:
+        os.replace(self.partial, target)
+        self.path.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        self.partial.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+
+
+class _DownloadStopped(Exception):
+    """Another file of the same download failed (or Ctrl-C): start no further ranges."""
+
+
+def _hash_range(fd: int, start: int, end: int, h: Any) -> None:
+    """Feed ``[start, end)`` of ``fd`` into ``h``; a file cut short just ends early (the hash then differs)."""
+    pos = start
+    while pos < end and (data := os.pread(fd, min(CHUNK, end - pos), pos)):
+        h.update(data)
+        pos += len(data)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 class HashCache:
@@ -206,6 +338,10 @@ class _ProgressReader:
         data: bytes = self.f.read(max(n, CHUNK) if n > 0 else n)
         self.progress(len(data))
         return data
+
+
+def _backoff(attempt: int) -> float:
+    return float(min(BACKOFF_S * 2**attempt, 4.0))
 
 
 def _read_part(src: FileSource, offset: int, length: int) -> bytes:
@@ -323,13 +459,17 @@ class Client:
             return self._upload_once({**body, "transfer": "stream"}, files, name)
 
     def _upload_once(self, body: dict[str, Any], files: Mapping[str, FileSource], name: str) -> dict[str, Any]:
-        try:
-            return self._declare_send_commit(body, files, name)
-        except UploadIncomplete as exc:
-            # The commit found bytes missing that were sent: the collector was deleting that blob, or
-            # another tenant's upload of identical bytes overwrote ours. A fresh upload sends them again.
-            log.warning("%s: sending again (%s)", name, exc)
-            return self._declare_send_commit(body, files, name)
+        for attempt in range(DECLARE_ATTEMPTS):
+            try:
+                return self._declare_send_commit(body, files, name)
+            except (UploadIncomplete, UploadExpired) as exc:
+                # Within one upload the commit loop already re-sent what it could; a fresh upload is
+                # the last resort (the upload expired, or the store kept losing the bytes).
+                if attempt == DECLARE_ATTEMPTS - 1:
+                    raise
+                log.warning("%s: declaring again (%s)", name, exc)
+                time.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
 
     def _declare_send_commit(self, body: dict[str, Any], files: Mapping[str, FileSource], name: str) -> dict[str, Any]:
         ans = self._call("POST", "/v1/uploads", json=body)
@@ -343,16 +483,36 @@ class Client:
             leave=False,
         )
         try:
-            with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(todo) or 1))) as pool:
-                for fut in [pool.submit(self._send, ans["upload_id"], f, files[f["path"]], bar.update) for f in todo]:
-                    fut.result()
-            return dict(self._call("POST", f"/v1/uploads/{ans['upload_id']}/commit"))
+            upload_id = ans["upload_id"]
+            self._send_all(upload_id, todo, files, bar.update)
+            for attempt in range(COMMIT_ATTEMPTS):
+                try:
+                    return dict(self._call("POST", f"/v1/uploads/{upload_id}/commit"))
+                except UploadIncomplete as exc:
+                    # Bytes we sent could not be proven ours (another tenant's identical PUT replaced
+                    # them at the blob key, or the collector reclaimed them): the service re-offers
+                    # exactly those files at this upload's own keys; send them there and commit again.
+                    paths = [p for p in (exc.details.get("files") or []) if p in files]
+                    if not paths or attempt == COMMIT_ATTEMPTS - 1:
+                        raise
+                    log.info("%s: sending %s again (%s)", name, ", ".join(paths), exc)
+                    time.sleep(_backoff(attempt))
+                    again = [self._call("GET", f"/v1/uploads/{upload_id}/files/{p}/transfer") for p in paths]
+                    self._send_all(upload_id, [a for a in again if a["transfer"] != "present"], files, bar.update)
+            raise AssertionError("unreachable")
         except BaseException:
             with contextlib.suppress(Exception):  # close it now rather than at its expiry (no-op if committed)
                 self._call("DELETE", f"/v1/uploads/{ans['upload_id']}")
             raise
         finally:
             bar.close()
+
+    def _send_all(
+        self, upload_id: str, todo: list[dict[str, Any]], files: Mapping[str, FileSource], progress: Callable[[int], None]
+    ) -> None:
+        with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(todo) or 1))) as pool:
+            for fut in [pool.submit(self._send, upload_id, f, files[f["path"]], progress) for f in todo]:
+                fut.result()
 
     def _send(self, upload_id: str, answer: dict[str, Any], src: FileSource, progress: Callable[[int], None]) -> None:
         for attempt in range(RETRIES):
@@ -373,17 +533,8 @@ class Client:
             )
             _raise_for(r)
             return
-        if answer.get("part_urls"):
-            size, psize = answer["size_bytes"], answer["part_size"]
-
-            def put_part(n_url: tuple[int, str]) -> None:
-                n, url = n_url
-                data = _read_part(src, n * psize, min(psize, size - n * psize))
-                self.raw.request("PUT", url, body=data)
-                progress(len(data))
-
-            with ThreadPoolExecutor(max_workers=self.parallel) as pool:
-                list(pool.map(put_part, enumerate(answer["part_urls"])))
+        if answer.get("part_size"):
+            self._send_parts(upload_id, answer, src, progress)
             return
         headers = {**(answer.get("headers") or {}), "Content-Length": str(answer["size_bytes"])}
         if isinstance(src, bytes | bytearray):
@@ -392,6 +543,31 @@ class Client:
             return
         with open(src, "rb") as f:  # streamed from disk: a multi-GiB file never sits in memory
             self.raw.request("PUT", answer["url"], body=_ProgressReader(f, progress), headers=headers)
+
+    def _send_parts(self, upload_id: str, answer: dict[str, Any], src: FileSource, progress: Callable[[int], None]) -> None:
+        """Presigned multipart: the declare answer carries the first page of part URLs (maybe none);
+        later pages are asked for as the earlier ones are sent, so no URL waits long enough to expire."""
+        size, psize = answer["size_bytes"], answer["part_size"]
+        count = answer.get("part_count") or len(answer["part_urls"])
+
+        def put_part(n_url: tuple[int, str]) -> None:
+            n, url = n_url  # 1-based part number
+            offset = (n - 1) * psize
+            data = _read_part(src, offset, min(psize, size - offset))
+            self.raw.request("PUT", url, body=data)
+            progress(len(data))
+
+        page = answer
+        with ThreadPoolExecutor(max_workers=self.parallel) as pool:
+            while True:
+                first = int(page.get("first_part") or 1)
+                list(pool.map(put_part, enumerate(page["part_urls"], start=first)))
+                nxt = first + len(page["part_urls"])
+                if nxt > count:
+                    return
+                page = self._call("GET", f"/v1/uploads/{upload_id}/files/{answer['path']}/transfer", params={"first_part": nxt})
+                if not page.get("part_urls"):
+                    raise IntegrityError(f"{answer['path']}: the service answered no part URLs from part {nxt}")
 
     def upload_dir(self, directory: str | Path, *, run_id: str, kind: str, name: str, **kw: Any) -> dict[str, Any]:
         root = Path(directory)
@@ -424,14 +600,21 @@ class Client:
         ttl_seconds: int | None = None,
         overwrite: bool = False,
         user_metadata: dict[str, str] | None = None,
+        model: torch.nn.Module | None = None,
     ) -> str:
-        """Full state (weights + optimizer) at ``tinker://run/weights/name``."""
+        """Full state (weights + optimizer) at ``tinker://run/weights/name``.
+
+        The optimizer file records ``param_names`` in optimizer index order
+        (``tensorio.optimizer_param_names_for``): from the optimizer itself when it was built from
+        ``named_parameters()``, else from ``model`` by identity, else from ``weights`` when they are
+        the parameters or views of them (``model.state_dict()``); otherwise none rather than a guess."""
         from weightstore import tensorio
 
         files = self._weights_files(weights, adapter_config)
         if optimizer_state is not None:
             sd = optimizer_state if isinstance(optimizer_state, dict) else optimizer_state.state_dict()
-            names = sorted(weights) if isinstance(weights, Mapping) else None
+            tensors = weights if isinstance(weights, Mapping) else None
+            names = tensorio.optimizer_param_names_for(optimizer_state, model=model, weights=tensors)
             files[OPTIMIZER_STATE] = tensorio.optimizer_bytes(sd, param_names=names)
         elif OPTIMIZER_STATE not in files:
             raise ValueError("save_state needs optimizer_state (or a directory containing optimizer.safetensors)")
@@ -502,9 +685,10 @@ class Client:
         return dict(self._call("PUT", self._path_url(tinker_path) + "/ttl", json={"ttl_seconds": ttl_seconds}))
 
     def download(self, tinker_path: str, dest: str | Path) -> Path:
-        """Download every file into ``dest``, verifying sha256. A ``.partial`` file left by an
-        interrupted download is resumed with a Range request; files already complete are skipped.
-        Large files are fetched as parallel ranged GETs (like boto3's download_file)."""
+        """Download every file into ``dest``, verifying sha256. Files go through ``<file>.partial``
+        beside a journal of the byte ranges already on disk (``_RangeJournal``): an interrupted
+        download resumes with only the missing ranges; files already complete are skipped. Bytes
+        come as parallel ranged GETs (like boto3's download_file)."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         files = self.file_urls(tinker_path)["files"]
@@ -516,83 +700,79 @@ class Client:
             disable=not self.progress,
             leave=False,
         )
+        # Set when one file fails or on Ctrl-C: the other files stop starting ranges, so the command
+        # ends after the ranges in flight instead of after every file (what is done stays recorded).
+        stop = threading.Event()
         try:
             with ThreadPoolExecutor(max_workers=max(1, min(len(files), 4))) as pool:
-                for fut in [pool.submit(self._download_one, f, dest, bar.update) for f in files]:
-                    fut.result()
+                futures = [pool.submit(self._download_one, f, dest, bar.update, stop) for f in files]
+                try:
+                    for fut in futures:
+                        fut.result()
+                except BaseException:
+                    stop.set()
+                    raise
         finally:
             bar.close()
         return dest
 
-    def _download_ranges(self, info: dict[str, Any], partial: Path, progress: Callable[[int], None]) -> str:
-        """Parallel ranged GETs into a preallocated file, hashed in order as they arrive."""
-        size = info["size_bytes"]
-        with open(partial, "wb") as f:
-            f.truncate(size)
-        fd = os.open(partial, os.O_WRONLY)
+    def _fill(self, url: str, journal: _RangeJournal, progress: Callable[[int], None], stop: threading.Event) -> str:
+        """Fetch the ranges the journal lacks as parallel ranged GETs, each written in place and
+        recorded once flushed; return the sha256 of the whole file, hashed in order as ranges
+        arrive. Ranges already present are read back once for the hash; fetched ones never are."""
+        plan = journal.plan(self.range_part)
+        holes = iter([(start, end) for start, end, present in plan if not present])
+        fd = os.open(journal.partial, os.O_RDWR)
+
+        def fetch(start: int, end: int) -> memoryview:
+            if stop.is_set():
+                raise _DownloadStopped
+            data = self.raw.get_range(url, start, end - 1)
+            _pwrite_all(fd, data, start)
+            journal.record(fd, start, end)
+            progress(len(data))
+            return data
+
+        # A sliding window keeps `window` ranges in flight (no stall at batch edges) and bounds
+        # what waits in memory for the in-order hash.
+        h = hashlib.sha256()
+        window = max(2, self.parallel * 2)
+        pool = ThreadPoolExecutor(max_workers=window)
         try:
-
-            def fetch(offset: int) -> memoryview:
-                end = min(offset + self.range_part, size) - 1
-                data = self.raw.get_range(info["url"], offset, end)
-                os.pwrite(fd, data, offset)
-                progress(len(data))
-                return data
-
-            # Hash in order while later ranges download: a sliding window keeps `window` ranges in
-            # flight (no stall at batch edges) and bounds what waits in memory.
-            h = hashlib.sha256()
-            offsets = iter(range(0, size, self.range_part))
-            window = max(2, self.parallel * 2)
-            with ThreadPoolExecutor(max_workers=window) as pool:
-                pending = deque(pool.submit(fetch, off) for off in islice(offsets, window))
-                while pending:
-                    data = pending.popleft().result()
-                    if (nxt := next(offsets, None)) is not None:
-                        pending.append(pool.submit(fetch, nxt))
-                    h.update(data)
+            pending = deque(pool.submit(fetch, *hole) for hole in islice(holes, window))
+            for start, end, present in plan:
+                if present:
+                    _hash_range(fd, start, end, h)
+                    continue
+                data = pending.popleft().result()
+                if (nxt := next(holes, None)) is not None:
+                    pending.append(pool.submit(fetch, *nxt))
+                h.update(data)
         finally:
+            # On an error or Ctrl-C: ranges not started are dropped, those in flight finish and are
+            # recorded, so the next attempt does not fetch them again.
+            pool.shutdown(wait=True, cancel_futures=True)
             os.close(fd)
         return h.hexdigest()
 
-    def _download_one(self, info: dict[str, Any], dest: Path, progress: Callable[[int], None]) -> None:
+    def _download_one(self, info: dict[str, Any], dest: Path, progress: Callable[[int], None], stop: threading.Event) -> None:
         target = dest / check_file_path(info["path"])
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists() and target.stat().st_size == info["size_bytes"] and sha256_file(target) == info["sha256"]:
-            progress(info["size_bytes"])
-            return
+        size, sha = info["size_bytes"], info["sha256"]
         partial = target.with_name(target.name + ".partial")
-        if not partial.exists() and info["size_bytes"] >= 2 * self.range_part:
-            if self._download_ranges(info, partial, progress) != info["sha256"]:
-                partial.unlink(missing_ok=True)
-                raise IntegrityError(f"{info['path']}: downloaded bytes do not match sha256 {info['sha256']}")
-            os.replace(partial, target)
+        if target.exists() and target.stat().st_size == size and sha256_file(target) == sha:
+            _RangeJournal.path_for(partial).unlink(missing_ok=True)  # left if a crash came after the rename
+            progress(size)
             return
-        have = partial.stat().st_size if partial.exists() else 0
-        if have > info["size_bytes"]:
-            partial.unlink()
-            have = 0
-        h = hashlib.sha256()
-        if have:
-            with open(partial, "rb") as f:
-                while data := f.read(CHUNK):
-                    h.update(data)
-            progress(have)
-        if have < info["size_bytes"]:
-            headers = {"Range": f"bytes={have}-"} if have else {}
-            r = self.raw.request("GET", info["url"], headers=headers, stream=True)
-            try:
-                with open(partial, "ab") as out:
-                    if have and r.status != 206:  # server ignored Range: start over
-                        out.truncate(0)
-                        h = hashlib.sha256()
-                    for data in r.stream(CHUNK):
-                        out.write(data)
-                        h.update(data)
-                        progress(len(data))
-            finally:
-                r.release_conn()
-        if h.hexdigest() != info["sha256"]:
-            partial.unlink(missing_ok=True)
-            raise IntegrityError(f"{info['path']}: downloaded bytes do not match sha256 {info['sha256']}")
-        os.replace(partial, target)
+        journal = _RangeJournal.open(partial, sha, size, durable=size > self.range_part)
+        progress(journal.durable_bytes)
+        if self._fill(info["url"], journal, progress, stop) != sha:
+            # Only a complete file can mismatch here. The store verified these bytes when they were
+            # committed (S8), so the fault is on the way or on this disk: say so, and start clean.
+            journal.discard()
+            raise IntegrityError(
+                f"{info['path']}: the downloaded bytes do not match sha256 {sha} (changed in transit or on "
+                "the local disk; the stored checkpoint was verified when it was saved). The partial file "
+                "was removed: run the download again."
+            )
+        journal.finish(target)

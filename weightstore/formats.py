@@ -2,6 +2,11 @@
 
 Validation reads only what it needs (safetensors: the 8-byte length and the JSON header), through a
 ``read_range(start, length)`` callable, so it works the same on a local file and on an S3 object.
+
+Every JSON document the service parses from outside — request bodies (``weightstore_api.limits``),
+safetensors headers, ``adapter_config.json`` and any other ``*.json`` in a checkpoint — goes through
+``parse_json``: bounded size and nesting depth (checked without recursion, before parsing), finite
+numbers only, and every failure an ``InvalidRequest`` (never ``RecursionError``/``ValueError``).
 """
 
 from __future__ import annotations
@@ -9,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from itertools import accumulate, repeat
+from operator import sub
+from typing import Any, NoReturn
 
 from weightstore.errors import InvalidFormat, InvalidRequest
 
@@ -52,6 +59,102 @@ REQUIRED_FILES: dict[str, tuple[str, ...]] = {
 }
 
 
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays/objects any parsed JSON may have. Real documents stay far below it
+(safetensors header 3, adapter_config.json 2-3, tokenizer.json ~6); Python's parser recurses once
+per level and dies with ``RecursionError`` near 1000, and so would anything walking the result."""
+
+# Depth scan tables: brackets map to 2 (open) / 0 (close), every other byte is deleted; minus 1 each
+# and a running sum gives the depth after every bracket, all in C loops.
+_BRACKET_STEP = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest array/object nesting of a JSON text, by a linear scan that never recurses.
+
+    Escapes are removed first (``\\\\`` then ``\\"``: JSON pairs backslashes left to right, and so does
+    ``bytes.replace``), so every remaining quote delimits a string; brackets inside strings are dropped
+    with them. For invalid JSON the count may be off, but such text is refused by the parser anyway.
+    """
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside_strings = b"".join(unescaped.split(b'"')[::2])
+    brackets = outside_strings.translate(_BRACKET_STEP, _NOT_BRACKETS)
+    return max(accumulate(map(sub, brackets, repeat(1))), default=0)
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"non-finite number {name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf without complaint
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def parse_json(
+    data: bytes | str,
+    *,
+    max_bytes: int,
+    max_depth: int = MAX_JSON_DEPTH,
+    name: str | None = None,
+    error: type[InvalidRequest] = InvalidRequest,
+) -> Any:
+    """Parse one JSON document from outside, within limits. Refuses, as ``error`` (with ``file=name``
+    when a file is named): more than ``max_bytes``, invalid UTF-8, nesting deeper than ``max_depth``,
+    ``NaN``/``Infinity`` literals and numbers that overflow a float, integers past Python's digit limit,
+    and anything else that is not JSON. Never raises ``RecursionError``."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    what = name or "JSON document"
+    details: dict[str, Any] = {"file": name} if name else {}
+    if len(raw) > max_bytes:
+        raise error(f"{what}: JSON of {len(raw)} bytes exceeds the {max_bytes}-byte cap", **details)
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise error(f"{what}: nested deeper than {max_depth} levels", **details)
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise error(f"{what}: not valid JSON ({exc.msg} at byte {exc.pos})", **details) from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"{what}: not valid UTF-8", **details) from exc
+    except (ValueError, RecursionError) as exc:  # our hooks, int digit limit; recursion only if the scan was fooled
+        raise error(f"{what}: not valid JSON ({str(exc)[:120]})", **details) from exc
+
+
+USER_METADATA_MAX_ENTRIES = 64
+USER_METADATA_MAX_KEY_CHARS = 256
+USER_METADATA_MAX_BYTES = 16 * 1024
+"""Bound on a ``user_metadata`` mapping (keys plus values, UTF-8; non-string values as JSON): labels
+such as ``{"renderer_name": "qwen3"}``, not a document store. Every row that holds one is read back
+on list pages, so an unbounded mapping would make every listing of a run or checkpoint expensive."""
+
+
+def check_user_metadata(meta: Mapping[str, Any] | None, *, strings_only: bool = True) -> None:
+    """The one rule for ``user_metadata`` on every route that takes it (runs, uploads, Tinker
+    sessions and loads): a mapping of at most ``USER_METADATA_MAX_ENTRIES`` entries, keys of 1..
+    ``USER_METADATA_MAX_KEY_CHARS`` characters, ``USER_METADATA_MAX_BYTES`` in all; string values
+    unless ``strings_only`` is false (Tinker's ``create_session`` types its values ``Any``)."""
+    if meta is None:
+        return
+    if not isinstance(meta, Mapping) or not all(isinstance(k, str) for k in meta):
+        raise InvalidRequest("user_metadata must be an object with string keys")
+    if strings_only and not all(isinstance(v, str) for v in meta.values()):
+        raise InvalidRequest("user_metadata must map strings to strings")
+    if len(meta) > USER_METADATA_MAX_ENTRIES:
+        raise InvalidRequest(f"user_metadata has {len(meta)} entries; at most {USER_METADATA_MAX_ENTRIES} are allowed")
+    if any(not 1 <= len(k) <= USER_METADATA_MAX_KEY_CHARS for k in meta):
+        raise InvalidRequest(f"user_metadata keys must be 1..{USER_METADATA_MAX_KEY_CHARS} characters")
+    size = sum(
+        len(k.encode()) + len(v.encode() if isinstance(v, str) else json.dumps(v, allow_nan=False).encode())
+        for k, v in meta.items()
+    )
+    if size > USER_METADATA_MAX_BYTES:
+        raise InvalidRequest(f"user_metadata holds {size} bytes; at most {USER_METADATA_MAX_BYTES} are allowed")
+
+
 def check_file_set(kind: str, paths: Sequence[str]) -> None:
     if len(set(paths)) != len(paths):
         dupes = sorted({p for p in paths if paths.count(p) > 1})
@@ -76,10 +179,7 @@ def parse_safetensors_header(read_range: ReadRange, file_size: int, *, max_heade
         raise InvalidFormat(f"{name}: safetensors header of {n} bytes exceeds the {max_header}-byte cap", file=name)
     if 8 + n > file_size:
         raise InvalidFormat(f"{name}: header length {n} runs past the end of the file", file=name)
-    try:
-        header = json.loads(read_range(8, n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidFormat(f"{name}: safetensors header is not valid JSON", file=name) from exc
+    header = parse_json(read_range(8, n), max_bytes=max_header, name=f"{name}: safetensors header", error=InvalidFormat)
     if not isinstance(header, dict):
         raise InvalidFormat(f"{name}: safetensors header is not a JSON object", file=name)
     meta = header.get("__metadata__")
@@ -120,11 +220,9 @@ def parse_safetensors_header(read_range: ReadRange, file_size: int, *, max_heade
     return header
 
 
-def parse_json_file(data: bytes, *, name: str) -> Any:
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidFormat(f"{name}: not valid JSON", file=name) from exc
+def parse_json_file(data: bytes, *, name: str, max_bytes: int) -> Any:
+    """A JSON file of a checkpoint: ``parse_json`` with the file's name, refused as ``InvalidFormat``."""
+    return parse_json(data, max_bytes=max_bytes, name=name, error=InvalidFormat)
 
 
 def check_adapter_config(cfg: Any, *, name: str = ADAPTER_CONFIG) -> dict[str, Any]:
@@ -136,8 +234,8 @@ def check_adapter_config(cfg: Any, *, name: str = ADAPTER_CONFIG) -> dict[str, A
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise InvalidFormat(f"{name}: 'r' must be a positive integer", file=name)
     alpha = cfg.get("lora_alpha")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not alpha > 0:
-        raise InvalidFormat(f"{name}: 'lora_alpha' must be a positive number", file=name)
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not (alpha > 0 and math.isfinite(alpha)):
+        raise InvalidFormat(f"{name}: 'lora_alpha' must be a positive finite number", file=name)
     tm = cfg.get("target_modules")
     if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
         raise InvalidFormat(f"{name}: 'target_modules' must be a string or a list of strings", file=name)
@@ -152,7 +250,7 @@ def validate_file(path: str, size: int, read_range: ReadRange, *, max_header: in
     if leaf.endswith(".json"):
         if size > max_json:
             raise InvalidFormat(f"{path}: JSON file of {size} bytes exceeds the {max_json}-byte cap", file=path)
-        parsed = parse_json_file(read_range(0, size), name=path)
+        parsed = parse_json_file(read_range(0, size), name=path, max_bytes=max_json)
         if leaf == ADAPTER_CONFIG:
             check_adapter_config(parsed, name=path)
         return parsed if isinstance(parsed, dict) else None

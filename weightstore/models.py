@@ -146,6 +146,19 @@ class ApiKey(SQLModel, table=True):
     last_used_at: datetime | None = _ts(nullable=True)
 
 
+class AdminUiSession(SQLModel, table=True):
+    """A signed-in admin UI session (``weightstore.uisessions``): the cookie carries a random id, the
+    row only its sha256, so a copy of the catalog cannot sign anyone in."""
+
+    __tablename__ = "admin_ui_session"
+    id_hash: str = Field(primary_key=True, max_length=64)
+    key_id: str = Field(foreign_key="api_key.id", index=True, max_length=64)
+    created_at: datetime = _ts()
+    expires_at: datetime = _ts(index=True)
+    last_seen_at: datetime = _ts()
+    revoked_at: datetime | None = _ts(nullable=True)
+
+
 class TrainingRun(SQLModel, table=True):
     __tablename__ = "training_run"
     id: str = Field(primary_key=True, max_length=200)
@@ -531,3 +544,18 @@ class UsageDay(SQLModel, table=True):
     stop_bytes: int = _sum_col()
     stop_off_hi: int = _sum_col()
     stop_off_lo: int = _sum_col()
+
+
+class ArchiveCache(SQLModel, table=True):
+    """The legacy Tinker archive built for a checkpoint (``weightstore.tinker.archive``): which blob
+    holds it, so later requests hand out that blob instead of re-reading and re-hashing every file.
+    Valid while ``manifest_digest`` matches the checkpoint's files and the blob is ``live``; the blob
+    itself stays unreferenced (the collector reclaims it after the grace period, then it is rebuilt)."""
+
+    __tablename__ = "archive_cache"
+    checkpoint_id: str = Field(primary_key=True, max_length=64)
+    manifest_digest: str = Field(max_length=64)
+    """sha256 over the archived members' (name, sha256, size), sorted: a changed manifest misses."""
+    sha256: str = Field(max_length=64)
+    size_bytes: int = _bytes_col()
+    created_at: datetime = _ts()

@@ -3,7 +3,12 @@
 Charsets (documented in the README):
 - checkpoint name: ``[A-Za-z0-9._-]``, 1..128 characters (configurable), not ``.`` or ``..``;
   no ``/`` because Tinker paths split on it;
-- run id: ``[A-Za-z0-9._:-]``, 1..200 characters (Tinker run ids contain ``:``);
+- run id: ``[A-Za-z0-9._:-]``, 1..200 characters (Tinker run ids contain ``:``), starting with a
+  letter or digit, so every accepted id is addressable: ``.`` and ``..`` would be removed from a URL
+  path as dot segments, and an id starting with ``-`` reads as an option on a command line;
+- tenant: ``[a-z0-9][a-z0-9_-]``, 1..64 characters, not shaped like a UUID (a tenant's run-id
+  namespace ``{tenant}:...`` must never overlap the server-minted ``{uuid}:train:{n}`` ids, see
+  ``weightstore.runs``);
 - file path inside a checkpoint: relative, ``/``-separated segments of ``[A-Za-z0-9._-]``,
   no empty, ``.`` or ``..`` segment, no leading ``/`` or backslash, at most 255 characters.
 """
@@ -17,10 +22,11 @@ from dataclasses import dataclass
 from weightstore.errors import InvalidName, InvalidPath, InvalidRequest
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 # tinker path segment <-> checkpoint kind (Tinker's three, plus our native merged-model kind)
 SEGMENT_BY_KIND = {
@@ -49,14 +55,21 @@ def check_name(name: str, *, max_length: int = 128) -> str:
 
 
 def check_run_id(run_id: str) -> str:
+    """The one run-id check (creation and every ``tinker://`` path). Every id it accepts round-trips
+    through ``TinkerPath``, the Tinker SDK's path parser and a URL path segment."""
     if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
-        raise InvalidName(f"run id {run_id!r} may only contain letters, digits, '.', '_', ':' and '-' (max 200)")
+        raise InvalidName(
+            f"run id {str(run_id)[:220]!r} must start with a letter or digit and contain only letters, digits, "
+            "'.', '_', ':' and '-' (max 200)"
+        )
     return run_id
 
 
 def check_tenant_name(name: str) -> str:
-    if not TENANT_RE.match(name):
+    if not isinstance(name, str) or not TENANT_RE.match(name):
         raise InvalidName(f"tenant {name!r} must be lowercase letters, digits, '_' or '-' (max 64)")
+    if UUID_RE.match(name):
+        raise InvalidName(f"tenant {name!r} must not be shaped like a UUID (server-minted run ids start with one)")
     return name
 
 

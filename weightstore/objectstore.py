@@ -3,7 +3,9 @@
 Keys:
 - ``blobs/sha256/<2 hex>/<64 hex>``: a blob, written once (conditional put), never modified;
 - ``staging/<upload id>/<n>``: bytes a trainer sent as a presigned *multipart* upload (files
-  over the single-PUT limit), verified at commit and then copied into place.
+  over the single-PUT limit), or sent again to its own upload's key after a commit could not prove
+  a direct PUT (another tenant's identical PUT replaced the writer metadata); verified at commit
+  and then copied into place (or dropped when the blob key already holds the same bytes).
 
 Presigned single PUTs go straight to the blob key, but only with the SHA-256 checksum and the
 upload id (user metadata) inside the signature: the store refuses any other bytes, and the commit
@@ -29,7 +31,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
-from weightstore.errors import IntegrityError, NotFound, StoreUnavailable, WeightstoreError
+from weightstore.errors import IntegrityError, InvalidRequest, NotFound, StoreUnavailable, WeightstoreError
+from weightstore.settings import S3_MAX_OBJECT_BYTES, S3_MAX_PART_BYTES, S3_MAX_PARTS, S3_MIN_PART_BYTES
 
 BLOB_PREFIX = "blobs/sha256/"
 STAGING_PREFIX = "staging/"
@@ -41,8 +44,20 @@ def blob_key(sha256: str) -> str:
     return f"{BLOB_PREFIX}{sha256[:2]}/{sha256}"
 
 
-def staging_key(upload_id: str, index: int) -> str:
+def staging_key(upload_id: str, index: int | str) -> str:
     return f"{STAGING_PREFIX}{upload_id}/{index}"
+
+
+def multipart_plan(size: int, preferred: int) -> tuple[int, int]:
+    """(part size, part count) for a ``size``-byte multipart upload within S3's limits: at most
+    10,000 parts, each 5 MiB..5 GiB. ``InvalidRequest`` naming the limit when no plan fits."""
+    if size > S3_MAX_OBJECT_BYTES:
+        raise InvalidRequest(
+            f"{size} bytes is more than the object store can hold in one object "
+            f"({S3_MAX_PARTS} parts of at most {S3_MAX_PART_BYTES} bytes = {S3_MAX_OBJECT_BYTES} bytes)"
+        )
+    part = min(max(preferred, S3_MIN_PART_BYTES, -(-size // S3_MAX_PARTS)), S3_MAX_PART_BYTES)
+    return part, max(1, -(-size // part))
 
 
 def checksum_b64(sha256: str) -> str:

@@ -66,13 +66,7 @@ class NewCheckpoint:
 # --- checks that need no bytes ------------------------------------------------------------------
 
 
-def check_user_metadata(meta: dict[str, str] | None) -> None:
-    if meta is None:
-        return
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise InvalidRequest("user_metadata must map strings to strings")
-    if len(meta) > 64 or sum(len(k) + len(v) for k, v in meta.items()) > 16_384:
-        raise InvalidRequest("user_metadata is too large (max 64 entries, 16 KiB)")
+check_user_metadata = formats.check_user_metadata  # the one rule for every route (issue 11, item 5)
 
 
 def check_files(settings: Settings, kind: str, files: Sequence[ManifestEntry]) -> None:

@@ -1,7 +1,23 @@
-"""Training runs: create, fetch (tenant-scoped: another tenant's run is "not found"), list."""
+"""Training runs: create, fetch (tenant-scoped: another tenant's run is "not found"), list.
+
+Run ids are global, because a ``tinker://RUN/...`` path names a published checkpoint for every
+tenant and must stay unambiguous. So that no run-id operation answers differently for "another
+tenant holds it" and "nobody holds it" (issue 11, item 1), a tenant can only ever create ids in
+its own namespace, decided from the id and the caller alone (``claim_run_id``):
+
+- no id: the server mints ``{uuid4}:train:0`` (Tinker's shape; unguessable, never collides);
+- ``{session}:train:{n}`` where ``session`` is one of the caller's Tinker sessions (server-minted
+  UUIDs): kept as asked (``load_weights``, ``copy_weights`` with a session);
+- ``{tenant}:...`` with the caller's own tenant: kept as asked;
+- anything else is placed in the caller's namespace: ``{tenant}:{asked}``.
+
+``already_exists`` can then only mean "your tenant holds it". Tenant names are never UUID-shaped
+(``names.check_tenant_name``), so the namespaces cannot overlap.
+"""
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 
@@ -10,8 +26,26 @@ from sqlmodel import Session, col, select
 
 from weightstore.auth import Principal
 from weightstore.errors import AlreadyExists, InvalidRequest, NotFound
-from weightstore.models import TrainingRun
+from weightstore.formats import check_user_metadata
+from weightstore.models import TinkerSession, TrainingRun
 from weightstore.names import check_run_id
+
+SESSION_MODEL_RE = re.compile(r"^(?P<session>.+):train:[0-9]+$")
+"""A Tinker model id, ``{session}:train:{n}``: the caller's own when the session is."""
+
+
+def claim_run_id(session: Session, principal: Principal, requested: str | None) -> str:
+    """The id a new run of the caller gets for ``requested`` (module doc). Reads only the caller's
+    own sessions, so the answer never depends on another tenant's runs."""
+    if not requested:
+        return f"{uuid.uuid4()}:train:0"
+    check_run_id(requested)
+    if requested.startswith(f"{principal.tenant_id}:"):
+        return requested
+    model = SESSION_MODEL_RE.match(requested)
+    if model and session.get(TinkerSession, (principal.tenant_id, model["session"])) is not None:
+        return requested
+    return check_run_id(f"{principal.tenant_id}:{requested}")
 
 
 def create_run(
@@ -34,10 +68,11 @@ def create_run(
         raise InvalidRequest("base_model must be 1..200 characters")
     if lora_rank is not None and not (1 <= lora_rank <= 4096):
         raise InvalidRequest("lora_rank must be between 1 and 4096")
-    # Tinker-shaped default id: "{session}:train:0".
-    run_id = check_run_id(run_id) if run_id else f"{uuid.uuid4()}:train:0"
+    check_user_metadata(user_metadata)
+    run_id = claim_run_id(session, principal, run_id)
     if session.get(TrainingRun, run_id) is not None:
-        # Same answer whoever owns it: an id is global, and "taken" reveals nothing about content.
+        # Only the caller's tenant can hold an id in its namespace (rows made before namespaces
+        # existed aside), so this reveals nothing about other tenants.
         raise AlreadyExists(f"run id {run_id!r} is already taken")
     run = TrainingRun(
         id=run_id,

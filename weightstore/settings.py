@@ -15,6 +15,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 HOUR = 3600
 TEN_YEARS = 10 * 365 * 24 * HOUR  # Tinker's documented upper bound for ttl_seconds
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+# S3's multipart limits (AWS documents them; SeaweedFS and MinIO keep them): at most 10,000 parts,
+# each 5 MiB..5 GiB (the last may be smaller). The largest object a multipart upload can make is
+# therefore 10,000 x 5 GiB = 50,000 GiB (about 48.8 TiB); a larger file cannot be stored at all.
+S3_MAX_PARTS = 10_000
+S3_MIN_PART_BYTES = 5 * MiB
+S3_MAX_PART_BYTES = 5 * GiB
+S3_MAX_OBJECT_BYTES = S3_MAX_PARTS * S3_MAX_PART_BYTES
 
 
 class Settings(BaseSettings):
@@ -62,12 +70,26 @@ class Settings(BaseSettings):
     upload_expiry_seconds: int = Field(24 * HOUR, ge=1)
     """An upload not committed within this time is closed and its staged bytes become garbage."""
     max_files_per_checkpoint: int = Field(256, ge=1)
-    max_file_bytes: int = Field(64 * 1024 * 1024 * MiB, ge=1)
+    max_file_bytes: int = Field(S3_MAX_OBJECT_BYTES, ge=1, le=S3_MAX_OBJECT_BYTES)
+    """Largest declared file. At most what S3 multipart can store (10,000 parts x 5 GiB = 50,000 GiB);
+    lower it for stores with a smaller object limit (AWS S3 allowed 5 TiB per object until 2025)."""
+    max_upload_bytes: int = Field(S3_MAX_OBJECT_BYTES, ge=1)
+    """Largest total of declared file sizes in one upload (a declare is a lease on every sha256 it
+    names and may start one multipart upload per file; this bounds what one request can reserve)."""
+    max_upload_parts: int = Field(20_000, ge=1)
+    """Most presigned multipart parts one upload may declare in total (each is a URL to sign, lazily)."""
+    presign_parts_batch: int = Field(100, ge=1, le=1000)
+    """Part URLs signed per request: the declare answer holds at most this many in total (first files
+    first), and ``GET /v1/uploads/{id}/files/{path}/transfer`` pages the rest out this many at a time.
+    Signing is CPU (~0.1-0.3 ms each); an answer is never more than a few hundred KB."""
     max_safetensors_header_bytes: int = Field(100 * MiB, ge=8)
     """safetensors' own reader refuses headers over 100 MB; we refuse them before reading them."""
     max_json_file_bytes: int = Field(64 * MiB, ge=1)
     """JSON files are parsed whole at commit; tokenizer.json of real models reaches ~10 MB."""
     name_max_length: int = Field(128, ge=1, le=255)
+    max_json_body_bytes: int = Field(2 * MiB, ge=1024)
+    """Largest JSON request body any route accepts (413 ``too_large`` above it); bodies are also
+    held to ``weightstore.formats.MAX_JSON_DEPTH``. A 256-file upload declaration is ~100 KB."""
 
     # --- TTL & garbage collection --------------------------------------------------------------
     ttl_min_seconds: int = Field(HOUR, ge=1)
@@ -93,8 +115,13 @@ class Settings(BaseSettings):
 
     # --- admin UI ------------------------------------------------------------------------------
     session_secret: SecretStr | None = None
-    """Signs admin UI session cookies. Unset: generated and kept under ``data_dir``."""
+    """Keys the admin UI's CSRF tokens. Unset: generated and kept under ``data_dir``."""
     cookie_secure: bool = False
+    """Mark admin UI cookies ``Secure`` on every request (they are anyway when the request is https)."""
+    admin_session_lifetime_seconds: int = Field(12 * 3600, ge=60)
+    """An admin UI session ends this long after sign-in, however active (sign-out ends it at once)."""
+    admin_session_idle_seconds: int = Field(3600, ge=60)
+    """An admin UI session ends after this long without a page view."""
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -3,12 +3,15 @@
 Determinism is what makes dedup work: the weights file of a full-state checkpoint and the sampler
 checkpoint of the same step are byte-identical (sorted keys, fixed metadata), so they are stored
 once. Optimizer state keeps every tensor bit-exact; non-tensor values (param groups, python
-scalars) ride in the header metadata as tagged JSON so tuples come back as tuples.
+scalars) ride in the header metadata as tagged JSON so tuples come back as tuples. Sorting is for
+keys only: lists whose positions mean something (``param_names``: the name of optimizer parameter
+``i``) keep their order.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +52,8 @@ def st_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes
 
 
 OPTIMIZER_FORMAT = "weightstore.optimizer.v1"
+PARAM_NAMES_ORDER = "optimizer_index"
+"""Marks ``param_names`` lists written in optimizer index order (issue 11); older ones were sorted."""
 
 
 def weights_bytes(weights: dict[str, torch.Tensor]) -> bytes:
@@ -87,9 +92,17 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def optimizer_bytes(state_dict: dict[str, Any], *, param_names: list[str] | None = None) -> bytes:
+def optimizer_bytes(state_dict: dict[str, Any], *, param_names: Sequence[str] | None = None) -> bytes:
     """Serialise ``optimizer.state_dict()``: tensors as ``state.<param index>.<name>``; the rest
-    (param groups, non-tensor per-param values) as JSON in the header metadata."""
+    (param groups, non-tensor per-param values) as JSON in the header metadata.
+
+    ``param_names[i]`` must name optimizer parameter ``i`` (``optimizer_param_names_for`` derives
+    it); a list of another length is refused. It is written in that order, never sorted: unlike the
+    tensor keys (sorted for byte-stable files), its positions carry the meaning."""
+    names = list(param_names or [])
+    count = sum(len(group.get("params", [])) for group in state_dict.get("param_groups", []))
+    if names and len(names) != count:
+        raise ValueError(f"param_names has {len(names)} names for {count} optimizer parameters")
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for idx, per_param in state_dict.get("state", {}).items():
@@ -103,7 +116,8 @@ def optimizer_bytes(state_dict: dict[str, Any], *, param_names: list[str] | None
         "format": OPTIMIZER_FORMAT,
         "param_groups": json.dumps(_encode(state_dict.get("param_groups", [])), sort_keys=True),
         "scalars": json.dumps(scalars, sort_keys=True),
-        "param_names": json.dumps(param_names or []),
+        "param_names": json.dumps(names),
+        "param_names_order": PARAM_NAMES_ORDER,
     }
     return bytes(st_save({k: tensors[k] for k in sorted(tensors)}, metadata=metadata))
 
@@ -132,4 +146,75 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 
 def optimizer_param_names(data: bytes) -> list[str]:
-    return list(json.loads(_metadata(data).get("param_names", "[]")))
+    """Name of each optimizer parameter by index (``[i]`` names ``state[i]``); ``[]`` when unknown.
+
+    Files written before issue 11 carry ``param_names`` without ``param_names_order``: that list is
+    the weight names sorted as text (``layers.10`` before ``layers.2``), a set and not a mapping, so
+    it is not returned as one. For them, and for files saved without names, the names come from the
+    param groups when the optimizer was built from ``named_parameters()`` (torch >= 2.6), else ``[]``.
+    The optimizer state itself never depended on this list: ``load_optimizer`` restores by index."""
+    metadata = _metadata(data)
+    names = list(json.loads(metadata.get("param_names", "[]")))
+    if names and metadata.get("param_names_order") == PARAM_NAMES_ORDER:
+        return names
+    return _names_from_param_groups(_decode(json.loads(metadata.get("param_groups", "[]")))) or []
+
+
+def _names_from_param_groups(groups: list[dict[str, Any]]) -> list[str] | None:
+    """Names an optimizer built from ``named_parameters()`` keeps beside each group's indices."""
+    by_index: dict[int, str] = {}
+    for group in groups:
+        names, indices = group.get("param_names"), group.get("params", [])
+        if not isinstance(names, list | tuple) or len(names) != len(indices):
+            return None
+        by_index.update(zip(indices, names, strict=True))
+    if sorted(by_index) != list(range(len(by_index))):
+        return None
+    return [str(by_index[i]) for i in range(len(by_index))]
+
+
+def optimizer_param_names_for(
+    optimizer: torch.optim.Optimizer | dict[str, Any],
+    *,
+    model: torch.nn.Module | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> list[str]:
+    """``names[i]`` = the name of optimizer parameter ``i``, in the order torch numbers them in
+    ``state_dict()`` (``param_groups[*]["params"]``, group after group); ``[]`` when not known.
+
+    Sources, most trusted first: names the optimizer keeps itself (built from
+    ``named_parameters()``); ``model.named_parameters()`` matched by identity (a parameter of the
+    optimizer missing from ``model`` is an error); ``weights`` whose tensors are the parameters or
+    views of their storage (``model.state_dict()``, a PEFT state dict), matched by storage, and
+    used only if every parameter matches. Values are never compared: copies, and LoRA B matrices
+    that all start at zero, could not be told apart. A partial or guessed list would be worse than
+    none: whoever remaps state by these names would silently get the wrong tensors."""
+    state_dict = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    named = _names_from_param_groups(list(state_dict.get("param_groups", [])))
+    if named is not None or isinstance(optimizer, dict):
+        return named or []
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if model is not None:
+        by_id = {id(p): name for name, p in model.named_parameters()}
+        missing = [i for i, p in enumerate(params) if id(p) not in by_id]
+        if missing:
+            raise ValueError(f"optimizer parameters {missing[:5]} are not parameters of the model given")
+        return [by_id[id(p)] for p in params]
+    if weights is None:
+        return []
+    by_storage: dict[tuple[Any, ...], str] = {}
+    for name, tensor in weights.items():  # first name wins for tied weights, as in named_parameters()
+        by_storage.setdefault(_storage_key(tensor), name)
+    names = [by_storage.get(_storage_key(p)) for p in params]
+    return [] if None in names else [n for n in names if n is not None]
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two tensors the same memory: a parameter and its ``detach()`` view share it.
+    Tensors without storage to compare (empty, meta) get a key of their own."""
+    try:
+        if t.numel():
+            return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    except (RuntimeError, NotImplementedError):  # meta or wrapper tensors without a plain storage
+        pass
+    return ("no-storage", id(t))

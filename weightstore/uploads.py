@@ -17,16 +17,26 @@ Transfer modes:
   and must have written the object itself (metadata names one of its uploads), so the answer
   never reveals, and a commit never borrows, another tenant's blob.
 - ``presigned``, larger files: multipart to a *staging* key; commit completes it, re-hashes it
-  (multipart objects carry no whole-file SHA-256) and copies it into place.
+  (multipart objects carry no whole-file SHA-256) and copies it into place. Part URLs are signed
+  lazily: the declare answer holds at most ``presign_parts_batch`` of them in total, ``transfer``
+  pages out the rest; part sizes follow S3's real limits (``objectstore.multipart_plan``).
+- a commit that cannot prove a direct PUT (object absent, or its writer metadata names another
+  tenant's upload: a concurrent identical save overwrote it) answers ``upload_incomplete`` the same
+  way in both cases and turns the file into a single PUT to this upload's own staging key
+  (``staging/<upload>/p-<hash of path>``), which no other tenant can write. ``transfer`` hands out
+  that URL; the next commit HEADs the staging object (the store verified its signed checksum: the
+  tenant sent these bytes), keeps the blob key when it already holds them, else copies the staging
+  object into place. So a correct, fully sent save never fails because someone else wrote the same
+  content at the same time.
 
-``declare``, ``open_stream``, ``finish_stream``, ``receive_bytes``, ``commit`` and ``abort`` are
+``declare``, ``transfer``, ``open_stream``, ``finish_stream``, ``receive_bytes``, ``commit`` and ``abort`` are
 workflows: object-store work happens between short transactions, never inside one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -35,7 +45,7 @@ from sqlmodel import Session, col, select
 
 from weightstore import audit, blobs, formats, publish, retention, runs
 from weightstore.auth import Principal
-from weightstore.blobs import BlobWriter, part_size_for, single_put_limit
+from weightstore.blobs import BlobWriter, single_put_limit
 from weightstore.context import Context
 from weightstore.db import session_scope
 from weightstore.errors import (
@@ -49,13 +59,14 @@ from weightstore.errors import (
 )
 from weightstore.models import Blob, BlobState, Checkpoint, TenantBlob, Upload, UploadFile, UploadState
 from weightstore.names import TinkerPath, check_file_path, check_name, new_id
-from weightstore.objectstore import ObjectStore, blob_key, staging_key
+from weightstore.objectstore import blob_key, multipart_plan, staging_key
 from weightstore.retention import check_ttl
 from weightstore.settings import Settings
 
 log = logging.getLogger(__name__)
 
 USER_KINDS = {"training", "sampler"}  # kinds a trainer may upload; the others are made by exports
+DECLARE_ATTEMPTS = 3  # a declare races the collector only when a reused blob is tombstoned meanwhile
 WRITER_META = "weightstore-upload"  # object metadata: the upload whose presigned PUT wrote the blob
 
 
@@ -93,6 +104,10 @@ class FileAnswer:
     headers: dict[str, str] = field(default_factory=dict)
     part_size: int | None = None
     part_urls: list[str] = field(default_factory=list)
+    """Presigned URLs of parts ``first_part ..`` (a page: ``transfer`` answers the others)."""
+    part_count: int | None = None
+    """How many parts the file has (multipart only); ``part_urls`` may hold fewer."""
+    first_part: int = 1
 
 
 @dataclass
@@ -118,7 +133,17 @@ def validate_request(settings: Settings, req: UploadRequest) -> None:
         raise InvalidRequest("transfer must be 'stream' or 'presigned'")
     check_ttl(settings, req.ttl_seconds)
     publish.check_user_metadata(req.user_metadata)
+    for f in req.files:
+        if isinstance(f.size_bytes, int) and f.size_bytes > settings.max_file_bytes:
+            raise InvalidRequest(
+                f"{f.path}: {f.size_bytes} bytes is more than the largest file this service stores "
+                f"({settings.max_file_bytes} bytes, WEIGHTSTORE_MAX_FILE_BYTES; the object store's own limit is "
+                "10,000 parts of at most 5 GiB)"
+            )
     publish.check_files(settings, req.kind, [(f.path, f.size_bytes, f.sha256) for f in req.files])
+    total = sum(f.size_bytes for f in req.files)
+    if total > settings.max_upload_bytes:
+        raise InvalidRequest(f"an upload may declare at most {settings.max_upload_bytes} bytes in total ({total} declared)")
 
 
 # --- declare ------------------------------------------------------------------------------------
@@ -131,13 +156,21 @@ def declare(ctx: Context, principal: Principal, req: UploadRequest) -> UploadAns
     principal.require_write()
     validate_request(ctx.settings, req)
     upload_id = new_id("upl")
-    with session_scope(ctx.engine) as session:
-        ttl, owned = _check_declare(session, principal, req)
-    answers, rows = _answer_files(ctx, upload_id, req, owned)
-    now = ctx.clock.now()
-    with session_scope(ctx.engine) as session:
-        upload = _record_upload(session, principal, req, upload_id, ttl, rows, now=now, expiry=ctx.settings.upload_expiry_seconds)
-    return UploadAnswer(upload_id, upload.expires_at, str(req.tinker_path), answers)
+    for _ in range(DECLARE_ATTEMPTS):
+        with session_scope(ctx.engine) as session:
+            ttl, owned = _check_declare(session, principal, req)
+        answers, rows = _answer_files(ctx, upload_id, req, owned)
+        now = ctx.clock.now()
+        with session_scope(ctx.engine) as session:
+            # S2/S7 across the two transactions: a blob answered "present" in the first one may have
+            # been tombstoned since. Re-read it under the collector's row locks before the upload's
+            # rows make it referenced; if it is no longer live, answer again (it will be "send it").
+            if blobs.lock_live(session, [r.sha256 for r in rows if r.transfer == "present"])[1]:
+                continue
+            expiry = ctx.settings.upload_expiry_seconds
+            upload = _record_upload(session, principal, req, upload_id, ttl, rows, now=now, expiry=expiry)
+        return UploadAnswer(upload_id, upload.expires_at, str(req.tinker_path), answers)
+    raise CatalogBusy("the blobs this upload would reuse are being collected right now; retry shortly")
 
 
 def _check_declare(session: Session, principal: Principal, req: UploadRequest) -> tuple[int | None, set[str]]:
@@ -164,29 +197,36 @@ def _check_declare(session: Session, principal: Principal, req: UploadRequest) -
 
 
 def _answer_files(ctx: Context, upload_id: str, req: UploadRequest, owned: set[str]) -> tuple[list[FileAnswer], list[UploadFile]]:
+    """One row per declared file and its answer. Part URLs are signed for at most
+    ``presign_parts_batch`` parts in all (first files first); ``transfer`` pages out the rest."""
     s = ctx.settings
-    answers: list[FileAnswer] = []
     rows: list[UploadFile] = []
     for i, f in enumerate(req.files):
-        ans = FileAnswer(f.path, f.size_bytes, f.sha256, "present" if f.sha256 in owned else req.transfer)
+        transfer = "present" if f.sha256 in owned else req.transfer
         row = UploadFile(
             upload_id=upload_id,
             path=f.path,
             size_bytes=f.size_bytes,
             sha256=f.sha256,
-            transfer=ans.transfer,
-            received=ans.transfer == "present",
+            transfer=transfer,
+            received=transfer == "present",
         )
-        if ans.transfer == "stream":
-            ans.url = f"/v1/uploads/{upload_id}/files/{f.path}"
-        elif ans.transfer == "presigned" and direct_put(s, f.size_bytes):
-            ans.url, ans.headers = ctx.store.presign_put(
-                blob_key(f.sha256), s.presign_ttl_seconds, sha256=f.sha256, metadata={WRITER_META: upload_id}
-            )
-        elif ans.transfer == "presigned":
+        if transfer == "presigned" and not direct_put(s, f.size_bytes):
             row.staging_key = staging_key(upload_id, i)
-            _presign(ctx.store, s.presign_ttl_seconds, row, ans, s.multipart_threshold_bytes, s.part_size_bytes)
         rows.append(row)
+    parts = sum(multipart_plan(r.size_bytes, s.part_size_bytes)[1] for r in rows if _is_multipart(s, r))
+    if parts > s.max_upload_parts:
+        raise InvalidRequest(
+            f"this upload would need {parts} presigned parts; at most {s.max_upload_parts} per upload "
+            "(WEIGHTSTORE_MAX_UPLOAD_PARTS): split it or send it with transfer=stream"
+        )
+    budget = s.presign_parts_batch
+    answers: list[FileAnswer] = []
+    for row in rows:
+        if _is_multipart(s, row):  # started on the store now; its parts are signed page by page
+            row.multipart_upload_id = ctx.store.create_multipart(row.staging_key or "")
+        ans = _transfer_answer(ctx, row, first_part=1, max_urls=budget)
+        budget -= len(ans.part_urls)
         answers.append(ans)
     return answers, rows
 
@@ -240,17 +280,59 @@ def direct_put(s: Settings, size: int) -> bool:
     return size <= single_put_limit(s)
 
 
-def _presign(store: ObjectStore, ttl: int, row: UploadFile, ans: FileAnswer, threshold: int, part: int) -> None:
-    assert row.staging_key
-    if row.size_bytes < threshold:
-        ans.url, ans.headers = store.presign_put(row.staging_key, ttl, sha256=row.sha256)
-        return
-    psize = part_size_for(row.size_bytes, part)
-    row.multipart_upload_id = store.create_multipart(row.staging_key)
-    ans.part_size = psize
-    ans.part_urls = [
-        store.presign_part(row.staging_key, row.multipart_upload_id, n + 1, ttl) for n in range(math.ceil(row.size_bytes / psize))
-    ]
+def _is_multipart(s: Settings, row: UploadFile) -> bool:
+    """A presigned file sent in parts (to its staging key): too large for one checksummed PUT."""
+    return (
+        row.transfer == "presigned"
+        and row.staging_key is not None
+        and not direct_put(s, row.size_bytes)
+        and row.size_bytes >= s.multipart_threshold_bytes
+    )
+
+
+def _transfer_answer(ctx: Context, row: UploadFile, *, first_part: int, max_urls: int) -> FileAnswer:
+    """How to send ``row``'s bytes now: nothing (held or already received), the stream URL, one
+    presigned PUT (to the blob key with writer metadata, or to this upload's staging key), or a
+    page of at most ``max_urls`` part URLs starting at ``first_part``. Signs nothing else."""
+    s, ttl = ctx.settings, ctx.settings.presign_ttl_seconds
+    ans = FileAnswer(row.path, row.size_bytes, row.sha256, "present" if row.received else row.transfer)
+    if ans.transfer == "stream":
+        ans.url = f"/v1/uploads/{row.upload_id}/files/{row.path}"
+    elif ans.transfer != "presigned":
+        pass
+    elif row.staging_key is None:
+        ans.url, ans.headers = ctx.store.presign_put(
+            blob_key(row.sha256), ttl, sha256=row.sha256, metadata={WRITER_META: row.upload_id}
+        )
+    elif row.multipart_upload_id is None:
+        ans.url, ans.headers = ctx.store.presign_put(row.staging_key, ttl, sha256=row.sha256)
+    else:
+        ans.part_size, ans.part_count = multipart_plan(row.size_bytes, s.part_size_bytes)
+        if not 1 <= first_part <= ans.part_count:
+            raise InvalidRequest(f"{row.path} has parts 1..{ans.part_count}; first_part={first_part} is out of range")
+        ans.first_part = first_part
+        last = min(ans.part_count, first_part + max(0, min(max_urls, s.presign_parts_batch)) - 1)
+        ans.part_urls = [
+            ctx.store.presign_part(row.staging_key, row.multipart_upload_id, n, ttl) for n in range(first_part, last + 1)
+        ]
+    return ans
+
+
+def transfer(
+    ctx: Context, principal: Principal, upload_id: str, path: str, *, first_part: int = 1, count: int | None = None
+) -> FileAnswer:
+    """How to send one file of an open upload now: a page of part URLs of a multipart file (at most
+    ``presign_parts_batch``), or, after a commit answered ``upload_incomplete`` for it, where to
+    send it again (its own staging key, or the stream URL). Workflow: one read, then signing."""
+    principal.require_write()
+    check_file_path(path)
+    with session_scope(ctx.engine) as session:
+        _load_open_upload(session, principal, upload_id, ctx.clock.now())
+        row = _declared_file(session, upload_id, path)
+    wanted = ctx.settings.presign_parts_batch if count is None else count
+    if wanted < 1:
+        raise InvalidRequest("count must be at least 1")
+    return _transfer_answer(ctx, row, first_part=first_part, max_urls=wanted)
 
 
 def _load_open_upload(session: Session, principal: Principal, upload_id: str, now: datetime) -> Upload:
@@ -315,24 +397,32 @@ def receive_bytes(ctx: Context, principal: Principal, upload_id: str, path: str,
 # --- commit -------------------------------------------------------------------------------------
 
 
+class _NotProven(Exception):
+    """A presigned file this commit cannot prove the tenant sent (collected into one ``UploadIncomplete``)."""
+
+
+def resend_key(upload_id: str, path: str) -> str:
+    """This upload's own staging key for ``path`` sent again (never a declare-time ``staging/<upload>/<n>``)."""
+    return staging_key(upload_id, "p-" + hashlib.sha256(path.encode()).hexdigest()[:32])
+
+
 def _finalize_direct(ctx: Context, row: UploadFile, tenant_id: str) -> None:
-    """Check a presigned single PUT at its blob key: one HEAD, no read-back (module doc)."""
+    """Check a presigned single PUT at its blob key: one HEAD, no read-back (module doc).
+    ``_NotProven`` when the object is absent or another tenant's upload wrote it last: the two
+    cases are answered identically (S3, S4: the answer never says whether anyone else holds them)."""
     store = ctx.store
     final = blob_key(row.sha256)
     info = store.head(final, checksum=True)
     writer = info.metadata.get(WRITER_META) if info is not None else None
     if info is None or writer is None:
-        raise UploadIncomplete(f"{row.path}: not uploaded yet", files=[row.path])
+        raise _NotProven(row.path)
     if writer != row.upload_id:
         # Another upload PUT the same bytes after ours. Fine if it was this tenant's (e.g. a state
         # and a sampler save of one step in parallel); otherwise nothing proves we sent them.
         with session_scope(ctx.engine) as session:
             other = session.get(Upload, writer)
             if other is None or other.tenant_id != tenant_id:
-                raise UploadIncomplete(
-                    f"{row.path}: not uploaded yet (or overwritten by another upload of the same bytes): send it again",
-                    files=[row.path],
-                )
+                raise _NotProven(row.path)
     if info.size == row.size_bytes and info.stored_sha256_is(row.sha256):
         return
     # The store kept no checksum (or a different one): it did not enforce the signed one, so check
@@ -361,7 +451,11 @@ def _finalize_presigned(ctx: Context, row: UploadFile, tenant_id: str) -> None:
         store.complete_multipart(key, row.multipart_upload_id, parts)
     info = store.head(key, checksum=True)
     if info is None:
-        raise UploadIncomplete(f"{row.path}: not uploaded yet", files=[row.path])
+        if not row.multipart_upload_id and direct_put(ctx.settings, row.size_bytes):
+            # Re-offered at its staging key but sent to the blob key URL of the first answer: that
+            # is proof too, on the blob key's own terms.
+            return _finalize_direct(ctx, row, tenant_id)
+        raise _NotProven(row.path)
     if info.size != row.size_bytes:
         store.delete(key)
         raise IntegrityError(f"{row.path}: {info.size} bytes stored, {row.size_bytes} declared", file=row.path)
@@ -372,7 +466,10 @@ def _finalize_presigned(ctx: Context, row: UploadFile, tenant_id: str) -> None:
             store.delete(key)
             raise IntegrityError(f"{row.path}: sha256 mismatch: declared {row.sha256}, stored {digest}", file=row.path)
     final = blob_key(row.sha256)
-    if store.head(final) is None:
+    held = store.head(final, checksum=True)
+    # Content-addressed: an object at the blob key was verified when written (S1). Keep it when it
+    # is these bytes (size, and the checksum where the store kept one): no copy.
+    if held is None or held.size != row.size_bytes or (held.checksum_sha256 and not held.stored_sha256_is(row.sha256)):
         store.copy(key, final, row.size_bytes)
     store.delete(key)
 
@@ -439,11 +536,18 @@ def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: st
 
 
 def _finalize_transfers(ctx: Context, principal: Principal, rows: list[UploadFile]) -> int:
-    """Check every presigned file in the store and mark its blob live; returns the bytes received."""
+    """Check every presigned file in the store and mark its blob live; returns the bytes received.
+    Files it cannot prove were sent by this tenant are re-offered at this upload's own staging key
+    and reported together in one ``UploadIncomplete`` (module doc)."""
     received = 0
+    unproven: list[UploadFile] = []
     for row in rows:
         if row.transfer == "presigned" and not row.received:
-            _finalize_presigned(ctx, row, principal.tenant_id)
+            try:
+                _finalize_presigned(ctx, row, principal.tenant_id)
+            except _NotProven:
+                unproven.append(row)
+                continue
             received += row.size_bytes
             with session_scope(ctx.engine) as session:
                 blobs.mark_live(session, row.sha256, row.size_bytes, ctx.clock.now())
@@ -452,7 +556,26 @@ def _finalize_transfers(ctx: Context, principal: Principal, rows: list[UploadFil
                 session.add(db_row)
         elif row.transfer == "stream":
             received += row.size_bytes
+    if unproven:
+        _restage(ctx, unproven)
+        paths = [r.path for r in unproven]
+        raise UploadIncomplete(
+            f"files not uploaded yet: {', '.join(paths)}; GET /v1/uploads/{{upload_id}}/files/{{path}}/transfer "
+            "says where to send each, then commit again",
+            files=paths,
+        )
     return received
+
+
+def _restage(ctx: Context, rows: list[UploadFile]) -> None:
+    """Point unproven single-PUT files at this upload's own staging key (a multipart file already
+    has one). One short transaction."""
+    with session_scope(ctx.engine) as session:
+        for r in rows:
+            db_row = _declared_file(session, r.upload_id, r.path)
+            if db_row.staging_key is None and not db_row.received:
+                db_row.staging_key = resend_key(r.upload_id, r.path)
+                session.add(db_row)
 
 
 def _validate_formats(ctx: Context, rows: list[UploadFile]) -> None:
@@ -519,5 +642,7 @@ __all__ = [
     "get_upload",
     "open_stream",
     "receive_bytes",
+    "resend_key",
+    "transfer",
     "validate_request",
 ]

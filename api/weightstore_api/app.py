@@ -24,6 +24,7 @@ from weightstore.context import Context
 from weightstore.errors import WeightstoreError
 
 from .errors import http_error_handler, validation_error_handler, weightstore_error_handler
+from .limits import JsonBodyLimit
 from .observability import REGISTRY, request_context
 from .routers import admin, billing, exports, gc, native, tinker, tinker_sessions
 
@@ -66,6 +67,8 @@ def create_app(ctx: Context, *, background: Sequence[Background] = (), collector
     )
     app.state.ctx = ctx
     app.state.collector = collector
+    # inner first: the body limit runs inside request_context, so its refusals carry the request id
+    app.add_middleware(JsonBodyLimit, max_bytes=ctx.settings.max_json_body_bytes)
     app.middleware("http")(request_context)
     app.add_exception_handler(WeightstoreError, weightstore_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)

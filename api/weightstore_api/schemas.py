@@ -7,11 +7,21 @@ billing) takes its bodies from here; the Tinker surface has its own in ``routers
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from weightstore.billing.units import HOURS_PER_MONTH
+from weightstore.formats import USER_METADATA_MAX_BYTES, USER_METADATA_MAX_ENTRIES, USER_METADATA_MAX_KEY_CHARS
+
+UserMetadata = Annotated[
+    dict[str, str],
+    Field(
+        max_length=USER_METADATA_MAX_ENTRIES,
+        description=f"labels: at most {USER_METADATA_MAX_ENTRIES} entries, keys up to {USER_METADATA_MAX_KEY_CHARS} "
+        f"characters, {USER_METADATA_MAX_BYTES} bytes in all (weightstore.formats.check_user_metadata)",
+    ),
+]
 
 
 class Strict(BaseModel):
@@ -25,7 +35,7 @@ class RunCreate(Strict):
     train_mlp: bool = True
     train_attn: bool = True
     train_unembed: bool = True
-    user_metadata: dict[str, str] | None = None
+    user_metadata: UserMetadata | None = None
 
 
 class RunPublic(BaseModel):
@@ -60,7 +70,7 @@ class UploadCreate(Strict):
     files: list[FileDeclaration] = Field(min_length=1)
     ttl_seconds: int | None = None
     overwrite: bool = False
-    user_metadata: dict[str, str] | None = None
+    user_metadata: UserMetadata | None = None
     transfer: str = Field(default="stream", description="stream (through the service) or presigned (direct to S3)")
 
 
@@ -72,7 +82,9 @@ class FileAnswerPublic(BaseModel):
     url: str | None = None
     headers: dict[str, str] = {}
     part_size: int | None = None
-    part_urls: list[str] = []
+    part_urls: list[str] = Field(default=[], description="presigned URLs of parts first_part.. (one page)")
+    part_count: int | None = Field(default=None, description="parts in the file; GET .../transfer pages out the rest")
+    first_part: int = 1
 
 
 class UploadPublic(BaseModel):

@@ -9,7 +9,7 @@ import typer
 
 from weightstore_cli.common import FORMAT_OPTION, KEY_OPTION, URL_OPTION, client, confirm, emit, err, handle_errors
 
-keys_app = typer.Typer(help="API keys (admin).", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys: create (admin), list, revoke.", no_args_is_help=True)
 runs_app = typer.Typer(help="Training runs.", no_args_is_help=True)
 
 CKPT_COLUMNS = ["tinker_path", "kind", "size_bytes", "created_at", "expires_at"]
@@ -109,6 +109,8 @@ def keys_ls(url: str = URL_OPTION, api_key: str = KEY_OPTION, fmt: str = FORMAT_
 def keys_revoke(
     key_id: str, yes: bool = typer.Option(False, "-y", "--yes"), url: str = URL_OPTION, api_key: str = KEY_OPTION
 ) -> None:
+    """Revoke KEY_ID. Any key may revoke itself; a trainer key also revokes trainer and reader keys of
+    its tenant; an admin key revokes any key. Nobody revokes the last active admin key."""
     confirm(f"revoke key {key_id}", yes)
     with handle_errors(), client(url, api_key) as c:
         c._call("DELETE", f"/v1/keys/{key_id}")

@@ -121,3 +121,29 @@ def test_concurrent_saves_and_sweeps(ctx, keys, clock):
     assert not errors, errors
     assert download(ctx, p, last) == files
     assert_verified(ctx)
+
+
+def test_declare_rechecks_reused_blobs_collected_between_its_transactions(ctx, keys, clock, monkeypatch):
+    """The declare reads what it may reuse in one transaction and records the upload in a second
+    (presigning in between is network I/O). A collector pass that tombstones and deletes a reused
+    blob in that gap must not leave a "present" answer the commit then refuses: the declare
+    answers again and asks for the bytes (found by CI under load, after the one-house refactor)."""
+    p, run_id, files = _garbage(ctx, keys, clock, 64)
+    real = uploads._answer_files
+    passes = []
+
+    def collect_in_the_gap(*args, **kwargs):  # type: ignore[no-untyped-def]
+        answered = real(*args, **kwargs)
+        if not passes:
+            passes.append(run(ctx))  # expire, mark, sweep: the unreferenced blobs go now
+        return answered
+
+    monkeypatch.setattr(uploads, "_answer_files", collect_in_the_gap)
+    ans = declare(ctx, p, run_id, "new", files)
+    monkeypatch.setattr(uploads, "_answer_files", real)
+    assert passes[0].stats["sweep"]["deleted_objects"] == 2
+    assert {f.transfer for f in ans.files} == {"stream"}  # not "present": those bytes are gone
+    send(ctx, p, ans, files)
+    path = uploads.commit(ctx, p, ans.upload_id).tinker_path
+    assert download(ctx, p, path) == files
+    assert_verified(ctx)

@@ -17,7 +17,7 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     loss = torch.nn.functional.mse_loss(model(x), y)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def test_adamw_resume_is_bit_exact(server, keys):

@@ -42,8 +42,9 @@ def test_training_runs_paging_and_fields(server, keys, sdk, other_sdk, seeded, c
     assert run.last_request_time.tzinfo is not None
     by_path = sdk.get_training_run_by_tinker_path(seeded.paths["w1"]).result(timeout=30)
     assert by_path.training_run_id == seeded.run_id
-    # colons in run ids travel unencoded
-    assert sdk.get_training_run("sess-0:train:0").result(timeout=30).base_model == "tiny-qwen"
+    # colons in run ids travel unencoded; a chosen id lands in the tenant's namespace (issue 11, item 1)
+    assert extra[0] == "acme:sess-0:train:0"
+    assert sdk.get_training_run(extra[0]).result(timeout=30).base_model == "tiny-qwen"
 
     # another tenant sees nothing and gets NotFound at once
     assert other_sdk.list_training_runs().result(timeout=30).training_runs == []

@@ -1,5 +1,7 @@
 """The admin UI in a real headless Chromium (Debian's, via Playwright): sign in, overview, tenant page,
-change the window, download the invoice CSV, sign out; wrong and non-admin keys are refused.
+change the window, download the invoice CSV, sign out (which also ends the session for a copied
+cookie: issue 11, item 7); wrong and non-admin keys are refused; a page on another origin cannot
+sign the browser in or out.
 
 Screenshots of the main pages are written to ``docs/screenshots/`` (shown in the README).
 """
@@ -158,11 +160,18 @@ def test_admin_ui_end_to_end(server, keys, ctx, clock, browser, tmp_path):
     assert all(u.startswith(server.url) for u in requests)
     assert not any(keys.admin in u for u in requests)
 
-    page.click("#sign-out")
+    page.click("#sign-out")  # the browser's own form: same origin, the session's CSRF token
     assert page.url.endswith("/admin/login")
     page.goto(server.url + "/admin/tenants/acme")
     assert page.url.endswith("/admin/login")
     context.close()
+    # the cookie copied before sign-out no longer opens anything (the session ended on the server)
+    replay = browser.new_context()
+    replay.add_cookies([{**cookie, "expires": -1}])
+    page = replay.new_page()
+    page.goto(server.url + "/admin")
+    assert page.url.endswith("/admin/login")
+    replay.close()
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -182,4 +191,33 @@ def test_wrong_and_non_admin_keys_are_refused(server, keys, ctx, clock, browser)
     context.add_cookies([{"name": "ws_admin", "value": "eyJrIjoia2V5In0.forged.sig", "url": server.url + "/admin"}])
     page.goto(server.url + "/admin")
     assert page.url.endswith("/admin/login")
+    context.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_another_origin_cannot_sign_in_or_out(server, keys, ctx, clock, browser):
+    """Issue 11, item 7: a page served from another origin (here 'localhost' instead of '127.0.0.1',
+    a different site to the browser) posts the admin forms with the right key: refused (403), and
+    the signed-in session survives a forged sign-out."""
+    seed(ctx.engine, clock.now())
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in(page, server.url, keys.admin)
+    assert page.url == server.url + "/admin"
+    evil = server.url.replace("127.0.0.1", "localhost")  # same server, another origin
+    forged = (
+        f'<form id="f" method="post" action="{server.url}/admin/logout"><input name="csrf_token" value="x"></form>'
+        f'<form id="g" method="post" action="{server.url}/admin/login"><input name="api_key" value="{keys.admin}"></form>'
+    )
+    page.route(evil + "/evil", lambda route: route.fulfill(status=200, content_type="text/html", body=forged))
+    page.goto(evil + "/evil")
+    with page.expect_navigation():
+        page.evaluate("document.getElementById('f').submit()")
+    assert "/admin/logout" in page.url and "Refused" in page.content()
+    page.goto(server.url + "/admin")
+    assert page.url == server.url + "/admin"  # still signed in
+    page.goto(evil + "/evil")
+    with page.expect_navigation():
+        page.evaluate("document.getElementById('g').submit()")
+    assert "Refused" in page.content()
     context.close()

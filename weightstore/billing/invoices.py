@@ -5,29 +5,16 @@ Each line is rounded half-even to the cent and the total is the sum of the round
 
 from __future__ import annotations
 
-import calendar
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlmodel import Session
 
 from weightstore.billing.pricing import Pricing
-from weightstore.billing.units import BYTE_SECONDS_PER_GB_MONTH, GB
+from weightstore.billing.units import BYTE_SECONDS_PER_GB_MONTH, GB, month_window
 from weightstore.billing.usage import usage
-from weightstore.errors import InvalidRequest
-
-
-def month_window(month: str) -> tuple[datetime, datetime]:
-    """``YYYY-MM`` → [first instant, first instant of next month) in UTC."""
-    try:
-        year, mon = (int(x) for x in month.split("-"))
-        start = datetime(year, mon, 1, tzinfo=UTC)
-    except (ValueError, TypeError) as exc:
-        raise InvalidRequest(f"month must look like YYYY-MM, got {month!r}") from exc
-    days = calendar.monthrange(year, mon)[1]
-    return start, start + timedelta(days=days)
 
 
 @dataclass(frozen=True)

@@ -94,12 +94,21 @@ def mark_live(session: Session, sha256: str, size: int, now: datetime) -> None:
     blob = session.get(Blob, sha256)
     _refuse_deleting(blob)
     if blob is None:
-        session.add(
-            Blob(sha256=sha256, size_bytes=size, state=BlobState.live, created_at=now, verified_at=now, last_referenced_at=now)
-        )
-    else:
-        blob.state, blob.verified_at, blob.last_referenced_at = BlobState.live, blob.verified_at or now, now
-        session.add(blob)
+        try:
+            # A concurrent commit of the same new bytes may insert the row first (PostgreSQL; SQLite
+            # serialises writers): then it exists, and is updated below like any live row.
+            with session.begin_nested():
+                row = Blob(sha256=sha256, size_bytes=size, state=BlobState.live, created_at=now, verified_at=now)
+                row.last_referenced_at = now
+                session.add(row)
+            return
+        except sa.exc.IntegrityError:
+            blob = session.get(Blob, sha256, populate_existing=True)
+            _refuse_deleting(blob)
+            if blob is None:
+                raise
+    blob.state, blob.verified_at, blob.last_referenced_at = BlobState.live, blob.verified_at or now, now
+    session.add(blob)
 
 
 def touch(session: Session, shas: Sequence[str], now: datetime) -> None:

@@ -21,6 +21,13 @@ MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
 MIN_PART = 5 * 1024 * 1024  # S3's minimum part size (except the last)
 
 
+def sha256_mismatch(sha256: str) -> IntegrityError:
+    """The one answer for received bytes that do not hash to the declared sha256, whichever way they
+    were received (hashed here, only hashed because the blob exists, or checked by the store while
+    piped): the answer must not say whether someone already stores these bytes (S4)."""
+    return IntegrityError(f"sha256 mismatch: the bytes received do not hash to the declared {sha256}")
+
+
 def part_size_for(size: int, preferred: int) -> int:
     """A part size that keeps every upload within S3's 10,000-part limit."""
     return max(preferred, MIN_PART, math.ceil(size / MAX_PARTS))
@@ -165,13 +172,13 @@ class BlobWriter:
                 self._feed(None)  # end of body; the store checks the SHA-256 before answering
                 self.put.result()
             except IntegrityError as exc:
-                raise IntegrityError(f"sha256 mismatch: the bytes received do not hash to the declared {self.sha256}") from exc
+                raise sha256_mismatch(self.sha256) from exc
             finally:
                 self._shutdown()
             return
         if self.hash.hexdigest() != self.sha256:
             self.abort()
-            raise IntegrityError(f"sha256 mismatch: declared {self.sha256}, received {self.hash.hexdigest()}")
+            raise sha256_mismatch(self.sha256)
         if self.exists:
             return
         if not self.multipart:

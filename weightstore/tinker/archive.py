@@ -2,11 +2,19 @@
 
 A deterministic, uncompressed tar of the adapter files plus ``checkpoint_complete`` at its root,
 stored as a content-addressed blob that nothing references (the collector reclaims it after the
-grace period) and handed out as a presigned GET."""
+grace period) and handed out as a presigned GET.
+
+Built once per checkpoint: ``archive_cache`` records which blob holds a checkpoint's archive (keyed
+by checkpoint id, checked against a digest of the archived manifest). While that blob is ``live``
+and present, a request only touches it (restarting its grace period) and signs a URL: no checkpoint
+byte is read again, whoever asks (any reader of a published checkpoint may)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
+import json
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import Session
 
 from weightstore import audit, blobs, checkpoints
@@ -23,7 +32,7 @@ from weightstore.db import session_scope
 from weightstore.errors import NotFound, Unsupported
 from weightstore.formats import OPTIMIZER_STATE
 from weightstore.hashing import sha256_file
-from weightstore.models import Blob, BlobState
+from weightstore.models import ArchiveCache, Blob, BlobState, Checkpoint
 from weightstore.names import TinkerPath
 from weightstore.objectstore import blob_key
 
@@ -49,6 +58,10 @@ class ArchiveMember:
 def archive_members(session: Session, principal: Principal, path: TinkerPath, *, now: datetime) -> list[ArchiveMember]:
     """The files the archive holds (everything but the optimizer state), sorted by name. Catalog
     function; ``NotFound`` while the collector reclaims any of them."""
+    return _source(session, principal, path, now=now)[1]
+
+
+def _source(session: Session, principal: Principal, path: TinkerPath, *, now: datetime) -> tuple[Checkpoint, list[ArchiveMember]]:
     ckpt = checkpoints.get_for(session, principal, path, now=now, allow_public=True)
     if ckpt.kind == "merged":
         raise Unsupported("archives are built for LoRA checkpoints only; use the native file URLs")
@@ -59,7 +72,32 @@ def archive_members(session: Session, principal: Principal, path: TinkerPath, *,
         blob = session.get(Blob, member.sha256)
         if blob is None or blob.state != BlobState.live:
             raise NotFound(f"checkpoint {path} is being collected")
-    return sorted(members, key=lambda m: m.name)
+    return ckpt, sorted(members, key=lambda m: m.name)
+
+
+def manifest_digest(members: list[ArchiveMember]) -> str:
+    """What the archive's bytes are a function of (with the fixed tar layout): names, sha256s, sizes."""
+    return hashlib.sha256(json.dumps([[m.name, m.sha256, m.size_bytes] for m in members]).encode()).hexdigest()
+
+
+def _cached(session: Session, ckpt_id: str, digest: str, now: datetime) -> ArchiveCache | None:
+    """The recorded archive of this checkpoint if its blob is still live (touched: its grace period
+    restarts, so the collector leaves it alone while it is being handed out). Catalog function."""
+    row = session.get(ArchiveCache, ckpt_id)
+    if row is None or row.manifest_digest != digest:
+        return None
+    blob = session.get(Blob, row.sha256)
+    if blob is None or blob.state != BlobState.live:
+        return None
+    blob.last_referenced_at = now
+    session.add(blob)
+    return row
+
+
+def _remember(session: Session, ckpt_id: str, digest: str, sha: str, size: int, now: datetime) -> None:
+    row = session.get(ArchiveCache, ckpt_id) or ArchiveCache(checkpoint_id=ckpt_id, manifest_digest=digest, sha256=sha)
+    row.manifest_digest, row.sha256, row.size_bytes, row.created_at = digest, sha, size, now
+    session.add(row)
 
 
 def _write_tar(ctx: Context, members: list[ArchiveMember], dest: Path) -> None:
@@ -75,15 +113,25 @@ def _write_tar(ctx: Context, members: list[ArchiveMember], dest: Path) -> None:
 
 
 def archive_url(ctx: Context, principal: Principal, path: TinkerPath) -> ArchiveUrl:
-    """Build (once per content) the archive, store it as a verified blob and hand out a presigned
-    GET. A second request for the same checkpoint reuses the stored blob. Workflow."""
+    """Build (once per checkpoint) the archive, store it as a verified blob and hand out a presigned
+    GET. Later requests reuse the recorded blob while it is live: one HEAD, no read of the
+    checkpoint's files (module doc). Workflow."""
     with session_scope(ctx.engine) as session:
-        members = archive_members(session, principal, path, now=ctx.clock.now())
-    with tempfile.TemporaryDirectory(prefix="weightstore-archive-") as tmp:
-        local = Path(tmp) / "archive.tar"
-        _write_tar(ctx, members, local)
-        sha, size = sha256_file(local), local.stat().st_size
-        blobs.store_file(ctx, blobs.LocalFile("archive.tar", local, size, sha))
+        ckpt, members = _source(session, principal, path, now=ctx.clock.now())
+        digest = manifest_digest(members)
+        hit = _cached(session, ckpt.id, digest, ctx.clock.now())
+        cached = (hit.sha256, hit.size_bytes) if hit is not None else None
+    if cached is not None and ctx.store.head(blob_key(cached[0])) is not None:
+        sha, size = cached
+    else:
+        with tempfile.TemporaryDirectory(prefix="weightstore-archive-") as tmp:
+            local = Path(tmp) / "archive.tar"
+            _write_tar(ctx, members, local)
+            sha, size = sha256_file(local), local.stat().st_size
+            blobs.store_file(ctx, blobs.LocalFile("archive.tar", local, size, sha))
+        # suppress: a concurrent first request recorded the same archive
+        with contextlib.suppress(DBIntegrityError), session_scope(ctx.engine) as session:
+            _remember(session, ckpt.id, digest, sha, size, ctx.clock.now())
     now = ctx.clock.now()
     with session_scope(ctx.engine) as session:
         audit.record(

@@ -4,11 +4,12 @@ Audit events of all tenants grouped by Tinker's event types. Catalog function.""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from weightstore.billing.units import day_after
 from weightstore.errors import InvalidRequest
 from weightstore.models import AuditEvent
 
@@ -31,5 +32,5 @@ def audit_entries(
     if event_type != "all":
         q = q.where(sa.or_(*[col(AuditEvent.action).startswith(p) for p in AUDIT_EVENT_PREFIXES[event_type]]))
     if day is not None:
-        q = q.where(col(AuditEvent.at) >= day, col(AuditEvent.at) < day + timedelta(days=1))
+        q = q.where(col(AuditEvent.at) >= day, col(AuditEvent.at) < day_after(day))  # 9999-12-31 has no next day
     return list(session.exec(q.order_by(col(AuditEvent.at).desc(), col(AuditEvent.id).desc()).limit(limit)).all())

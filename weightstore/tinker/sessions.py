@@ -26,6 +26,7 @@ from weightstore.auth import Principal
 from weightstore.context import Context
 from weightstore.db import session_scope
 from weightstore.errors import InvalidRequest, NotFound, SessionFinished, Unsupported
+from weightstore.formats import check_user_metadata
 from weightstore.models import (
     Checkpoint,
     CheckpointState,
@@ -54,6 +55,7 @@ def create_session(
     project_id: str | None = None,
 ) -> str:
     """A new active session; returns its id."""
+    check_user_metadata(user_metadata, strings_only=False)
     session_id = str(uuid.uuid4())
     session.add(
         TinkerSession(

@@ -1,8 +1,12 @@
 """Admin web UI at ``/admin``: server-rendered (Jinja2), no JavaScript, no CDN, charts as inline SVG.
 
-Sign-in takes an admin API key in a POST form (never in a URL, never logged); the session is a
-cookie signed with itsdangerous (HttpOnly, SameSite=Strict, Secure when configured) that names the
-key id, and every page re-checks that the key is still an unrevoked admin key. Every number comes
+Sign-in takes an admin API key in a POST form (never in a URL, never logged) and starts a
+server-side session (``weightstore.uisessions``): the cookie carries only a random session id, every
+page checks the session row (not ended, not expired or idle, its key still an unrevoked admin key),
+and sign-out or the key's revocation ends it for every copy of the cookie. Every state-changing POST
+(sign-in, sign-out) must be same-origin (``Origin``, else ``Referer``, against the request's own host
+or ``public_url``) and carry a CSRF token: the session's, or before sign-in one tied to a
+double-submit cookie. Cookies are HttpOnly, SameSite=Strict and Secure on https. Every number comes
 from ``weightstore.billing`` (SQL aggregates over the ledger), so pages stay fast on large catalogs.
 """
 
@@ -12,23 +16,23 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from itsdangerous import BadSignature, URLSafeTimedSerializer
 from markupsafe import Markup, escape
 from sqlmodel import Session, select
 
-from weightstore import auth, bootstrap
+from weightstore import auth, bootstrap, uisessions
 from weightstore.billing import catalog, invoices, usage
 from weightstore.billing.overview import overview as all_tenants_overview
 from weightstore.billing.pricing import load_pricing
-from weightstore.billing.units import DAY, GB
+from weightstore.billing.units import DAY, GB, day_window
 from weightstore.context import Context
 from weightstore.errors import AuthenticationFailed, Forbidden, InvalidRequest, NotFound, WeightstoreError
-from weightstore.models import ApiKey, Role, Tenant
+from weightstore.models import Tenant
 
 from ..deps import CtxDep, SessionDep
 from ..errors import status_for
@@ -39,7 +43,10 @@ templates = Jinja2Templates(directory=str(HERE / "templates"))
 router = APIRouter(prefix="/admin", include_in_schema=False)
 
 COOKIE = "ws_admin"
-SESSION_MAX_AGE = 12 * 3600
+SIGN_IN_COOKIE = "ws_admin_signin"
+"""Double-submit cookie of the sign-in form: a random nonce the form's CSRF token is tied to."""
+SIGN_IN_COOKIE_MAX_AGE = 3600
+DEFAULT_PORTS = {"http": 80, "https": 443}
 TREND_DAYS = 14
 WINDOWS = (7, 30, 90, 365)
 
@@ -56,25 +63,63 @@ def install(app: FastAPI) -> None:
         return RedirectResponse("/admin/login", status_code=303)
 
 
-def _serializer(ctx: Any) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(bootstrap.session_secret(ctx.settings), salt="weightstore-admin")
-
-
-def _admin_key_id(request: Request, ctx: Any, session: Session) -> str:
-    raw = request.cookies.get(COOKIE)
-    if not raw:
-        raise NotSignedIn()
+def _admin_key_id(request: Request, ctx: Context, session: Session) -> str:
+    """The key id of the signed-in admin session (checked on the server, see ``uisessions.check``);
+    also leaves the session's CSRF token for ``_render`` to put in the page's forms."""
+    session_id = request.cookies.get(COOKIE)
+    idle = timedelta(seconds=ctx.settings.admin_session_idle_seconds)
     try:
-        data = _serializer(ctx).loads(raw, max_age=SESSION_MAX_AGE)
-    except BadSignature:
+        row = uisessions.check(session, session_id, now=ctx.clock.now(), idle=idle)
+    except AuthenticationFailed:
         raise NotSignedIn() from None
-    row = session.get(ApiKey, data.get("k")) if isinstance(data, dict) else None
-    if row is None or row.revoked_at is not None or row.role != Role.admin.value:
-        raise NotSignedIn()
-    return row.id
+    assert session_id is not None  # check() refuses a missing id
+    secret = bootstrap.session_secret(ctx.settings)
+    request.state.csrf_token = uisessions.csrf_token(secret, uisessions.SESSION_FORM, session_id)
+    return row.key_id
+
+
+def _same_origin(request: Request, ctx: Context) -> bool:
+    """Does this POST come from a page of this service? ``Origin`` (or, when a browser sends none,
+    ``Referer``) must name the request's own host and port, or those of ``public_url`` (a proxy that
+    rewrites ``Host``). A missing, ``null`` or unparsable source fails: browsers send ``Origin`` on
+    every form POST, and the UI is for browsers."""
+    source = request.headers.get("origin") or request.headers.get("referer")
+    try:
+        src = urlsplit(source or "")
+        if src.scheme not in DEFAULT_PORTS or not src.hostname:
+            return False
+        wanted = (src.hostname, src.port or DEFAULT_PORTS[src.scheme])
+        allowed = set()
+        host = request.headers.get("host")
+        if host:
+            own = urlsplit(f"//{host}")
+            allowed.add((own.hostname, own.port or DEFAULT_PORTS[src.scheme]))
+        if ctx.settings.public_url:
+            pub = urlsplit(ctx.settings.public_url)
+            allowed.add((pub.hostname, pub.port or DEFAULT_PORTS.get(pub.scheme, 0)))
+    except ValueError:  # a malformed port
+        return False
+    return wanted in allowed
+
+
+def _set_cookie(response: Response, request: Request, ctx: Context, name: str, value: str, *, max_age: int, path: str) -> None:
+    """HttpOnly (no script reads it), SameSite=Strict (never sent on a request another site starts:
+    the UI has no cross-site entry point worth a session, and Strict keeps sessions out of every
+    cross-site navigation, not only POSTs) and Secure when configured or the request is https."""
+    secure = ctx.settings.cookie_secure or request.url.scheme == "https"
+    response.set_cookie(name, value, max_age=max_age, httponly=True, samesite="strict", secure=secure, path=path)
+
+
+def _refused(request: Request, why: str) -> HTMLResponse:
+    """A refused cross-site or token-less POST: the status comes from the error table (403)."""
+    return _render(request, "refused.html", status=status_for(Forbidden(why)), error=why)
+
+
+CROSS_SITE = "This request did not come from this site's own form (Origin or CSRF check failed). Reload the page and try again."
 
 
 def _render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    context.setdefault("csrf_token", getattr(request.state, "csrf_token", ""))
     resp = templates.TemplateResponse(request, name, context, status_code=status)
     resp.headers["Cache-Control"] = "no-store"
     resp.headers["Content-Security-Policy"] = "default-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'"
@@ -83,9 +128,21 @@ def _render(request: Request, name: str, status: int = 200, **context: Any) -> H
 
 
 # --- sign in / out ------------------------------------------------------------------------------
+def _sign_in_form(request: Request, ctx: Context, status: int = 200, error: str | None = None) -> HTMLResponse:
+    """The sign-in form with its CSRF token, tied to the (re)issued double-submit cookie's nonce.
+    An existing nonce is kept, so two open sign-in tabs both work."""
+    nonce = request.cookies.get(SIGN_IN_COOKIE) or ""
+    if not 20 <= len(nonce) <= uisessions.MAX_ID_LENGTH:
+        nonce = uisessions.new_nonce()
+    token = uisessions.csrf_token(bootstrap.session_secret(ctx.settings), uisessions.SIGN_IN_FORM, nonce)
+    resp = _render(request, "login.html", status=status, error=error, csrf_token=token)
+    _set_cookie(resp, request, ctx, SIGN_IN_COOKIE, nonce, max_age=SIGN_IN_COOKIE_MAX_AGE, path="/admin/login")
+    return resp
+
+
 @router.get("/login", response_class=HTMLResponse)
-def login_form(request: Request) -> HTMLResponse:
-    return _render(request, "login.html", error=None)
+def login_form(request: Request, ctx: CtxDep) -> HTMLResponse:
+    return _sign_in_form(request, ctx)
 
 
 SIGN_IN_REFUSALS: dict[type[WeightstoreError], str] = {
@@ -96,30 +153,48 @@ SIGN_IN_REFUSALS: dict[type[WeightstoreError], str] = {
 
 
 @router.post("/login", response_class=HTMLResponse)
-def login(request: Request, ctx: CtxDep, session: SessionDep, api_key: Annotated[str, Form(max_length=200)] = "") -> Response:
-    """Sign in with an admin key. A refused key gets the form again, with the status the one error
-    table gives its error (an HTML page, not the JSON error body: a browser shows this)."""
+def login(
+    request: Request,
+    ctx: CtxDep,
+    session: SessionDep,
+    api_key: Annotated[str, Form(max_length=200)] = "",
+    csrf_token: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
+    """Sign in with an admin key: a same-origin POST carrying the form's CSRF token, else 403 and
+    nothing is checked. A refused key gets the form again, with the status the one error table
+    gives its error (an HTML page, not the JSON error body: a browser shows this)."""
+    secret = bootstrap.session_secret(ctx.settings)
+    nonce = request.cookies.get(SIGN_IN_COOKIE)
+    if not _same_origin(request, ctx) or not uisessions.csrf_ok(secret, uisessions.SIGN_IN_FORM, nonce, csrf_token):
+        return _refused(request, CROSS_SITE)
+    now = ctx.clock.now()
     try:
-        principal = auth.authenticate(session, api_key.strip(), now=ctx.clock.now())
+        principal = auth.authenticate(session, api_key.strip(), now=now)
         principal.require_admin()
     except (AuthenticationFailed, Forbidden) as exc:
         message = next(text for cls, text in SIGN_IN_REFUSALS.items() if isinstance(exc, cls))
-        return _render(request, "login.html", status=status_for(exc), error=message)
+        return _sign_in_form(request, ctx, status=status_for(exc), error=message)
+    uisessions.end(session, request.cookies.get(COOKIE), now=now)  # a session this browser had before
+    lifetime = ctx.settings.admin_session_lifetime_seconds
+    session_id = uisessions.start(session, key_id=principal.key_id, now=now, lifetime=timedelta(seconds=lifetime))
     resp = RedirectResponse("/admin", status_code=303)
-    resp.set_cookie(
-        COOKIE,
-        _serializer(ctx).dumps({"k": principal.key_id}),
-        max_age=SESSION_MAX_AGE,
-        httponly=True,
-        samesite="strict",
-        secure=ctx.settings.cookie_secure,
-        path="/admin",
-    )
+    _set_cookie(resp, request, ctx, COOKIE, session_id, max_age=lifetime, path="/admin")
+    resp.delete_cookie(SIGN_IN_COOKIE, path="/admin/login", httponly=True, samesite="strict")
     return resp
 
 
 @router.post("/logout")
-def logout() -> Response:
+def logout(request: Request, ctx: CtxDep, session: SessionDep, csrf_token: Annotated[str, Form(max_length=200)] = "") -> Response:
+    """Sign out: end the session on the server, so every copy of the cookie stops working. Needs a
+    same-origin POST and the session's CSRF token (else 403 and the session stays as it was)."""
+    if not _same_origin(request, ctx):
+        return _refused(request, CROSS_SITE)
+    session_id = request.cookies.get(COOKIE)
+    if session_id is not None:
+        secret = bootstrap.session_secret(ctx.settings)
+        if not uisessions.csrf_ok(secret, uisessions.SESSION_FORM, session_id, csrf_token):
+            return _refused(request, CROSS_SITE)
+        uisessions.end(session, session_id, now=ctx.clock.now())
     resp = RedirectResponse("/admin/login", status_code=303)
     resp.delete_cookie(COOKIE, path="/admin", httponly=True, samesite="strict")
     return resp
@@ -261,19 +336,8 @@ def tenant_page(
     until: str | None = None,
 ) -> HTMLResponse:
     now = ctx.clock.now()
-    d_since, d_until = _parse_day(since), _parse_day(until)
-    last_day = datetime.combine(d_until, datetime.min.time(), UTC) if d_until else _day_floor(now)
-    end = last_day + timedelta(days=1)
-    if d_since:
-        start = datetime.combine(d_since, datetime.min.time(), UTC)
-    else:
-        days = min(max(days, 1), 3660)
-        start = end - timedelta(days=days)
-    if end <= start or end - start > timedelta(days=3660):
-        raise InvalidRequest("choose a window of 1 day to 10 years")
-    if start >= now:
-        raise InvalidRequest("the window must start in the past")
-    shown_end, end = end, min(end, now)  # never bill the future: usage is measured up to now
+    # the one window rule (weightstore.billing.units): until cut at today, since at 1970, refusals 400
+    start, shown_end, end = day_window(_parse_day(since), _parse_day(until), now=now, days=days)
     _admin_key_id(request, ctx, session)
     tenant = _tenant_or_404(session, tenant_id)
     prices = load_pricing(session, ctx.settings)

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 from sqlmodel import Session
 
 from weightstore.auth import Principal
 from weightstore.billing import catalog, invoices, usage
 from weightstore.billing.pricing import load_pricing
-from weightstore.billing.units import DAY, GB, HOUR, round_cents
+from weightstore.billing.units import DAY, FIRST_MONTH, GB, HOUR, LAST_MONTH, billing_window, round_cents
 from weightstore.errors import InvalidRequest, NotFound
 from weightstore.models import Tenant
 
@@ -29,6 +29,19 @@ from .tinker_schemas import CurrentCheckpointStorageUsageItem, CurrentCheckpoint
 
 router = APIRouter(tags=["billing"])
 
+Since = Annotated[
+    datetime | None,
+    Query(description="window start (UTC if no offset); cut at 1970-01-01. Default: 30 days before the end"),
+]
+Until = Annotated[datetime | None, Query(description="window end, exclusive (UTC if no offset); cut at now. Default: now")]
+Month = Annotated[
+    str,
+    Path(
+        pattern=r"^[0-9]{4}-[0-9]{2}$",
+        description=f"calendar month (UTC), {FIRST_MONTH} .. {LAST_MONTH}",
+        examples=["2026-01", FIRST_MONTH, LAST_MONTH],
+    ),
+]
 GroupBy = Annotated[str, Query(description="comma-separated subset of tenant_id, run_id, kind", pattern=r"^[a-z_,]*$")]
 
 
@@ -74,18 +87,6 @@ def billing_current(
     )
 
 
-def _window(since: datetime | None, until: datetime | None, now: datetime) -> tuple[datetime, datetime]:
-    end = until or now
-    start = since or end - timedelta(days=30)
-    start, end = (x if x.tzinfo else x.replace(tzinfo=UTC) for x in (start, end))
-    end = min(end, now)  # never bill the future: open-ended checkpoints accrue until now
-    if end <= start:
-        raise InvalidRequest("until must be after since, and since in the past")
-    if end - start > timedelta(days=3660):
-        raise InvalidRequest("the window may span at most ten years")
-    return start, end
-
-
 @router.get(
     "/v1/billing/usage", operation_id="billing_usage", response_model=UsagePublic, responses={200: {"content": {"text/csv": {}}}}
 )
@@ -94,15 +95,15 @@ def billing_usage(
     ctx: CtxDep,
     session: SessionDep,
     tenant: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: Since = None,
+    until: Until = None,
     group_by: GroupBy = "tenant_id",
     bucket: Literal["day", "hour", "none"] = "day",
     format: Literal["json", "csv"] = "json",
 ) -> Any:
     """Usage (byte-seconds, GB-hours) and cost in ``[since, until)`` per group and per UTC day/hour."""
     tid = scope_tenant(session, principal, tenant)
-    start, end = _window(since, until, ctx.clock.now())
+    start, end = billing_window(since, until, now=ctx.clock.now())
     seconds = {"day": DAY, "hour": HOUR, "none": None}[bucket]
     if seconds == HOUR and end - start > timedelta(days=62):
         raise InvalidRequest("hourly buckets cover at most 62 days")
@@ -135,7 +136,7 @@ def billing_usage(
 )
 def billing_invoice(
     tenant_id: str,
-    month: str,
+    month: Month,
     principal: CurrentPrincipal,
     ctx: CtxDep,
     session: SessionDep,

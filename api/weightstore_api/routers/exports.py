@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session
 
 from weightstore import basemodels, exportjobs
+from weightstore.auth import Principal
 from weightstore.models import BaseModel as BaseModelRow
 from weightstore.models import ExportJob
 from weightstore.names import TinkerPath, check_sha256
@@ -124,15 +125,18 @@ def cancel_export(job_id: str, principal: WriterPrincipal, ctx: CtxDep, session:
 
 
 # --- base models ------------------------------------------------------------------------------
-def base_public(session: Session, row: BaseModelRow, *, detail_at: datetime | None = None) -> BaseModelPublic:
-    """The public shape of a base model; with ``detail_at``, also its files and what uses it at that instant."""
+def base_public(
+    session: Session, row: BaseModelRow, *, detail_at: datetime | None = None, viewer: Principal | None = None
+) -> BaseModelPublic:
+    """The public shape of a base model; with ``detail_at`` and ``viewer``, also its files and what
+    uses it at that instant, as the viewer may see it (its own tenant's usage unless it is an admin)."""
     files = usage = None
-    if detail_at is not None:
+    if detail_at is not None and viewer is not None:
         files = [
             BaseModelFileDecl(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256)
             for f in basemodels.files_of(session, row.name)
         ]
-        usage = basemodels.usage(session, row.name, now=detail_at)
+        usage = basemodels.usage_for(session, viewer, row.name, now=detail_at)
     return BaseModelPublic(
         name=row.name,
         architecture=row.architecture,
@@ -198,7 +202,9 @@ def list_base_models(principal: CurrentPrincipal, session: SessionDep) -> BaseMo
 
 @router.get("/base-models/{name:path}", operation_id="get_base_model", response_model=BaseModelPublic)
 def get_base_model(name: str, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep) -> BaseModelPublic:
-    return base_public(session, basemodels.get(session, name), detail_at=ctx.clock.now())
+    """A base model with its files and ``usage`` (visible checkpoints of runs on it, unfinished
+    export jobs): counted over the caller's tenant, over every tenant only for admin keys."""
+    return base_public(session, basemodels.get(session, name), detail_at=ctx.clock.now(), viewer=principal)
 
 
 @router.delete("/base-models/{name:path}", operation_id="delete_base_model", status_code=204)

@@ -41,6 +41,10 @@ STREAM_BATCH = 8 * 1024 * 1024  # hop to a worker thread once per 8 MiB, not onc
 # --- runs -------------------------------------------------------------------------------------
 @router.post("/runs", operation_id="create_run", status_code=201, response_model=RunPublic)
 def create_run(body: RunCreate, principal: WriterPrincipal, ctx: CtxDep, session: SessionDep, request: Request) -> RunPublic:
+    """A new run in the caller's run-id namespace: no ``run_id`` mints ``{uuid}:train:0``; a chosen
+    id is kept when it starts with ``{tenant}:`` (or names one of the caller's Tinker sessions),
+    else it becomes ``{tenant}:{run_id}``. The answer carries the id; ``already_exists`` only ever
+    means the caller's own tenant holds it."""
     run = runs.create_run(
         session,
         principal,
@@ -124,6 +128,22 @@ async def stream_upload_file(upload_id: str, path: str, request: Request, princi
     await run_in_threadpool(uploads.finish_stream, ctx, principal, upload_id, path, writer)
     BYTES_RECEIVED.inc(writer.received)
     return FileReceipt(path=path, size_bytes=writer.size, sha256=writer.sha256)
+
+
+@router.get(
+    "/uploads/{upload_id}/files/{path:path}/transfer", operation_id="get_upload_file_transfer", response_model=FileAnswerPublic
+)
+def get_upload_file_transfer(
+    upload_id: str,
+    path: str,
+    principal: WriterPrincipal,
+    ctx: CtxDep,
+    first_part: Annotated[int, Query(ge=1, le=10_000)] = 1,
+    count: Annotated[int | None, Query(ge=1, le=1000)] = None,
+) -> FileAnswerPublic:
+    """How to send one declared file now: a page of part URLs (at most ``presign_parts_batch``),
+    or, after a commit answered ``upload_incomplete`` for it, where to send it again."""
+    return FileAnswerPublic(**vars(uploads.transfer(ctx, principal, upload_id, path, first_part=first_part, count=count)))
 
 
 @router.post("/uploads/{upload_id}/commit", operation_id="commit_upload", response_model=CommitPublic)
@@ -221,5 +241,5 @@ def list_keys(principal: CurrentPrincipal, session: SessionDep) -> list[KeyPubli
 
 @router.delete("/keys/{key_id}", operation_id="revoke_key", response_model=KeyPublic)
 def revoke_key(key_id: str, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep) -> KeyPublic:
-    principal.require_write()
+    """Who may revoke which key is decided in one place, ``auth.revoke_key`` (any key may revoke itself)."""
     return key_public(auth.revoke_key(session, key_id=key_id, principal=principal, now=ctx.clock.now()))

@@ -14,7 +14,7 @@ Request and response schemas live in ``tinker_schemas``.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Annotated, Literal, cast
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -22,6 +22,7 @@ from sqlmodel import Session, select
 
 from weightstore import checkpoints
 from weightstore.auth import Principal
+from weightstore.billing.units import day_start
 from weightstore.models import BaseModel as BaseModelRow
 from weightstore.models import Checkpoint, TrainingRun
 from weightstore.names import TinkerPath
@@ -322,7 +323,7 @@ def audit_log(
     event_type: Literal["all", "checkpoints", "projects", "teams", "organizations"] = "all",
     day: date | None = None,
 ) -> AuditLogPublic:
-    start = datetime(day.year, day.month, day.day, tzinfo=UTC) if day else None
+    start = day_start(day) if day else None
     rows = tinker_audit_log.audit_entries(session, event_type=event_type, day=start)
     entries = []
     for r in rows:

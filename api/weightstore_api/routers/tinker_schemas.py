@@ -16,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field
 CheckpointType = Literal["training", "sampler", "external"]
 
 
+class TinkerBody(BaseModel):
+    """Base of every Tinker request body: unknown fields ignored (the SDK adds ``type`` and fields
+    of newer versions), known ones as strict as the native API's (the SDK sends proper JSON types;
+    ``"7200"`` for an int is refused, not coerced — issue 11, item 6)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
 class CursorPublic(BaseModel):
     offset: int
     limit: int
@@ -56,13 +64,11 @@ class TinkerRunsPublic(BaseModel):
     cursor: CursorPublic
 
 
-class TTLBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TTLBody(TinkerBody):
     ttl_seconds: int | None = Field(description="3600 s .. 10 years, or null to remove the expiry")
 
 
-class TinkerPathBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TinkerPathBody(TinkerBody):
     tinker_path: str
 
 
@@ -80,8 +86,7 @@ class WeightsInfoPublic(BaseModel):
     train_attn: bool | None = None
 
 
-class CopyWeightsBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class CopyWeightsBody(TinkerBody):
     source_path: str
     session_id: str | None = None
     model_seq_id: int | None = None
@@ -131,8 +136,7 @@ class ServerCapabilitiesPublic(BaseModel):
 # --- sessions and futures ----------------------------------------------------------------------
 
 
-class CreateSessionBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class CreateSessionBody(TinkerBody):
     tags: list[str] | None = None
     user_metadata: dict[str, Any] | None = None
     sdk_version: str | None = None
@@ -147,19 +151,16 @@ class CreateSessionPublic(BaseModel):
     warning_message: str | None = None
 
 
-class SessionIdBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class SessionIdBody(TinkerBody):
     session_id: str
 
 
-class FinishBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FinishBody(TinkerBody):
     reason: dict[str, Any] | None = None
     detail: str | None = None
 
 
-class LoadWeightsBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class LoadWeightsBody(TinkerBody):
     path: str
     optimizer: bool = False
     session_id: str | None = None
@@ -176,8 +177,7 @@ class FuturePublic(BaseModel):
     model_id: str | None = None
 
 
-class ModelIdBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ModelIdBody(TinkerBody):
     model_id: str
 
 
@@ -196,8 +196,7 @@ class GetInfoPublic(BaseModel):
     model_name: str | None = None
 
 
-class SaveExternalBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class SaveExternalBody(TinkerBody):
     model_id: str
     path: str
     seq_id: int | None = None
@@ -205,8 +204,7 @@ class SaveExternalBody(BaseModel):
     age_encryption_recipients: list[str] | None = None
 
 
-class RetrieveFutureBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class RetrieveFutureBody(TinkerBody):
     request_id: str
     allow_metadata_only: bool = False
 
