@@ -18,8 +18,8 @@ from datetime import datetime
 from sqlmodel import Session, col, select
 
 from weightstore import uisessions
-from weightstore.errors import AlreadyExists, AuthenticationFailed, Forbidden, InvalidRequest, NotFound
-from weightstore.models import ApiKey, Role, Tenant
+from weightstore.errors import AlreadyExists, AuthenticationFailed, Forbidden, InvalidRequest, NotFound, TenantDisabled
+from weightstore.models import ApiKey, Role, Tenant, TenantState
 from weightstore.names import check_tenant_name, new_id
 
 KEY_PREFIX = "tml-"
@@ -52,24 +52,40 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def ensure_tenant(session: Session, name: str, *, now: datetime) -> Tenant:
+def find_tenant(session: Session, ref: str) -> Tenant | None:
+    """The tenant whose id is ``ref``, else whose (display) name is ``ref``."""
+    return session.get(Tenant, ref) or session.exec(select(Tenant).where(Tenant.name == ref)).first()
+
+
+def ensure_tenant(session: Session, name: str, *, now: datetime, operator: bool = False) -> Tenant:
     check_tenant_name(name)
-    tenant = session.exec(select(Tenant).where(Tenant.name == name)).first()
+    tenant = find_tenant(session, name)
     if tenant is None:
-        tenant = Tenant(id=name, name=name, created_at=now)
+        tenant = Tenant(id=name, name=name, created_at=now, operator=operator)
         session.add(tenant)
         session.flush()
     return tenant
 
 
-def create_key(session: Session, *, tenant: str, role: str, now: datetime, name: str | None = None) -> tuple[ApiKey, str]:
-    """Create a key for ``tenant`` (created if missing). Returns the row and the plaintext key,
-    which is shown once and never stored."""
+def create_key(
+    session: Session, *, tenant: str, role: str, now: datetime, name: str | None = None, create_tenant: bool = True
+) -> tuple[ApiKey, str]:
+    """Create a key for ``tenant`` (id or name). Returns the row and the plaintext key, which is
+    shown once and never stored. A missing tenant is created only with ``create_tenant`` (the HTTP
+    API and the CLI default to False, so a typo never makes a tenant); a deleted one never gets keys."""
     try:
         role_enum = Role(role)
     except ValueError as exc:
         raise InvalidRequest(f"role must be one of {', '.join(r.value for r in Role)}") from exc
-    t = ensure_tenant(session, tenant, now=now)
+    existing = find_tenant(session, tenant)
+    if existing is None and not create_tenant:
+        raise NotFound(
+            f"tenant {tenant!r} does not exist: create it first (weightstore tenants create {tenant}) "
+            "or pass --create-tenant (API: create_tenant: true)"
+        )
+    if existing is not None and existing.state == TenantState.deleted:
+        raise InvalidRequest(f"tenant {tenant!r} was deleted: it cannot get new keys")
+    t = existing or ensure_tenant(session, tenant, now=now)
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(
         id=new_id("key"),
@@ -93,6 +109,9 @@ def authenticate(session: Session, key: str | None, *, now: datetime) -> Princip
         raise AuthenticationFailed("unknown API key")
     if row.revoked_at is not None:
         raise AuthenticationFailed("this API key has been revoked")
+    state = session.exec(select(Tenant.state).where(Tenant.id == row.tenant_id)).first()
+    if state != TenantState.active:
+        raise TenantDisabled(f"tenant {row.tenant_id} is {state or 'missing'}: its keys are refused until an admin enables it")
     return Principal(tenant_id=row.tenant_id, key_id=row.id, role=Role(row.role))
 
 
@@ -156,6 +175,7 @@ def bootstrap_admin(session: Session, *, now: datetime, tenant: str = "admin") -
     exists = session.exec(select(ApiKey).where(ApiKey.role == Role.admin.value, col(ApiKey.revoked_at).is_(None))).first()
     if exists is not None:
         return None
+    ensure_tenant(session, tenant, now=now, operator=True)  # the operator's own tenant: not billed
     _, plaintext = create_key(session, tenant=tenant, role=Role.admin.value, now=now, name="bootstrap")
     return plaintext
 
@@ -167,6 +187,7 @@ __all__ = [
     "bootstrap_admin",
     "create_key",
     "ensure_tenant",
+    "find_tenant",
     "hash_key",
     "list_keys",
     "revoke_key",

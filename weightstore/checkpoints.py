@@ -1,11 +1,15 @@
 """Checkpoints once committed: look-up, listing, delete, TTL change, expiry, download URLs.
 
 Visibility rule (one place): a checkpoint is visible when it is ``committed`` and not past its
-``expires_at``. An expired checkpoint disappears at once, before the collector confirms it.
+``expires_at`` (or ``pinned``). An expired checkpoint disappears at once, before the collector confirms it.
+
+Pinned checkpoints (``weightstore.policies``) are never expired by TTL or policy: ``expire_due``
+skips them, pinning clears ``expires_at`` and ``set_ttl`` refuses them until they are unpinned.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -15,7 +19,7 @@ from sqlmodel import Session, col, select
 from weightstore import audit
 from weightstore.auth import Principal
 from weightstore.billing import ledger
-from weightstore.errors import NotFound
+from weightstore.errors import InvalidRequest, NotFound
 from weightstore.models import Blob, Checkpoint, CheckpointFile, CheckpointState
 from weightstore.names import TinkerPath
 from weightstore.objectstore import ObjectStore, blob_key
@@ -26,12 +30,12 @@ from weightstore.settings import Settings
 def visible_clause(now: datetime) -> sa.ColumnElement[bool]:
     return sa.and_(
         col(Checkpoint.state) == CheckpointState.committed,
-        sa.or_(col(Checkpoint.expires_at).is_(None), col(Checkpoint.expires_at) > now),
+        sa.or_(col(Checkpoint.expires_at).is_(None), col(Checkpoint.expires_at) > now, col(Checkpoint.pinned)),
     )
 
 
 def is_visible(ckpt: Checkpoint, now: datetime) -> bool:
-    return ckpt.state == CheckpointState.committed and (ckpt.expires_at is None or ckpt.expires_at > now)
+    return ckpt.state == CheckpointState.committed and (ckpt.expires_at is None or ckpt.expires_at > now or ckpt.pinned)
 
 
 def tinker_path(ckpt: Checkpoint) -> str:
@@ -95,9 +99,11 @@ def end_checkpoint(session: Session, ckpt: Checkpoint, *, state: CheckpointState
     session.execute(sa.update(Blob).where(col(Blob.sha256).in_(shas)).values(last_referenced_at=now))
 
 
-def expire_due(session: Session, *, now: datetime, limit: int) -> list[str]:
-    """Set-based ``end_checkpoint(state=expired, at=expires_at)`` for up to ``limit`` committed
-    checkpoints whose ``expires_at`` has passed; returns their ids.
+def expire_due(session: Session, *, now: datetime, limit: int, ids: Sequence[str] | None = None) -> list[str]:
+    """Set-based ``end_checkpoint(state=expired, at=expires_at)`` for up to ``limit`` committed,
+    unpinned checkpoints whose ``expires_at`` has passed (only among ``ids`` when given: the
+    retention-policy path sets ``expires_at = now`` on its picks, then expires them here, so policy
+    and TTL expiry are one path); returns their ids.
 
     Three statements, whatever the count: UPDATE ... RETURNING (the state change; on PostgreSQL
     it also row-locks exactly the checkpoints it changed), one INSERT ... SELECT of ledger ``end``
@@ -106,9 +112,15 @@ def expire_due(session: Session, *, now: datetime, limit: int) -> list[str]:
     later (another checkpoint deleted since, an upload closed since) keeps its later time. So the
     blob grace and the restore window are one window counted from ``expires_at``.
     """
-    due = sa.and_(col(Checkpoint.state) == CheckpointState.committed.value, col(Checkpoint.expires_at) <= now)
+    due = sa.and_(
+        col(Checkpoint.state) == CheckpointState.committed.value,
+        col(Checkpoint.expires_at) <= now,
+        sa.not_(col(Checkpoint.pinned)),
+    )
+    if ids is not None:
+        due = sa.and_(due, col(Checkpoint.id).in_(list(ids)))
     pick = sa.select(col(Checkpoint.id)).where(due).order_by(col(Checkpoint.id)).limit(limit)
-    ids = [
+    done = [
         r[0]
         for r in session.execute(
             sa.update(Checkpoint)
@@ -117,15 +129,15 @@ def expire_due(session: Session, *, now: datetime, limit: int) -> list[str]:
             .returning(col(Checkpoint.id))
         ).all()
     ]
-    if not ids:
-        return ids
-    ledger.on_end_expired(session, ids, now=now)
+    if not done:
+        return done
+    ledger.on_end_expired(session, done, now=now)
     # One UPDATE ... FROM a grouped derived table (each blob's latest expires_at among these
     # checkpoints); a correlated subquery per blob row was measured 23 s for 2,000 on PostgreSQL.
     latest = (
         sa.select(col(CheckpointFile.sha256).label("sha256"), sa.func.max(Checkpoint.expires_at).label("at"))
         .join(Checkpoint, col(Checkpoint.id) == col(CheckpointFile.checkpoint_id))
-        .where(col(Checkpoint.id).in_(ids))
+        .where(col(Checkpoint.id).in_(done))
         .group_by(col(CheckpointFile.sha256))
         .subquery()
     )
@@ -134,7 +146,7 @@ def expire_due(session: Session, *, now: datetime, limit: int) -> list[str]:
         .where(col(Blob.sha256) == latest.c.sha256, col(Blob.last_referenced_at) < latest.c.at)
         .values(last_referenced_at=latest.c.at)
     )
-    return ids
+    return done
 
 
 def delete(
@@ -170,6 +182,8 @@ def set_ttl(
     principal.require_write()
     check_ttl(settings, ttl_seconds)
     ckpt = get_for(session, principal, path, now=now)
+    if ckpt.pinned and ttl_seconds is not None:
+        raise InvalidRequest(f"checkpoint {path} is pinned (never expires); unpin it first: weightstore unpin {path} --ttl S")
     ckpt.expires_at = expires_at_for(now, ttl_seconds)
     session.add(ckpt)
     ledger.on_ttl(session, ckpt, now=now)

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections import deque
@@ -63,6 +64,9 @@ TRANSFERS = ("auto", "presigned", "stream")
 """``presigned``: bytes go straight to the object store (fastest, keeps bulk bytes off the API tier);
 ``stream``: through the service (trainers that cannot reach the store); ``auto`` (default): presigned,
 falling back to stream for this client once the store turns out to be unreachable from here."""
+
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})  # RFC 9110 §9.2.2
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -360,7 +364,7 @@ class Client:
         *,
         timeout: float = 300,
         transfer: str = "auto",
-        progress: bool = False,
+        progress: bool | None = None,
         parallel: int = 4,
         hash_cache: HashCache | None | bool = True,
         range_part: int = RANGE_PART,
@@ -371,7 +375,8 @@ class Client:
             raise ValueError(f"transfer must be one of {TRANSFERS}")
         self.transfer = transfer
         self._store_unreachable = False  # "auto" learned that presigned URLs cannot be reached from here
-        self.progress = progress
+        # None = auto: progress bars on stderr when it is a terminal (never in pipes, logs or CI).
+        self.progress = sys.stderr.isatty() if progress is None else progress
         self.parallel = parallel
         self.hash_cache = HashCache() if hash_cache is True else (hash_cache or None)
         self.range_part = range_part
@@ -391,7 +396,14 @@ class Client:
         self.close()
 
     def _call(self, method: str, url: str, **kwargs: Any) -> Any:
-        r = self.http.request(method, url, **kwargs)
+        try:
+            r = self.http.request(method, url, **kwargs)
+        except httpx.RemoteProtocolError:
+            # The server closed a pooled keep-alive connection just as we reused it, before any answer:
+            # an idempotent request is safe to send once more on a fresh connection.
+            if method.upper() not in IDEMPOTENT_METHODS:
+                raise
+            r = self.http.request(method, url, **kwargs)
         _raise_for(r)
         return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else None
 
@@ -480,7 +492,7 @@ class Client:
             unit_scale=True,
             desc=f"upload {name}",
             disable=not self.progress or not todo,
-            leave=False,
+            leave=True,  # one final line stays: what was sent
         )
         try:
             upload_id = ans["upload_id"]
@@ -498,6 +510,7 @@ class Client:
                     log.info("%s: sending %s again (%s)", name, ", ".join(paths), exc)
                     time.sleep(_backoff(attempt))
                     again = [self._call("GET", f"/v1/uploads/{upload_id}/files/{p}/transfer") for p in paths]
+                    bar.total = (bar.total or 0) + sum(a["size_bytes"] for a in again if a["transfer"] != "present")
                     self._send_all(upload_id, [a for a in again if a["transfer"] != "present"], files, bar.update)
             raise AssertionError("unreachable")
         except BaseException:
@@ -646,7 +659,19 @@ class Client:
         if file not in urls:
             raise IntegrityError(f"{tinker_path} has no file {file}")
         info = urls[file]
-        data: bytes = self.raw.request("GET", info["url"]).data
+        bar = tqdm(
+            total=info["size_bytes"], unit="B", unit_scale=True, desc=f"load {file}", disable=not self.progress, leave=True
+        )
+        r = self.raw.request("GET", info["url"], stream=True)
+        try:
+            pieces = []
+            for piece in r.stream(CHUNK):
+                pieces.append(piece)
+                bar.update(len(piece))
+            data = b"".join(pieces)
+        finally:
+            r.release_conn()
+            bar.close()
         if hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise IntegrityError(f"{file}: downloaded bytes do not match sha256 {info['sha256']}")
         return data
@@ -684,6 +709,35 @@ class Client:
     def set_ttl(self, tinker_path: str, ttl_seconds: int | None) -> dict[str, Any]:
         return dict(self._call("PUT", self._path_url(tinker_path) + "/ttl", json={"ttl_seconds": ttl_seconds}))
 
+    # --- retention policies and pins (weightstore.policies) -----------------------------------
+    def pin(self, tinker_path: str) -> dict[str, Any]:
+        """Never expire the checkpoint by policy or TTL (its TTL is cleared)."""
+        return dict(self._call("POST", self._path_url(tinker_path) + "/pin"))
+
+    def unpin(self, tinker_path: str, *, ttl_seconds: int | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", self._path_url(tinker_path) + "/unpin", json={"ttl_seconds": ttl_seconds}))
+
+    def set_retention(
+        self, *, run_id: str | None = None, tenant: str | None = None, keep_last: int | None = None, keep_every: int | None = None
+    ) -> dict[str, Any]:
+        """A run's policy (``run_id``) or a tenant default (``tenant``)."""
+        url = f"/v1/runs/{run_id}/retention" if run_id is not None else f"/v1/tenants/{tenant}/retention"
+        return dict(self._call("PUT", url, json={"keep_last": keep_last, "keep_every": keep_every}))
+
+    def clear_retention(self, *, run_id: str | None = None, tenant: str | None = None) -> dict[str, Any] | None:
+        """Remove a run's policy (answers what applies now) or a tenant default."""
+        url = f"/v1/runs/{run_id}/retention" if run_id is not None else f"/v1/tenants/{tenant}/retention"
+        out = self._call("DELETE", url)
+        return None if out is None else dict(out)
+
+    def retention(self, *, run_id: str | None = None, tenant: str | None = None) -> dict[str, Any] | None:
+        """The policy in effect for a run, a tenant's default, or (neither) the list of policies."""
+        if run_id is None and tenant is None:
+            return dict(self._call("GET", "/v1/retention"))
+        url = f"/v1/runs/{run_id}/retention" if run_id is not None else f"/v1/tenants/{tenant}/retention"
+        out = self._call("GET", url)
+        return None if out is None else dict(out)
+
     def download(self, tinker_path: str, dest: str | Path) -> Path:
         """Download every file into ``dest``, verifying sha256. Files go through ``<file>.partial``
         beside a journal of the byte ranges already on disk (``_RangeJournal``): an interrupted
@@ -698,7 +752,7 @@ class Client:
             unit_scale=True,
             desc="download",
             disable=not self.progress,
-            leave=False,
+            leave=True,  # one final line stays: what was fetched
         )
         # Set when one file fails or on Ctrl-C: the other files stop starting ranges, so the command
         # ends after the ranges in flight instead of after every file (what is done stays recorded).

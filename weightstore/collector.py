@@ -11,7 +11,7 @@ it. The outermost layer (``weightstore serve``, tests) builds an object that sat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from prometheus_client.registry import Collector as MetricsCollector
@@ -36,6 +36,11 @@ class CollectorPort(Protocol):
         """Run ``phases`` (a subset of ``PHASES``) synchronously and return the ``gc_run`` id.
 
         Raises ``LeaseHeld`` when another collector is working (nothing recorded)."""
+        ...
+
+    def verify(self, ctx: Context, *, hash_sample: int) -> dict[str, Any]:
+        """Check every storage invariant (changes nothing): ``{"clean", "stats", "findings"}``,
+        each finding ``{"kind", "subject", "detail", "severity"}``."""
         ...
 
 

@@ -16,8 +16,11 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
+
+from weightstore.errors import CatalogBusy
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -60,14 +63,42 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
-    """One transaction: committed on success, rolled back on any exception."""
+    """One transaction: committed on success, rolled back on any exception.
+
+    A conflict between concurrent transactions that the database resolves by aborting one of them
+    (deadlock, serialization failure, lock timeout, SQLite's "database is locked") is transient: it
+    leaves as the retryable ``CatalogBusy`` (503 + Retry-After), never as a 500 the client would take
+    for a permanent failure."""
     with Session(engine, expire_on_commit=False) as session:
         try:
             yield session
             session.commit()
+        except sa_exc.DBAPIError as exc:
+            session.rollback()
+            if is_transient_conflict(exc):
+                raise CatalogBusy(f"the catalog is busy with a conflicting change ({transient_reason(exc)}); retry") from exc
+            raise
         except BaseException:
             session.rollback()
             raise
+
+
+# SQLSTATEs PostgreSQL uses when it aborts one of two conflicting transactions: retrying succeeds.
+TRANSIENT_SQLSTATES = {"40001": "serialization failure", "40P01": "deadlock", "55P03": "lock timeout"}
+
+
+def transient_reason(exc: sa_exc.DBAPIError) -> str | None:
+    """Why ``exc`` is a transient conflict between transactions, or ``None`` if it is not one."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate in TRANSIENT_SQLSTATES:
+        return TRANSIENT_SQLSTATES[sqlstate]
+    if isinstance(exc, sa_exc.OperationalError) and "database is locked" in str(exc.orig):
+        return "sqlite busy"
+    return None
+
+
+def is_transient_conflict(exc: sa_exc.DBAPIError) -> bool:
+    return transient_reason(exc) is not None
 
 
 def migrations_dir() -> Path:

@@ -141,6 +141,19 @@ class QuotaExceeded(InvalidRequest):
     code = "too_large"
 
 
+class TenantQuotaExceeded(InvalidRequest):
+    """An upload would take its tenant's logical bytes past the tenant's hard quota. Permanent (400):
+    retrying cannot help until something is deleted or the quota is raised."""
+
+    code = "quota_exceeded"
+
+
+class TenantDisabled(Forbidden):
+    """The key is valid but its tenant is disabled by an admin (until ``tenants enable``)."""
+
+    code = "tenant_disabled"
+
+
 # --- transient (retryable) ------------------------------------------------------------------------
 
 

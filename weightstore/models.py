@@ -122,13 +122,30 @@ class UsageEventKind(StrEnum):
     restore = "restore"  # an admin undid an expiry: cancels earlier ends
 
 
+class TenantState(StrEnum):
+    """``tenant.state``: written by ``weightstore.tenants``, read by ``auth.authenticate``. Plain VARCHAR."""
+
+    active = "active"
+    disabled = "disabled"  # its keys are refused (``tenant_disabled``) until it is enabled again
+    deleted = "deleted"  # checkpoints deleted, keys revoked; the row stays so past invoices read
+
+
 class Tenant(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=64)
+    """Permanent: run-id namespaces, ledger rows and invoices name it. ``name`` is the display name."""
     name: str = Field(max_length=128, unique=True)
     created_at: datetime = _ts()
     default_ttl_training_seconds: int | None = None
     default_ttl_sampler_seconds: int | None = None
     price_per_gb_month_usd: float | None = None
+    operator: bool = Field(default=False, sa_column=Column(sa.Boolean(), nullable=False, server_default=sa.false()))
+    """The service operator's own tenant (the bootstrap ``admin``): not billed, never disabled or deleted."""
+    state: str = Field(default=TenantState.active, max_length=16)
+    """A ``TenantState`` value."""
+    quota_bytes: int | None = Field(default=None, sa_column=Column(sa.BigInteger(), nullable=True))
+    """Hard quota on logical bytes (``weightstore.tenants.usage``), checked at upload declare; None = none."""
+    soft_quota_bytes: int | None = Field(default=None, sa_column=Column(sa.BigInteger(), nullable=True))
+    """Warning threshold shown in the admin UI and ``/metrics``; never refuses anything."""
 
 
 class ApiKey(SQLModel, table=True):
@@ -174,6 +191,9 @@ class TrainingRun(SQLModel, table=True):
     created_at: datetime = _ts(index=True)
     last_request_time: datetime = _ts()
     copied_from_run_id: str | None = Field(default=None, max_length=200)
+    deleted_at: datetime | None = _ts(nullable=True)
+    """Set by ``runs.delete_run``: the run is gone for every read (its id stays taken); the row stays
+    because ledger rows, invoices and deleted checkpoints still name it."""
 
 
 class Checkpoint(SQLModel, table=True):
@@ -207,6 +227,34 @@ class Checkpoint(SQLModel, table=True):
     user_metadata: dict[str, str] | None = _json_col()
     copied_from_id: str | None = Field(default=None, max_length=64)
     exported_from_id: str | None = Field(default=None, max_length=64)
+    pinned: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
+    """Never expired by a retention policy or a TTL (``weightstore.policies``); pinning clears ``expires_at``."""
+
+
+class RetentionPolicy(SQLModel, table=True):
+    """A retention policy (``weightstore.policies``): a run's own (``run_id`` set) or its tenant's
+    default (``run_id`` null). A run's row replaces the tenant default as a whole."""
+
+    __tablename__ = "retention_policy"
+    __table_args__ = (
+        sa.Index(
+            "uq_retention_policy_tenant_default",
+            "tenant_id",
+            unique=True,
+            sqlite_where=sa.text("run_id IS NULL"),
+            postgresql_where=sa.text("run_id IS NULL"),
+        ),
+        sa.Index("uq_retention_policy_run", "run_id", unique=True),
+    )
+    id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(foreign_key="tenant.id", max_length=64)
+    run_id: str | None = Field(default=None, foreign_key="training_run.id", max_length=200)
+    keep_last: int | None = None
+    """Keep the newest N visible checkpoints per kind (the newest one is always kept)."""
+    keep_every: int | None = None
+    """Keep every K-th checkpoint of a kind by creation order within (run, kind), counted over every
+    checkpoint ever committed there (1-based, stable under expiry and deletion)."""
+    updated_at: datetime = _ts()
 
 
 class CheckpointFile(SQLModel, table=True):
@@ -559,3 +607,22 @@ class ArchiveCache(SQLModel, table=True):
     sha256: str = Field(max_length=64)
     size_bytes: int = _bytes_col()
     created_at: datetime = _ts()
+
+
+class InvoiceSnapshot(SQLModel, table=True):
+    """A closed month's invoice of one tenant, frozen the first time it is read or closed
+    (``weightstore.billing.invoices``). Written once, never updated: a later ledger correction of that
+    month shows up as an adjustment line on the next invoice that is not yet frozen. No foreign key
+    to ``tenant``: a deleted tenant's final invoices are kept."""
+
+    __tablename__ = "invoice_snapshot"
+    tenant_id: str = Field(primary_key=True, max_length=64)
+    month: str = Field(primary_key=True, max_length=7)
+    """``YYYY-MM`` (UTC)."""
+    number: str = Field(max_length=100, unique=True)
+    """The invoice number (``invoices.invoice_number``), stable for (tenant, month)."""
+    closed_at: datetime = _ts()
+    total_usd: str = Field(max_length=32)
+    """Charges plus adjustments, as the invoice states it (a decimal string, cents)."""
+    document: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    """The whole frozen invoice: lines, rates, adjustments and checkpoint-level rows."""

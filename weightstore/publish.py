@@ -133,7 +133,7 @@ def add_checkpoint(
     ``commit``. ``AlreadyExists`` when the name is taken and ``overwrite`` is false. The caller
     adds its audit row and maps a unique-index violation on flush to ``AlreadyExists`` (S5)."""
     run = session.get(TrainingRun, new.run_id)
-    if run is None or run.tenant_id != tenant_id:
+    if run is None or run.tenant_id != tenant_id or run.deleted_at is not None:  # deleted: `runs rm`
         raise NotFound(f"training run {new.run_id!r} not found")
     old = existing_committed(session, new.tinker_path)
     if old is not None:

@@ -1,4 +1,4 @@
-"""Training runs: create, fetch (tenant-scoped: another tenant's run is "not found"), list.
+"""Training runs: create, fetch (tenant-scoped: another tenant's run is "not found"), list, show, delete.
 
 Run ids are global, because a ``tinker://RUN/...`` path names a published checkpoint for every
 tenant and must stay unambiguous. So that no run-id operation answers differently for "another
@@ -13,21 +13,37 @@ its own namespace, decided from the id and the caller alone (``claim_run_id``):
 
 ``already_exists`` can then only mean "your tenant holds it". Tenant names are never UUID-shaped
 (``names.check_tenant_name``), so the namespaces cannot overlap.
+
+Delete (issue 12, part 5) is a soft delete: every checkpoint of the run goes through the normal
+delete path (state ``deleted``, ledger ``end``, blobs touched; the collector reclaims the bytes) and
+the run row gets ``deleted_at``, after which every read answers "not found". The row stays because
+ledger rows, invoices and the deleted checkpoints still name it, so its id is never reused.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from weightstore import audit, checkpoints
 from weightstore.auth import Principal
 from weightstore.errors import AlreadyExists, InvalidRequest, NotFound
 from weightstore.formats import check_user_metadata
-from weightstore.models import TinkerSession, TrainingRun
+from weightstore.models import (
+    Blob,
+    Checkpoint,
+    CheckpointFile,
+    CheckpointState,
+    ExportJob,
+    ExportJobState,
+    TinkerSession,
+    TrainingRun,
+)
 from weightstore.names import check_run_id
 
 SESSION_MODEL_RE = re.compile(r"^(?P<session>.+):train:[0-9]+$")
@@ -70,10 +86,12 @@ def create_run(
         raise InvalidRequest("lora_rank must be between 1 and 4096")
     check_user_metadata(user_metadata)
     run_id = claim_run_id(session, principal, run_id)
-    if session.get(TrainingRun, run_id) is not None:
+    taken = session.get(TrainingRun, run_id)
+    if taken is not None:
         # Only the caller's tenant can hold an id in its namespace (rows made before namespaces
         # existed aside), so this reveals nothing about other tenants.
-        raise AlreadyExists(f"run id {run_id!r} is already taken")
+        deleted = " by a deleted run (run ids are never reused)" if taken.deleted_at is not None else ""
+        raise AlreadyExists(f"run id {run_id!r} is already taken{deleted}")
     run = TrainingRun(
         id=run_id,
         tenant_id=principal.tenant_id,
@@ -95,13 +113,13 @@ def create_run(
 
 def get_run(session: Session, principal: Principal, run_id: str) -> TrainingRun:
     run = session.get(TrainingRun, run_id)
-    if run is None or run.tenant_id != principal.tenant_id:
+    if run is None or run.tenant_id != principal.tenant_id or run.deleted_at is not None:
         raise NotFound(f"training run {run_id!r} not found")
     return run
 
 
 def list_runs(session: Session, principal: Principal, *, limit: int = 20, offset: int = 0) -> tuple[list[TrainingRun], int]:
-    base = select(TrainingRun).where(TrainingRun.tenant_id == principal.tenant_id)
+    base = select(TrainingRun).where(TrainingRun.tenant_id == principal.tenant_id, col(TrainingRun.deleted_at).is_(None))
     total = session.exec(select(sa.func.count()).select_from(base.subquery())).one()
     rows = session.exec(
         base.order_by(col(TrainingRun.created_at).desc(), col(TrainingRun.id).desc()).offset(offset).limit(limit)
@@ -112,3 +130,113 @@ def list_runs(session: Session, principal: Principal, *, limit: int = 20, offset
 def touch(session: Session, run: TrainingRun, now: datetime) -> None:
     run.last_request_time = now
     session.add(run)
+
+
+# --- show and delete (issue 12, part 5) ----------------------------------------------------------
+@dataclass(frozen=True)
+class KindCount:
+    """Visible checkpoints of one kind in a run."""
+
+    kind: str
+    count: int
+    size_bytes: int
+    """Logical bytes (sum of the checkpoints' sizes; shared blobs counted once per checkpoint)."""
+
+
+@dataclass(frozen=True)
+class RunDetail:
+    run: TrainingRun
+    kinds: list[KindCount]
+    """One entry per kind that has visible checkpoints, sorted by kind."""
+    checkpoint_count: int
+    size_bytes: int
+    active_exports: list[str]
+    """Ids of export jobs of this run's checkpoints still queued or running (they block delete)."""
+
+
+def _active_exports(session: Session, run_id: str) -> list[str]:
+    """Export jobs whose source is a checkpoint of ``run_id`` and that have not finished."""
+    sources = sa.select(col(Checkpoint.id)).where(col(Checkpoint.run_id) == run_id)
+    rows = session.exec(
+        select(ExportJob.id)
+        .where(col(ExportJob.source_checkpoint_id).in_(sources), col(ExportJob.state).not_in(ExportJobState.finished()))
+        .order_by(col(ExportJob.created_at), col(ExportJob.id))
+    ).all()
+    return list(rows)
+
+
+def run_detail(session: Session, principal: Principal, run_id: str, *, now: datetime) -> RunDetail:
+    """The run with its visible checkpoints counted per kind and its unfinished export jobs."""
+    run = get_run(session, principal, run_id)
+    rows = session.execute(
+        sa.select(col(Checkpoint.kind), sa.func.count(), sa.func.coalesce(sa.func.sum(Checkpoint.size_bytes), 0))
+        .where(col(Checkpoint.run_id) == run_id, checkpoints.visible_clause(now))
+        .group_by(col(Checkpoint.kind))
+        .order_by(col(Checkpoint.kind))
+    ).all()
+    kinds = [KindCount(kind, int(n), int(b)) for kind, n, b in rows]
+    return RunDetail(
+        run=run,
+        kinds=kinds,
+        checkpoint_count=sum(k.count for k in kinds),
+        size_bytes=sum(k.size_bytes for k in kinds),
+        active_exports=_active_exports(session, run_id),
+    )
+
+
+def end_run(session: Session, run: TrainingRun, *, now: datetime) -> int:
+    """Delete every checkpoint of ``run`` still holding bytes for its tenant and mark the run deleted;
+    returns how many checkpoints were deleted. No permission or export check: ``delete_run`` does them.
+
+    Committed checkpoints take the normal delete path (``checkpoints.end_checkpoint``: ledger ``end``
+    at now, or at ``expires_at`` for one whose TTL already passed, so nothing past its TTL is billed);
+    expired ones (in the trash, already ended in the ledger) become ``deleted`` too: a deleted run's
+    checkpoints are not restorable."""
+    q = select(Checkpoint).where(
+        Checkpoint.run_id == run.id,
+        col(Checkpoint.state).in_([CheckpointState.committed.value, CheckpointState.expired.value]),
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        q = q.with_for_update()
+    n = 0
+    for ckpt in session.exec(q).all():
+        if ckpt.state == CheckpointState.committed.value:
+            at = now if ckpt.expires_at is None or ckpt.expires_at > now else ckpt.expires_at
+            checkpoints.end_checkpoint(session, ckpt, state=CheckpointState.deleted, at=at, now=now)
+        else:
+            ckpt.state, ckpt.deleted_at = CheckpointState.deleted.value, now
+            session.add(ckpt)
+            shas = sa.select(col(CheckpointFile.sha256)).where(col(CheckpointFile.checkpoint_id) == ckpt.id)
+            session.execute(sa.update(Blob).where(col(Blob.sha256).in_(shas)).values(last_referenced_at=now))
+        n += 1
+    run.deleted_at = now
+    session.add(run)
+    session.flush()
+    return n
+
+
+def delete_run(session: Session, principal: Principal, run_id: str, *, now: datetime, request_id: str | None = None) -> int:
+    """``runs rm``: refuse (``InvalidRequest``, naming the jobs) while export jobs of the run are
+    queued or running, else ``end_run``. Returns the number of checkpoints deleted."""
+    principal.require_write()
+    run = get_run(session, principal, run_id)
+    if session.get_bind().dialect.name == "postgresql":
+        session.exec(select(TrainingRun).where(TrainingRun.id == run_id).with_for_update()).first()
+    active = _active_exports(session, run_id)
+    if active:
+        raise InvalidRequest(
+            f"run {run_id!r} has {len(active)} export job(s) queued or running ({', '.join(active)}); "
+            "wait for them to finish or cancel them (`weightstore exports cancel JOB`), then retry"
+        )
+    n = end_run(session, run, now=now)
+    audit.record(
+        session,
+        at=now,
+        action="run.delete",
+        tenant_id=principal.tenant_id,
+        key_id=principal.key_id,
+        target=run_id,
+        request_id=request_id,
+        checkpoints=n,
+    )
+    return n

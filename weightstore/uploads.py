@@ -43,7 +43,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import Session, col, select
 
-from weightstore import audit, blobs, formats, publish, retention, runs
+from weightstore import audit, blobs, checkpoints, formats, publish, retention, runs, tenants
 from weightstore.auth import Principal
 from weightstore.blobs import BlobWriter, single_put_limit
 from weightstore.context import Context
@@ -54,6 +54,7 @@ from weightstore.errors import (
     IntegrityError,
     InvalidRequest,
     NotFound,
+    TenantQuotaExceeded,
     UploadExpired,
     UploadIncomplete,
 )
@@ -159,16 +160,28 @@ def declare(ctx: Context, principal: Principal, req: UploadRequest) -> UploadAns
     for _ in range(DECLARE_ATTEMPTS):
         with session_scope(ctx.engine) as session:
             ttl, owned = _check_declare(session, principal, req)
+            _check_quota(session, principal, req, now=ctx.clock.now(), lock=False)  # early: before presigning
         answers, rows = _answer_files(ctx, upload_id, req, owned)
         now = ctx.clock.now()
-        with session_scope(ctx.engine) as session:
-            # S2/S7 across the two transactions: a blob answered "present" in the first one may have
-            # been tombstoned since. Re-read it under the collector's row locks before the upload's
-            # rows make it referenced; if it is no longer live, answer again (it will be "send it").
-            if blobs.lock_live(session, [r.sha256 for r in rows if r.transfer == "present"])[1]:
-                continue
-            expiry = ctx.settings.upload_expiry_seconds
-            upload = _record_upload(session, principal, req, upload_id, ttl, rows, now=now, expiry=expiry)
+        try:
+            with session_scope(ctx.engine) as session:
+                # S2/S7 across the two transactions: a blob answered "present" in the first one may have
+                # been tombstoned since. Re-read it under the collector's row locks before the upload's
+                # rows make it referenced; if it is no longer live, answer again (it will be "send it").
+                # Every declared row is locked, not only the reused ones: the upload then touches them all,
+                # and two declares locking different subsets first would deadlock on PostgreSQL.
+                _, not_live = blobs.lock_live(session, [r.sha256 for r in rows])
+                if {r.sha256 for r in rows if r.transfer == "present"} & set(not_live):
+                    continue
+                # again under the tenant's row lock: concurrent declares never overshoot together
+                _check_quota(session, principal, req, now=now, lock=True)
+                expiry = ctx.settings.upload_expiry_seconds
+                upload = _record_upload(session, principal, req, upload_id, ttl, rows, now=now, expiry=expiry)
+        except TenantQuotaExceeded:
+            for r in rows:  # nothing was recorded: the multipart uploads started for it go too
+                if r.multipart_upload_id and r.staging_key:
+                    ctx.store.abort_multipart(r.staging_key, r.multipart_upload_id)
+            raise
         return UploadAnswer(upload_id, upload.expires_at, str(req.tinker_path), answers)
     raise CatalogBusy("the blobs this upload would reuse are being collected right now; retry shortly")
 
@@ -194,6 +207,18 @@ def _check_declare(session: Session, principal: Principal, req: UploadRequest) -
         ).all()
     )
     return ttl, owned
+
+
+def _check_quota(session: Session, principal: Principal, req: UploadRequest, *, now: datetime, lock: bool) -> None:
+    """The tenant's hard quota (``tenants.check_quota``) for this declare's logical bytes; an
+    overwrite is credited with the visible checkpoint it replaces."""
+    replaced = 0
+    if req.overwrite:
+        old = publish.existing_committed(session, req.tinker_path)
+        if old is not None and old.tenant_id == principal.tenant_id and checkpoints.is_visible(old, now):
+            replaced = old.size_bytes
+    requested = sum(f.size_bytes for f in req.files)
+    tenants.check_quota(session, principal.tenant_id, requested, now=now, replaced=replaced, lock=lock)
 
 
 def _answer_files(ctx: Context, upload_id: str, req: UploadRequest, owned: set[str]) -> tuple[list[FileAnswer], list[UploadFile]]:

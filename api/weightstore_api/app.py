@@ -23,16 +23,28 @@ from weightstore.collector import CollectorPort
 from weightstore.context import Context
 from weightstore.errors import WeightstoreError
 
+from .deps import CurrentPrincipal
 from .errors import http_error_handler, validation_error_handler, weightstore_error_handler
 from .limits import JsonBodyLimit
-from .observability import REGISTRY, request_context
-from .routers import admin, billing, exports, gc, native, tinker, tinker_sessions
+from .observability import REGISTRY, request_context, tenant_quota_metrics
+from .routers import admin, billing, exports, gc, native, retention, tenants, tinker, tinker_sessions, trash
 
 # A background service started with the app and stopped with it: returns its stop function.
 Background = Callable[[Context], Callable[[], None]]
 
 
-ROUTERS = (admin.router, billing.router, exports.router, gc.router, native.router, tinker.router, tinker_sessions.router)
+ROUTERS = (
+    admin.router,
+    billing.router,
+    exports.router,
+    gc.router,
+    native.router,
+    retention.router,
+    tenants.router,
+    tinker.router,
+    tinker_sessions.router,
+    trash.router,
+)
 
 
 def create_app(ctx: Context, *, background: Sequence[Background] = (), collector: CollectorPort | None = None) -> FastAPI:
@@ -78,6 +90,16 @@ def create_app(ctx: Context, *, background: Sequence[Background] = (), collector
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/v1/version", operation_id="version", tags=["ops"])
+    def version() -> dict[str, str]:
+        """The server's version (``weightstore doctor`` compares it with the CLI's); no key needed."""
+        return {"version": app.version}
+
+    @app.get("/v1/whoami", operation_id="whoami", tags=["ops"])
+    def whoami(principal: CurrentPrincipal) -> dict[str, str]:
+        """The caller's key id, tenant and role (``weightstore doctor`` checks the role with it)."""
+        return {"key_id": principal.key_id, "tenant_id": principal.tenant_id, "role": principal.role.value}
+
     @app.get("/readyz", operation_id="readyz", tags=["ops"])
     def readyz(request: Request) -> JSONResponse:
         problems: dict[str, str] = {}
@@ -95,7 +117,7 @@ def create_app(ctx: Context, *, background: Sequence[Background] = (), collector
 
     @app.get("/metrics", operation_id="metrics", tags=["ops"], include_in_schema=False)
     def metrics() -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(REGISTRY) + tenant_quota_metrics(ctx), media_type=CONTENT_TYPE_LATEST)
 
     for router in ROUTERS:
         app.include_router(router)

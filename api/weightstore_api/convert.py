@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from sqlmodel import Session
 
-from weightstore import checkpoints
+from weightstore import checkpoints, policies
 from weightstore.models import ApiKey, Checkpoint, TrainingRun
 from weightstore.names import TinkerPath
 
-from .schemas import CheckpointFilePublic, CheckpointPublic, KeyPublic, RunPublic
+from .schemas import CheckpointFilePublic, CheckpointPublic, KeyPublic, RetentionPolicyPublic, RunPublic
 
 
 def run_public(run: TrainingRun) -> RunPublic:
@@ -27,10 +27,28 @@ def run_public(run: TrainingRun) -> RunPublic:
     )
 
 
-def checkpoint_public(ckpt: Checkpoint, session: Session | None = None) -> CheckpointPublic:
+def retention_public(policy: policies.EffectivePolicy | None) -> RetentionPolicyPublic | None:
+    if policy is None:
+        return None
+    return RetentionPolicyPublic(
+        scope="run" if policy.scope == "run" else "tenant",
+        tenant_id=policy.tenant_id,
+        run_id=policy.run_id,
+        keep_last=policy.keep_last,
+        keep_every=policy.keep_every,
+        rule=policy.rule,
+        updated_at=policy.updated_at,
+    )
+
+
+def checkpoint_public(
+    ckpt: Checkpoint, session: Session | None = None, *, policy: policies.EffectivePolicy | None = None
+) -> CheckpointPublic:
+    """``session`` given: with its files and the retention policy in effect (else ``policy``)."""
     path = TinkerPath(ckpt.run_id, ckpt.kind, ckpt.name)
     files = None
     if session is not None:
+        policy = policies.effective_for_runs(session, [ckpt.run_id]).get(ckpt.run_id)
         files = [
             CheckpointFilePublic(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256)
             for f in checkpoints.files_of(session, ckpt)
@@ -47,6 +65,8 @@ def checkpoint_public(ckpt: Checkpoint, session: Session | None = None) -> Check
         public=ckpt.public,
         user_metadata=ckpt.user_metadata,
         files=files,
+        pinned=ckpt.pinned,
+        retention=retention_public(policy),
     )
 
 

@@ -47,6 +47,7 @@ ERROR_TABLE: tuple[ErrorMapping, ...] = (
     ErrorMapping(e.Conflict, 409, {"x-should-retry": "false"}),  # Tinker: publish/unpublish when already in that state
     ErrorMapping(e.SessionFinished, 410),  # Tinker: stops the SDK's heartbeat loop
     ErrorMapping(e.QuotaExceeded, 413),
+    ErrorMapping(e.TenantQuotaExceeded, 400),  # permanent: never 413/429/5xx (issue 12, part 2)
     ErrorMapping(e.InvalidRequest, 400),  # names, paths, TTL, formats, integrity, incomplete/expired uploads
     ErrorMapping(e.AlreadyExists, 400),  # permanent: never 409, the SDK would retry it
     ErrorMapping(e.InUse, 400),

@@ -11,7 +11,11 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 
 from fastapi import Request, Response
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from weightstore import tenants
+from weightstore.context import Context
+from weightstore.db import session_scope
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
@@ -22,6 +26,31 @@ BYTES_RECEIVED = Counter(
     "weightstore_upload_bytes_total", "Bytes received through the streaming upload endpoint", registry=REGISTRY
 )
 CHECKPOINTS_COMMITTED = Counter("weightstore_checkpoints_committed_total", "Checkpoints committed", ["kind"], registry=REGISTRY)
+
+
+def tenant_quota_metrics(ctx: Context) -> bytes:
+    """Per-tenant quota gauges, computed on each scrape from the catalog (two grouped statements):
+    ``weightstore_tenant_used_bytes`` for every tenant not deleted, and for tenants with a (soft)
+    quota its size and ``used / quota`` (``..._quota_used_ratio``, ``..._soft_quota_used_ratio``:
+    alert at >= 1). A fresh registry per scrape, so a deleted tenant's series disappear."""
+    reg = CollectorRegistry()
+    used_g = Gauge("weightstore_tenant_used_bytes", "Logical bytes counted against the quota", ["tenant"], registry=reg)
+    quota_g = Gauge("weightstore_tenant_quota_bytes", "Hard quota (logical bytes)", ["tenant"], registry=reg)
+    soft_g = Gauge("weightstore_tenant_soft_quota_bytes", "Soft quota (logical bytes)", ["tenant"], registry=reg)
+    ratio_g = Gauge("weightstore_tenant_quota_used_ratio", "Used bytes / hard quota", ["tenant"], registry=reg)
+    soft_ratio_g = Gauge("weightstore_tenant_soft_quota_used_ratio", "Used bytes / soft quota", ["tenant"], registry=reg)
+    now = ctx.clock.now()
+    with session_scope(ctx.engine) as session:
+        rows = tenants.list_tenants(session, include_deleted=False)
+        used = tenants.usage_all(session, now=now)
+    for t in rows:
+        n = used[t.id].used_bytes if t.id in used else 0
+        used_g.labels(t.id).set(n)
+        for limit, size_g, share_g in ((t.quota_bytes, quota_g, ratio_g), (t.soft_quota_bytes, soft_g, soft_ratio_g)):
+            if limit is not None:
+                size_g.labels(t.id).set(limit)
+                share_g.labels(t.id).set(n / limit if limit else float("inf") if n else 0.0)
+    return generate_latest(reg)
 
 
 class JsonFormatter(logging.Formatter):

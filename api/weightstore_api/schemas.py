@@ -119,6 +119,8 @@ class CheckpointPublic(BaseModel):
     public: bool
     user_metadata: dict[str, str] | None
     files: list[CheckpointFilePublic] | None = None
+    pinned: bool = Field(False, description="never expired by a retention policy or a TTL")
+    retention: RetentionPolicyPublic | None = Field(None, description="the retention policy in effect for its run (none: null)")
 
 
 class CheckpointsPublic(BaseModel):
@@ -153,6 +155,7 @@ class KeyCreate(Strict):
     tenant: str = Field(min_length=1, max_length=64)
     role: str = Field(description="trainer, reader or admin")
     name: str | None = Field(default=None, max_length=128)
+    create_tenant: bool = Field(default=False, description="create the tenant if it does not exist (else: 404 not_found)")
 
 
 class KeyPublic(BaseModel):
@@ -327,3 +330,147 @@ class UsagePublic(BaseModel):
     total_byte_seconds: int
     total_cost_usd: str
     rounding: str = "each row rounded half-even to the cent; total = sum of rows"
+
+
+# --- collector reports (issue 12, part 6): every report names what it checked ------------------
+class GcCheckedPublic(BaseModel):
+    catalog: str
+    """The catalog's SQLAlchemy URL, password hidden (``***``)."""
+    store: str
+    """The S3 endpoint URL."""
+    bucket: str
+
+
+class GcVerifyPublic(BaseModel):
+    checked: GcCheckedPublic
+    clean: bool
+    stats: dict[str, int]
+    findings: list[dict[str, str]]
+    """Each ``{"kind", "subject", "detail", "severity"}`` (``error`` or ``warning``)."""
+
+
+class GcLeasePublic(BaseModel):
+    owner: str
+    token: int
+    heartbeat_at: datetime
+    expires_at: datetime
+    active: bool
+
+
+class GcStatusPublic(BaseModel):
+    checked: GcCheckedPublic
+    lease: GcLeasePublic | None
+    runs: list[GcRunPublic]
+
+
+# --- trash and run detail (issue 12, parts 4 and 5) ----------------------------------------------
+class TrashEntryPublic(BaseModel):
+    tinker_path: str
+    checkpoint_id: str
+    kind: str
+    size_bytes: int
+    expired_at: datetime
+    restorable_until: datetime = Field(description="Guaranteed: expired_at + the collector's grace period.")
+    collected_by: datetime = Field(
+        description="When the collector, on schedule, will have released it (restorable_until + its interval)."
+    )
+
+
+class TrashPublic(BaseModel):
+    checkpoints: list[TrashEntryPublic]
+
+
+class TrashRestoreCreate(Strict):
+    path: str = Field(min_length=1, max_length=1000, description="tinker://RUN/KIND/NAME of an expired checkpoint.")
+    ttl_seconds: int | None = Field(None, description="New TTL counted from now; absent = no expiry.")
+
+
+class RunKindPublic(BaseModel):
+    kind: str
+    count: int
+    size_bytes: int
+
+
+class RunDetailPublic(RunPublic):
+    checkpoint_count: int
+    size_bytes: int
+    kinds: list[RunKindPublic]
+    active_exports: list[str]
+
+
+class RunDeletedPublic(BaseModel):
+    run_id: str
+    checkpoints_deleted: int
+
+
+# --- tenants (routers/tenants.py) -----------------------------------------------------------------
+QuotaBytes = Annotated[int | None, Field(default=None, ge=0, description="bytes; null: no quota")]
+
+
+class TenantCreate(Strict):
+    name: str = Field(min_length=1, max_length=64, description="becomes the permanent id as well")
+    price_per_gb_month_usd: float | None = Field(default=None, ge=0, description="price override; null: list price")
+    quota_bytes: QuotaBytes = None
+    soft_quota_bytes: QuotaBytes = None
+
+
+class TenantUpdate(Strict):
+    """Only the fields sent change; an explicit null clears a price override or a quota."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=64, description="new display name (the id stays)")
+    price_per_gb_month_usd: float | None = Field(default=None, ge=0)
+    quota_bytes: QuotaBytes = None
+    soft_quota_bytes: QuotaBytes = None
+
+
+class TenantPublic(BaseModel):
+    tenant_id: str
+    name: str
+    state: str = Field(description="active, disabled or deleted")
+    operator: bool = Field(description="the operator's own tenant: not billed")
+    created_at: datetime
+    price_per_gb_month_usd: float | None
+    quota_bytes: int | None
+    soft_quota_bytes: int | None
+    used_bytes: int = Field(description="logical bytes counted against the quota: visible checkpoints + open uploads")
+    stored_bytes: int
+    reserved_bytes: int
+    default_ttl_training_seconds: int | None
+    default_ttl_sampler_seconds: int | None
+
+
+class TenantsPublic(BaseModel):
+    tenants: list[TenantPublic]
+
+
+class TenantDeleted(TenantPublic):
+    checkpoints_deleted: int
+    keys_revoked: int
+    uploads_aborted: int
+    exports_cancelled: int
+
+
+# --- retention policies and pins (weightstore.policies) -----------------------------------------
+class RetentionPolicyUpdate(Strict):
+    keep_last: int | None = Field(None, ge=1, le=1_000_000, description="keep the newest N checkpoints per kind")
+    keep_every: int | None = Field(
+        None, ge=1, le=1_000_000, description="keep every K-th checkpoint per kind, by creation order in (run, kind)"
+    )
+
+
+class RetentionPolicyPublic(BaseModel):
+    scope: Literal["run", "tenant"] = Field(description="run: the run's own policy; tenant: the tenant default")
+    tenant_id: str
+    run_id: str | None
+    keep_last: int | None
+    keep_every: int | None
+    rule: str = Field(description="the rules in words, e.g. 'keep_last=3, keep_every=10'")
+    updated_at: datetime
+
+
+class RetentionPoliciesPublic(BaseModel):
+    policies: list[RetentionPolicyPublic]
+
+
+class UnpinUpdate(Strict):
+    ttl_seconds: int | None = Field(None, description="a new TTL from now; absent: none (its TTL before the pin is not restored)")

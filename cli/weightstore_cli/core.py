@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from weightstore_cli.common import FORMAT_OPTION, KEY_OPTION, URL_OPTION, client, confirm, emit, err, handle_errors
+from weightstore_cli.common import (
+    BYTES_OPTION,
+    EXIT_USAGE,
+    FORMAT_OPTION,
+    KEY_OPTION,
+    URL_OPTION,
+    client,
+    confirm,
+    emit,
+    err,
+    handle_errors,
+)
 
 keys_app = typer.Typer(help="API keys: create (admin), list, revoke.", no_args_is_help=True)
 runs_app = typer.Typer(help="Training runs.", no_args_is_help=True)
 
-CKPT_COLUMNS = ["tinker_path", "kind", "size_bytes", "created_at", "expires_at"]
+CKPT_COLUMNS = ["checkpoint", "size_bytes", "created_at", "expires_at"]  # table, under a tinker://RUN/ heading
+CKPT_DATA_COLUMNS = ["tinker_path", "kind", "size_bytes", "created_at", "expires_at"]  # csv
 
 
 def serve() -> None:
@@ -27,6 +41,9 @@ def serve() -> None:
     from weightstore_api.observability import configure_logging
 
     settings = Settings()
+    # Bind first: a busy port is one line and exit 1, before any bootstrap key or store is made.
+    sock = bind_port(settings.host, settings.port)
+    port = int(sock.getsockname()[1])
     configure_logging(settings.log_level, settings.log_json)
     err(f"weightstore: starting (data dir {settings.data_dir.resolve()})")
     running = bootstrap.start(settings, migrate=settings.auto_migrate)
@@ -56,7 +73,7 @@ def serve() -> None:
     # code after uvicorn.run() is not a reliable place to stop the embedded S3 store.
     background.insert(0, lambda _ctx: running.close)
     app = create_app(ctx, background=background, collector=collector)
-    url = f"http://{settings.host}:{settings.port}"
+    url = f"http://{settings.host}:{port}"
     typer.echo(f"weightstore listening on {url}", err=True)
     typer.echo(f"  S3 store: {ctx.settings.s3_endpoint_url} (bucket {settings.s3_bucket})", err=True)
     typer.echo(f"  catalog:  {settings.resolved_database_url.split('@')[-1]}", err=True)
@@ -64,9 +81,30 @@ def serve() -> None:
         typer.echo(f"  bootstrap admin key (shown once): {admin_key}", err=True)
         typer.echo(f"  export WEIGHTSTORE_URL={url} WEIGHTSTORE_API_KEY={admin_key}", err=True)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         running.close()
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or one line on stderr and exit 1 (nothing else printed)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            err(f"port {port} is in use; set WEIGHTSTORE_PORT")
+        else:
+            err(f"cannot listen on {host}:{port} ({exc.strerror}); set WEIGHTSTORE_HOST and WEIGHTSTORE_PORT")
+        raise typer.Exit(1) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def migrate() -> None:
@@ -84,13 +122,16 @@ def keys_create(
     tenant: str = typer.Option(..., "--tenant"),
     role: str = typer.Option("trainer", "--role"),
     name: str = typer.Option(None, "--name"),
+    create_tenant: bool = typer.Option(False, "--create-tenant", help="Create TENANT if it does not exist (else refused)."),
     url: str = URL_OPTION,
     api_key: str = KEY_OPTION,
     fmt: str = FORMAT_OPTION,
 ) -> None:
-    """Create an API key for TENANT (created if new) with ROLE trainer|reader|admin. Prints the key once."""
+    """Create an API key for TENANT with ROLE trainer|reader|admin. Prints the key once. An unknown
+    TENANT is refused unless --create-tenant (or create it first: weightstore tenants create)."""
+    body = {"tenant": tenant, "role": role, "name": name, "create_tenant": create_tenant}
     with handle_errors(), client(url, api_key) as c:
-        row = c._call("POST", "/v1/keys", json={"tenant": tenant, "role": role, "name": name})
+        row = c._call("POST", "/v1/keys", json=body)
     if fmt == "json":
         emit(row, fmt)
     else:
@@ -144,6 +185,31 @@ def runs_ls(
     emit(rows, fmt, ["run_id", "base_model", "lora_rank", "created_at", "last_request_time"])
 
 
+@runs_app.command("show")
+def runs_show(run: str, url: str = URL_OPTION, api_key: str = KEY_OPTION, fmt: str = FORMAT_OPTION) -> None:
+    """A run, its visible checkpoints per kind (count, bytes) and its unfinished export jobs."""
+    with handle_errors(), client(url, api_key) as c:
+        d = c._call("GET", f"/v1/runs/{run}")
+    if fmt != "table":
+        emit(d, fmt)
+        return
+    emit(d, fmt, ["run_id", "base_model", "lora_rank", "trainable", "created_at", "checkpoint_count", "size_bytes"])
+    if d["kinds"]:
+        emit(d["kinds"], fmt, ["kind", "count", "size_bytes"])
+    if d["active_exports"]:
+        err(f"export jobs queued or running: {', '.join(d['active_exports'])}")
+
+
+@runs_app.command("rm")
+def runs_rm(run: str, yes: bool = typer.Option(False, "-y", "--yes"), url: str = URL_OPTION, api_key: str = KEY_OPTION) -> None:
+    """Delete RUN and all its checkpoints (bytes reclaimed by the collector). Refused while export
+    jobs of the run are queued or running."""
+    confirm(f"delete run {run} and all its checkpoints", yes)
+    with handle_errors(), client(url, api_key) as c:
+        res = c._call("DELETE", f"/v1/runs/{run}")
+    err(f"deleted run {run} ({res['checkpoints_deleted']} checkpoint(s))")
+
+
 def upload(
     directory: Path = typer.Argument(..., exists=True, file_okay=False),
     run: str = typer.Option(..., "--run"),
@@ -160,8 +226,9 @@ def upload(
     kinds = {"state": "training", "training": "training", "sampler": "sampler"}
     if kind not in kinds:
         err("--kind must be state or sampler")
-        raise typer.Exit(2)
-    with handle_errors(), client(url, api_key, progress=True, transfer=transfer) as c:
+        raise typer.Exit(EXIT_USAGE)
+    check_checkpoint_dir(directory, kind)
+    with handle_errors(), client(url, api_key, transfer=transfer) as c:
         res = c.upload_dir(directory, run_id=run, kind=kinds[kind], name=name, ttl_seconds=ttl, overwrite=overwrite)
     if fmt == "json":
         emit(res, fmt)
@@ -170,9 +237,25 @@ def upload(
         err(f"committed {res['checkpoint']['size_bytes']} bytes ({res['bytes_received']} transferred)")
 
 
+def check_checkpoint_dir(directory: Path, kind: str) -> None:
+    """Refuse (one line, exit 2) a directory that cannot be a checkpoint of ``kind`` (``state``/``training``
+    or ``sampler``), naming the files it must hold, before anything is hashed or sent."""
+    from weightstore.formats import REQUIRED_FILES
+
+    label = "sampler" if kind == "sampler" else "state"
+    required = REQUIRED_FILES["sampler" if kind == "sampler" else "training"]
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+    missing = [f for f in required if f not in present]
+    if not missing:
+        return
+    what = "is empty" if not present else "lacks " + ", ".join(missing)
+    err(f"{directory} {what}: a {label} checkpoint directory must hold {', '.join(required)}")
+    raise typer.Exit(EXIT_USAGE)
+
+
 def download(tinker_path: str, dest: Path, url: str = URL_OPTION, api_key: str = KEY_OPTION) -> None:
     """Download every file of a checkpoint into DEST, verifying sha256 (resumes partial files)."""
-    with handle_errors(), client(url, api_key, progress=True) as c:
+    with handle_errors(), client(url, api_key) as c:
         out = c.download(tinker_path, dest)
     typer.echo(str(out))
 
@@ -181,14 +264,26 @@ def ls(
     run: str = typer.Option(None, "--run"),
     kind: str = typer.Option(None, "--kind"),
     limit: int = typer.Option(100, "--limit"),
+    raw_bytes: bool = BYTES_OPTION,
     url: str = URL_OPTION,
     api_key: str = KEY_OPTION,
     fmt: str = FORMAT_OPTION,
 ) -> None:
-    """List checkpoints, newest first."""
+    """List checkpoints, newest first (sizes human-readable; --bytes for raw counts)."""
     with handle_errors(), client(url, api_key) as c:
         rows: list[dict[str, Any]] = c.list_checkpoints(run_id=run, kind=kind, limit=limit)["checkpoints"]
-    emit(rows, fmt, CKPT_COLUMNS)
+    if fmt != "table":
+        emit(rows, fmt, CKPT_DATA_COLUMNS)
+        return
+    # Tinker paths are ~85 characters: a table of whole paths cannot fit 100 columns, and a
+    # shortened path cannot be copied. So: one heading per run (tinker://RUN/), then its checkpoints.
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        head, _, rest = r["tinker_path"].removeprefix("tinker://").partition("/")
+        by_run.setdefault(head, []).append({**r, "checkpoint": rest})
+    for i, (run_id, items) in enumerate(by_run.items()):
+        typer.echo(("\n" if i else "") + f"tinker://{run_id}/")
+        emit(items, fmt, CKPT_COLUMNS, raw_bytes=raw_bytes)
 
 
 def rm(
@@ -203,16 +298,18 @@ def rm(
 
 def ttl(
     tinker_path: str,
-    seconds: int = typer.Option(None, "--seconds"),
+    seconds: int = typer.Option(None, "--ttl", help="TTL in seconds, counted from now."),
+    seconds_alias: int = typer.Option(None, "--seconds", hidden=True),  # the flag's old name
     remove: bool = typer.Option(False, "--remove"),
     url: str = URL_OPTION,
     api_key: str = KEY_OPTION,
     fmt: str = FORMAT_OPTION,
 ) -> None:
-    """Set a checkpoint's TTL (counted from now) or remove it."""
+    """Set a checkpoint's TTL (--ttl S, counted from now) or remove it (--remove)."""
+    seconds = seconds if seconds is not None else seconds_alias
     if (seconds is None) == (not remove):
-        err("give exactly one of --seconds S or --remove")
-        raise typer.Exit(2)
+        err("give exactly one of --ttl S or --remove")
+        raise typer.Exit(EXIT_USAGE)
     with handle_errors(), client(url, api_key) as c:
         row = c.set_ttl(tinker_path, None if remove else seconds)
     emit(row, fmt, ["tinker_path", "expires_at"])

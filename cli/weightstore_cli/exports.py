@@ -113,25 +113,32 @@ def base_rm(name: str, yes: bool = typer.Option(False, "-y", "--yes"), url: str 
 
 # --- export -----------------------------------------------------------------------------------
 def wait_for(
-    c: Any, job_ids: list[str], *, progress: bool = True, poll: float = 1.0, timeout: float | None = None
+    c: Any, job_ids: list[str], *, progress: bool | None = None, poll: float = 1.0, timeout: float | None = None
 ) -> list[dict[str, Any]]:
-    """Poll jobs until all are finished, with one tqdm bar (bytes) on stderr."""
+    """Poll jobs until all are finished, with one tqdm bar (bytes) on stderr when it is a terminal
+    (``progress=None``). The total only grows (jobs report theirs once a worker sized them), a job
+    that failed or was cancelled counts the bytes it really did, and the bar ends as one line whose
+    postfix says how the jobs ended ("failed", never "100% ... failed")."""
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, desc="export", disable=not progress, file=sys.stderr)
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc="export", disable=not show, file=sys.stderr, leave=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
             jobs = [c._call("GET", f"/v1/exports/{j}") for j in job_ids]
-            total = sum(j["total_bytes"] for j in jobs)
-            done = sum(j["total_bytes"] if j["state"] in TERMINAL else j["progress_bytes"] for j in jobs)
-            bar.total = max(total, done)
+            done = sum(j["total_bytes"] if j["state"] == "succeeded" else j["progress_bytes"] for j in jobs)
+            bar.total = max(bar.total or 0, sum(j["total_bytes"] for j in jobs), done)
             bar.n = done
+            finished = all(j["state"] in TERMINAL for j in jobs)
             states = sorted({j["state"] for j in jobs})
-            bar.set_postfix_str(",".join(states))
-            bar.refresh()
-            if all(j["state"] in TERMINAL for j in jobs):
+            bar.set_postfix_str(",".join(states), refresh=False)
+            if finished:
+                if states != ["succeeded"]:
+                    bar.desc = "export " + "/".join(s for s in states if s != "succeeded")
+                bar.refresh()
                 return jobs
+            bar.refresh()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"export jobs still running after {timeout} s")
             time.sleep(poll)
@@ -173,7 +180,7 @@ def export(
             body = {"source": paths[0], "target": to, "base_model": base, "output_name": name, "options": options}
             jobs = [c._call("POST", "/v1/exports", json={k: v for k, v in body.items() if v is not None})]
         if wait:
-            jobs = wait_for(c, [j["job_id"] for j in jobs], progress=True)
+            jobs = wait_for(c, [j["job_id"] for j in jobs])
     emit(jobs, fmt, JOB_COLUMNS if not wait else ["job_id", "state", "source", "result"])
     failed = [j for j in jobs if j["state"] in ("failed", "cancelled")]
     for j in failed:

@@ -22,10 +22,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col
 
-from weightstore import blobs, checkpoints
+from weightstore import blobs, checkpoints, policies
 from weightstore.blobs import refs
 from weightstore.context import Context
 from weightstore.db import session_scope
+from weightstore.errors import CatalogBusy
 from weightstore.models import (
     Blob,
     BlobState,
@@ -45,6 +46,7 @@ log = logging.getLogger("weightstore.gc")
 METADATA_CHUNK = 2000  # checkpoints per transaction in the expire phase: short write locks, few bound params
 STREAM_ROWS = 5000  # rows fetched at a time when a phase must look at every reference
 MAX_FINDINGS = 1000  # objects missing from the listing re-checked with HEAD: enough to diagnose a loss
+MAX_PLAN_ITEMS = 1000  # policy expiries listed one by one in a plan (the counts are always complete)
 DELETE_CONCURRENCY = 4
 """S3 DeleteObjects calls (≤1000 keys each) in flight at once during a sweep. A single call is
 bounded by the store's per-key work (SeaweedFS: ~1,000 keys/s per call); calls in parallel use
@@ -70,8 +72,9 @@ class Finding:
 
 @dataclass
 class PhaseResult:
-    plan: dict[str, int] = field(default_factory=dict)
-    """What the phase intends to do: counts and bytes, computed before any change."""
+    plan: dict[str, Any] = field(default_factory=dict)
+    """What the phase intends to do: counts and bytes, computed before any change (the expire
+    phase also lists its policy expiries under ``policy_expire``: id, path and the rule)."""
     stats: dict[str, int] = field(default_factory=dict)
     """What it did."""
     findings: list[Finding] = field(default_factory=list)
@@ -122,8 +125,10 @@ def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
 
 # --- expire ------------------------------------------------------------------------------------
 def expire(c: Collection) -> PhaseResult:
-    """TTL-elapsed checkpoints → ``expired`` (ledger ``end`` at ``expires_at``; restorable; blobs
-    touched with ``expires_at``), then checkpoints more than one grace period past ``expires_at`` →
+    """Checkpoints a retention policy no longer keeps (``weightstore.policies``) and TTL-elapsed
+    ones → ``expired`` (ledger ``end`` at ``expires_at``, which a policy expiry sets to ``now``;
+    restorable; blobs touched with ``expires_at``; pinned ones never), then checkpoints more than
+    one grace period past ``expires_at`` →
     ``deleted`` (no longer restorable: their manifest stops protecting blobs, rule G4). Both steps
     are set-based and chunked: a few statements per ``METADATA_CHUNK`` checkpoints, whatever the
     catalog size, and nothing is loaded but one chunk of ids. A checkpoint the collector first sees
@@ -133,10 +138,12 @@ def expire(c: Collection) -> PhaseResult:
     cutoff = c.grace_cutoff
     expired_or_due = col(Checkpoint.state).in_([CheckpointState.committed.value, CheckpointState.expired.value])
     with session_scope(c.ctx.engine) as s:
+        by_policy = policies.due_by_policy(s, now=c.now)
         n_due, b_due = s.execute(
             sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Checkpoint.size_bytes), 0)).where(
                 col(Checkpoint.state) == CheckpointState.committed.value,
                 col(Checkpoint.expires_at) <= c.now,
+                sa.not_(col(Checkpoint.pinned)),
             )
         ).one()
         n_rel, b_rel = s.execute(
@@ -149,10 +156,18 @@ def expire(c: Collection) -> PhaseResult:
         "expire_bytes": int(b_due),
         "release_checkpoints": int(n_rel),
         "release_bytes": int(b_rel),
+        "policy_expire_checkpoints": len(by_policy),
+        "policy_expire_bytes": sum(e.size_bytes for e in by_policy),
+        "policy_expire": [e.to_dict() for e in by_policy[:MAX_PLAN_ITEMS]],
     }
-    res.stats = {"expired": 0, "released": 0}
+    res.stats = {"expired_by_policy": 0, "expired": 0, "released": 0}
     if c.dry_run:
         return res
+    # The plan's picks, each re-checked (still visible, not pinned) in the transaction that expires it.
+    for chunk in _chunks([e.checkpoint_id for e in by_policy], METADATA_CHUNK):
+        c.check_lease()
+        with session_scope(c.ctx.engine) as s:
+            res.stats["expired_by_policy"] += len(policies.expire_by_policy(s, chunk, now=c.now))
     while True:  # each chunk re-selects what is still due: a TTL change or restore since the plan wins
         c.check_lease()
         with session_scope(c.ctx.engine) as s:
@@ -340,7 +355,7 @@ def sweep(c: Collection, mark_run_id: str) -> PhaseResult:
             chunk = [sha for sha, _, _ in page]
             try:
                 dead = _tombstone(c, chunk)
-            except sa.exc.OperationalError as exc:  # lock timeout: writers are busy; leave it to the next run
+            except (sa.exc.OperationalError, CatalogBusy) as exc:  # lock timeout: writers are busy; leave it to the next run
                 log.warning("sweep batch skipped: %s", exc)
                 res.findings.append(Finding("batch_skipped", chunk[0], "catalog busy", severity="warning"))
                 continue

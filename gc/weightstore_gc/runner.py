@@ -168,7 +168,8 @@ def _observe(rep: RunReport) -> None:
     metrics.FINDINGS.set(len(rep.errors))
     if rep.dry_run:
         return
-    metrics.EXPIRED.inc(rep.stats.get("expire", {}).get("expired", 0))
+    ex = rep.stats.get("expire", {})
+    metrics.EXPIRED.inc(ex.get("expired", 0) + ex.get("expired_by_policy", 0))
     sw = rep.stats.get("sweep", {})
     metrics.DELETED_BLOBS.inc(sw.get("deleted_objects", 0))
     metrics.DELETED_BYTES.inc(sw.get("deleted_bytes", 0))
@@ -190,3 +191,9 @@ class LocalCollector:
 
     def run(self, ctx: Context, phases: Sequence[str], *, dry_run: bool) -> str:
         return run(ctx, phases, dry_run=dry_run, hooks=self.hooks).run_id
+
+    def verify(self, ctx: Context, *, hash_sample: int) -> dict[str, Any]:
+        from .verify import verify
+
+        rep = verify(ctx, hash_sample=hash_sample)
+        return {"clean": rep.clean, "stats": rep.stats, "findings": [f.to_dict() for f in rep.findings]}

@@ -256,7 +256,7 @@ def test_reclaim_latency_bytes_gone_at_first_run_past_expires_at_plus_grace(ctx,
     expires_at = clock.now() + timedelta(seconds=HOUR)
     clock.advance(HOUR + ctx.settings.gc_interval_seconds)  # a scheduled run, up to one interval late
     rep = run(ctx)
-    assert rep.stats["expire"] == {"expired": 1, "released": 0}
+    assert rep.stats["expire"] == {"expired_by_policy": 0, "expired": 1, "released": 0}
     with session_scope(ctx.engine) as s:  # the grace of its blobs counts from expires_at, not from this run
         blob = s.get(Blob, _blob_sha(files["adapter_model.safetensors"]))
         assert blob is not None and blob.last_referenced_at == expires_at
@@ -307,7 +307,7 @@ def test_collector_down_past_grace_expires_releases_and_sweeps_in_one_run(ctx, k
     save(ctx, p, new_run(ctx, p), "late", files, ttl=HOUR)
     clock.advance(HOUR + _grace(ctx) + 1)  # no collector ran meanwhile
     rep = run(ctx)
-    assert rep.stats["expire"] == {"expired": 1, "released": 1}
+    assert rep.stats["expire"] == {"expired_by_policy": 0, "expired": 1, "released": 1}
     assert rep.stats["sweep"]["deleted_objects"] == 2
     with session_scope(ctx.engine) as s:
         ckpt = s.exec(sa.select(Checkpoint).where(Checkpoint.name == "late")).scalar_one()  # type: ignore[call-overload]

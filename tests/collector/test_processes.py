@@ -119,5 +119,5 @@ def test_two_collectors_exactly_one_works(ctx, keys, clock, tmp_path):
     assert not any(object_exists(ctx, f["adapter_model.safetensors"]) for f in doomed)
     assert download(ctx, p, pk) == keep
     assert_verified(ctx, collected=True)
-    r = subprocess.run([*CLI, "gc", "verify"], env=_env(ctx, tmp_path), capture_output=True)
+    r = subprocess.run([*CLI, "gc", "verify", "--direct"], env=_env(ctx, tmp_path), capture_output=True)
     assert r.returncode == 0, r.stderr

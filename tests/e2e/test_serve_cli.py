@@ -64,7 +64,7 @@ def test_serve_and_cli_round_trip(served):
     # the embedded S3 listens on loopback only, with auth on
     ready = httpx.get(url + "/readyz").json()
     assert ready["status"] == "ok"
-    key = cli(url, admin, "keys", "create", "--tenant", "acme", "--role", "trainer")
+    key = cli(url, admin, "keys", "create", "--tenant", "acme", "--role", "trainer", "--create-tenant")
     assert key.startswith("tml-")
     run = cli(url, key, "runs", "create", "--base-model", "tiny", "--rank", "4")
     src = tmp / "ckpt"

@@ -183,8 +183,14 @@ class Harness:
         )
 
     def _http(self, key: str) -> httpx.Client:
+        # Raw probes open a fresh connection each time: a reused keep-alive connection that the server
+        # closes at that instant is a client-side race (the product client re-sends idempotent calls).
         return httpx.Client(
-            base_url=self.base_url, headers={"X-API-Key": key}, timeout=60, event_hooks={"response": [self._on_response]}
+            base_url=self.base_url,
+            headers={"X-API-Key": key},
+            timeout=60,
+            event_hooks={"response": [self._on_response]},
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
 
     def _client(self, key: str, transfer: str = "auto") -> Client:
@@ -233,7 +239,7 @@ class Harness:
 
     # --- setup ----------------------------------------------------------------------------------
     def create_key(self, tenant: str, role: str) -> str:
-        r = self.admin.post("/v1/keys", json={"tenant": tenant, "role": role})
+        r = self.admin.post("/v1/keys", json={"tenant": tenant, "role": role, "create_tenant": True})
         assert r.status_code == 201, r.text
         return str(r.json()["api_key"])
 

@@ -171,7 +171,7 @@ class Faults:
 
     def collect(self, delay: float, kill: float) -> None:
         """``weightstore gc run``; killed after ``delay`` seconds for ``kill`` < 0.4."""
-        proc = subprocess.Popen([*CLI, "gc", "run"], env=self.svc.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen([*CLI, "gc", "run", "--direct"], env=self.svc.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if kill < 0.4:
             time.sleep(delay + 1.0)  # + interpreter start: lands anywhere from start-up to the last phase
             proc.send_signal(signal.SIGKILL)
@@ -263,7 +263,7 @@ def test_processes_killed_under_load(tmp_path, db_url, reliability_seed, reliabi
             time.sleep(3)
             faults.collect(0, 1.0)
         h.check_all("read-back after a full collection")
-        r = subprocess.run([*CLI, "gc", "verify"], env=svc.env, capture_output=True, text=True, timeout=120)
+        r = subprocess.run([*CLI, "gc", "verify", "--direct"], env=svc.env, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             h.violate("gc_verify_clean", f"`weightstore gc verify` exited {r.returncode}: {r.stdout[-800:]} {r.stderr[-400:]}")
         print(h.describe() + f", serve started {svc.starts}x, in {time.monotonic() - t0:.0f} s", flush=True)

@@ -197,7 +197,7 @@ def test_cookie_flags(server, keys):
 
 # --- key revocation rules -----------------------------------------------------------------------
 def _create(admin: httpx.Client, tenant: str, role: str) -> dict:  # type: ignore[type-arg]
-    r = admin.post("/v1/keys", json={"tenant": tenant, "role": role})
+    r = admin.post("/v1/keys", json={"tenant": tenant, "role": role, "create_tenant": True})
     assert r.status_code == 201, r.text
     return r.json()  # type: ignore[no-any-return]
 

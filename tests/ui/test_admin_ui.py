@@ -221,3 +221,94 @@ def test_another_origin_cannot_sign_in_or_out(server, keys, ctx, clock, browser)
         page.evaluate("document.getElementById('g').submit()")
     assert "Refused" in page.content()
     context.close()
+
+
+LONG_RUN = "acme:9b1d7c1e-5a4f-4e0b-8f57-2f4c1f0a6d3e"
+FITS = """els => els.map(e => [e.id || e.className, e.scrollWidth, e.clientWidth])"""
+
+
+def seed_issue12(engine, now):  # type: ignore[no-untyped-def]
+    """On top of ``seed``: acme's run with a UUID-long id and long checkpoint names (the largest and
+    expiring soon), and tenant ``tiny`` storing 0.2 GB for ten days."""
+    start = (now - timedelta(days=10)).replace(hour=0, minute=0, second=0, microsecond=0)
+    with session_scope(engine) as s:
+        s.add(Tenant(id="tiny", name="tiny", created_at=start))
+        s.flush()
+        for tid, run in (("acme", LONG_RUN), ("tiny", "tiny:run")):
+            s.add(
+                TrainingRun(
+                    id=run, tenant_id=tid, base_model="meta-llama/Llama-3.1-70B", created_at=start, last_request_time=start
+                )
+            )
+        s.flush()
+        for tid, run, name, size in (
+            ("acme", LONG_RUN, "sampler-checkpoint-step-000123456-final-merged", 9 * GB),
+            ("tiny", "tiny:run", "step-1", GB // 5),
+        ):
+            sha = f"{tid}{name}".encode().hex()[:64].ljust(64, "0")
+            s.add(Blob(sha256=sha, size_bytes=size, state="live", created_at=start, last_referenced_at=start))
+            s.flush()
+            ck = Checkpoint(
+                id=f"ck-{tid}-long",
+                tenant_id=tid,
+                run_id=run,
+                kind="sampler",
+                name=name,
+                size_bytes=size,
+                created_at=start,
+                expires_at=now + timedelta(days=2),
+            )
+            s.add(ck)
+            s.flush()
+            s.add(CheckpointFile(checkpoint_id=ck.id, path="adapter_model.safetensors", size_bytes=size, sha256=sha))
+            ledger.on_commit(s, ck, now=start)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_tenant_and_invoice_pages_issue12(server, keys, ctx, clock, browser):
+    """Issue 12, part 7: at 1280, 1366 and 1920 px no card of the tenant page scrolls or clips
+    (scrollWidth <= clientWidth) and the page has no horizontal scroll; the chart's GB axis of a
+    0.2 GB tenant reads "200 MB" (not "0.00 GB"); the dedup saving is shown with a unit that shows it;
+    the invoice page shows its number, the provisional label, the run's base model and checkpoint
+    counts; an unknown tenant is an HTML 404 page. Screenshots of the tenant page at 1280 and 1920 px."""
+    seed(ctx.engine, clock.now())
+    seed_issue12(ctx.engine, clock.now())
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1366, "height": 900})
+    page = context.new_page()
+    sign_in(page, server.url, keys.admin)
+    for width in (1280, 1366, 1920):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.goto(server.url + "/admin/tenants/acme")
+        assert "sampler-checkpoint-step-000123456-final-merged" in page.locator("#largest").inner_text()
+        cards = page.locator("section.card").evaluate_all(FITS)
+        assert cards and all(sw <= cw for _, sw, cw in cards), (width, cards)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), width
+        if width in (1280, 1920):
+            page.screenshot(path=str(SHOTS / f"admin-tenant-{width}.png"), full_page=True)
+            if page.locator("#trash").count():
+                page.locator("#trash").locator("xpath=..").screenshot(path=str(SHOTS / f"admin-trash-{width}.png"))
+    saving = page.locator("#dedup-saving").inner_text()
+    number, unit = saving.split(" (")[0].split(" ")
+    assert unit in ("MB", "GB", "TB") and Decimal(number) > 0 and saving.endswith("%)")
+
+    page.goto(server.url + "/admin/tenants/tiny?days=7")
+    assert page.locator("#axis-gb-max").text_content() == "200 MB"
+    assert page.locator("#logical-gb").inner_text() == "200 MB"
+
+    month = clock.now().strftime("%Y-%m")
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.goto(server.url + f"/admin/tenants/tiny/invoices/{month}")
+    assert page.locator("#invoice-number").inner_text() == f"WS-tiny-{month.replace('-', '')}"
+    assert page.locator("#invoice-status").inner_text() == "Provisional · to date"
+    assert page.locator("#invoice-lines tbody tr .base-model").all_inner_texts() == ["meta-llama/Llama-3.1-70B"]
+    assert page.locator("#invoice-lines tbody tr .count").all_inner_texts() == ["1"]
+    page.screenshot(path=str(SHOTS / "admin-invoice-provisional.png"), full_page=True)
+
+    resp = page.goto(server.url + "/admin/tenants/nope")
+    assert resp is not None and resp.status == 404
+    assert resp.headers["content-type"].startswith("text/html")
+    assert page.locator("#error").inner_text() == "tenant nope not found"
+    resp = page.goto(server.url + "/admin/tenants/acme/invoices/2026-13")
+    assert resp is not None and resp.status == 400 and resp.headers["content-type"].startswith("text/html")
+    context.close()

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.sql.elements import SQLCoreOperations
 from sqlmodel import Session, col
 
 from weightstore.billing.intervals import lock_intervals, refresh_intervals
@@ -91,11 +92,18 @@ def on_restore(session: Session, ckpt: Checkpoint, *, now: datetime) -> None:
     _record_checkpoint(session, ckpt, UsageEventKind.restore, now, now)
 
 
-def on_end_expired(session: Session, checkpoint_ids: Sequence[str], *, now: datetime) -> None:
+def on_end_expired(session: Session, checkpoint_ids: Sequence[str], *, now: datetime, at: datetime | None = None) -> None:
     """Bulk ``on_end`` for TTL expiries: one ``end`` event per checkpoint, each stamped at its own
-    ``expires_at`` (one INSERT ... SELECT; the caller holds the rows, e.g. via UPDATE ... RETURNING)."""
+    ``expires_at`` (one INSERT ... SELECT; the caller holds the rows, e.g. via UPDATE ... RETURNING).
+    With ``at`` (a tenant delete) each is stamped at ``at``, or at its ``expires_at`` if that came first."""
     if not checkpoint_ids:
         return
+    end_at: SQLCoreOperations[datetime | None] = col(Checkpoint.expires_at)
+    if at is not None:
+        end_at = sa.case(
+            (sa.and_(col(Checkpoint.expires_at).is_not(None), col(Checkpoint.expires_at) < at), col(Checkpoint.expires_at)),
+            else_=sa.literal(at, UTCDateTime()),
+        )
     cols = ["tenant_id", "run_id", "checkpoint_id", "kind", "event", "at", "size_bytes", "expires_at", "recorded_at"]
     rows = sa.select(
         col(Checkpoint.tenant_id),
@@ -103,7 +111,7 @@ def on_end_expired(session: Session, checkpoint_ids: Sequence[str], *, now: date
         col(Checkpoint.id),
         col(Checkpoint.kind),
         sa.literal(UsageEventKind.end.value, sa.String()),
-        col(Checkpoint.expires_at),
+        end_at,
         col(Checkpoint.size_bytes),
         col(Checkpoint.expires_at),
         sa.literal(now, UTCDateTime()),

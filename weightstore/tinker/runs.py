@@ -28,6 +28,8 @@ def get_run(session: Session, principal: Principal, run_id: str, *, now: datetim
     """A run the caller owns, or (``accessible``) one with a published checkpoint."""
     check_access_scope(access_scope)
     run = session.get(TrainingRun, run_id)
+    if run is not None and run.deleted_at is not None:  # `runs rm` (issue 12, part 5)
+        run = None
     if run is not None and run.tenant_id == principal.tenant_id:
         return run
     if (
@@ -44,7 +46,7 @@ def list_runs(
 ) -> tuple[list[TrainingRun], int]:
     """Newest first. Returns (page, total)."""
     check_access_scope(access_scope)
-    q = select(TrainingRun)
+    q = select(TrainingRun).where(col(TrainingRun.deleted_at).is_(None))
     if access_scope == "owned":
         q = q.where(TrainingRun.tenant_id == principal.tenant_id)
     else:

@@ -84,10 +84,28 @@ def heartbeat(session: Session, principal: Principal, session_id: str) -> None:
         raise SessionFinished(f"session {session_id} has finished")
 
 
-def finish_session(session: Session, principal: Principal, session_id: str, reason: str | None) -> None:
+def finish_session(session: Session, principal: Principal, session_id: str, reason: str | None, *, now: datetime) -> None:
+    """Finish the session and delete the runs its ``load_weights`` made that hold nothing any more
+    (``tinker checkpoint download`` deletes its export before finishing), so no empty run is left
+    behind (issue 12, part 5). A model run that still holds a visible checkpoint, or whose export
+    job has not finished, is kept."""
     row = get_session(session, principal, session_id)
     row.state, row.finish_reason = TinkerSessionState.finished, reason
     session.add(row)
+    _drop_empty_model_runs(session, principal, session_id, now=now)
+
+
+def _drop_empty_model_runs(session: Session, principal: Principal, session_id: str, *, now: datetime) -> None:
+    model_ids = session.exec(
+        select(TinkerModel.id).where(TinkerModel.tenant_id == principal.tenant_id, TinkerModel.session_id == session_id)
+    ).all()
+    for model_id in model_ids:
+        run = session.get(TrainingRun, model_id)
+        if run is None or run.deleted_at is not None or run.trainable:
+            continue
+        detail = runs.run_detail(session, principal, model_id, now=now)
+        if detail.checkpoint_count == 0 and not detail.active_exports:
+            runs.end_run(session, run, now=now)
 
 
 # --- models -------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
-from weightstore import auth, bootstrap, uisessions
+from weightstore import auth, bootstrap, retention, uisessions
+from weightstore import tenants as tenants_core
 from weightstore.billing import catalog, invoices, usage
 from weightstore.billing.overview import overview as all_tenants_overview
 from weightstore.billing.pricing import load_pricing
@@ -36,7 +37,7 @@ from weightstore.models import Tenant
 
 from ..deps import CtxDep, SessionDep
 from ..errors import status_for
-from .billing import invoice_csv
+from .billing import checkpoints_csv, invoice_csv
 
 HERE = Path(__file__).resolve().parent.parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -55,12 +56,40 @@ class NotSignedIn(Exception):
     """Raised by pages when the session cookie is missing, invalid, expired or its key revoked."""
 
 
+class PageError(Exception):
+    """A page's refusal (unknown tenant, bad window or month): an HTML error page, not the JSON body;
+    the status still comes from the one error table."""
+
+    def __init__(self, error: WeightstoreError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units chosen per scale (B, kB, MB, GB, TB, PB), three significant digits: 0.2 GB reads
+    "200 MB", never "0.00 GB"."""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 999.5:  # would round to "1e+03" at three digits: the next unit reads "1"
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
+        value /= 1000
+    return f"{value:,.0f} PB" if abs(value) >= 100 else f"{value:.3g} PB"
+
+
 def install(app: FastAPI) -> None:
     app.mount("/admin/static", StaticFiles(directory=str(HERE / "static")), name="admin-static")
 
     @app.exception_handler(NotSignedIn)
     async def _to_login(request: Request, exc: NotSignedIn) -> Response:
         return RedirectResponse("/admin/login", status_code=303)
+
+    @app.exception_handler(PageError)
+    async def _error_page(request: Request, exc: PageError) -> Response:
+        status = status_for(exc.error)
+        return _render(request, "error.html", status=status, status_code=status, error=str(exc.error))
+
+
+templates.env.filters["bytes"] = human_bytes
 
 
 def _admin_key_id(request: Request, ctx: Context, session: Session) -> str:
@@ -205,6 +234,11 @@ def _fmt_money(x: Decimal | float) -> str:
     return f"${Decimal(str(x)):,.2f}"
 
 
+def _axis_money(x: float) -> str:
+    """An axis label that reads true at any scale: cents from $1, else three significant digits."""
+    return _fmt_money(x) if x >= 1 else f"${x:.3g}"
+
+
 def sparkline(values: list[float], width: int = 120, height: int = 28) -> Markup:
     if not values:
         return Markup("")
@@ -239,14 +273,14 @@ def daily_chart(points: list[dict[str, Any]], width: int = 760, height: int = 24
         parts.append(
             f'<rect class="bar" x="{x + bw * 0.1:.1f}" y="{pad_t + h - bh:.1f}" width="{bw * 0.8:.1f}" '
             f'height="{bh:.1f}"><title>{escape(p["bucket"])}: {_fmt_money(c)}, '
-            f"{p['average_gb']:.3f} GB</title></rect>"
+            f"{human_bytes(p['average_gb'] * GB)}</title></rect>"
         )
     pts = " ".join(f"{pad_l + (i + 0.5) * bw:.1f},{pad_t + h - g / gmax * h:.1f}" for i, g in enumerate(gbs))
     parts.append(f'<polyline class="line" fill="none" points="{pts}"/>')
-    parts.append(f'<text x="{pad_l - 6}" y="{pad_t + 10}" text-anchor="end" class="lbl cost">{_fmt_money(cmax)}</text>')
+    parts.append(f'<text x="{pad_l - 6}" y="{pad_t + 10}" text-anchor="end" class="lbl cost">{_axis_money(cmax)}</text>')
     parts.append(f'<text x="{pad_l - 6}" y="{pad_t + h}" text-anchor="end" class="lbl cost">$0</text>')
-    parts.append(f'<text x="{pad_l + w + 6}" y="{pad_t + 10}" class="lbl gb">{gmax:.2f} GB</text>')
-    parts.append(f'<text x="{pad_l + w + 6}" y="{pad_t + h}" class="lbl gb">0 GB</text>')
+    parts.append(f'<text x="{pad_l + w + 6}" y="{pad_t + 10}" class="lbl gb" id="axis-gb-max">{human_bytes(gmax * GB)}</text>')
+    parts.append(f'<text x="{pad_l + w + 6}" y="{pad_t + h}" class="lbl gb">0</text>')
     for i in sorted({0, n // 2, n - 1}):
         parts.append(
             f'<text x="{pad_l + (i + 0.5) * bw:.1f}" y="{pad_t + h + 18}" text-anchor="middle" '
@@ -266,7 +300,8 @@ def overview(request: Request, ctx: CtxDep, session: SessionDep) -> HTMLResponse
     now = ctx.clock.now()
     _admin_key_id(request, ctx, session)
     prices = load_pricing(session, ctx.settings)
-    tenants = [t.id for t in session.exec(select(Tenant).order_by(Tenant.id))]
+    # operator tenants are not billed (issue 12, part 1)
+    tenants = [t.id for t in session.exec(select(Tenant).where(col(Tenant.operator).is_(False)).order_by(Tenant.id))]
     end = _day_floor(now) + timedelta(days=1)
     start = end - timedelta(days=TREND_DAYS)
     # one pass over the intervals: current usage + daily buckets up to now (never bill the future:
@@ -312,7 +347,7 @@ def overview(request: Request, ctx: CtxDep, session: SessionDep) -> HTMLResponse
 def _tenant_or_404(session: Session, tenant_id: str) -> Tenant:
     t = session.get(Tenant, tenant_id)
     if t is None:
-        raise NotFound(f"tenant {tenant_id} not found")
+        raise PageError(NotFound(f"tenant {tenant_id} not found"))
     return t
 
 
@@ -321,8 +356,8 @@ def _parse_day(value: str | None) -> date | None:
         return None
     try:
         return date.fromisoformat(value)
-    except ValueError as exc:
-        raise InvalidRequest(f"not a date: {value!r} (YYYY-MM-DD)") from exc
+    except ValueError:
+        raise PageError(InvalidRequest(f"not a date: {value[:40]!r} (YYYY-MM-DD)")) from None
 
 
 @router.get("/tenants/{tenant_id}", response_class=HTMLResponse)
@@ -337,8 +372,11 @@ def tenant_page(
 ) -> HTMLResponse:
     now = ctx.clock.now()
     # the one window rule (weightstore.billing.units): until cut at today, since at 1970, refusals 400
-    start, shown_end, end = day_window(_parse_day(since), _parse_day(until), now=now, days=days)
     _admin_key_id(request, ctx, session)
+    try:
+        start, shown_end, end = day_window(_parse_day(since), _parse_day(until), now=now, days=days)
+    except InvalidRequest as exc:
+        raise PageError(exc) from None
     tenant = _tenant_or_404(session, tenant_id)
     prices = load_pricing(session, ctx.settings)
     daily = usage.usage(session, prices, start=start, end=end, group_by=(), bucket_seconds=DAY, tenant_id=tenant.id)
@@ -349,6 +387,7 @@ def tenant_page(
     physical = catalog.physical_current(session, now=now, tenant_id=tenant.id).get(tenant.id, 0)
     largest = catalog.largest_checkpoints(session, tenant_id=tenant.id, now=now)
     expiring = catalog.expiring_soon(session, tenant_id=tenant.id, now=now)
+    trash = retention.trash_of(session, tenant.id, now=now, settings=ctx.settings)
     rate = prices.rate(tenant.id, None)
     points = usage.series(daily, start=start, end=end)
     logical = sum(r.logical_bytes for r in cur_kind.values())
@@ -392,21 +431,44 @@ def tenant_page(
         kinds=breakdown(by_kind, cur_kind, "kind"),
         largest=largest,
         expiring=expiring,
+        trash=trash,
         logical_gb=logical / GB,
         physical_gb=physical / GB,
         saving_gb=max(0, logical - physical) / GB,
+        logical_bytes=logical,
+        physical_bytes=physical,
+        saving_bytes=max(0, logical - physical),
         saving_pct=(100 * (logical - physical) / logical) if logical else 0.0,
         monthly=_fmt_money(sum((c.monthly_cost_usd for c in cur_kind.values()), Decimal("0.00"))),
         rate=rate,
+        quota=_quota_view(session, tenant, now),
         months=list(reversed(months)),
     )
+
+
+def _quota_view(session: Session, tenant: Tenant, now: datetime) -> dict[str, Any]:
+    """The tenant page's quota line (issue 12, part 2): used logical bytes against the soft and hard quota."""
+    used = tenants_core.usage(session, tenant.id, now=now).used_bytes
+    soft, hard = tenant.soft_quota_bytes, tenant.quota_bytes
+    return {
+        "state": tenant.state,
+        "used_gb": used / GB,
+        "soft_gb": None if soft is None else soft / GB,
+        "hard_gb": None if hard is None else hard / GB,
+        "over_soft": soft is not None and used >= soft,
+        "pct": None if not hard else 100 * used / hard,
+    }
 
 
 def _load_invoice(request: Request, ctx: Context, session: Session, tenant_id: str, month: str) -> tuple[str, Any]:
     """Signed-in admin check, tenant look-up and the month's invoice (shared by page and CSV)."""
     _admin_key_id(request, ctx, session)
     tenant = _tenant_or_404(session, tenant_id)
-    inv = invoices.invoice(session, load_pricing(session, ctx.settings), tenant_id=tenant.id, month=month, now=ctx.clock.now())
+    prices = load_pricing(session, ctx.settings)
+    try:
+        inv = invoices.invoice(session, prices, tenant_id=tenant.id, month=month, now=ctx.clock.now())
+    except InvalidRequest as exc:
+        raise PageError(exc) from None
     return tenant.id, inv
 
 
@@ -419,3 +481,8 @@ def invoice_page(request: Request, tenant_id: str, month: str, ctx: CtxDep, sess
 @router.get("/tenants/{tenant_id}/invoices/{month}/csv")
 def invoice_download(request: Request, tenant_id: str, month: str, ctx: CtxDep, session: SessionDep) -> Response:
     return invoice_csv(_load_invoice(request, ctx, session, tenant_id, month)[1])
+
+
+@router.get("/tenants/{tenant_id}/invoices/{month}/checkpoints.csv")
+def invoice_checkpoints_download(request: Request, tenant_id: str, month: str, ctx: CtxDep, session: SessionDep) -> Response:
+    return checkpoints_csv(_load_invoice(request, ctx, session, tenant_id, month)[1])

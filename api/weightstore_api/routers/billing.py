@@ -1,8 +1,10 @@
 """Billing API: current usage with a 720-hour projection, usage over a window, monthly invoices, CSV.
 
 Admins read every tenant; any other key reads only its own tenant, and asking for another tenant is
-answered 404 exactly as for a tenant that does not exist. Also serves the Tinker-shaped
-``GET /api/v1/billing/usage/checkpoints/current``.
+answered 404 exactly as for a tenant that does not exist. Invoices are numbered, provisional for
+the current month and frozen once closed (``weightstore.billing.invoices``); ``detail=checkpoint``
+gives their checkpoint-level rows. Also serves the Tinker-shaped
+``GET /api/v1/billing/usage/checkpoints/current`` and ``GET /api/v1/billing/usage/events``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from fastapi.responses import Response
 from sqlmodel import Session
 
 from weightstore.auth import Principal
-from weightstore.billing import catalog, invoices, usage
+from weightstore.billing import catalog, events, invoices, usage
 from weightstore.billing.pricing import load_pricing
 from weightstore.billing.units import DAY, FIRST_MONTH, GB, HOUR, LAST_MONTH, billing_window, round_cents
 from weightstore.errors import InvalidRequest, NotFound
@@ -25,7 +27,14 @@ from weightstore.models import Tenant
 
 from ..deps import CtxDep, CurrentPrincipal, SessionDep
 from ..schemas import CurrentUsagePublic, UsagePublic
-from .tinker_schemas import CurrentCheckpointStorageUsageItem, CurrentCheckpointStorageUsageResponse
+from .tinker_schemas import (
+    BillingUsageEventPublic,
+    BillingUsageResponsePublic,
+    CheckpointBillingEventInfo,
+    CurrentCheckpointStorageUsageItem,
+    CurrentCheckpointStorageUsageResponse,
+    StorageBillingEventInfo,
+)
 
 router = APIRouter(tags=["billing"])
 
@@ -141,14 +150,41 @@ def billing_invoice(
     ctx: CtxDep,
     session: SessionDep,
     format: Literal["json", "csv"] = "json",
+    detail: Annotated[
+        Literal["line", "checkpoint"], Query(description="line: a row per (run, kind); checkpoint: a row per checkpoint")
+    ] = "line",
 ) -> Any:
-    """Invoice of one calendar month (UTC): a line per (run, kind), each rounded; total = sum of lines."""
+    """Invoice of one calendar month (UTC), numbered: a line per (run, kind) with its base model and
+    checkpoint count, each rounded; total = sum of lines and adjustments. The current month is
+    ``provisional`` (to date); an ended month is frozen the first time it is read."""
     tid = scope_tenant(session, principal, tenant_id)
     assert tid is not None
     inv = invoices.invoice(session, load_pricing(session, ctx.settings), tenant_id=tid, month=month, now=ctx.clock.now())
+    if detail == "checkpoint":
+        rows = inv.checkpoint_csv_rows()
+        return _csv(rows, f"{inv.number}-checkpoints.csv") if format == "csv" else {**inv.as_dict(), "checkpoints": rows}
     if format == "csv":
         return invoice_csv(inv)
     return inv.as_dict()
+
+
+@router.get(
+    "/v1/billing/tenants/{tenant_id}/invoices/{month}/checkpoints.csv",
+    operation_id="billing_invoice_checkpoints_csv",
+    responses={200: {"content": {"text/csv": {}}}},
+)
+def billing_invoice_checkpoints(
+    tenant_id: str, month: Month, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep
+) -> Response:
+    """The invoice's checkpoint-level CSV: a row per checkpoint stored in the month (as frozen, once closed)."""
+    tid = scope_tenant(session, principal, tenant_id)
+    assert tid is not None
+    inv = invoices.invoice(session, load_pricing(session, ctx.settings), tenant_id=tid, month=month, now=ctx.clock.now())
+    return checkpoints_csv(inv)
+
+
+def checkpoints_csv(inv: invoices.Invoice) -> Response:
+    return _csv(inv.checkpoint_csv_rows(), f"{inv.number}-checkpoints.csv")
 
 
 def invoice_csv(inv: invoices.Invoice) -> Response:
@@ -157,14 +193,18 @@ def invoice_csv(inv: invoices.Invoice) -> Response:
         rows.append(
             {
                 **{k: "" for k in rows[0]},
+                "number": inv.number,
                 "tenant_id": inv.tenant_id,
                 "month": inv.month,
+                "status": inv.status,
+                "line": "total",
                 "run_id": "TOTAL",
+                "checkpoint_count": inv.checkpoint_count,
                 "byte_seconds": inv.byte_seconds,
                 "amount_usd": str(inv.total_usd),
             }
         )
-    return _csv(rows, f"invoice-{inv.tenant_id}-{inv.month}.csv")
+    return _csv(rows, f"{inv.number}.csv")
 
 
 # --- Tinker shape -------------------------------------------------------------------------------
@@ -196,3 +236,40 @@ def tinker_current_usage(principal: CurrentPrincipal, ctx: CtxDep, session: Sess
     # the blended rate of what is stored; with nothing stored, the tenant's list price
     rate = float(sum(r.monthly_cost_exact_usd for r in rows) / total_bytes * GB) if total_bytes else float(prices.rate(tid, None))
     return CurrentCheckpointStorageUsageResponse(effective_rate_usd_per_gigabyte_month=round(rate, 6), data=data)
+
+
+@router.get(
+    "/api/v1/billing/usage/events",
+    operation_id="tinker_billing_usage_events",
+    response_model=BillingUsageResponsePublic,
+    tags=["tinker"],
+)
+def tinker_billing_usage_events(
+    principal: CurrentPrincipal,
+    ctx: CtxDep,
+    session: SessionDep,
+    starting_on: Annotated[datetime, Query(description="inclusive, aligned to a UTC hour, not in the future")],
+    ending_before: Annotated[datetime, Query(description="exclusive, aligned to a UTC hour, at most 14 days later; cut at now")],
+) -> BillingUsageResponsePublic:
+    """Hourly usage events (``tinker billing usage``): per (hour, tenant, base model) the GB-hours
+    stored (``storage``) and the checkpoints committed (``checkpoint``). All tenants for an admin key,
+    the caller's own otherwise; ``project_id`` and ``user_name`` are the tenant."""
+    tid = scope_tenant(session, principal, None)
+    start, end = events.event_window(starting_on, ending_before, now=ctx.clock.now())
+    found = events.billing_events(session, load_pricing(session, ctx.settings), start=start, end=end, tenant_id=tid)
+    data = [
+        BillingUsageEventPublic(
+            bucket_start=e.bucket_start,
+            bucket_end=e.bucket_end,
+            base_model=e.base_model,
+            user_name=e.tenant_id,
+            project_id=e.tenant_id,
+            estimated_cost_usd=e.estimated_cost_usd if e.type == "storage" else None,
+            effective_rate_usd_per_gigabyte_month=e.rate_usd_per_gb_month if e.type == "storage" else None,
+            event_info=StorageBillingEventInfo(gigabyte_hours=e.gigabyte_hours)
+            if e.type == "storage"
+            else CheckpointBillingEventInfo(count=e.count),
+        )
+        for e in found
+    ]
+    return BillingUsageResponsePublic(data=data)

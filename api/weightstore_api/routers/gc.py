@@ -1,6 +1,7 @@
 """Admin endpoints of the collector and retention: runs, restore, tenant default TTLs.
 
-List, read and trigger collector runs; restore an expired checkpoint; set a tenant's default TTL.
+List, read and trigger collector runs; verify the store and read the lease (``gc/verify``,
+``gc/status``: what ``weightstore gc verify|status`` call by default); restore an expired checkpoint; set a tenant's default TTL.
 
 Runs are triggered through the ``CollectorPort`` the app was built with (``create_app(...,
 collector=...)``); this module never imports the collector package. Without one, triggering a run
@@ -12,12 +13,15 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
 from weightstore import collector, retention
+from weightstore.clock import as_utc
 from weightstore.collector import CollectorPort
+from weightstore.context import Context
 from weightstore.errors import NotFound, Unsupported
-from weightstore.models import GcRun
+from weightstore.models import GcRun, Lease
 
 from ..convert import checkpoint_public
 from ..deps import AdminPrincipal, CtxDep, Offset, SessionDep
@@ -27,13 +31,19 @@ from ..schemas import (
     CheckpointPublic,
     DefaultTTLPublic,
     DefaultTTLUpdate,
+    GcCheckedPublic,
+    GcLeasePublic,
     GcRunCreate,
     GcRunPublic,
     GcRunsPublic,
+    GcStatusPublic,
+    GcVerifyPublic,
     RestoreCreate,
 )
 
 router = APIRouter(prefix="/v1/admin", tags=["gc"])
+GC_LEASE_NAME = "gc"
+"""The collector's lease row (``weightstore_gc.lease.GC_LEASE``; the API reads it, never takes it)."""
 
 
 def _public(row: GcRun) -> GcRunPublic:
@@ -73,7 +83,7 @@ def get_gc_run(run_id: str, _: AdminPrincipal, session: SessionDep) -> GcRunPubl
 def _collector_of(request: Request) -> CollectorPort:
     port: CollectorPort | None = request.app.state.collector
     if port is None:
-        raise Unsupported("this server runs no collector; run `weightstore gc run` where the collector is installed")
+        raise Unsupported("this server runs no collector; run `weightstore gc run --direct` where the collector is installed")
     return port
 
 
@@ -86,6 +96,54 @@ def create_gc_run(body: GcRunCreate, _: AdminPrincipal, ctx: CtxDep, session: Se
     the run, to read the row it recorded."""
     run_id = _collector_of(request).run(ctx, list(body.phases), dry_run=body.dry_run)
     return _public(_recorded_run(session, run_id))
+
+
+@router.post("/gc/verify", operation_id="verify_store", response_model=GcVerifyPublic)
+def verify_store(
+    _: AdminPrincipal, ctx: CtxDep, request: Request, hash_sample: Annotated[int, Query(ge=0, le=10_000)] = 0
+) -> GcVerifyPublic:
+    """Check every storage invariant of this server's catalog and store (changes nothing): the
+    report names what it checked. 400 ``unsupported`` if this server was started without a collector.
+
+    Workflow: the collector opens its own short read transactions between object-store listings."""
+    report = _collector_of(request).verify(ctx, hash_sample=hash_sample)
+    return GcVerifyPublic(
+        checked=_checked(ctx),
+        clean=bool(report["clean"]),
+        stats=dict(report["stats"]),
+        findings=list(report["findings"]),
+    )
+
+
+@router.get("/gc/status", operation_id="gc_status", response_model=GcStatusPublic)
+def gc_status(
+    _: AdminPrincipal, ctx: CtxDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=500)] = 10
+) -> GcStatusPublic:
+    """The collector lease (who holds it, until when) and the last recorded runs."""
+    held = session.get(Lease, GC_LEASE_NAME)
+    now = ctx.clock.now()
+    lease = (
+        None
+        if held is None
+        else GcLeasePublic(
+            owner=held.owner,
+            token=held.token,
+            heartbeat_at=held.heartbeat_at,
+            expires_at=held.expires_at,
+            active=as_utc(held.expires_at) > now,
+        )
+    )
+    runs = [_public(r) for r in collector.list_runs(session, limit=limit)]
+    return GcStatusPublic(checked=_checked(ctx), lease=lease, runs=runs)
+
+
+def _checked(ctx: Context) -> GcCheckedPublic:
+    """What a report is about: this server's catalog (URL without credentials) and bucket."""
+    return GcCheckedPublic(
+        catalog=make_url(ctx.settings.resolved_database_url).render_as_string(hide_password=True),
+        store=ctx.settings.s3_endpoint_url or "",
+        bucket=ctx.settings.s3_bucket,
+    )
 
 
 @router.post("/checkpoints/{checkpoint_id}/restore", operation_id="restore_checkpoint", response_model=CheckpointPublic)

@@ -8,7 +8,7 @@ import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from weightstore import auth, checkpoints, runs, uploads
+from weightstore import auth, checkpoints, policies, runs, uploads
 from weightstore.names import TinkerPath
 
 from ..convert import checkpoint_public, key_public, run_public
@@ -27,6 +27,9 @@ from ..schemas import (
     KeyCreated,
     KeyPublic,
     RunCreate,
+    RunDeletedPublic,
+    RunDetailPublic,
+    RunKindPublic,
     RunPublic,
     RunsPublic,
     TTLUpdate,
@@ -68,9 +71,26 @@ def list_runs(
     return RunsPublic(runs=[run_public(r) for r in rows], total_count=total)
 
 
-@router.get("/runs/{run_id}", operation_id="get_run", response_model=RunPublic)
-def get_run(run_id: str, principal: CurrentPrincipal, session: SessionDep) -> RunPublic:
-    return run_public(runs.get_run(session, principal, run_id))
+@router.get("/runs/{run_id}", operation_id="get_run", response_model=RunDetailPublic)
+def get_run(run_id: str, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep) -> RunDetailPublic:
+    """The run with its visible checkpoints counted per kind, their logical bytes, and the export
+    jobs of it still queued or running (issue 12, part 5)."""
+    d = runs.run_detail(session, principal, run_id, now=ctx.clock.now())
+    return RunDetailPublic(
+        **run_public(d.run).model_dump(),
+        checkpoint_count=d.checkpoint_count,
+        size_bytes=d.size_bytes,
+        kinds=[RunKindPublic(kind=k.kind, count=k.count, size_bytes=k.size_bytes) for k in d.kinds],
+        active_exports=d.active_exports,
+    )
+
+
+@router.delete("/runs/{run_id}", operation_id="delete_run", response_model=RunDeletedPublic)
+def delete_run(run_id: str, principal: WriterPrincipal, ctx: CtxDep, session: SessionDep, request: Request) -> RunDeletedPublic:
+    """Delete the run and its checkpoints (each through the normal delete path; the collector
+    reclaims the bytes). 400 ``invalid_request`` naming the jobs while exports of it are queued or running."""
+    n = runs.delete_run(session, principal, run_id, now=ctx.clock.now(), request_id=request_id_of(request))
+    return RunDeletedPublic(run_id=run_id, checkpoints_deleted=n)
 
 
 # --- uploads ----------------------------------------------------------------------------------
@@ -174,7 +194,8 @@ def list_checkpoints(
     rows, total = checkpoints.list_checkpoints(
         session, principal, now=ctx.clock.now(), run_id=run_id, kind=kind, limit=limit, offset=offset
     )
-    return CheckpointsPublic(checkpoints=[checkpoint_public(c) for c in rows], total_count=total)
+    effective = policies.effective_for_runs(session, {c.run_id for c in rows})
+    return CheckpointsPublic(checkpoints=[checkpoint_public(c, policy=effective.get(c.run_id)) for c in rows], total_count=total)
 
 
 @router.get("/checkpoints/{run_id}/{segment}/{name}", operation_id="get_checkpoint", response_model=CheckpointPublic)
@@ -229,7 +250,9 @@ def set_checkpoint_ttl(
 # --- keys -------------------------------------------------------------------------------------
 @router.post("/keys", operation_id="create_key", status_code=201, response_model=KeyCreated)
 def create_key(body: KeyCreate, principal: AdminPrincipal, ctx: CtxDep, session: SessionDep) -> KeyCreated:
-    row, plaintext = auth.create_key(session, tenant=body.tenant, role=body.role, now=ctx.clock.now(), name=body.name)
+    row, plaintext = auth.create_key(
+        session, tenant=body.tenant, role=body.role, now=ctx.clock.now(), name=body.name, create_tenant=body.create_tenant
+    )
     return KeyCreated(**key_public(row).model_dump(), api_key=plaintext)
 
 

@@ -224,3 +224,35 @@ class CurrentCheckpointStorageUsageItem(BaseModel):
 class CurrentCheckpointStorageUsageResponse(BaseModel):
     effective_rate_usd_per_gigabyte_month: float | None = None
     data: list[CurrentCheckpointStorageUsageItem]
+
+
+# --- billing usage events (GET /api/v1/billing/usage/events; tinker/types/billing_usage_response.py) ---
+class StorageBillingEventInfo(BaseModel):
+    type: Literal["storage"] = "storage"
+    free: bool = False
+    gigabyte_hours: float
+
+
+class CheckpointBillingEventInfo(BaseModel):
+    type: Literal["checkpoint"] = "checkpoint"
+    count: int
+
+
+class BillingUsageEventPublic(BaseModel):
+    bucket_start: datetime
+    bucket_end: datetime
+    base_model: str | None = None
+    user_id: str | None = None
+    user_name: str | None = None
+    session_id: str | None = None
+    project_id: str | None = None
+    estimated_cost_usd: float | None = None
+    effective_rate_usd_per_million_tokens: float | None = None
+    effective_rate_usd_per_gigabyte_month: float | None = None
+    event_info: StorageBillingEventInfo | CheckpointBillingEventInfo = Field(discriminator="type")
+
+
+class BillingUsageResponsePublic(BaseModel):
+    data: list[BillingUsageEventPublic]
+    sessions: dict[str, dict[str, Any]] = {}
+    cost_data_through: datetime | None = None

@@ -58,10 +58,10 @@ def session_heartbeat(body: SessionIdBody, principal: CurrentPrincipal, session:
 
 @router.post("/sessions/{session_id}/finish", operation_id="tinker_finish_session")
 def finish_session(
-    session_id: str, principal: CurrentPrincipal, session: SessionDep, body: FinishBody | None = None
+    session_id: str, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep, body: FinishBody | None = None
 ) -> dict[str, str]:
     reason = (body.reason or {}).get("type") if body is not None else None
-    tinker_sessions.finish_session(session, principal, session_id, str(reason) if reason else None)
+    tinker_sessions.finish_session(session, principal, session_id, str(reason) if reason else None, now=ctx.clock.now())
     return {"status": "finished"}
 
 
