@@ -545,6 +545,10 @@ class Harness:
         try:
             urls = actor.client.file_urls(c.path)["files"]
         except (TransientError, httpx.TransportError) as exc:
+            if self.fault_active.is_set():  # a load racing an injected kill: no answer is the expected outcome
+                with self._lock:
+                    self.transients += 1
+                return
             self.violate("acknowledged_readable", f"{why}: {c.path}: no answer while no fault is injected: {exc!r}")
             return
         except NotFound:
@@ -565,6 +569,10 @@ class Harness:
             try:
                 data = self._read_url(actor, f["url"])
             except Exception as exc:  # noqa: BLE001 - a read that keeps failing is the finding
+                if self.fault_active.is_set() and isinstance(exc, TransientError | httpx.TransportError | OSError):
+                    with self._lock:
+                        self.transients += 1  # the store or serve was killed under this read
+                    return
                 self.violate("acknowledged_readable", f"{why}: {c.path}/{f['path']} cannot be read: {exc!r}")
                 return
             if _sha(data) != c.shas[f["path"]] or (c.files is not None and data != c.files[f["path"]]):
