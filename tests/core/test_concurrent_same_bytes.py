@@ -186,3 +186,28 @@ def test_many_clients_of_three_tenants_save_identical_bytes_at_once(server, keys
         with Client(server.url, key) as c:
             assert c.read_file(path, "adapter_config.json") == files["adapter_config.json"]
     assert not list(ctx.store.list_keys(STAGING_PREFIX))
+
+
+def test_a_put_by_another_upload_of_the_same_tenant_proves_possession(api, other, ctx):
+    """The rule the reliability harness met (CI seed 1249045743): a commit that sent nothing is
+    accepted when the blob key's last writer is another upload of the SAME tenant (that upload's PUT
+    proves the tenant holds the bytes), and refused exactly as for never-stored bytes when the last
+    writer is another tenant's upload. The second half is the dedup oracle of issue 11, item 1."""
+    files = sampler_files(74)
+    run = _run(api)
+    sender, prober = _declare(api, run, "sender", files), _declare(api, run, "prober", files)
+    for f in sender["files"]:
+        _put(f, files[f["path"]])  # only the sender PUTs; the prober sends nothing
+    ok = api.post(f"/v1/uploads/{prober['upload_id']}/commit")
+    assert ok.status_code == 200, ok.text
+
+    theirs = sampler_files(76)
+    b = _declare(other, _run(other), "b", theirs)
+    for f in b["files"]:
+        _put(f, theirs[f["path"]])
+    probe = _declare(api, run, "probe", theirs)
+    refused = api.post(f"/v1/uploads/{probe['upload_id']}/commit")
+    never = _declare(api, run, "never", sampler_files(77))
+    refused_never = api.post(f"/v1/uploads/{never['upload_id']}/commit")
+    assert refused.status_code == 400 and refused.json()["code"] == "upload_incomplete"
+    assert {**refused.json(), "request_id": None} == {**refused_never.json(), "request_id": None}

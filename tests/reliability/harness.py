@@ -527,6 +527,14 @@ class Harness:
                 self.violate("foreign_vs_missing", f"declare by hash: foreign bytes answer {ft}, unknown bytes {mt}")
         else:
             self._compare("declare by hash", fd, md, secrets)
+        with self._lock:
+            sent_meanwhile = sha in self.sent.get(a.tenant, ())
+        if sent_meanwhile:
+            # Another actor of this tenant saved these bytes during the probe (CI seed 1249045743:
+            # a presigned save of the same weights in the same step). Its PUT proves this tenant
+            # holds them, so a 200 is the product's rule (uploads.py, "another upload of this
+            # tenant"), not an oracle: the comparison says nothing this time.
+            return
         if fc.status_code == 200 or mc.status_code == 200:
             self.violate("foreign_vs_missing", f"commit without sending the bytes succeeded ({fc.status_code}, {mc.status_code})")
         self._compare("commit without sending (dedup oracle)", fc, mc, secrets)
