@@ -1,9 +1,15 @@
-# weightstore service image: needs no GPU (exports run on CPU), runs as an unprivileged user.
+# weightstore images, one target per role (issue 13, found 10). No GPU needed anywhere (exports run on CPU).
 #
-# Without S3/database settings the service keeps everything under /var/lib/weightstore:
-# an embedded SeaweedFS (bound to loopback inside the container) and a SQLite catalog.
-# Mount a volume there, or point WEIGHTSTORE_* settings at external S3 and PostgreSQL.
-FROM python:3.11-slim
+#   docker build --target api    -t weightstore-api .     # API replicas, migrate/bootstrap, collectors:
+#                                                          # no torch/transformers/peft (never imported)
+#   docker build --target export -t weightstore-export .  # export workers: + CPU-only torch wheels;
+#                                                          # also the default target: `serve` with the
+#                                                          # embedded worker, everything in one container
+#
+# Without S3/database settings the service keeps everything under /var/lib/weightstore: an embedded
+# SeaweedFS (bound to loopback inside the container) and a SQLite catalog. deploy/compose.yaml runs
+# the production topology from these two images.
+FROM python:3.11.7-slim-bookworm AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -22,34 +28,54 @@ RUN groupadd --system --gid 10001 weightstore \
 
 WORKDIR /app
 
-# Dependencies first, in a layer keyed on pyproject.toml alone, so that editing code (or the README)
-# reuses the cached install of torch and the rest. The list is read from [project].dependencies with
-# the standard library, so pyproject.toml stays the one place dependencies are named.
+# The dependency lists come from [project].dependencies alone (pyproject.toml stays the one place they
+# are named), split in two: the ML stack that only export jobs import (lazily, weightstore.exportjobs),
+# and the rest. Layers keyed on pyproject.toml alone: editing code reuses the cached installs.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-      > /tmp/requirements.txt \
- && pip install --no-cache-dir -r /tmp/requirements.txt \
- && rm /tmp/requirements.txt
+RUN python -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; ml = {'torch', 'transformers', 'peft'}; name = lambda d: re.split(r'[\[<>=!~ ;]', d, maxsplit=1)[0].lower(); open('/tmp/requirements-core.txt', 'w').write('\n'.join(d for d in deps if name(d) not in ml) + '\n'); open('/tmp/requirements-ml.txt', 'w').write('\n'.join(d for d in deps if name(d) in ml) + '\n')"
 
-# Sources after: only the project itself installs here (--no-deps: its dependencies are in the layer above).
-# The product only: tests, benchmarks, docs and tools stay out (see .dockerignore).
-COPY README.md ./
+FROM base AS api-deps
+RUN pip install --no-cache-dir -r /tmp/requirements-core.txt
+
+FROM api-deps AS export-deps
+# CPU-only torch from PyTorch's own index (the pin in pyproject.toml does not choose the build; PyPI's
+# default resolve pulls a multi-GB CUDA build), then transformers and peft from PyPI next to it.
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "$(grep '^torch' /tmp/requirements-ml.txt)" \
+ && pip install --no-cache-dir -r /tmp/requirements-ml.txt
+
+# --- api: API replicas, the migrate/bootstrap job, collectors --------------------------------------
+FROM api-deps AS api
+# The product only: tests, benchmarks, docs and tools stay out (see .dockerignore). Migrations are not
+# part of the wheel: `weightstore admin bootstrap` / `weightstore migrate` read them here.
+COPY README.md alembic.ini ./
+COPY alembic ./alembic
 COPY weightstore ./weightstore
 COPY api ./api
 COPY gc ./gc
 COPY cli ./cli
-# Migrations are not part of the wheel: `weightstore migrate` (or serve with WEIGHTSTORE_AUTO_MIGRATE=true) reads them here.
-COPY alembic.ini ./
-COPY alembic ./alembic
-RUN pip install --no-cache-dir --no-deps .
-
+RUN pip install --no-cache-dir --no-deps . && rm -f /tmp/requirements-*.txt
 USER 10001:10001
 VOLUME ["/var/lib/weightstore"]
 EXPOSE 8000
-
 # No curl in the slim image: probe /healthz with the Python standard library.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('WEIGHTSTORE_PORT', '8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4).status == 200 else 1)"]
+ENTRYPOINT ["weightstore"]
+CMD ["serve"]
 
+# --- export: export workers (and the all-in-one embedded `serve`, the default target) --------------
+FROM export-deps AS export
+COPY README.md alembic.ini ./
+COPY alembic ./alembic
+COPY weightstore ./weightstore
+COPY api ./api
+COPY gc ./gc
+COPY cli ./cli
+RUN pip install --no-cache-dir --no-deps . && rm -f /tmp/requirements-*.txt
+USER 10001:10001
+VOLUME ["/var/lib/weightstore"]
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('WEIGHTSTORE_PORT', '8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4).status == 200 else 1)"]
 ENTRYPOINT ["weightstore"]
 CMD ["serve"]

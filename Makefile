@@ -4,6 +4,8 @@
 #   make serve     run the service (embedded SeaweedFS + SQLite unless configured otherwise)
 #   make lint      ruff check, ruff format --check, mypy, hadolint, README module map (CI runs it before test)
 #   make bench     run every benchmarks/bench_*.py in turn
+#   make cluster   the deploy/ topology as local processes (PostgreSQL, SeaweedFS cluster, HAProxy,
+#                  2 API replicas, 2 collectors, 2 export workers), in the foreground; Ctrl-C stops it
 #
 # Tests start their own SeaweedFS and PostgreSQL (tests/fixtures_services.py); nothing needs
 # to be running beforehand. Extra pytest arguments: make test PYTEST_ARGS='-k smoke -x'.
@@ -17,13 +19,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
-# Debian packages the tests need: PostgreSQL server binaries, headless Chromium for UI tests.
-SYSDEPS := postgresql chromium chromium-driver
+# Debian packages the tests need: PostgreSQL server binaries, headless Chromium for UI tests,
+# HAProxy for the cluster tests (tests/cluster: the deploy/ topology as processes).
+SYSDEPS := postgresql chromium chromium-driver haproxy
 
 # The models are built from configs in the tests; never reach for a model hub.
 OFFLINE_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install venv sysdeps test serve lint bench
+.PHONY: install venv sysdeps test serve lint bench cluster
 
 install venv: $(STAMP)
 
@@ -55,12 +58,17 @@ test: $(STAMP) sysdeps
 serve: $(STAMP)
 	$(VENV)/bin/weightstore serve $(SERVE_ARGS)
 
+# The production topology of deploy/compose.yaml as processes (tests/cluster/harness.py); prints the
+# URL and the admin key once it is up.
+cluster: $(STAMP) sysdeps
+	$(OFFLINE_ENV) $(PY) -m tests.cluster.harness
+
 # Fast checks first. mypy reads what to check (and how strictly) from [tool.mypy] in pyproject.toml.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/hadolint --failure-threshold warning Dockerfile
+	$(VENV)/bin/hadolint --failure-threshold warning Dockerfile $(wildcard deploy/Dockerfile.*)
 	$(PY) tools/module_map.py --check
 
 # Each benchmark is its own module (run with -m from the repository root, so they can

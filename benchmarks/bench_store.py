@@ -13,24 +13,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import boto3
-import httpx
 import torch
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
+from benchmarks import serve_stack
 from weightstore import tensorio
 from weightstore.client import Client
-from weightstore.embedded import SeaweedFS, ensure_bucket
 
 RESULTS = Path(__file__).parent / "results" / "store.md"
 
@@ -103,53 +99,10 @@ def main() -> None:
     ap.add_argument("--commits", type=int, default=20)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ws-bench-"))
-    access, secret = "BENCH" + secrets.token_hex(6).upper(), secrets.token_urlsafe(24)
-    weed = SeaweedFS(work / "s3", access_key=access, secret_key=secret)
-    weed.start()
-    server = None
+    stack = serve_stack.start(work, buckets=("raw",))
     try:
-        ensure_bucket(weed.endpoint_url, access, secret, "weightstore")
-        ensure_bucket(weed.endpoint_url, access, secret, "raw")
-        port = 18000 + secrets.randbelow(1000)
-        env = {
-            **os.environ,
-            "WEIGHTSTORE_DATA_DIR": str(work / "var"),
-            "WEIGHTSTORE_PORT": str(port),
-            "WEIGHTSTORE_S3_ENDPOINT_URL": weed.endpoint_url,
-            "WEIGHTSTORE_S3_ACCESS_KEY_ID": access,
-            "WEIGHTSTORE_S3_SECRET_ACCESS_KEY": secret,
-            "WEIGHTSTORE_EMBEDDED_GC": "false",
-            "WEIGHTSTORE_EMBEDDED_WORKER": "false",
-            "WEIGHTSTORE_LOG_LEVEL": "WARNING",
-        }
-        log_path = work / "serve.log"
-        log = open(log_path, "w")  # noqa: SIM115 - a file, not a pipe: a full pipe would stall the server
-        server = subprocess.Popen([sys.executable, "-m", "weightstore_cli", "serve"], env=env, stderr=log, stdout=log, text=True)
-        admin = None
-        for _ in range(600):
-            found = [ln for ln in log_path.read_text().splitlines() if "bootstrap admin key" in ln]
-            if found:
-                admin = found[0].strip().rsplit(" ", 1)[-1]
-                break
-            if server.poll() is not None:
-                raise RuntimeError("server exited: " + log_path.read_text()[-2000:])
-            time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if httpx.get(url + "/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-
-        def new_key(tenant: str) -> str:
-            # dedup is per tenant: each transfer mode gets its own tenant, so nothing is "present"
-            return str(
-                httpx.post(url + "/v1/keys", headers={"X-API-Key": admin}, json={"tenant": tenant, "role": "trainer"}).json()[
-                    "api_key"
-                ]
-            )
-
+        url, weed, access, secret = stack.url, stack.weed, stack.access, stack.secret
+        new_key = stack.new_key  # dedup is per tenant: each transfer mode gets its own tenant
         key = new_key("bench")
         s3 = boto3.client(
             "s3",
@@ -260,10 +213,7 @@ def main() -> None:
         RESULTS.write_text("\n".join(out))
         print("\n".join(out))
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=20)
-        weed.stop()
+        stack.stop()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from sqlmodel import Session, col, select
 from weightstore import audit
 from weightstore.auth import Principal
 from weightstore.billing import ledger
+from weightstore.blobs import chunks as blob_chunks
 from weightstore.errors import InvalidRequest, NotFound
 from weightstore.models import Blob, Checkpoint, CheckpointFile, CheckpointState
 from weightstore.names import TinkerPath
@@ -207,13 +208,19 @@ class FileUrl:
     sha256: str
     url: str
     expires_at: datetime
+    chunk_size: int | None = None
+    """Bytes per chunk of ``chunk_sha256`` (issue 14); None: no chunk digests yet (verify the whole file)."""
+    chunk_sha256: list[str] | None = None
+    """sha256 of each ``chunk_size`` slice in order (``blobs.chunks``)."""
 
 
 def download_urls(session: Session, ckpt: Checkpoint, *, store: ObjectStore, settings: Settings, now: datetime) -> list[FileUrl]:
     """Short-lived presigned GETs, one per file. Only live (verified) blobs are handed out."""
     ttl = settings.presign_ttl_seconds
     out: list[FileUrl] = []
-    for f in files_of(session, ckpt):
+    files = files_of(session, ckpt)
+    digests = blob_chunks.get_many(session, [f.sha256 for f in files])
+    for f in files:
         blob = session.get(Blob, f.sha256)
         if blob is None or blob.state != "live":
             raise NotFound(f"checkpoint {tinker_path(ckpt)} is being collected")
@@ -225,6 +232,13 @@ def download_urls(session: Session, ckpt: Checkpoint, *, store: ObjectStore, set
                 f.sha256,
                 store.presign_get(blob_key(f.sha256), ttl, filename=leaf),
                 now + timedelta(seconds=ttl),
+                *_chunk_fields(digests.get(f.sha256), f.size_bytes),
             )
         )
     return out
+
+
+def _chunk_fields(chunks: blob_chunks.ChunkDigests | None, size: int) -> tuple[int | None, list[str] | None]:
+    if chunks is None or not chunks.fits(size):
+        return None, None
+    return chunks.chunk_size, list(chunks.digests)

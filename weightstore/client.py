@@ -11,6 +11,33 @@ optimizer.load_state_dict(opt_state)
 
 Errors come back as the core exception classes (``error_for_code``), so ``except NotFound`` works
 across the wire.
+
+Several replicas, retries and failover (issue 13, found 8). ``base_url`` (or ``WEIGHTSTORE_URL``) may
+name several API replicas, as a list or comma-separated. The client talks to one and moves to the next
+when a connection fails or the answer is 502/503/504, and keeps using the one that answered. Between
+rounds over every replica it backs off exponentially with jitter (and at least ``Retry-After``), until
+``retry_deadline`` seconds (``WEIGHTSTORE_RETRY_DEADLINE_SECONDS``, default 60) have passed since the
+call began; then it raises a typed ``TransientError``: the service's own (``CatalogBusy``, ...) or
+``ServiceUnavailable`` when no replica answered. Never a raw ``httpx`` exception.
+
+Which calls are repeated (the rule):
+1. A request whose connection could not even be opened never reached a server: any call is sent
+   again, to the next replica.
+2. A request that may have reached a server (the connection broke after sending, a read timed out, a
+   502/503/504 answer) is sent again only when repeating it is safe:
+   - by HTTP semantics: GET, HEAD, PUT, DELETE, OPTIONS (a streamed file PUT sends the same declared
+     bytes to the same content-addressed name);
+   - by the upload protocol: ``commit`` of an upload id (a commit of an upload already committed
+     answers the checkpoint it made), ``renew`` (extends a lease), ``declare`` (a duplicate declare
+     is an upload nobody renews: the collector closes it one lease later, so the cost is one lease
+     of pinned blobs and quota, never a second checkpoint).
+3. Any other call (``POST /v1/runs``, pins, keys, ...) is not repeated once it may have been sent:
+   the client raises ``ServiceUnavailable`` saying it may or may not have been applied.
+A repeated ``DELETE`` whose first attempt may have been applied treats ``not_found`` as done.
+
+Uploads hold a lease (``uploads`` module doc): while one is open the client renews it from a
+background thread every third of ``lease_seconds``, through whichever replica answers, so a replica
+that dies mid-upload costs nothing, and a client that dies releases its blobs one lease later.
 """
 
 from __future__ import annotations
@@ -20,6 +47,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import sqlite3
 import sys
 import threading
@@ -38,6 +66,7 @@ from weightstore.errors import (
     Forbidden,
     IntegrityError,
     NotFound,
+    ServiceUnavailable,
     StoreUnavailable,
     UploadExpired,
     UploadIncomplete,
@@ -46,6 +75,7 @@ from weightstore.errors import (
 )
 from weightstore.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER_STATE
 from weightstore.hashing import sha256_file
+from weightstore.loader import FileSpec, Stopped, VerifiedLoader, fill_file_chunked, tensors_from_buffer
 from weightstore.names import TinkerPath, check_file_path
 
 if TYPE_CHECKING:  # torch is imported only by the calls that need it: the CLI starts fast without it
@@ -67,6 +97,40 @@ falling back to stream for this client once the store turns out to be unreachabl
 
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})  # RFC 9110 §9.2.2
+RETRY_DEADLINE_S = 60.0
+"""Default of ``retry_deadline``: longer than a PostgreSQL restart (~20 s) or a replica's restart."""
+FAILOVER_STATUSES = frozenset({502, 503, 504})
+RETRY_BACKOFF_CAP_S = 8.0
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+"""Transport errors raised before a single byte of the request left: always safe to send again."""
+
+
+def parse_base_urls(base_url: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """The API replicas named by ``base_url`` (a list, or a comma-separated string), else by
+    ``WEIGHTSTORE_URL`` (comma-separated), else the local default; trailing slashes dropped."""
+    raw: list[str]
+    if isinstance(base_url, list | tuple):
+        raw = [str(u) for u in base_url]
+    else:
+        raw = (base_url or os.environ.get("WEIGHTSTORE_URL") or "http://127.0.0.1:8000").split(",")
+    urls = [u.strip().rstrip("/") for u in raw if u.strip()]
+    if not urls:
+        raise ValueError("base_url names no URL")
+    return urls
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "0")))
+    except ValueError:  # an HTTP date: not sent by weightstore; treat as "no hint"
+        return 0.0
+
+
+def _jittered(round_: int) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random, so clients that failed
+    together do not come back together."""
+    step: float = min(BACKOFF_S * 2**round_, RETRY_BACKOFF_CAP_S)
+    return step / 2 + random.uniform(0, step / 2)  # noqa: S311 - jitter, not cryptography
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -79,6 +143,8 @@ def _raise_for(response: httpx.Response) -> None:
     code = body.get("code") if isinstance(body, dict) else None
     message = (body.get("message") if isinstance(body, dict) else None) or response.text or response.reason_phrase
     cls = error_for_code(code) if code else WeightstoreError
+    if not code and response.status_code in FAILOVER_STATUSES:
+        cls = ServiceUnavailable  # a proxy or load balancer in front found no replica to answer
     err = cls(f"{message} (HTTP {response.status_code})", **(body.get("details") or {}) if isinstance(body, dict) else {})
     # The HTTP status rides along for callers that log it; the core error classes know nothing of HTTP.
     err.status_code = response.status_code
@@ -356,12 +422,47 @@ def _read_part(src: FileSource, offset: int, length: int) -> bytes:
         return f.read(length)
 
 
+class _LeaseKeeper:
+    """Renews one open upload's lease from a daemon thread every third of ``lease_seconds`` until
+    stopped (``uploads`` module doc). A failed renewal is logged and tried again at the next tick;
+    an upload that is gone or lapsed stops it (the commit then says so and the upload is declared
+    again). ``lease_seconds`` 0 (a server without leases): does nothing."""
+
+    def __init__(self, client: Client, upload_id: str, lease_seconds: float) -> None:
+        self.client, self.upload_id = client, upload_id
+        self.interval = max(0.5, lease_seconds / 3)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if lease_seconds > 0:
+            self._thread = threading.Thread(target=self._run, name=f"lease-{upload_id}", daemon=True)
+        self.renewals = 0
+
+    def start(self) -> None:
+        if self._thread is not None:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.client._call("POST", f"/v1/uploads/{self.upload_id}/renew", idempotent=True, deadline_s=self.interval)
+                self.renewals += 1
+            except (UploadExpired, NotFound) as exc:
+                log.warning("upload %s can no longer be renewed: %s", self.upload_id, exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - a missed renewal is retried at the next tick
+                log.warning("renewing upload %s failed (%s); trying again in %.0f s", self.upload_id, exc, self.interval)
+
+
 class Client:
     def __init__(
         self,
-        base_url: str | None = None,
+        base_url: str | list[str] | None = None,
         api_key: str | None = None,
         *,
+        retry_deadline: float | None = None,
         timeout: float = 300,
         transfer: str = "auto",
         progress: bool | None = None,
@@ -369,7 +470,12 @@ class Client:
         hash_cache: HashCache | None | bool = True,
         range_part: int = RANGE_PART,
     ) -> None:
-        self.base_url = (base_url or os.environ.get("WEIGHTSTORE_URL") or "http://127.0.0.1:8000").rstrip("/")
+        self.base_urls = parse_base_urls(base_url)
+        self.base_url = self.base_urls[0]  # the first replica (what messages name); see _current
+        self._current = 0  # index of the replica that answered last: calls go there first
+        if retry_deadline is None:
+            retry_deadline = float(os.environ.get("WEIGHTSTORE_RETRY_DEADLINE_SECONDS") or RETRY_DEADLINE_S)
+        self.retry_deadline = retry_deadline
         key = api_key or os.environ.get("WEIGHTSTORE_API_KEY")
         if transfer not in TRANSFERS:
             raise ValueError(f"transfer must be one of {TRANSFERS}")
@@ -384,6 +490,8 @@ class Client:
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         # Presigned URLs carry their own auth: never send our API key to the object store.
         self.raw = RawHTTP(timeout, maxsize=max(16, parallel * 2))
+        # Verified parallel reads (issue 14): loads into memory, and chunked files of `download`.
+        self.loader = VerifiedLoader(self.raw, connections=max(1, parallel * 2), legacy_piece=range_part)
 
     def close(self) -> None:
         self.http.close()
@@ -395,15 +503,71 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, url: str, **kwargs: Any) -> Any:
-        try:
-            r = self.http.request(method, url, **kwargs)
-        except httpx.RemoteProtocolError:
-            # The server closed a pooled keep-alive connection just as we reused it, before any answer:
-            # an idempotent request is safe to send once more on a fresh connection.
-            if method.upper() not in IDEMPOTENT_METHODS:
-                raise
-            r = self.http.request(method, url, **kwargs)
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        idempotent: bool | None = None,
+        content: Callable[[], Any] | None = None,
+        deadline_s: float | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Send ``method url`` to the replicas in turn until one answers with something other than
+        502/503/504, following the module doc's rule. ``idempotent`` overrides the method's own
+        semantics (calls that the protocol makes safe to repeat); ``content`` makes a fresh request
+        body per attempt (a stream can be read once). Returns the last answer, error or not; raises
+        ``ServiceUnavailable`` when no replica answered in time or repeating was not safe."""
+        safe = method.upper() in IDEMPOTENT_METHODS if idempotent is None else idempotent
+        budget = self.retry_deadline if deadline_s is None else deadline_s
+        deadline = time.monotonic() + budget
+        n = len(self.base_urls)
+        failures = 0
+        maybe_applied = False  # an earlier attempt may have reached a server
+        last: httpx.TransportError | None
+        while True:
+            index = self._current
+            base = self.base_urls[index]
+            try:
+                if content is not None:
+                    kwargs["content"] = content()
+                r = self.http.request(method, base + url, **kwargs)
+            except httpx.TransportError as exc:
+                sent = not isinstance(exc, NOT_SENT)
+                if sent and not safe:
+                    raise ServiceUnavailable(
+                        f"{method} {url}: the connection to {base} broke after the request was sent ({type(exc).__name__}); "
+                        "it may or may not have been applied: check before repeating it"
+                    ) from exc
+                maybe_applied = maybe_applied or sent
+                wait, why, last = 0.0, f"{type(exc).__name__} from {base}", exc
+            else:
+                if r.status_code not in FAILOVER_STATUSES or not safe:
+                    if maybe_applied and method.upper() == "DELETE" and r.status_code == 404:
+                        return httpx.Response(204, request=r.request)  # the earlier attempt deleted it
+                    return r
+                wait, why, last = _retry_after(r), f"HTTP {r.status_code} from {base}", None
+                maybe_applied = maybe_applied or r.status_code != 503  # a gateway error: it may have run
+            failures += 1
+            if self._current == index:  # another thread may have moved on already
+                self._current = (index + 1) % n
+            if failures % n == 0:  # every replica failed once more: back off before the next round
+                wait = max(wait, _jittered(failures // n - 1))
+            if time.monotonic() + wait > deadline:
+                if last is None:
+                    return r  # the service's own typed error (e.g. catalog_busy): raised by the caller
+                where = ", ".join(self.base_urls)
+                raise ServiceUnavailable(
+                    f"no weightstore server at {where} answered within {budget:g} s ({why}); "
+                    "start `weightstore serve` or set WEIGHTSTORE_URL"
+                ) from last
+            log.info("%s %s: %s; retrying in %.2f s", method, url, why, wait)
+            time.sleep(wait)
+
+    def _call(
+        self, method: str, url: str, *, idempotent: bool | None = None, deadline_s: float | None = None, **kwargs: Any
+    ) -> Any:
+        r = self._request(method, url, idempotent=idempotent, deadline_s=deadline_s, **kwargs)
         _raise_for(r)
         return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else None
 
@@ -484,7 +648,9 @@ class Client:
         raise AssertionError("unreachable")
 
     def _declare_send_commit(self, body: dict[str, Any], files: Mapping[str, FileSource], name: str) -> dict[str, Any]:
-        ans = self._call("POST", "/v1/uploads", json=body)
+        # idempotent by protocol (module doc): a duplicate declare is an unrenewed lease, closed by the collector
+        ans = self._call("POST", "/v1/uploads", json=body, idempotent=True)
+        keeper = _LeaseKeeper(self, ans["upload_id"], ans.get("lease_seconds") or 0)
         todo = [f for f in ans["files"] if f["transfer"] != "present"]
         bar = tqdm(
             total=sum(f["size_bytes"] for f in todo),
@@ -496,10 +662,12 @@ class Client:
         )
         try:
             upload_id = ans["upload_id"]
+            keeper.start()
             self._send_all(upload_id, todo, files, bar.update)
             for attempt in range(COMMIT_ATTEMPTS):
                 try:
-                    return dict(self._call("POST", f"/v1/uploads/{upload_id}/commit"))
+                    # idempotent by protocol: committing a committed upload answers its checkpoint
+                    return dict(self._call("POST", f"/v1/uploads/{upload_id}/commit", idempotent=True))
                 except UploadIncomplete as exc:
                     # Bytes we sent could not be proven ours (another tenant's identical PUT replaced
                     # them at the blob key, or the collector reclaimed them): the service re-offers
@@ -514,10 +682,13 @@ class Client:
                     self._send_all(upload_id, [a for a in again if a["transfer"] != "present"], files, bar.update)
             raise AssertionError("unreachable")
         except BaseException:
-            with contextlib.suppress(Exception):  # close it now rather than at its expiry (no-op if committed)
-                self._call("DELETE", f"/v1/uploads/{ans['upload_id']}")
+            keeper.stop()
+            # Close it now through any replica that answers; if none does soon, its lease lapses anyway.
+            with contextlib.suppress(Exception):  # (an error if it was committed after all: ignored)
+                self._call("DELETE", f"/v1/uploads/{ans['upload_id']}", deadline_s=min(5.0, self.retry_deadline))
             raise
         finally:
+            keeper.stop()
             bar.close()
 
     def _send_all(
@@ -539,9 +710,11 @@ class Client:
 
     def _send_once(self, upload_id: str, answer: dict[str, Any], src: FileSource, progress: Callable[[int], None]) -> None:
         if answer["transfer"] == "stream":
-            r = self.http.put(
+            # A PUT of the declared bytes: repeated on another replica if one dies mid-body (module doc).
+            r = self._request(
+                "PUT",
                 f"/v1/uploads/{upload_id}/files/{answer['path']}",
-                content=_chunks(src, progress),
+                content=lambda: _chunks(src, progress),
                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(answer["size_bytes"])},
             )
             _raise_for(r)
@@ -676,14 +849,43 @@ class Client:
             raise IntegrityError(f"{file}: downloaded bytes do not match sha256 {info['sha256']}")
         return data
 
-    def load_state(self, tinker_path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-        """(weights, optimizer state dict or None for a sampler checkpoint), verified by sha256."""
+    def _load_buffers(self, tinker_path: str, names: list[str]) -> dict[str, Any]:
+        """The verified bytes of these files, each in one buffer filled straight from ranged GETs
+        (``weightstore.loader``: per-chunk sha256s where recorded, else the whole-file sha256)."""
+        answer = {f["path"]: f for f in self.file_urls(tinker_path)["files"]}
+        for name in names:
+            if name not in answer:
+                raise NotFound(f"{tinker_path} has no file {name}")
+        out: dict[str, Any] = {}
+        for name in names:
+            spec = FileSpec.from_answer(answer[name])
+            with tqdm(total=spec.size, unit="B", unit_scale=True, desc=f"load {name}", disable=not self.progress) as bar:
+
+                def advance(start: int, end: int, bar: tqdm[Any] = bar) -> None:
+                    bar.update(end - start)
+
+                out[name] = self.loader.load_bytes(spec, on_range=advance)
+        return out
+
+    def load_weights(self, tinker_path: str, device: str | None = None) -> dict[str, torch.Tensor]:
+        """The checkpoint's weights, every byte verified, built on the downloaded buffer without a
+        copy (no temp file); ``device`` (e.g. ``"cuda"``) copies each tensor there."""
+        buf = self._load_buffers(tinker_path, [ADAPTER_WEIGHTS])[ADAPTER_WEIGHTS]
+        return tensors_from_buffer(buf, device)
+
+    def load_state(self, tinker_path: str, device: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """(weights, optimizer state dict or None for a sampler checkpoint), every byte verified
+        (``load_weights``); optimizer tensors are built on their buffer too."""
         from weightstore import tensorio
 
-        weights = tensorio.load_weights(self.read_file(tinker_path, ADAPTER_WEIGHTS))
-        if TinkerPath.parse(tinker_path).kind != "training":
+        training = TinkerPath.parse(tinker_path).kind == "training"
+        names = [ADAPTER_WEIGHTS, OPTIMIZER_STATE] if training else [ADAPTER_WEIGHTS]
+        bufs = self._load_buffers(tinker_path, names)
+        weights = tensors_from_buffer(bufs[ADAPTER_WEIGHTS], device)
+        if not training:
             return weights, None
-        return weights, tensorio.load_optimizer(self.read_file(tinker_path, OPTIMIZER_STATE))
+        opt = bufs[OPTIMIZER_STATE]
+        return weights, tensorio.load_optimizer(opt, tensors=tensors_from_buffer(opt, device))
 
     # --- checkpoints --------------------------------------------------------------------------
     @staticmethod
@@ -809,6 +1011,37 @@ class Client:
             os.close(fd)
         return h.hexdigest()
 
+    def _fill_chunked(
+        self, spec: FileSpec, journal: _RangeJournal, progress: Callable[[int], None], stop: threading.Event
+    ) -> None:
+        """``_fill`` for files with chunk digests: the same journal (a range is recorded once
+        written and flushed), every chunk verified on the thread that completed it; a chunk that
+        changed on the local disk discards the partial (as a whole-file mismatch does)."""
+        fd = os.open(journal.partial, os.O_RDWR)
+
+        def written(start: int, end: int) -> None:
+            journal.record(fd, start, end)
+            progress(end - start)
+
+        try:
+            fill_file_chunked(
+                self.loader,
+                spec,
+                fd,
+                journal.plan(self.range_part),
+                lambda url, first, last: self.raw.get_range(url, first, last),
+                piece=self.range_part,
+                on_written=written,
+                stop=stop,
+            )
+        except IntegrityError:
+            journal.discard()
+            raise
+        except Stopped as exc:
+            raise _DownloadStopped from exc
+        finally:
+            os.close(fd)
+
     def _download_one(self, info: dict[str, Any], dest: Path, progress: Callable[[int], None], stop: threading.Event) -> None:
         target = dest / check_file_path(info["path"])
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -820,6 +1053,11 @@ class Client:
             return
         journal = _RangeJournal.open(partial, sha, size, durable=size > self.range_part)
         progress(journal.durable_bytes)
+        spec = FileSpec.from_answer(info)
+        if spec.chunked:  # issue 14: verified chunk by chunk as ranges land (weightstore.loader)
+            self._fill_chunked(spec, journal, progress, stop)
+            journal.finish(target)
+            return
         if self._fill(info["url"], journal, progress, stop) != sha:
             # Only a complete file can mismatch here. The store verified these bytes when they were
             # committed (S8), so the fault is on the way or on this disk: say so, and start clean.

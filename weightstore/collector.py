@@ -11,17 +11,19 @@ it. The outermost layer (``weightstore serve``, tests) builds an object that sat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import sqlalchemy as sa
-from prometheus_client.registry import Collector as MetricsCollector
-from sqlmodel import Session, col
+if TYPE_CHECKING:  # the CLI imports PHASES on every start: keep sqlalchemy, boto3 and the models out of that
+    from prometheus_client.registry import Collector as MetricsCollector
+    from sqlmodel import Session
 
-from weightstore.context import Context
-from weightstore.models import GcRun
+    from weightstore.context import Context
+    from weightstore.models import GcRun
 
-PHASES = ("expire", "mark", "sweep", "orphans")
-"""Every collector phase, in the order a run executes them."""
+PHASES = ("expire", "invoices", "mark", "sweep", "orphans", "archives")
+"""Every collector phase, in the order a run executes them. ``invoices`` (freeze ended months) runs
+before ``mark``, so a run that stops fail-closed on a storage finding still closes the books;
+``archives`` (prune the archive cache) runs last, after the sweep forgot the blobs it deleted."""
 
 
 class CollectorPort(Protocol):
@@ -46,9 +48,16 @@ class CollectorPort(Protocol):
 
 def list_runs(session: Session, *, limit: int = 50, offset: int = 0) -> list[GcRun]:
     """Recorded collector runs, newest first."""
+    import sqlalchemy as sa
+    from sqlmodel import col
+
+    from weightstore.models import GcRun
+
     q = sa.select(GcRun).order_by(col(GcRun.started_at).desc(), col(GcRun.id).desc()).offset(offset).limit(limit)
     return list(session.execute(q).scalars().all())
 
 
 def get_run(session: Session, run_id: str) -> GcRun | None:
+    from weightstore.models import GcRun
+
     return session.get(GcRun, run_id)

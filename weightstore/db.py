@@ -20,12 +20,13 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
-from weightstore.errors import CatalogBusy
+from weightstore.errors import CatalogBusy, CatalogUnavailable, TransientError
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CONNECT_TIMEOUT_SECONDS = 10  # PostgreSQL connect; a request waits at most this long for a dead host
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
@@ -58,33 +59,57 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             dbapi_conn.isolation_level = None
 
         return engine
-    return sa.create_engine(url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True)
+    # pre-ping: a pooled connection the server closed (restart, failover) is replaced on checkout
+    # instead of failing the first request after the catalog is back. connect_timeout: an
+    # unreachable host fails a request in seconds (503 catalog_unavailable) instead of hanging it.
+    return sa.create_engine(
+        url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    )
 
 
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """One transaction: committed on success, rolled back on any exception.
 
-    A conflict between concurrent transactions that the database resolves by aborting one of them
-    (deadlock, serialization failure, lock timeout, SQLite's "database is locked") is transient: it
-    leaves as the retryable ``CatalogBusy`` (503 + Retry-After), never as a 500 the client would take
-    for a permanent failure."""
+    A transient catalog failure leaves as a retryable error (503 + Retry-After), never as a 500 the
+    client would take for a permanent failure (``as_transient``): a conflict the database resolved
+    by aborting this transaction is ``CatalogBusy``; a catalog that cannot be reached (restarting,
+    refusing connections, pool exhausted) is ``CatalogUnavailable``."""
     with Session(engine, expire_on_commit=False) as session:
         try:
             yield session
             session.commit()
-        except sa_exc.DBAPIError as exc:
-            session.rollback()
-            if is_transient_conflict(exc):
-                raise CatalogBusy(f"the catalog is busy with a conflicting change ({transient_reason(exc)}); retry") from exc
+        except sa_exc.SQLAlchemyError as exc:
+            _rollback_quietly(session)
+            transient = as_transient(exc)
+            if transient is not None:
+                raise transient from exc
             raise
         except BaseException:
-            session.rollback()
+            _rollback_quietly(session)
             raise
+
+
+def _rollback_quietly(session: Session) -> None:
+    # A rollback on a connection the server just closed raises too; the original error is the news.
+    try:
+        session.rollback()
+    except sa_exc.SQLAlchemyError:
+        pass
 
 
 # SQLSTATEs PostgreSQL uses when it aborts one of two conflicting transactions: retrying succeeds.
 TRANSIENT_SQLSTATES = {"40001": "serialization failure", "40P01": "deadlock", "55P03": "lock timeout"}
+
+# SQLSTATEs of a server that is going away, starting up or out of connection slots: the catalog is
+# unavailable for a while and the same request succeeds once it is back. Class 08 (connection
+# exceptions) is matched as a class.
+UNAVAILABLE_SQLSTATES = {
+    "57P01": "admin shutdown",
+    "57P02": "crash shutdown",
+    "57P03": "cannot connect now",
+    "53300": "too many connections",
+}
 
 
 def transient_reason(exc: sa_exc.DBAPIError) -> str | None:
@@ -99,6 +124,49 @@ def transient_reason(exc: sa_exc.DBAPIError) -> str | None:
 
 def is_transient_conflict(exc: sa_exc.DBAPIError) -> bool:
     return transient_reason(exc) is not None
+
+
+def unavailable_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` says the catalog cannot be reached right now, or ``None`` if it does not.
+
+    The class: a pool that timed out waiting for a connection, a connection SQLAlchemy found dead
+    (``connection_invalidated``, ``DisconnectionError``), a PostgreSQL SQLSTATE of class 08 or in
+    ``UNAVAILABLE_SQLSTATES``, and a driver ``OperationalError``/``InterfaceError`` without a
+    SQLSTATE (psycopg's "connection refused", "server closed the connection unexpectedly",
+    "connection is closed": errors raised before any statement reached a server)."""
+    if isinstance(exc, sa_exc.TimeoutError):
+        return "connection pool timeout"
+    if isinstance(exc, sa_exc.DisconnectionError):
+        return "connection lost"
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return None
+    if exc.connection_invalidated:
+        return "connection lost"
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate in UNAVAILABLE_SQLSTATES:
+        return UNAVAILABLE_SQLSTATES[sqlstate]
+    if isinstance(sqlstate, str) and sqlstate.startswith("08"):
+        return "connection failure"
+    is_sqlite = isinstance(exc.orig, sqlite3.Error)
+    if sqlstate is None and not is_sqlite and isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return "cannot reach the catalog"
+    return None
+
+
+def as_transient(exc: BaseException) -> TransientError | None:
+    """The retryable core error for a SQLAlchemy error, or ``None`` when it is not transient.
+
+    The one place that classifies database errors: ``session_scope`` raises its answer, and the
+    API's error handler applies it to errors raised outside any ``session_scope`` (a dependency's
+    ``engine.connect()``, a pool checkout)."""
+    if isinstance(exc, sa_exc.DBAPIError):
+        reason = transient_reason(exc)
+        if reason is not None:
+            return CatalogBusy(f"the catalog is busy with a conflicting change ({reason}); retry")
+    reason = unavailable_reason(exc)
+    if reason is not None:
+        return CatalogUnavailable(f"the catalog is unavailable ({reason}); retry")
+    return None
 
 
 def migrations_dir() -> Path:

@@ -36,6 +36,10 @@ and a store that dies under a running service would leave it unready for good:
   killed outright and never starts again.
 * A watchdog thread restarts a child that exits on the same ports and data, with capped
   exponential backoff; clients see "store unavailable" (503, retryable) in the window.
+* Readiness: every started store registers itself by endpoint (``supervisor_for``), and
+  ``readiness_problem`` says whether it may serve now: not while its child is down or being
+  restarted (the S3 gateway answers about 4 s before the volumes are known again), so ``/readyz``
+  turns 503 for the whole window instead of only while the port is closed.
 """
 
 from __future__ import annotations
@@ -61,13 +65,34 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["LOCK_FILE", "PID_FILE", "SeaweedFS", "StoreOwnedElsewhere", "ensure_bucket", "pid_alive", "weed_binary"]
+__all__ = [
+    "LOCK_FILE",
+    "PID_FILE",
+    "SeaweedFS",
+    "StoreOwnedElsewhere",
+    "ensure_bucket",
+    "pid_alive",
+    "supervisor_for",
+    "weed_binary",
+]
 
 logger = logging.getLogger(__name__)
+
+_SUPERVISORS: weakref.WeakValueDictionary[str, SeaweedFS] = weakref.WeakValueDictionary()
+_SUPERVISORS_LOCK = threading.Lock()
+
+
+def supervisor_for(endpoint_url: str) -> SeaweedFS | None:
+    """The embedded store started in this process that serves ``endpoint_url``, if any (readiness
+    asks it whether it is restarting)."""
+    with _SUPERVISORS_LOCK:
+        return _SUPERVISORS.get(endpoint_url)
+
 
 _GRPC_OFFSET = 10000  # SeaweedFS convention: gRPC port = HTTP port + 10000
 # Components of `weed mini` that open an HTTP (and therefore also a gRPC) listener.
@@ -379,6 +404,7 @@ class SeaweedFS:
         self._lifecycle = threading.RLock()  # start, restart and stop never interleave
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self._restarting = False  # set by the watchdog from "child down" until the restart is healthy
 
     # -- setup ---------------------------------------------------------------------
 
@@ -450,6 +476,19 @@ class SeaweedFS:
         """The child's pid while it runs."""
         return self._proc.pid if self.running and self._proc is not None else None
 
+    def readiness_problem(self) -> str | None:
+        """Why this store cannot serve now (``None``: it can). For the owner: "stopped", or
+        "restarting" from the moment its child is found down until the restarted child serves reads
+        (``_wait_healthy``). A process that shares another owner's store reports nothing here: the
+        store's own answers (``ping``) tell."""
+        if self._stopping.is_set():
+            return "stopped"
+        if not self.owner:
+            return None
+        if self._restarting or not self.running:
+            return "restarting"
+        return None
+
     @property
     def owner(self) -> bool:
         """Whether this object owns the store (holds the data dir's lock); False in standby."""
@@ -513,6 +552,8 @@ class SeaweedFS:
 
     def _start_watchdog(self) -> None:
         self._stopping.clear()
+        with _SUPERVISORS_LOCK:
+            _SUPERVISORS[self.endpoint_url] = self
         atexit.register(self.stop)
         if self.supervise and (self._watchdog is None or not self._watchdog.is_alive()):
             name = f"seaweedfs-watchdog-{self.data_dir.name}"
@@ -655,6 +696,7 @@ class SeaweedFS:
             proc = self._proc
             if proc is not None and proc.poll() is None:
                 continue
+            self._restarting = True
             try:
                 with self._lifecycle:
                     if self._stopping.is_set() or self._lock_fd is None:
@@ -670,6 +712,7 @@ class SeaweedFS:
                 logger.exception("embedded SeaweedFS watchdog: restart raised")
                 ok = False
             if ok:
+                self._restarting = False
                 self.restarts += 1
                 delay = _RESTART_DELAY_MIN
                 logger.warning("embedded SeaweedFS is back (pid %s, restart %d)", self.pid, self.restarts)
@@ -832,6 +875,9 @@ class SeaweedFS:
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
         self._stopping.set()  # first, so a restart in progress gives up and frees the lock below
+        with _SUPERVISORS_LOCK:
+            if _SUPERVISORS.get(self.endpoint_url) is self:
+                del _SUPERVISORS[self.endpoint_url]
         with self._lifecycle:
             self._terminate(grace)
             self._release_ownership()

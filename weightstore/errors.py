@@ -148,6 +148,13 @@ class TenantQuotaExceeded(InvalidRequest):
     code = "quota_exceeded"
 
 
+class RunDeleted(InvalidRequest):
+    """Something would be published into a training run that ``runs rm`` deleted (e.g. an upload
+    declared before the delete and committed after it). Permanent (400): the run never comes back."""
+
+    code = "run_deleted"
+
+
 class TenantDisabled(Forbidden):
     """The key is valid but its tenant is disabled by an admin (until ``tenants enable``)."""
 
@@ -170,6 +177,22 @@ class StoreUnavailable(TransientError):
 
 class CatalogBusy(TransientError):
     code = "catalog_busy"
+
+
+class ServiceUnavailable(TransientError):
+    """Raised by the Python client only: no API replica answered within the retry deadline
+    (connection refused, reset or timed out, or a load balancer's 502/503/504 without a weightstore
+    error), or a call that is not safe to repeat lost its connection after it was sent."""
+
+    code = "service_unavailable"
+
+
+class CatalogUnavailable(TransientError):
+    """The catalog cannot be reached: restarting, refusing connections, out of connection slots, or
+    the pool found no free connection in time. Retryable: a restarting PostgreSQL is back in seconds,
+    and the engine's pre-ping replaces the pooled connections it closed."""
+
+    code = "catalog_unavailable"
 
 
 class LeaseLost(TransientError):

@@ -19,6 +19,12 @@ Rules that keep several workers on several machines from doing one job twice:
   writes, then one manifest transaction), and that transaction also runs the conditional
   ``UPDATE`` that marks the job ``succeeded`` (still ours, still running). A worker that lost its
   lease rolls the whole commit back, so one job never yields two outputs.
+- **Quota** (issue 12, part 2): the output is new logical bytes of the tenant. Checked twice through
+  ``tenants.check_quota``: at submission against ``estimated_output_bytes`` (a lower bound, so an
+  export is never refused there for bytes it would not write; unlocked, nothing is reserved), and
+  exactly when the output is published (``publish.add_checkpoint``, under the tenant row lock). A
+  refusal at publish ends the job ``failed`` with the ``quota_exceeded`` error (permanent, never
+  retried); asking again after freeing room queues it once more.
 - **Same request twice** returns the same job: ``request_key`` is a hash of (tenant, source
   checkpoint, target, base model, output name, options) and unique in the table.
 
@@ -50,7 +56,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import Session, col, select
 
-from weightstore import audit, basemodels, blobs, checkpoints, publish, retention
+from weightstore import audit, basemodels, blobs, checkpoints, publish, retention, tenants
 from weightstore.auth import Principal
 from weightstore.context import Context
 from weightstore.db import session_scope
@@ -62,7 +68,7 @@ from weightstore.errors import (
     TransientError,
     WeightstoreError,
 )
-from weightstore.models import Checkpoint, ExportJob, ExportJobState, Role, TrainingRun
+from weightstore.models import BaseModel, Checkpoint, ExportJob, ExportJobState, Role, TrainingRun
 from weightstore.names import TinkerPath, check_name, new_id
 
 log = logging.getLogger(__name__)
@@ -134,13 +140,20 @@ def _submit_one(
     base = base_model or (run.base_model if run else None)
     if not base:
         raise InvalidRequest("no base model given and the run names none")
-    basemodels.get(session, base)  # NotFound lists the registered ones
+    base_row = basemodels.get(session, base)  # NotFound lists the registered ones
     if output_name is not None:
         check_name(output_name, max_length=ctx.settings.name_max_length)
     if "ttl_seconds" in options:
         retention.check_ttl(ctx.settings, options["ttl_seconds"])
     key = _request_key(principal.tenant_id, source.id, target, base, output_name, options)
     existing = session.exec(select(ExportJob).where(ExportJob.request_key == key)).first()
+    if (
+        existing is None
+        or existing.state in (ExportJobState.failed, ExportJobState.cancelled)
+        or (existing.state == ExportJobState.succeeded and not _result_visible(session, existing, now))
+    ):  # a job will run: refuse early what cannot fit (module doc)
+        estimate = estimated_output_bytes(session, target, base_row)
+        tenants.check_quota(session, principal.tenant_id, estimate, now=now, lock=False)
     if existing is not None:
         if existing.state in (ExportJobState.failed, ExportJobState.cancelled) or (
             existing.state == ExportJobState.succeeded and not _result_visible(session, existing, now)
@@ -178,6 +191,17 @@ def _submit_one(
         base_model=base,
     )
     return job
+
+
+def estimated_output_bytes(session: Session, target: str, base: BaseModel) -> int:
+    """A lower bound of an export's output size, for the quota check at submission. A merged model
+    holds every tensor of the base in the base's dtype, so at least the base's top-level
+    ``*.safetensors`` bytes; a PEFT adapter's size depends on the conversion (ranks, dtype), so 0:
+    only the exact check at publish applies to it."""
+    if target != "merged":
+        return 0
+    files = basemodels.files_of(session, base.name)
+    return sum(f.size_bytes for f in files if "/" not in f.path and f.path.endswith(".safetensors"))
 
 
 def _default_output_name(source: Checkpoint) -> str:

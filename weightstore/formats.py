@@ -50,13 +50,34 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
 
-# Files each kind must contain. Extra files are allowed (validated by their extension).
+# Files each kind must contain. Other extra files are allowed (validated by their extension).
 REQUIRED_FILES: dict[str, tuple[str, ...]] = {
     "sampler": (ADAPTER_WEIGHTS, ADAPTER_CONFIG),
     "training": (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_STATE),
     "external": (ADAPTER_WEIGHTS, ADAPTER_CONFIG),
     "merged": ("config.json",),
 }
+
+# Files a kind must not contain: optimizer state makes a checkpoint a full-state one. A sampler
+# checkpoint carrying it would be billed for bytes no sampler reads (README review, stop 17: `upload
+# --kind sampler` of a full-state directory kept the optimizer silently).
+FORBIDDEN_FILES: dict[str, tuple[str, ...]] = {
+    "sampler": (OPTIMIZER_STATE,),
+    "external": (OPTIMIZER_STATE,),
+}
+
+KIND_LABELS: dict[str, str] = {
+    "training": "full-state checkpoint (--kind state; tinker://RUN/weights/NAME)",
+    "sampler": "sampler checkpoint (--kind sampler; tinker://RUN/sampler_weights/NAME)",
+    "external": "PEFT export (tinker://RUN/external_weights/NAME)",
+    "merged": "merged-model export (tinker://RUN/merged_weights/NAME)",
+}
+"""How messages name a kind: by what users type (the CLI's ``--kind state``, the ``weights/`` path
+segment), never by the catalog's internal ``training`` (issue 12, part 5 found "training" confuses)."""
+
+
+def kind_label(kind: str) -> str:
+    return KIND_LABELS.get(kind, f"{kind} checkpoint")
 
 
 MAX_JSON_DEPTH = 64
@@ -161,7 +182,13 @@ def check_file_set(kind: str, paths: Sequence[str]) -> None:
         raise InvalidRequest(f"duplicate file names: {', '.join(dupes)}", files=dupes)
     missing = [f for f in REQUIRED_FILES.get(kind, ()) if f not in paths]
     if missing:
-        raise InvalidFormat(f"a {kind} checkpoint must contain {', '.join(missing)}", missing=missing)
+        raise InvalidFormat(f"a {kind_label(kind)} must contain {', '.join(missing)}", missing=missing)
+    extra = [f for f in FORBIDDEN_FILES.get(kind, ()) if f in paths]
+    if extra:
+        raise InvalidFormat(
+            f"a {kind_label(kind)} holds weights only: {', '.join(extra)} belongs in a {kind_label('training')}",
+            forbidden=extra,
+        )
 
 
 def parse_safetensors_header(read_range: ReadRange, file_size: int, *, max_header: int, name: str = "file") -> dict[str, Any]:

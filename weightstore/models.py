@@ -111,6 +111,7 @@ class GcRunState(StrEnum):
     finished = "finished"  # every phase ran
     stopped = "stopped"  # fail closed: findings, nothing deleted after them
     aborted = "aborted"  # lease lost or an error
+    abandoned = "abandoned"  # its collector died (kill -9); marked by the next lease holder
 
 
 class UsageEventKind(StrEnum):
@@ -278,6 +279,19 @@ class Blob(SQLModel, table=True):
     """Last time a commit or an upload referenced it, or a referencing checkpoint went away:
     the collector only deletes blobs unreferenced for longer than the grace period."""
     tombstoned_at: datetime | None = _ts(nullable=True)
+
+
+class BlobChunks(SQLModel, table=True):
+    """Per-chunk sha256s of one blob (issue 14, part 1): ``digests`` is the concatenation of the raw
+    32-byte sha256 of each ``chunk_size`` slice of the blob, in order (the last may be shorter).
+    Recorded only from bytes whose whole-file sha256 was verified in the same pass (blobs.chunks),
+    so a reader that checks every chunk has checked the blob. A pure function of the bytes: no
+    foreign key (a stale row for re-uploaded bytes is still right); ``blobs.forget`` drops it."""
+
+    __tablename__ = "blob_chunks"
+    sha256: str = Field(primary_key=True, max_length=64)
+    chunk_size: int
+    digests: bytes = Field(sa_column=Column(sa.LargeBinary, nullable=False))
 
 
 class TenantBlob(SQLModel, table=True):

@@ -12,6 +12,12 @@ upload id (user metadata) inside the signature: the store refuses any other byte
 reads back which upload wrote the object last, so a URL neither reveals nor lets anyone claim a
 blob they did not send (docs/design.md, presigned uploads).
 
+Presigned URLs are signed for ``public_endpoint_url`` when one is set (``WEIGHTSTORE_S3_PUBLIC_ENDPOINT``):
+trainers reach the store by another name than the service does (a public load balancer, another
+network). SigV4 signs the host, so a URL cannot be rewritten afterwards; a second boto3 client with
+the public endpoint (same credentials and region) signs them, and never sends a request. The
+service's own traffic, including ``put_stream``'s presigned PUT, keeps the internal endpoint.
+
 Every botocore error is translated into the core hierarchy: connection problems and 5xx become
 ``StoreUnavailable`` (retryable), a missing key becomes ``NotFound``.
 """
@@ -92,6 +98,8 @@ class S3Location:
     secret_access_key: str | None
     bucket: str
     region: str = "us-east-1"
+    public_endpoint_url: str | None = None
+    """The endpoint presigned URLs are signed for (what clients reach); None: ``endpoint_url``."""
 
 
 @contextmanager
@@ -153,6 +161,17 @@ class ObjectStore:
             region_name=location.region,
             config=cfg,
         )
+        # Signs presigned URLs only (no request goes through it): for the host clients use (module doc).
+        self.presign_client = self.client
+        if location.public_endpoint_url and location.public_endpoint_url != location.endpoint_url:
+            self.presign_client = boto3.client(
+                "s3",
+                endpoint_url=location.public_endpoint_url,
+                aws_access_key_id=location.access_key_id,
+                aws_secret_access_key=location.secret_access_key,
+                region_name=location.region,
+                config=cfg,
+            )
         self._raw: Any = None  # urllib3 pool for put_stream, made on first use
         self.transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold,
@@ -163,6 +182,8 @@ class ObjectStore:
 
     # --- bucket -------------------------------------------------------------------------------
     def ensure_bucket(self) -> None:
+        """Create the bucket if missing: only the bootstrap does this (``weightstore admin bootstrap``,
+        or ``serve`` on the embedded catalog or store), so no other role needs create-bucket rights."""
         with translate_errors("create bucket"):
             try:
                 self.client.head_bucket(Bucket=self.bucket)
@@ -173,8 +194,20 @@ class ObjectStore:
             self.client.create_bucket(Bucket=self.bucket)
 
     def ping(self) -> None:
+        """Is the store reachable and the bucket there? ``NotFound`` (saying how to create it) when
+        the bucket is missing: every role but the bootstrap checks, never creates (``require_bucket``)."""
         with translate_errors("ping"):
-            self.client.head_bucket(Bucket=self.bucket)
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchBucket", "NotFound"}:
+                    raise NotFound(
+                        f"bucket {self.bucket} does not exist at {self.location.endpoint_url}: "
+                        "create it with `weightstore admin bootstrap` (or set WEIGHTSTORE_S3_BUCKET)"
+                    ) from exc
+                raise
+
+    require_bucket = ping
 
     # --- reads --------------------------------------------------------------------------------
     def head(self, key: str, *, checksum: bool = False) -> ObjectInfo | None:
@@ -270,7 +303,7 @@ class ObjectStore:
         botocore signs a plain-HTTP payload by hashing it first, which a stream cannot afford."""
         import urllib3
 
-        url, headers = self.presign_put(key, 600, sha256=sha256)
+        url, headers = self.presign_put(key, 600, sha256=sha256, public=False)  # the service's own PUT
         headers["Content-Length"] = str(size)
         if self._raw is None:
             self._raw = urllib3.PoolManager(maxsize=32, retries=False, timeout=urllib3.Timeout(connect=10, read=timeout))
@@ -347,14 +380,21 @@ class ObjectStore:
         if filename:
             params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
         with translate_errors("presign"):
-            return str(self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires))
+            return str(self.presign_client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires))
 
     def presign_put(
-        self, key: str, expires: int, *, sha256: str | None = None, metadata: dict[str, str] | None = None
+        self,
+        key: str,
+        expires: int,
+        *,
+        sha256: str | None = None,
+        metadata: dict[str, str] | None = None,
+        public: bool = True,
     ) -> tuple[str, dict[str, str]]:
         """A presigned single PUT. With ``sha256`` the checksum header is part of the signature, so
         the store itself refuses a body whose SHA-256 differs; ``metadata`` (x-amz-meta-*) is signed
-        too, so the object records exactly these values. Returns (url, headers the PUT must send)."""
+        too, so the object records exactly these values. Returns (url, headers the PUT must send).
+        ``public=False``: signed for the internal endpoint (the service sends it itself)."""
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         headers: dict[str, str] = {}
         if sha256:
@@ -365,13 +405,14 @@ class ObjectStore:
             params["Metadata"] = dict(metadata)
             headers.update({f"x-amz-meta-{k}": v for k, v in metadata.items()})
         with translate_errors("presign"):
-            url = self.client.generate_presigned_url("put_object", Params=params, ExpiresIn=expires)
+            signer = self.presign_client if public else self.client
+            url = signer.generate_presigned_url("put_object", Params=params, ExpiresIn=expires)
         return str(url), headers
 
     def presign_part(self, key: str, upload_id: str, number: int, expires: int) -> str:
         with translate_errors("presign"):
             return str(
-                self.client.generate_presigned_url(
+                self.presign_client.generate_presigned_url(
                     "upload_part",
                     Params={"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": number},
                     ExpiresIn=expires,
@@ -404,7 +445,14 @@ class ObjectStore:
 def store_from_settings(settings: Any) -> ObjectStore:
     secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
     return ObjectStore(
-        S3Location(settings.s3_endpoint_url, settings.s3_access_key_id, secret, settings.s3_bucket, settings.s3_region),
+        S3Location(
+            settings.s3_endpoint_url,
+            settings.s3_access_key_id,
+            secret,
+            settings.s3_bucket,
+            settings.s3_region,
+            public_endpoint_url=settings.s3_public_endpoint,
+        ),
         max_pool_connections=settings.s3_max_pool_connections,
         multipart_threshold=settings.multipart_threshold_bytes,
         part_size=settings.part_size_bytes,

@@ -11,6 +11,12 @@ Two callers commit this way:
 - ``publish_files`` (a workflow), for files already on this machine (an export job's output):
   verified blob writes (``blobs.store_file``), then the one manifest transaction, which the caller
   can *fence* (an export job checks there that it still owns its lease).
+
+``add_checkpoint`` is also where a new checkpoint is held to its tenant's hard quota and to its
+run's existence (issue 12, parts 2 and 5), under the run's and the tenant's row locks
+(``runs.lock_for_write``, ``tenants.check_quota(lock=True)``): an export's output and any other
+caller are checked there; an upload commit passes ``reserved=True`` because its declare already
+reserved the bytes under the same tenant lock.
 """
 
 from __future__ import annotations
@@ -24,15 +30,15 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import Session, col, select
 
-from weightstore import audit, blobs, formats, retention, runs
+from weightstore import audit, blobs, checkpoints, formats, retention, runs, tenants
 from weightstore.auth import Principal
 from weightstore.billing import ledger
 from weightstore.checkpoints import end_checkpoint
 from weightstore.context import Context
 from weightstore.db import session_scope
-from weightstore.errors import AlreadyExists, CatalogBusy, InvalidRequest, NotFound
+from weightstore.errors import AlreadyExists, CatalogBusy, InvalidRequest
 from weightstore.hashing import sha256_file
-from weightstore.models import Blob, Checkpoint, CheckpointFile, CheckpointState, TenantBlob, TrainingRun
+from weightstore.models import Blob, Checkpoint, CheckpointFile, CheckpointState, TenantBlob
 from weightstore.names import TinkerPath, check_file_path, check_name, check_sha256, new_id
 from weightstore.retention import check_ttl, expires_at_for
 from weightstore.settings import Settings
@@ -127,18 +133,24 @@ def add_checkpoint(
     live: Mapping[str, Blob],
     *,
     now: datetime,
+    reserved: bool = False,
 ) -> Checkpoint:
     """Commit ``new`` over blobs the caller locked with ``blobs.lock_live`` (all live): the
     checkpoint row (ending the one it overwrites), its manifest, the run's touch and the ledger
     ``commit``. ``AlreadyExists`` when the name is taken and ``overwrite`` is false. The caller
-    adds its audit row and maps a unique-index violation on flush to ``AlreadyExists`` (S5)."""
-    run = session.get(TrainingRun, new.run_id)
-    if run is None or run.tenant_id != tenant_id or run.deleted_at is not None:  # deleted: `runs rm`
-        raise NotFound(f"training run {new.run_id!r} not found")
+    adds its audit row and maps a unique-index violation on flush to ``AlreadyExists`` (S5).
+
+    The run is locked first (``RunDeleted`` once ``runs rm`` deleted it); then, unless ``reserved``
+    (an upload's declare already counted these bytes), the tenant's hard quota is checked under the
+    tenant's row lock, crediting the checkpoint an overwrite replaces (``TenantQuotaExceeded``)."""
+    run = runs.lock_for_write(session, tenant_id, new.run_id)
     old = existing_committed(session, new.tinker_path)
+    if old is not None and not new.overwrite:
+        raise AlreadyExists(f"{new.tinker_path} already exists")
+    size = sum(size for _, size, _ in files)
+    if not reserved:
+        tenants.check_quota(session, tenant_id, size, now=now, replaced=_replaced_bytes(old, tenant_id, now), lock=True)
     if old is not None:
-        if not new.overwrite:
-            raise AlreadyExists(f"{new.tinker_path} already exists")
         end_checkpoint(session, old, state=CheckpointState.deleted, at=now, now=now)
         session.flush()
     ckpt = Checkpoint(
@@ -147,7 +159,7 @@ def add_checkpoint(
         run_id=new.run_id,
         kind=new.kind,
         name=new.name,
-        size_bytes=sum(size for _, size, _ in files),
+        size_bytes=size,
         created_at=now,
         expires_at=expires_at_for(now, new.ttl_seconds),
         user_metadata=new.user_metadata,
@@ -159,6 +171,11 @@ def add_checkpoint(
     runs.touch(session, run, now)
     ledger.on_commit(session, ckpt, now=now)
     return ckpt
+
+
+def _replaced_bytes(old: Checkpoint | None, tenant_id: str, now: datetime) -> int:
+    """What an overwrite of ``old`` gives back to the quota (a visible checkpoint of the tenant's)."""
+    return old.size_bytes if old is not None and old.tenant_id == tenant_id and checkpoints.is_visible(old, now) else 0
 
 
 # --- publish local files (workflow) -------------------------------------------------------------
@@ -213,8 +230,14 @@ def publish_files(
     for f in files:
         _validate_local(s, f)
     with session_scope(ctx.engine) as session:
-        if not new.overwrite and existing_committed(session, new.tinker_path) is not None:
+        runs.lock_for_write(session, actor.tenant_id, new.run_id)  # early: before any byte moves
+        old = existing_committed(session, new.tinker_path)
+        if not new.overwrite and old is not None:
             raise AlreadyExists(f"{new.tinker_path} already exists")
+        size = sum(f.size_bytes for f in files)
+        now = ctx.clock.now()  # early, unlocked; add_checkpoint checks again under the tenant lock
+        replaced = _replaced_bytes(old, actor.tenant_id, now)
+        tenants.check_quota(session, actor.tenant_id, size, now=now, replaced=replaced, lock=False)
         if new.ttl_seconds is None:
             new = replace(new, ttl_seconds=retention.tenant_default_ttl(session, actor.tenant_id, new.kind))
     for f in files:
@@ -222,6 +245,7 @@ def publish_files(
     now = ctx.clock.now()
     try:
         with session_scope(ctx.engine) as session:
+            runs.lock_for_write(session, actor.tenant_id, new.run_id)  # lock order: run, then blobs, then tenant
             live, not_live = blobs.lock_live(session, [sha for _, _, sha in entries])
             if not_live:
                 raise CatalogBusy(f"{len(not_live)} file(s) were garbage-collected while being published; retry")

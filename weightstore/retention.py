@@ -7,7 +7,10 @@ expiry. The collector releases a checkpoint on its first run after ``expires_at 
 (rule G4), and sweeps its blobs in that same pass (G5 counts from ``expires_at`` too), so a restore
 is *guaranteed* to work until ``expires_at + grace`` and works in practice until that run, at the
 latest ``expires_at + grace + gc_interval_seconds`` (plus the pass itself) while the collector runs
-on schedule. ``TrashEntry`` carries both bounds.
+on schedule. ``TrashEntry`` carries both bounds. A restore brings the checkpoint's bytes back into its
+tenant's usage, so it is held to the hard quota like a declare (``tenants.check_quota`` under the
+tenant row lock), and it takes its run's lock first like every path that adds a checkpoint to a run
+(``runs.lock_for_write``; lock order run, checkpoint, blobs, tenant).
 
 Every function here is a catalog function: it takes the caller's ``session`` and never commits.
 The collector *applies* retention (expire, release, sweep: ``weightstore_gc``); the rules it
@@ -222,10 +225,19 @@ def _restore(
     checkpoint and blob rows are locked (PostgreSQL) so the collector cannot tombstone them
     meanwhile (rules G4, G8 in docs/design-gc.md).
     """
+    # runs and tenants import checkpoints, which imports this module: imported here, not at the top
+    from weightstore import runs, tenants
+
     check_ttl(settings, ttl_seconds)
+    target = session.get(Checkpoint, checkpoint_id)
+    if target is None:
+        raise NotFound(f"checkpoint {checkpoint_id} not found")
+    runs.lock_for_write(session, target.tenant_id, target.run_id)
     ckpt = _lock_expired(session, checkpoint_id, now)
     shas = sa.select(col(CheckpointFile.sha256)).where(col(CheckpointFile.checkpoint_id) == ckpt.id)
     _require_live_blobs(session, shas, checkpoint_id)
+    # in the trash its bytes are not counted (not visible): restoring adds them all back
+    tenants.check_quota(session, ckpt.tenant_id, ckpt.size_bytes, now=now, lock=True)
     if ckpt.state == CheckpointState.committed.value:  # past expires_at; the expire phase has not run yet
         assert ckpt.expires_at is not None
         ckpt.state = CheckpointState.expired.value
@@ -267,7 +279,7 @@ def _is_postgresql(session: Session) -> bool:
 
 def _lock_expired(session: Session, checkpoint_id: str, now: datetime) -> Checkpoint:
     """The checkpoint, row-locked on PostgreSQL; ``InvalidRequest`` unless it is in the trash."""
-    q = select(Checkpoint).where(Checkpoint.id == checkpoint_id)
+    q = select(Checkpoint).where(Checkpoint.id == checkpoint_id).execution_options(populate_existing=True)
     if _is_postgresql(session):
         q = q.with_for_update()
     ckpt = session.exec(q).first()

@@ -17,7 +17,15 @@ its own namespace, decided from the id and the caller alone (``claim_run_id``):
 Delete (issue 12, part 5) is a soft delete: every checkpoint of the run goes through the normal
 delete path (state ``deleted``, ledger ``end``, blobs touched; the collector reclaims the bytes) and
 the run row gets ``deleted_at``, after which every read answers "not found". The row stays because
-ledger rows, invoices and the deleted checkpoints still name it, so its id is never reused.
+ledger rows, invoices and the deleted checkpoints still name it, so its id is never reused. The run's
+open uploads are aborted with it (their quota reservation ends at once).
+
+The run-row lock (issue 12, part 5): every path that adds a checkpoint to an existing run (an
+upload commit, an export's output, a Tinker placement, a restore from the trash) first takes
+``lock_for_write``, and ``delete_run`` takes the same lock before it reads anything. So a commit
+declared before the delete and landing after it either commits first (and the delete then deletes
+it too) or sees ``deleted_at`` under the lock and is refused (``RunDeleted``, permanent): a deleted
+run never holds a committed checkpoint. Lock order, everywhere: run, checkpoints, blobs, tenant.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from sqlmodel import Session, col, select
 
 from weightstore import audit, checkpoints
 from weightstore.auth import Principal
-from weightstore.errors import AlreadyExists, InvalidRequest, NotFound
+from weightstore.errors import AlreadyExists, InvalidRequest, NotFound, RunDeleted
 from weightstore.formats import check_user_metadata
 from weightstore.models import (
     Blob,
@@ -43,6 +51,8 @@ from weightstore.models import (
     ExportJobState,
     TinkerSession,
     TrainingRun,
+    Upload,
+    UploadState,
 )
 from weightstore.names import check_run_id
 
@@ -127,6 +137,32 @@ def list_runs(session: Session, principal: Principal, *, limit: int = 20, offset
     return list(rows), int(total)
 
 
+def lock_for_write(session: Session, tenant_id: str, run_id: str) -> TrainingRun:
+    """The run ``run_id`` of ``tenant_id``, re-read under its row lock (``SELECT ... FOR UPDATE`` on
+    PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serialises writers), for a caller about to add a
+    checkpoint to it (module doc). ``NotFound`` when the tenant holds no such run; ``RunDeleted``
+    (permanent) when ``runs rm`` deleted it, including a delete that committed while we waited."""
+    q = select(TrainingRun).where(TrainingRun.id == run_id).execution_options(populate_existing=True)
+    if session.get_bind().dialect.name == "postgresql":
+        q = q.with_for_update()
+    run = session.exec(q).first()
+    if run is None or run.tenant_id != tenant_id:
+        raise NotFound(f"training run {run_id!r} not found")
+    refuse_deleted(run)
+    return run
+
+
+def refuse_deleted(run: TrainingRun | None) -> None:
+    """``RunDeleted`` (the one message) when ``run`` was deleted by ``runs rm``; the upload protocol
+    also says it for an upload that the delete aborted."""
+    if run is not None and run.deleted_at is not None:
+        raise RunDeleted(
+            f"training run {run.id!r} was deleted (runs rm) at {run.deleted_at.isoformat()}: nothing can be "
+            "published into it any more; create a new run and save there",
+            run_id=run.id,
+        )
+
+
 def touch(session: Session, run: TrainingRun, now: datetime) -> None:
     run.last_request_time = now
     session.add(run)
@@ -209,6 +245,13 @@ def end_run(session: Session, run: TrainingRun, *, now: datetime) -> int:
             shas = sa.select(col(CheckpointFile.sha256)).where(col(CheckpointFile.checkpoint_id) == ckpt.id)
             session.execute(sa.update(Blob).where(col(Blob.sha256).in_(shas)).values(last_referenced_at=now))
         n += 1
+    # Uploads declared into the run can no longer commit (``lock_for_write``): end their quota
+    # reservation now rather than at their expiry.
+    session.execute(
+        sa.update(Upload)
+        .where(col(Upload.run_id) == run.id, col(Upload.state) == UploadState.open.value)
+        .values(state=UploadState.aborted.value)
+    )
     run.deleted_at = now
     session.add(run)
     session.flush()
@@ -219,9 +262,10 @@ def delete_run(session: Session, principal: Principal, run_id: str, *, now: date
     """``runs rm``: refuse (``InvalidRequest``, naming the jobs) while export jobs of the run are
     queued or running, else ``end_run``. Returns the number of checkpoints deleted."""
     principal.require_write()
-    run = get_run(session, principal, run_id)
-    if session.get_bind().dialect.name == "postgresql":
-        session.exec(select(TrainingRun).where(TrainingRun.id == run_id).with_for_update()).first()
+    try:  # the lock first (module doc): whatever is read below is what the delete acts on
+        run = lock_for_write(session, principal.tenant_id, run_id)
+    except RunDeleted:
+        raise NotFound(f"training run {run_id!r} not found") from None  # as every read of a deleted run
     active = _active_exports(session, run_id)
     if active:
         raise InvalidRequest(

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # --- object store --------------------------------------------------------------------------
     s3_endpoint_url: str | None = None
     """Unset: the service starts an embedded SeaweedFS on loopback under ``data_dir/s3``."""
+    s3_public_endpoint: str | None = None
+    """The S3 endpoint trainers reach (``WEIGHTSTORE_S3_PUBLIC_ENDPOINT``): presigned URLs are signed
+    for it, while the service's own calls use ``s3_endpoint_url``. Unset: presigned URLs name
+    ``s3_endpoint_url`` (trainers must reach the service's endpoint)."""
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
     s3_bucket: str = "weightstore"
@@ -60,6 +64,10 @@ class Settings(BaseSettings):
     """Presigned uploads of files up to this size are one PUT straight to the blob key, checked by
     the store's SHA-256 checksum (no copy, no read-back at commit); larger files go in parts to a
     staging key that the commit re-hashes and copies. 5 GiB is S3's single-PUT limit."""
+    chunk_size_bytes: int = Field(16 * MiB, ge=64 * 1024, le=1024 * MiB)
+    """Blobs get one sha256 per slice of this size, recorded at commit beside the whole-file sha256
+    (issue 14): loaders fetch and verify chunks in parallel. Recorded per blob, so changing it only
+    affects blobs hashed afterwards."""
     s3_verifies_checksums: bool = True
     """The store enforces ``x-amz-checksum-sha256`` on PUT (AWS S3, SeaweedFS, MinIO do). Set false
     for a store that does not: presigned single PUTs then go to staging keys and are re-hashed."""
@@ -68,7 +76,12 @@ class Settings(BaseSettings):
 
     # --- uploads & formats ---------------------------------------------------------------------
     upload_expiry_seconds: int = Field(24 * HOUR, ge=1)
-    """An upload not committed within this time is closed and its staged bytes become garbage."""
+    """The longest an upload may stay open, however often its client renews it; then it is closed
+    and its staged bytes become garbage."""
+    upload_lease_seconds: int = Field(10 * 60, ge=1)
+    """An open upload is a lease for this long, renewed by its client while it sends
+    (``POST /v1/uploads/{id}/renew``, and every transfer page and commit). A client that dies stops
+    renewing: the collector closes the upload one lease later and its blobs are no longer pinned."""
     max_files_per_checkpoint: int = Field(256, ge=1)
     max_file_bytes: int = Field(S3_MAX_OBJECT_BYTES, ge=1, le=S3_MAX_OBJECT_BYTES)
     """Largest declared file. At most what S3 multipart can store (10,000 parts x 5 GiB = 50,000 GiB);
@@ -108,6 +121,18 @@ class Settings(BaseSettings):
     worker_lease_seconds: int = Field(120, ge=1)
     export_shard_bytes: int = Field(2 * 1024 * MiB, ge=MiB)
 
+    # --- health & readiness --------------------------------------------------------------------
+    health_port: int = Field(0, ge=0, le=65535)
+    """``WEIGHTSTORE_HEALTH_PORT``: a standalone collector (``weightstore gc worker``) or export
+    worker (``weightstore worker``) serves ``/healthz``, ``/readyz`` and ``/metrics`` on this port
+    (on ``host``). 0: off. The API serves them on its own port."""
+    readiness_write_probe_seconds: float = Field(30.0, ge=0)
+    """``/readyz`` writes and deletes a tiny object (under ``health/``, never listed by the
+    collector) at most this often and reports ``object_store_write`` when it fails: a store that
+    answers reads but refuses writes is not ready. 0: no write probe."""
+    readiness_write_probe_timeout_seconds: float = Field(5.0, gt=0)
+    """A write probe slower than this is a readiness failure (``object_store_write``)."""
+
     # --- billing -------------------------------------------------------------------------------
     price_per_gb_month_usd: float = Field(0.10, ge=0)
     price_per_kind_usd: dict[str, float] = Field(default_factory=dict)
@@ -115,7 +140,13 @@ class Settings(BaseSettings):
 
     # --- admin UI ------------------------------------------------------------------------------
     session_secret: SecretStr | None = None
-    """Keys the admin UI's CSRF tokens. Unset: generated and kept under ``data_dir``."""
+    """``WEIGHTSTORE_SESSION_SECRET``: keys the admin UI's CSRF tokens, so every replica must share
+    it. Required when the catalog is not the embedded SQLite one (``serve`` refuses to start
+    without it); unset with the embedded catalog: generated once and kept in ``data_dir/session-secret``."""
+    initial_admin_key: SecretStr | None = None
+    """``WEIGHTSTORE_INITIAL_ADMIN_KEY``: an operator-provided ``tml-`` key (from a secret store) that
+    the bootstrap installs as the first admin key instead of generating one. Stored hashed, like
+    every key; ignored once an admin key exists (``weightstore admin bootstrap --rotate`` replaces)."""
     cookie_secure: bool = False
     """Mark admin UI cookies ``Secure`` on every request (they are anyway when the request is https)."""
     admin_session_lifetime_seconds: int = Field(12 * 3600, ge=60)
@@ -127,6 +158,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.ttl_min_seconds > self.ttl_max_seconds:
             raise ValueError("ttl_min_seconds must not exceed ttl_max_seconds")
+        if self.initial_admin_key is not None and not _is_api_key(self.initial_admin_key.get_secret_value()):
+            raise ValueError("initial_admin_key must look like an API key: tml- then at least 32 url-safe characters")
         if (self.s3_endpoint_url is None) != (self.s3_access_key_id is None) and self.s3_access_key_id:
             raise ValueError("s3_access_key_id is set but s3_endpoint_url is not")
         return self
@@ -138,8 +171,21 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'weightstore.db').resolve()}"
 
     @property
+    def catalog_is_embedded(self) -> bool:
+        """A SQLite catalog: one host, one ``serve`` that bootstraps itself (migrations, bucket, first
+        admin key). Any other catalog is shared by replicas that must not race to create anything:
+        the one-shot ``weightstore admin bootstrap`` does that."""
+        return self.resolved_database_url.startswith("sqlite")
+
+    @property
     def base_url(self) -> str:
         return self.public_url or f"http://{self.host}:{self.port}"
+
+
+def _is_api_key(key: str) -> bool:
+    """``tml-`` then 32..196 url-safe characters (what ``auth`` generates is 43; 32 is 192 bits)."""
+    body = key.removeprefix("tml-")
+    return key.startswith("tml-") and 32 <= len(body) <= 196 and all(c.isascii() and (c.isalnum() or c in "-_") for c in body)
 
 
 @lru_cache(maxsize=1)

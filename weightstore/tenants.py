@@ -40,7 +40,7 @@ from sqlmodel import Session, col, select
 
 from weightstore import audit
 from weightstore.auth import Principal, find_tenant
-from weightstore.billing import ledger
+from weightstore.billing import billable, ledger
 from weightstore.checkpoints import visible_clause
 from weightstore.errors import AlreadyExists, InvalidRequest, NotFound, TenantQuotaExceeded
 from weightstore.models import (
@@ -141,8 +141,9 @@ def list_tenants(session: Session, *, include_deleted: bool = True) -> list[Tena
 
 
 def billed_tenant_ids(session: Session) -> set[str]:
-    """Tenants that appear on the billing overview: every tenant except operator tenants."""
-    return set(session.exec(select(Tenant.id).where(col(Tenant.operator).is_(False))).all())
+    """Tenants that appear on the billing overview: every tenant except operator tenants (the rule
+    lives in ``weightstore.billing.billable``)."""
+    return billable.billed_tenant_ids(session)
 
 
 def usage(session: Session, tenant_id: str, *, now: datetime) -> TenantUsage:

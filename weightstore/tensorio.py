@@ -122,10 +122,11 @@ def optimizer_bytes(state_dict: dict[str, Any], *, param_names: Sequence[str] | 
     return bytes(st_save({k: tensors[k] for k in sorted(tensors)}, metadata=metadata))
 
 
-def load_optimizer(data: bytes) -> dict[str, Any]:
-    """The inverse of ``optimizer_bytes``: a dict ``optimizer.load_state_dict`` accepts."""
+def load_optimizer(data: bytes | Any, tensors: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The inverse of ``optimizer_bytes``: a dict ``optimizer.load_state_dict`` accepts.
+    ``tensors``: the file's tensors already built (on the same buffer, by ``loader``)."""
     metadata = _metadata(data)
-    tensors = st_load(data)
+    tensors = st_load(bytes(data)) if tensors is None else tensors
     if metadata.get("format") != OPTIMIZER_FORMAT:
         raise ValueError("not a weightstore optimizer file")
     state: dict[int, dict[str, Any]] = {}

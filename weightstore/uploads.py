@@ -29,6 +29,18 @@ Transfer modes:
   object into place. So a correct, fully sent save never fails because someone else wrote the same
   content at the same time.
 
+Leases (issue 13, found 4): an open upload pins its blobs against the collector, so it must not
+outlive its client. ``expires_at`` is a lease of ``upload_lease_seconds`` (10 min), renewed by the
+client while it sends (``renew``; every ``transfer`` page and ``commit`` renews too), never past
+``created_at + upload_expiry_seconds``. A client that dies stops renewing; the collector's orphans
+phase closes the upload once the lease lapsed (``expired``) and its blobs are unpinned. A lapsed lease
+is never revived: ``renew`` locks the row and refuses an upload past ``expires_at``, and the collector
+closes only those, so the two never both win. All state is in the catalog: any replica renews,
+commits or aborts an upload that another replica declared.
+
+``commit`` is idempotent: committing an upload that is already committed answers the checkpoint it
+made, so a client that lost the answer (a replica died after committing) may send it again.
+
 ``declare``, ``transfer``, ``open_stream``, ``finish_stream``, ``receive_bytes``, ``commit`` and ``abort`` are
 workflows: object-store work happens between short transactions, never inside one.
 """
@@ -58,7 +70,7 @@ from weightstore.errors import (
     UploadExpired,
     UploadIncomplete,
 )
-from weightstore.models import Blob, BlobState, Checkpoint, TenantBlob, Upload, UploadFile, UploadState
+from weightstore.models import Blob, BlobState, Checkpoint, TenantBlob, TrainingRun, Upload, UploadFile, UploadState
 from weightstore.names import TinkerPath, check_file_path, check_name, new_id
 from weightstore.objectstore import blob_key, multipart_plan, staging_key
 from weightstore.retention import check_ttl
@@ -117,6 +129,8 @@ class UploadAnswer:
     expires_at: datetime
     tinker_path: str
     files: list[FileAnswer]
+    lease_seconds: int = 0
+    """How long the upload stays open without a renewal (the client renews well before)."""
 
     @property
     def bytes_to_send(self) -> int:
@@ -175,14 +189,14 @@ def declare(ctx: Context, principal: Principal, req: UploadRequest) -> UploadAns
                     continue
                 # again under the tenant's row lock: concurrent declares never overshoot together
                 _check_quota(session, principal, req, now=now, lock=True)
-                expiry = ctx.settings.upload_expiry_seconds
-                upload = _record_upload(session, principal, req, upload_id, ttl, rows, now=now, expiry=expiry)
+                expires = lease_end(ctx.settings, created_at=now, now=now)
+                upload = _record_upload(session, principal, req, upload_id, ttl, rows, now=now, expires_at=expires)
         except TenantQuotaExceeded:
             for r in rows:  # nothing was recorded: the multipart uploads started for it go too
                 if r.multipart_upload_id and r.staging_key:
                     ctx.store.abort_multipart(r.staging_key, r.multipart_upload_id)
             raise
-        return UploadAnswer(upload_id, upload.expires_at, str(req.tinker_path), answers)
+        return UploadAnswer(upload_id, upload.expires_at, str(req.tinker_path), answers, ctx.settings.upload_lease_seconds)
     raise CatalogBusy("the blobs this upload would reuse are being collected right now; retry shortly")
 
 
@@ -265,7 +279,7 @@ def _record_upload(
     rows: list[UploadFile],
     *,
     now: datetime,
-    expiry: int,
+    expires_at: datetime,
 ) -> Upload:
     upload = Upload(
         id=upload_id,
@@ -277,7 +291,7 @@ def _record_upload(
         ttl_seconds=ttl,
         user_metadata=req.user_metadata,
         created_at=now,
-        expires_at=now + timedelta(seconds=expiry),
+        expires_at=expires_at,
     )
     session.add(upload)
     session.flush()
@@ -351,8 +365,11 @@ def transfer(
     send it again (its own staging key, or the stream URL). Workflow: one read, then signing."""
     principal.require_write()
     check_file_path(path)
+    now = ctx.clock.now()
     with session_scope(ctx.engine) as session:
-        _load_open_upload(session, principal, upload_id, ctx.clock.now())
+        upload = _load_open_upload(session, principal, upload_id, now, lock=True)
+        _extend(ctx.settings, upload, now)  # a client asking for part URLs is alive: renew its lease
+        session.add(upload)
         row = _declared_file(session, upload_id, path)
     wanted = ctx.settings.presign_parts_batch if count is None else count
     if wanted < 1:
@@ -360,11 +377,36 @@ def transfer(
     return _transfer_answer(ctx, row, first_part=first_part, max_urls=wanted)
 
 
-def _load_open_upload(session: Session, principal: Principal, upload_id: str, now: datetime) -> Upload:
-    upload = session.get(Upload, upload_id)
+def lease_end(s: Settings, *, created_at: datetime, now: datetime) -> datetime:
+    """Where a lease taken or renewed at ``now`` ends: one lease on, never past the upload's life."""
+    return min(now + timedelta(seconds=s.upload_lease_seconds), created_at + timedelta(seconds=s.upload_expiry_seconds))
+
+
+def _extend(s: Settings, upload: Upload, now: datetime) -> None:
+    upload.expires_at = max(upload.expires_at, lease_end(s, created_at=upload.created_at, now=now))
+
+
+def renew(ctx: Context, principal: Principal, upload_id: str) -> datetime:
+    """Extend an open upload's lease by ``upload_lease_seconds`` (module doc) and return its new end.
+    ``UploadExpired`` once the lease lapsed (even before the collector closed it) or the upload is
+    closed: the client must declare again. One transaction that locks the upload row, so a renewal
+    and the collector closing the upload never both succeed. Workflow (it commits)."""
+    principal.require_write()
+    now = ctx.clock.now()
+    with session_scope(ctx.engine) as session:
+        upload = _load_open_upload(session, principal, upload_id, now, lock=True)
+        _extend(ctx.settings, upload, now)
+        session.add(upload)
+        return upload.expires_at
+
+
+def _load_open_upload(session: Session, principal: Principal, upload_id: str, now: datetime, *, lock: bool = False) -> Upload:
+    upload = session.get(Upload, upload_id, with_for_update=lock)
     if upload is None or upload.tenant_id != principal.tenant_id:
         raise NotFound(f"upload {upload_id} not found")
     if upload.state != UploadState.open:
+        if upload.state == UploadState.aborted:  # by `runs rm`? then say so (issue 12, part 5)
+            runs.refuse_deleted(session.get(TrainingRun, upload.run_id))
         raise UploadExpired(f"upload {upload_id} is {upload.state}")
     if upload.expires_at <= now:
         raise UploadExpired(f"upload {upload_id} expired at {upload.expires_at.isoformat()}")
@@ -403,7 +445,7 @@ def finish_stream(ctx: Context, principal: Principal, upload_id: str, path: str,
             # The bytes were only hashed (the blob existed) and the collector reclaimed it meanwhile:
             # nothing durable holds them, so the client must send them again.
             raise CatalogBusy("these bytes were garbage-collected while being received; send them again")
-        blobs.mark_live(session, row.sha256, row.size_bytes, now)
+        blobs.mark_live(session, row.sha256, row.size_bytes, now, chunk_digests=writer.chunk_digests)
         row.received = True
         session.add(row)
 
@@ -510,8 +552,14 @@ def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: st
     """Step 3: verify every file, validate formats, then commit the checkpoint atomically. Workflow:
     object-store checks run outside any transaction (they can take minutes)."""
     principal.require_write()
+    now = ctx.clock.now()
     with session_scope(ctx.engine) as session:
-        _load_open_upload(session, principal, upload_id, ctx.clock.now())
+        replay = _committed_answer(session, principal, upload_id)
+        if replay is not None:
+            return replay
+        upload = _load_open_upload(session, principal, upload_id, now, lock=True)
+        _extend(ctx.settings, upload, now)  # finalising can take minutes: start them on a fresh lease
+        session.add(upload)
         rows = list(session.exec(select(UploadFile).where(UploadFile.upload_id == upload_id)).all())
     missing = [r.path for r in rows if r.transfer == "stream" and not r.received]
     if missing:
@@ -532,12 +580,14 @@ def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: st
                 user_metadata=upload.user_metadata,
                 overwrite=upload.overwrite,
             )
+            runs.lock_for_write(session, principal.tenant_id, upload.run_id)  # lock order: run, blobs, tenant
             live, not_live = blobs.lock_live(session, [sha for _, _, sha in entries])
             if not_live:
                 # A dedup hit that the collector reclaimed meanwhile: the client must send the bytes.
                 resend = _mark_for_resend(session, rows, set(not_live))
             else:
-                ckpt = publish.add_checkpoint(session, principal.tenant_id, new, entries, live, now=now)
+                # reserved: the declare counted these bytes against the quota (they stay counted while open)
+                ckpt = publish.add_checkpoint(session, principal.tenant_id, new, entries, live, now=now, reserved=True)
                 upload.state, upload.checkpoint_id = UploadState.committed, ckpt.id
                 session.add(upload)
                 audit.record(
@@ -558,6 +608,21 @@ def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: st
     if resend:
         raise UploadIncomplete(f"files must be sent again: {', '.join(resend)}", files=resend)
     return CommitResult(ckpt, str(new.tinker_path), received)
+
+
+def _committed_answer(session: Session, principal: Principal, upload_id: str) -> CommitResult | None:
+    """The answer of an upload's commit when it is already committed (commit is idempotent: a client
+    whose replica died before answering sends it again, to any replica), else None."""
+    upload = session.get(Upload, upload_id)
+    if upload is None or upload.tenant_id != principal.tenant_id or upload.state != UploadState.committed:
+        return None
+    ckpt = session.get(Checkpoint, upload.checkpoint_id) if upload.checkpoint_id else None
+    if ckpt is None:
+        return None
+    rows = session.exec(select(UploadFile).where(UploadFile.upload_id == upload_id)).all()
+    sent = sum(r.size_bytes for r in rows if r.transfer != "present")
+    path = str(TinkerPath(upload.run_id, upload.kind, upload.name))
+    return CommitResult(ckpt, path, sent)
 
 
 def _finalize_transfers(ctx: Context, principal: Principal, rows: list[UploadFile]) -> int:
@@ -631,11 +696,15 @@ def _mark_for_resend(session: Session, rows: list[UploadFile], not_live: set[str
 
 
 def abort(ctx: Context, principal: Principal, upload_id: str) -> None:
-    """Close an open upload and abort its multipart uploads. Workflow."""
+    """Close an open upload and abort its multipart uploads; through any replica (the state is in
+    the catalog), and also once its lease lapsed but before the collector closed it. Workflow."""
     principal.require_write()
-    now = ctx.clock.now()
     with session_scope(ctx.engine) as session:
-        upload = _load_open_upload(session, principal, upload_id, now)
+        upload = session.get(Upload, upload_id, with_for_update=True)
+        if upload is None or upload.tenant_id != principal.tenant_id:
+            raise NotFound(f"upload {upload_id} not found")
+        if upload.state != UploadState.open:
+            raise UploadExpired(f"upload {upload_id} is {upload.state}")
         upload.state = UploadState.aborted
         session.add(upload)
         rows = list(session.exec(select(UploadFile).where(UploadFile.upload_id == upload_id)).all())
@@ -665,8 +734,10 @@ __all__ = [
     "direct_put",
     "finish_stream",
     "get_upload",
+    "lease_end",
     "open_stream",
     "receive_bytes",
+    "renew",
     "resend_key",
     "transfer",
     "validate_request",

@@ -16,18 +16,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from weightstore.collector import CollectorPort
 from weightstore.context import Context
 from weightstore.errors import WeightstoreError
+from weightstore.health import Readiness, readiness_body
+from weightstore.worker import WORKER_REGISTRY
 
 from .deps import CurrentPrincipal
-from .errors import http_error_handler, validation_error_handler, weightstore_error_handler
+from .errors import database_error_handler, http_error_handler, validation_error_handler, weightstore_error_handler
 from .limits import JsonBodyLimit
 from .observability import REGISTRY, request_context, tenant_quota_metrics
-from .routers import admin, billing, exports, gc, native, retention, tenants, tinker, tinker_sessions, trash
+from .routers import admin, billing, exports, gc, hub, native, retention, tenants, tinker, tinker_sessions, trash
 
 # A background service started with the app and stopped with it: returns its stop function.
 Background = Callable[[Context], Callable[[], None]]
@@ -44,6 +46,7 @@ ROUTERS = (
     tinker.router,
     tinker_sessions.router,
     trash.router,
+    hub.router,  # last: its /{namespace}/{name}/resolve/... paths must never shadow another route
 )
 
 
@@ -83,6 +86,7 @@ def create_app(ctx: Context, *, background: Sequence[Background] = (), collector
     app.add_middleware(JsonBodyLimit, max_bytes=ctx.settings.max_json_body_bytes)
     app.middleware("http")(request_context)
     app.add_exception_handler(WeightstoreError, weightstore_error_handler)
+    app.add_exception_handler(SQLAlchemyError, database_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
 
@@ -100,24 +104,20 @@ def create_app(ctx: Context, *, background: Sequence[Background] = (), collector
         """The caller's key id, tenant and role (``weightstore doctor`` checks the role with it)."""
         return {"key_id": principal.key_id, "tenant_id": principal.tenant_id, "role": principal.role.value}
 
+    readiness = Readiness.for_context(ctx)
+
     @app.get("/readyz", operation_id="readyz", tags=["ops"])
     def readyz(request: Request) -> JSONResponse:
-        problems: dict[str, str] = {}
-        try:
-            with ctx.engine.connect() as conn:
-                conn.execute(text("select 1"))
-        except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
-            problems["catalog"] = type(exc).__name__
-        try:
-            ctx.store.ping()
-        except Exception as exc:  # noqa: BLE001
-            problems["object_store"] = type(exc).__name__
-        status = 503 if problems else 200
-        return JSONResponse({"status": "unavailable" if problems else "ok", "problems": problems}, status_code=status)
+        """503 naming each problem: ``catalog``, ``object_store`` (unreachable, or the embedded
+        store being restarted by its supervisor), ``object_store_write`` (the cached write probe
+        failed or was slower than its timeout)."""
+        problems = readiness.problems()
+        return JSONResponse(readiness_body(problems), status_code=503 if problems else 200)
 
     @app.get("/metrics", operation_id="metrics", tags=["ops"], include_in_schema=False)
     def metrics() -> Response:
-        return Response(generate_latest(REGISTRY) + tenant_quota_metrics(ctx), media_type=CONTENT_TYPE_LATEST)
+        body = generate_latest(REGISTRY) + generate_latest(WORKER_REGISTRY) + tenant_quota_metrics(ctx)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     for router in ROUTERS:
         app.include_router(router)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from sqlmodel import Session
 
-from weightstore import checkpoints, policies
+from weightstore import checkpoints, hub, policies
 from weightstore.models import ApiKey, Checkpoint, TrainingRun
 from weightstore.names import TinkerPath
 
-from .schemas import CheckpointFilePublic, CheckpointPublic, KeyPublic, RetentionPolicyPublic, RunPublic
+from .schemas import CheckpointFilePublic, CheckpointPublic, HubCoordinatesPublic, KeyPublic, RetentionPolicyPublic, RunPublic
 
 
 def run_public(run: TrainingRun) -> RunPublic:
@@ -67,6 +67,7 @@ def checkpoint_public(
         files=files,
         pinned=ckpt.pinned,
         retention=retention_public(policy),
+        hub=HubCoordinatesPublic(**vars(hub.coordinates(ckpt))),
     )
 
 

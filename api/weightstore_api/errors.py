@@ -11,6 +11,11 @@ with ``Retry-After``. The exceptions, each Tinker's own contract:
   heartbeat loop);
 - ``DataLoss`` and unknown errors → 500: a broken invariant, for operators to look at.
 
+Database errors that escape as SQLAlchemy exceptions (raised outside ``session_scope``: an
+``engine.connect()`` in a route or dependency, a pool checkout) are classified by the core's one
+rule (``weightstore.db.as_transient``) in ``database_error_handler``: a catalog that is restarting
+or unreachable answers 503 ``catalog_unavailable`` + ``Retry-After`` like everything transient.
+
 Every route lets core errors propagate to ``weightstore_error_handler``; none builds its own
 status. (The admin UI's sign-in page renders its form instead of JSON, with ``status_for``.)
 """
@@ -24,6 +29,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from weightstore import db
 from weightstore import errors as e
 
 RETRY_AFTER_SECONDS = 5
@@ -52,6 +58,7 @@ ERROR_TABLE: tuple[ErrorMapping, ...] = (
     ErrorMapping(e.AlreadyExists, 400),  # permanent: never 409, the SDK would retry it
     ErrorMapping(e.InUse, 400),
     ErrorMapping(e.LeaseHeld, 423),
+    ErrorMapping(e.CatalogUnavailable, 503, {"Retry-After": str(RETRY_AFTER_SECONDS)}),  # PostgreSQL restarting/unreachable
     ErrorMapping(e.TransientError, 503, {"Retry-After": str(RETRY_AFTER_SECONDS)}),  # store down, catalog busy, lease lost
     ErrorMapping(e.DataLoss, 500),
     ErrorMapping(e.ExportFailed, 422),
@@ -85,6 +92,15 @@ async def weightstore_error_handler(request: Request, exc: Exception) -> JSONRes
     return JSONResponse(
         error_body(exc.code, exc.message, request, **extra), status_code=mapping.status, headers=dict(mapping.headers) or None
     )
+
+
+async def database_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A SQLAlchemy error that no ``session_scope`` translated: transient ones go out like the core
+    error they stand for; anything else is re-raised (a 500 for operators, as before)."""
+    transient = db.as_transient(exc)
+    if transient is None:
+        raise exc
+    return await weightstore_error_handler(request, transient)
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -93,6 +93,16 @@ class UploadPublic(BaseModel):
     tinker_path: str
     bytes_to_send: int
     files: list[FileAnswerPublic]
+    lease_seconds: int = 0
+    """The upload closes this long after its last renewal (``POST /v1/uploads/{id}/renew``)."""
+
+
+class UploadLeasePublic(BaseModel):
+    """A renewed upload lease (issue 13, found 4)."""
+
+    upload_id: str
+    expires_at: datetime
+    lease_seconds: int
 
 
 class FileReceipt(BaseModel):
@@ -105,6 +115,14 @@ class CheckpointFilePublic(BaseModel):
     path: str
     size_bytes: int
     sha256: str
+
+
+class HubCoordinatesPublic(BaseModel):
+    """Where a checkpoint is on the Hugging Face surface (``HF_ENDPOINT=<weightstore>``; ``weightstore.hub``)."""
+
+    repo_id: str
+    revision: str = Field(description="the checkpoint's own revision: its files at the root")
+    subfolder: str = Field(description="the same files inside the run's `main` revision (vLLM's resolver layout)")
 
 
 class CheckpointPublic(BaseModel):
@@ -121,6 +139,7 @@ class CheckpointPublic(BaseModel):
     files: list[CheckpointFilePublic] | None = None
     pinned: bool = Field(False, description="never expired by a retention policy or a TTL")
     retention: RetentionPolicyPublic | None = Field(None, description="the retention policy in effect for its run (none: null)")
+    hub: HubCoordinatesPublic | None = Field(None, description="Hugging Face repo id, revision and subfolder")
 
 
 class CheckpointsPublic(BaseModel):
@@ -144,6 +163,10 @@ class FileUrlPublic(BaseModel):
     sha256: str
     url: str
     expires_at: datetime
+    chunk_size: int | None = None
+    """Bytes per chunk of ``chunk_sha256`` (issue 14); null: none recorded yet, verify the whole file."""
+    chunk_sha256: list[str] | None = None
+    """sha256 of each ``chunk_size`` slice of the file, in order: verify ranges in parallel."""
 
 
 class FileUrlsPublic(BaseModel):
@@ -170,6 +193,14 @@ class KeyPublic(BaseModel):
 
 class KeyCreated(KeyPublic):
     api_key: str = Field(description="shown once; only its hash is stored")
+
+
+class KeyRotate(Strict):
+    grace_seconds: int = Field(default=0, ge=0, description="the old key keeps working this long (0: revoked at once)")
+
+
+class KeyRotated(KeyCreated):
+    replaced: KeyPublic = Field(description="the old key; its revoked_at is when it stops working")
 
 
 class ErrorPublic(BaseModel):
@@ -220,6 +251,7 @@ class ExportJobPublic(BaseModel):
     not_before: datetime | None
     verification: dict[str, Any] | None
     error: dict[str, Any] | None
+    hub: HubCoordinatesPublic | None = Field(None, description="Hugging Face coordinates of the output")
 
 
 class ExportJobsPublic(BaseModel):
@@ -263,7 +295,7 @@ class BlobReceipt(BaseModel):
 
 
 # --- collector and retention (routers/gc.py) -------------------------------------------------------
-Phase = Literal["expire", "mark", "sweep", "orphans"]  # weightstore.collector.PHASES, as a schema type
+Phase = Literal["expire", "invoices", "mark", "sweep", "orphans", "archives"]  # weightstore.collector.PHASES, as a schema type
 
 
 def every_phase() -> list[Phase]:
@@ -319,6 +351,11 @@ class CurrentUsagePublic(BaseModel):
     total_logical_bytes: int
     total_projected_monthly_cost_usd: str
     physical_bytes_by_tenant: dict[str, int]
+    not_billed_tenants: list[str] = Field(
+        default_factory=list,
+        description="operator tenants in this answer's scope, not billed: left out of all-tenant answers; "
+        "asked for by name, their usage shows at $0 (weightstore.billing.billable)",
+    )
 
 
 class UsagePublic(BaseModel):
@@ -330,6 +367,11 @@ class UsagePublic(BaseModel):
     total_byte_seconds: int
     total_cost_usd: str
     rounding: str = "each row rounded half-even to the cent; total = sum of rows"
+    not_billed_tenants: list[str] = Field(
+        default_factory=list,
+        description="operator tenants in this answer's scope, not billed: left out of all-tenant answers; "
+        "asked for by name, their usage shows at $0 (weightstore.billing.billable)",
+    )
 
 
 # --- collector reports (issue 12, part 6): every report names what it checked ------------------

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import typer
 
-from weightstore_cli import billing, core, doctor, exports, gc, retention, tenants, trash
+from weightstore_cli import admin, billing, core, doctor, exports, gc, retention, tenants, trash
 
 app = typer.Typer(
     name="weightstore", no_args_is_help=True, add_completion=False, help="Checkpoint and weights storage for LoRA fine-tuning."
 )
 
 # registration order = order in `weightstore --help`
-COMMAND_MODULES = (core, tenants, trash, retention, exports, gc, billing, doctor)
+COMMAND_MODULES = (core, admin, tenants, trash, retention, exports, gc, billing, doctor)
 for _module in COMMAND_MODULES:
     _module.register(app)
 

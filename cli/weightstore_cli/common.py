@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import typer
 
-from weightstore.errors import AuthenticationFailed, Forbidden, WeightstoreError
+from weightstore.errors import AuthenticationFailed, Forbidden, ServiceUnavailable, WeightstoreError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_OPTION = typer.Option(None, "--url", envvar="WEIGHTSTORE_URL", help=f"Service URL (default {DEFAULT_URL})")
@@ -67,7 +67,8 @@ def check_url(url: str) -> str:
 
 def target(url: str | None, api_key: str | None, *, need_key: bool = True) -> Target:
     """Resolve and check the target; remembered for ``handle_errors``'s messages."""
-    resolved = check_url(url or os.environ.get("WEIGHTSTORE_URL") or DEFAULT_URL)
+    # several API replicas may be named, comma-separated (the client fails over between them)
+    resolved = ",".join(check_url(u.strip()) for u in (url or os.environ.get("WEIGHTSTORE_URL") or DEFAULT_URL).split(","))
     key = api_key or os.environ.get("WEIGHTSTORE_API_KEY") or None
     if need_key and not key:
         raise ConfigError(f"no API key: {KEY_FIX}")
@@ -81,6 +82,8 @@ def client(url: str | None, api_key: str | None, **kw: Any) -> Any:
     from weightstore.client import Client
 
     t = target(url, api_key)
+    # Interactive: one pass over the replicas, no waiting, unless WEIGHTSTORE_RETRY_DEADLINE_SECONDS says so.
+    kw.setdefault("retry_deadline", float(os.environ.get("WEIGHTSTORE_RETRY_DEADLINE_SECONDS") or 0))
     return Client(t.url, t.api_key, **kw)
 
 
@@ -100,7 +103,8 @@ def error_line(exc: BaseException) -> tuple[str, int] | None:
         return f"error: {exc}", EXIT_USAGE
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
         return f"error: WEIGHTSTORE_URL/--url {_where()!r} is not a valid http(s) URL", EXIT_USAGE
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+    refused = httpx.ConnectError | httpx.ConnectTimeout
+    if isinstance(exc, refused) or (isinstance(exc, ServiceUnavailable) and isinstance(exc.__cause__, refused)):
         return (
             f"error: no weightstore server at {_where()} (connection refused); start `weightstore serve` or set WEIGHTSTORE_URL",
             EXIT_ERROR,

@@ -11,6 +11,7 @@ import typer
 
 from weightstore_cli.common import (
     BYTES_OPTION,
+    EXIT_ERROR,
     EXIT_USAGE,
     FORMAT_OPTION,
     KEY_OPTION,
@@ -22,7 +23,7 @@ from weightstore_cli.common import (
     handle_errors,
 )
 
-keys_app = typer.Typer(help="API keys: create (admin), list, revoke.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys: create (admin), list, revoke, rotate.", no_args_is_help=True)
 runs_app = typer.Typer(help="Training runs.", no_args_is_help=True)
 
 CKPT_COLUMNS = ["checkpoint", "size_bytes", "created_at", "expires_at"]  # table, under a tinker://RUN/ heading
@@ -31,25 +32,43 @@ CKPT_DATA_COLUMNS = ["tinker_path", "kind", "size_bytes", "created_at", "expires
 
 def serve() -> None:
     """Run the service (embedded default: SQLite + a local SeaweedFS under ./var; or the configured
-    PostgreSQL and S3). Prints the URL and, on first start, a bootstrap admin key."""
+    PostgreSQL and S3). On the embedded SQLite catalog, serve is its own bootstrap: it creates the
+    bucket and, on first start, prints a bootstrap admin key. On a shared catalog (PostgreSQL) it
+    creates nothing: run `weightstore admin bootstrap` once, and set WEIGHTSTORE_SESSION_SECRET."""
     import uvicorn
 
     from weightstore import auth, bootstrap
     from weightstore.db import session_scope
+    from weightstore.errors import WeightstoreError
     from weightstore.settings import Settings
     from weightstore_api.app import Background, create_app
     from weightstore_api.observability import configure_logging
 
     settings = Settings()
+    try:
+        bootstrap.check_replica_settings(settings)
+    except WeightstoreError as exc:
+        err(f"error: {exc.message}")
+        raise typer.Exit(EXIT_USAGE) from None
     # Bind first: a busy port is one line and exit 1, before any bootstrap key or store is made.
     sock = bind_port(settings.host, settings.port)
     port = int(sock.getsockname()[1])
     configure_logging(settings.log_level, settings.log_json)
     err(f"weightstore: starting (data dir {settings.data_dir.resolve()})")
-    running = bootstrap.start(settings, migrate=settings.auto_migrate)
+    # Replicas of a shared catalog create nothing (no bucket, no key): the bootstrap job does.
+    self_bootstrap = settings.catalog_is_embedded
+    try:
+        running = bootstrap.start(settings, migrate=settings.auto_migrate, create_bucket=self_bootstrap or None)
+    except WeightstoreError as exc:
+        sock.close()
+        err(f"error [{exc.code}]: {exc.message}")
+        raise typer.Exit(EXIT_ERROR) from None
     ctx = running.ctx
-    with session_scope(ctx.engine) as s:
-        admin_key = auth.bootstrap_admin(s, now=ctx.clock.now())
+    admin_key = bootstrap.bootstrap_admin_key(ctx).api_key if self_bootstrap else None
+    if not self_bootstrap:
+        with session_scope(ctx.engine) as s:
+            if not auth.has_admin_key(s, now=ctx.clock.now()):
+                err("weightstore: no admin key yet: run `weightstore admin bootstrap` once for this catalog")
     background: list[Background] = []
     collector = None  # POST /v1/admin/gc/runs answers 400 unsupported without one
     try:
@@ -109,11 +128,11 @@ def bind_port(host: str, port: int) -> socket.socket:
 
 def migrate() -> None:
     """Apply catalog migrations (alembic upgrade heads) to WEIGHTSTORE_DATABASE_URL or the embedded SQLite."""
-    from weightstore import db
+    from weightstore import bootstrap
     from weightstore.settings import Settings
 
     url = Settings().resolved_database_url
-    db.upgrade(url)
+    bootstrap.migrate_catalog(url)  # locked: safe while replicas or a bootstrap job migrate too
     err(f"catalog migrated: {url.split('@')[-1]}")
 
 
@@ -156,6 +175,28 @@ def keys_revoke(
     with handle_errors(), client(url, api_key) as c:
         c._call("DELETE", f"/v1/keys/{key_id}")
     err(f"revoked {key_id}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: str,
+    grace: int = typer.Option(0, "--grace", min=0, help="SECONDS the old key keeps working (default 0: revoked at once)."),
+    url: str = URL_OPTION,
+    api_key: str = KEY_OPTION,
+    fmt: str = FORMAT_OPTION,
+) -> None:
+    """Replace KEY_ID by a new key of the same tenant, role and name; prints the new key once. The
+    old key stops working after --grace SECONDS. Whoever may revoke a key may rotate it."""
+    with handle_errors(), client(url, api_key) as c:
+        row = c._call("POST", f"/v1/keys/{key_id}/rotate", json={"grace_seconds": grace})
+    if fmt == "json":
+        emit(row, fmt)
+        return
+    typer.echo(row["api_key"])
+    old = row["replaced"]
+    until = "now" if grace == 0 else f"at {old['revoked_at']} (grace {grace}s)"
+    new = f"new {row['role']} key {row['key_id']} for tenant {row['tenant_id']} (shown once)"
+    err(f"rotated {old['key_id']}: {new}; {old['key_id']} stops working {until}")
 
 
 @runs_app.command("create")

@@ -273,7 +273,7 @@ def worker(
         signal.signal(sig, lambda *_: stop.set())
     err("weightstore worker: waiting for export jobs")
     try:
-        run_worker(running.ctx, stop, poll, owner=owner)
+        run_worker(running.ctx, stop, poll, owner=owner, health_port=settings.health_port)
     finally:
         running.close()
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from weightstore.collector import PHASES
 from weightstore_cli.common import (
     FORMAT_OPTION,
     KEY_OPTION,
@@ -239,11 +240,13 @@ def _phase_command(phases: list[str], doc: str) -> Any:
     return command
 
 
-gc_app.command("run")(_phase_command(["expire", "mark", "sweep", "orphans"], "All phases: expire, mark, sweep, orphans."))
+gc_app.command("run")(_phase_command(list(PHASES), "All phases: expire, invoices, mark, sweep, orphans, archives."))
 gc_app.command("expire")(_phase_command(["expire"], "TTL-elapsed checkpoints → expired; expired past grace → released."))
 gc_app.command("mark")(_phase_command(["mark"], "Save the live set under a run id; fail closed on missing references."))
 gc_app.command("sweep")(_phase_command(["sweep"], "Mark, then tombstone and delete blobs unreferenced longer than grace."))
 gc_app.command("orphans")(_phase_command(["orphans"], "Close expired uploads; delete row-less objects; abort stale multipart."))
+gc_app.command("invoices")(_phase_command(["invoices"], "Freeze every billed tenant's ended months not frozen yet."))
+gc_app.command("archives")(_phase_command(["archives"], "Prune archive-cache rows that can never be served again."))
 
 
 def print_verify(report: dict[str, Any], fmt: str) -> None:

@@ -1,4 +1,4 @@
-"""weightstore's garbage collector: expire → mark → sweep → orphans, plus verify.
+"""weightstore's garbage collector: expire → invoices → mark → sweep → orphans → archives, plus verify.
 
 Public surface (everything else is private to the package):
 - ``run(ctx, phases, dry_run=..., hooks=...)`` → ``RunReport`` (recorded in ``gc_run``);

@@ -10,6 +10,9 @@ insert fails on the primary key and is reported as ``LeaseHeld``).
 Transactions: ``acquire``, ``check`` and ``release`` each run one short transaction of their own
 and commit it before returning: a fence only fences once it is committed, so they take the engine,
 never a caller's session. ``current`` is a plain catalog read on the caller's session.
+
+On takeover the new holder marks the run rows its dead predecessors left ``running`` as
+``abandoned`` (``abandon_stale_runs``, issue 13, found 6).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from sqlmodel import Session, col, select
 from weightstore.clock import Clock
 from weightstore.db import session_scope
 from weightstore.errors import LeaseHeld, LeaseLost
-from weightstore.models import Lease
+from weightstore.models import GcRun, GcRunState, Lease
 
 GC_LEASE = "gc"
 
@@ -112,6 +115,36 @@ def acquire(engine: Engine, clock: Clock, *, ttl_seconds: int, owner: str | None
     except DBIntegrityError as exc:  # two first-ever acquisitions raced on PostgreSQL
         raise LeaseHeld(f"lease {name!r} was just taken by another collector") from exc
     return LeaseHandle(engine, clock, name, owner, token, ttl_seconds)
+
+
+def abandon_stale_runs(engine: Engine, clock: Clock, owner: str) -> list[str]:
+    """With the lease just taken by ``owner``: mark every other holder's ``running`` run row
+    ``abandoned`` and return their ids.
+
+    Only one process holds the lease, so a leased (non-dry) run still ``running`` under another
+    owner belongs to a collector that died without recording its end (``kill -9``, a lost machine):
+    its row would say ``running`` forever. A holder that is merely slow lost its lease already and
+    stops at its next ``check``; its own final record overwrites ours. Dry runs take no lease and
+    are left alone: one may be running right now."""
+    now = clock.now()
+    with session_scope(engine) as s:
+        stale = [
+            r[0]
+            for r in s.execute(
+                sa.select(col(GcRun.id)).where(
+                    col(GcRun.state) == GcRunState.running.value,
+                    col(GcRun.owner).is_not(None),
+                    col(GcRun.owner) != owner,
+                )
+            ).all()
+        ]
+        if stale:
+            s.execute(
+                sa.update(GcRun)
+                .where(col(GcRun.id).in_(stale), col(GcRun.state) == GcRunState.running.value)
+                .values(state=GcRunState.abandoned.value, finished_at=now)
+            )
+    return stale
 
 
 def current(session: Session, name: str = GC_LEASE) -> Lease | None:

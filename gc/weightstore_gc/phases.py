@@ -1,5 +1,9 @@
-"""The collector's phases: expire → mark → sweep → orphans. Each one plans, then (unless dry-run)
-executes, and returns its plan and statistics (counts and bytes).
+"""The collector's phases: expire → invoices → mark → sweep → orphans → archives. Each one plans, then
+(unless dry-run) executes, and returns its plan and statistics (counts and bytes).
+
+``invoices`` (close ended months into frozen invoices) and ``archives`` (prune the legacy archive
+cache) delete no bytes; they ride on the collector because they must run on a schedule, once, under
+the lease (issue 12, part 7; issue 11 residue).
 
 Every destructive batch is preceded by a lease check (``LeaseLost`` aborts the run) and deletes
 only what the plan named *and* a fresh re-check in the same transaction still allows.
@@ -23,6 +27,8 @@ import sqlalchemy as sa
 from sqlmodel import col
 
 from weightstore import blobs, checkpoints, policies
+from weightstore.billing import invoices as billing_invoices
+from weightstore.billing.pricing import load_pricing
 from weightstore.blobs import refs
 from weightstore.context import Context
 from weightstore.db import session_scope
@@ -38,6 +44,7 @@ from weightstore.models import (
     UploadState,
 )
 from weightstore.objectstore import BLOB_PREFIX, STAGING_PREFIX, ObjectInfo, blob_key, sha256_from_key
+from weightstore.tinker import archive
 
 from .hooks import NO_HOOKS, CollectorHooks
 from .lease import LeaseHandle
@@ -47,6 +54,9 @@ METADATA_CHUNK = 2000  # checkpoints per transaction in the expire phase: short 
 STREAM_ROWS = 5000  # rows fetched at a time when a phase must look at every reference
 MAX_FINDINGS = 1000  # objects missing from the listing re-checked with HEAD: enough to diagnose a loss
 MAX_PLAN_ITEMS = 1000  # policy expiries listed one by one in a plan (the counts are always complete)
+MAX_CLOSES_PER_RUN = 200
+"""Invoices frozen per run at most: a backlog (a catalog older than this phase) is worked off over a
+few runs, oldest month first, instead of one long run."""
 DELETE_CONCURRENCY = 4
 """S3 DeleteObjects calls (≤1000 keys each) in flight at once during a sweep. A single call is
 bounded by the store's per-key work (SeaweedFS: ~1,000 keys/s per call); calls in parallel use
@@ -59,7 +69,8 @@ class Finding:
 
     kind: str
     """Stable type: ``missing_object``, ``referenced_blob_not_live``, ``size_mismatch``, ``hash_mismatch``,
-    ``ledger_inconsistent``, ``garbage_blob_row``, ``garbage_object``, ``garbage_staging``."""
+    ``ledger_inconsistent``, ``garbage_blob_row``, ``garbage_object``, ``garbage_staging``; warnings
+    of the bookkeeping phases: ``invoice_not_closed``, ``batch_skipped``."""
     subject: str
     """What it is about: a sha256, a key, a checkpoint id."""
     detail: str = ""
@@ -501,3 +512,65 @@ def _close_uploads(c: Collection, upload_ids: Sequence[str]) -> int:
         except Exception as exc:  # noqa: BLE001 - garbage only
             log.warning("abort multipart %s failed: %s", key, exc)
     return int(n.rowcount)  # type: ignore[attr-defined]  # DML yields a CursorResult; sqlmodel types it Result
+
+
+# --- invoices ----------------------------------------------------------------------------------
+def close_invoices(c: Collection) -> PhaseResult:
+    """Freeze every billed tenant's ended months that are not frozen yet (``invoices.months_to_close``;
+    operator tenants are not billed and never closed), oldest first per tenant, one short transaction
+    and one lease check per month, at most ``MAX_CLOSES_PER_RUN`` a run. Idempotent: a month frozen
+    meanwhile (read by someone, or closed by an earlier run) is left exactly as it is
+    (``invoices.freeze_month``); a ledger correction after the close becomes an adjustment on the
+    next invoice, never a change to this one. A month that fails to close is a warning finding (the
+    tenant's later months wait for the next run); it never stops the storage phases after it."""
+    res = PhaseResult()
+    with session_scope(c.ctx.engine) as s:
+        due = billing_invoices.months_to_close(s, now=c.now)
+    res.plan = {"close_months": len(due), "close_tenants": len({t for t, _ in due})}
+    res.stats = {"closed_months": 0, "already_frozen": 0, "deferred_months": max(0, len(due) - MAX_CLOSES_PER_RUN)}
+    if c.dry_run:
+        return res
+    failed: set[str] = set()
+    for tenant_id, month in due[:MAX_CLOSES_PER_RUN]:
+        if tenant_id in failed:  # its later months wait: a close carries the adjustments of the earlier ones
+            res.stats["deferred_months"] += 1
+            continue
+        c.check_lease()
+        try:
+            with session_scope(c.ctx.engine) as s:
+                pricing = load_pricing(s, c.ctx.settings)
+                _, wrote = billing_invoices.freeze_month(s, pricing, tenant_id=tenant_id, month=month, now=c.now)
+        except Exception as exc:  # noqa: BLE001 - billing must never stop the storage phases; the next run retries
+            log.warning("closing %s of tenant %s failed: %s", month, tenant_id, exc)
+            res.findings.append(Finding("invoice_not_closed", f"{tenant_id}/{month}", str(exc), severity="warning"))
+            failed.add(tenant_id)
+            res.stats["deferred_months"] += 1
+            continue
+        res.stats["closed_months" if wrote else "already_frozen"] += 1
+    return res
+
+
+# --- archives ----------------------------------------------------------------------------------
+def prune_archives(c: Collection) -> PhaseResult:
+    """Remove ``archive_cache`` rows that can never be served again (``archive.stale_cache_clause``:
+    checkpoint gone or not visible, or archive blob not live). Rows only: the archive blob is not a
+    reference and the sweep reclaims it after its grace period like any unreferenced blob."""
+    res = PhaseResult()
+    with session_scope(c.ctx.engine) as s:
+        n, nbytes = archive.stale_cache_rows(s, now=c.now)
+    res.plan = {"stale_archive_rows": n, "stale_archive_bytes": nbytes}
+    res.stats = {"pruned_archive_rows": 0}
+    if c.dry_run:
+        return res
+    while True:
+        c.check_lease()
+        try:
+            with session_scope(c.ctx.engine) as s:
+                n = archive.prune_cache(s, now=c.now, limit=METADATA_CHUNK)
+        except (sa.exc.OperationalError, CatalogBusy) as exc:  # writers busy: a stale row only costs a miss; next run
+            res.findings.append(Finding("batch_skipped", "archive_cache", str(exc), severity="warning"))
+            break
+        res.stats["pruned_archive_rows"] += n
+        if n < METADATA_CHUNK:
+            break
+    return res

@@ -1,7 +1,7 @@
 """Run collector phases under the lease and record the run (``gc_run``: plan, stats, findings).
 
-``run(ctx, phases=("expire", "mark", "sweep", "orphans"))`` is what the scheduler and
-``weightstore gc run`` call; ``LocalCollector`` offers the same to the API as a
+``run(ctx, phases=PHASES)`` (expire, invoices, mark, sweep, orphans, archives) is what the scheduler
+and ``weightstore gc run`` call; ``LocalCollector`` offers the same to the API as a
 ``weightstore.collector.CollectorPort``. A dry run takes no lease and changes nothing but its own
 ``gc_run`` / ``gc_live_blob`` rows. Outcomes (``GcRunState``): ``finished``, ``stopped`` (fail
 closed: findings, nothing deleted after them), ``aborted`` (lease lost or an error).
@@ -28,7 +28,7 @@ from weightstore.names import new_id
 
 from . import lease, metrics
 from .hooks import NO_HOOKS, CollectorHooks
-from .phases import Collection, Finding, PhaseResult, expire, mark, orphans, sweep
+from .phases import Collection, Finding, PhaseResult, close_invoices, expire, mark, orphans, prune_archives, sweep
 
 log = logging.getLogger("weightstore.gc")
 KEEP_LIVE_SETS = 3  # saved live sets kept for inspection; older ones are dropped
@@ -85,6 +85,11 @@ def run(
     names = _normalise(phases)
     handle = None if dry_run else lease.acquire(ctx.engine, ctx.clock, ttl_seconds=ctx.settings.gc_lease_seconds, owner=owner)
     try:
+        if handle is not None:
+            abandoned = lease.abandon_stale_runs(ctx.engine, ctx.clock, handle.owner)
+            if abandoned:
+                log.warning("gc: marked %d run(s) of dead collectors abandoned: %s", len(abandoned), abandoned)
+                metrics.RUNS.labels(GcRunState.abandoned.value).inc(len(abandoned))
         hooks.after_lease()
         return _run_locked(ctx, names, dry_run=dry_run, handle=handle, check_objects=check_objects, hooks=hooks)
     finally:
@@ -122,6 +127,10 @@ def _run_locked(
                 res = mark(c, check_objects=check_objects)
             elif name == "sweep":
                 res = sweep(c, rep.run_id)
+            elif name == "invoices":
+                res = close_invoices(c)
+            elif name == "archives":
+                res = prune_archives(c)
             else:
                 res = orphans(c)
             rep.plan[name], rep.stats[name] = res.plan, res.stats

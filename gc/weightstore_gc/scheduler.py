@@ -19,18 +19,25 @@ from apscheduler.triggers.interval import IntervalTrigger
 from weightstore.context import Context
 from weightstore.errors import LeaseHeld, LeaseLost
 
-from . import lease, runner
+from . import lease, metrics, runner
 
 log = logging.getLogger("weightstore.gc")
 FIRST_RUN_DELAY_SECONDS = 30  # let the service finish starting before the first collection
 
 
 def collect_once(ctx: Context, owner: str) -> str:
-    """One scheduled collection. Returns its outcome; never raises (a scheduler job must not die)."""
+    """One scheduled collection. Returns its outcome (counted in ``metrics.TICKS``); never raises
+    (a scheduler job must not die)."""
+    outcome = _collect(ctx, owner)
+    metrics.TICKS.labels(outcome).inc()
+    return outcome
+
+
+def _collect(ctx: Context, owner: str) -> str:
     try:
         rep = runner.run(ctx, owner=owner)
         log.info("gc run %s %s: %s", rep.run_id, rep.state, rep.stats)
-        return rep.state
+        return str(rep.state)
     except LeaseHeld:
         log.info("gc: lease held by another collector; skipping this tick")
         return "lease_held"
@@ -70,10 +77,22 @@ def start_in_process(ctx: Context, *, first_delay: float = FIRST_RUN_DELAY_SECON
 
 
 def run_worker(ctx: Context, *, first_delay: float = 0) -> None:
-    """Blocking loop for ``weightstore gc worker`` (production: one or more standalone workers)."""
+    """Blocking loop for ``weightstore gc worker`` (production: one or more standalone workers).
+    With ``WEIGHTSTORE_HEALTH_PORT`` set it serves ``/healthz``, ``/readyz`` (catalog and store
+    reachable) and ``/metrics`` (the collector's) there."""
+    health = None
+    if ctx.settings.health_port:
+        from weightstore.health import serve_health
+
+        # no write probe: the collector only deletes, and a probe would be a write it never makes
+        health = serve_health(ctx, [metrics.GC_REGISTRY], write_probe=False)
+        log.info("gc worker: health and metrics on port %d", health.port)
     sched = BlockingScheduler(timezone=UTC)
     _add_job(sched, ctx, first_delay)
     try:
         sched.start()
     except (KeyboardInterrupt, SystemExit):
         pass
+    finally:
+        if health is not None:
+            health.stop()

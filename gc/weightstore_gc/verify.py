@@ -10,6 +10,12 @@
 
 A workflow (it interleaves catalog reads with store listings, HEADs and GETs): one short read
 transaction per step, none held across object-store I/O.
+
+Verify runs beside live collectors and writers (issue 13, found 6): the listing, the catalog read
+and the hashing are different moments. A blob found missing (not listed, or gone when hashed) is
+re-checked: HEAD again (a blob committed after the listing is there now), then the catalog (a blob
+no longer referenced was collected meanwhile: not an error, counted in ``stats["vanished"]``). Only
+a blob still referenced and still missing is a ``missing_object`` finding.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from sqlmodel import col
 from weightstore.blobs import refs
 from weightstore.context import Context
 from weightstore.db import session_scope
+from weightstore.errors import NotFound
 from weightstore.models import (
     Blob,
     BlobState,
@@ -36,6 +43,7 @@ from weightstore.models import (
 )
 from weightstore.objectstore import BLOB_PREFIX, STAGING_PREFIX, ObjectInfo, blob_key, sha256_from_key
 
+from .hooks import NO_HOOKS, CollectorHooks
 from .phases import Finding
 
 
@@ -53,7 +61,34 @@ class VerifyReport:
         return [f for f in self.findings if f.severity == "error"]
 
 
-def verify(ctx: Context, *, hash_sample: int = 0, expect_collected: bool = False, seed: int | None = None) -> VerifyReport:
+def _still_referenced(ctx: Context, sha: str) -> bool:
+    """Whether ``sha`` is referenced *now* by something whose bytes must exist (its own transaction)."""
+    with session_scope(ctx.engine) as s:
+        committed = refs.committed_refs().subquery()
+        return s.execute(sa.select(committed.c.sha256).where(committed.c.sha256 == sha).limit(1)).first() is not None
+
+
+def _recheck_missing(ctx: Context, rep: VerifyReport, sha: str, why: str) -> ObjectInfo | None:
+    """A referenced blob verify did not find: its object if it is there now, else ``None`` after
+    reporting ``missing_object`` when the catalog still references it (else counting it vanished)."""
+    info = ctx.store.head(blob_key(sha))
+    if info is not None:
+        return info
+    if _still_referenced(ctx, sha):
+        rep.findings.append(Finding("missing_object", sha, why))
+    else:
+        rep.stats["vanished"] = rep.stats.get("vanished", 0) + 1
+    return None
+
+
+def verify(
+    ctx: Context,
+    *,
+    hash_sample: int = 0,
+    expect_collected: bool = False,
+    seed: int | None = None,
+    hooks: CollectorHooks = NO_HOOKS,
+) -> VerifyReport:
     rep = VerifyReport()
     objects: dict[str, ObjectInfo] = {}
     for info in ctx.store.list_keys(BLOB_PREFIX):
@@ -90,22 +125,31 @@ def verify(ctx: Context, *, hash_sample: int = 0, expect_collected: bool = False
     rep.stats = {"referenced_blobs": len(rows), "blob_rows": len(blob_rows), "objects": len(objects)}
     for sha, state, size in rows:
         obj = objects.get(sha)
-        if state != BlobState.live.value:
+        if state != BlobState.live.value:  # one statement read both: no race to re-check
             rep.findings.append(Finding("referenced_blob_not_live", sha, f"blob row is {state or 'missing'}"))
         if obj is None:
-            rep.findings.append(Finding("missing_object", sha, "referenced blob has no object in the store"))
-        elif size is not None and obj.size != size:
+            obj = _recheck_missing(ctx, rep, sha, "referenced blob has no object in the store")
+            if obj is not None:
+                objects[sha] = obj
+        if obj is not None and size is not None and obj.size != size:
             rep.findings.append(Finding("size_mismatch", sha, f"object has {obj.size} bytes, row says {size}"))
     for ckpt_id, path, fsize, bsize in bad_sizes:
         rep.findings.append(Finding("size_mismatch", f"{ckpt_id}/{path}", f"manifest says {fsize}, blob {bsize}"))
     if hash_sample:
         present = sorted(sha for sha, state, _ in rows if sha in objects and state == BlobState.live.value)
         sample = random.Random(seed).sample(present, min(hash_sample, len(present)))
+        hashed = 0
         for sha in sample:
-            digest, _ = ctx.store.hash_object(blob_key(sha))
+            hooks.verify_before_hash(sha)
+            try:
+                digest, _ = ctx.store.hash_object(blob_key(sha))
+            except NotFound:  # deleted since the listing: collected meanwhile, or really lost
+                _recheck_missing(ctx, rep, sha, "referenced blob vanished from the store during verify")
+                continue
+            hashed += 1
             if digest != sha:
                 rep.findings.append(Finding("hash_mismatch", sha, f"object hashes to {digest}"))
-        rep.stats["hashed"] = len(sample)
+        rep.stats["hashed"] = hashed
     counts: dict[str, dict[str, int]] = {}
     states: dict[str, str] = {}
     for ckpt_id, state, event, n in ledger:

@@ -194,7 +194,8 @@ class Harness:
         )
 
     def _client(self, key: str, transfer: str = "auto") -> Client:
-        c = Client(self.base_url, key, timeout=60, transfer=transfer, hash_cache=False, parallel=2)
+        # retry_deadline=0: one attempt per replica, so the harness sees every fault it injects
+        c = Client(self.base_url, key, timeout=60, transfer=transfer, hash_cache=False, parallel=2, retry_deadline=0)
         c.http.event_hooks["response"].append(self._on_response)
         return c
 
@@ -203,6 +204,7 @@ class Harness:
         self.base_url = base_url
         for a in self.actors:
             a.client.http.base_url = httpx.URL(base_url)
+            a.client.base_urls = [base_url]
             a.raw.base_url = httpx.URL(base_url)
         self.admin.base_url = httpx.URL(base_url)
         for r in self.readers.values():

@@ -50,6 +50,7 @@ ENV = {
     "WEIGHTSTORE_UPLOAD_EXPIRY_SECONDS": "120",
     "WEIGHTSTORE_LOG_JSON": "false",
     "WEIGHTSTORE_LOG_LEVEL": "WARNING",
+    "WEIGHTSTORE_SESSION_SECRET": "reliability-session-secret",  # required on a PostgreSQL catalog
 }
 
 

@@ -9,7 +9,9 @@ See docs/design-billing.md. Writers go through ``ledger``; everything else only 
   an instant;
 - ``usage``: priced usage over a window and current usage per group (``UsageRow``, ``CurrentRow``);
 - ``overview``: the admin overview (all tenants: current usage and daily usage in one statement);
-- ``invoices``: monthly invoices, a rounded line per (run, kind);
+- ``invoices``: monthly invoices, a rounded line per (run, kind), numbered, provisional or frozen, and
+  the ended months still to freeze (the collector's ``invoices`` phase);
+- ``billable``: which tenants are billed (all but operator tenants), applied by every aggregate;
 - ``catalog``: present-state reads of the catalog (physical bytes, largest / expiring checkpoints);
 - ``pricing``: prices per (tenant, kind); ``units``: time, bytes, money and the rounding rule.
 """

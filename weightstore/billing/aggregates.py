@@ -31,6 +31,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlmodel import Session
 
+from weightstore.billing.billable import billed_only_sql
 from weightstore.billing.units import DAY, SPLIT
 
 ByteSeconds = dict[tuple[Any, ...], int]
@@ -51,9 +52,10 @@ def tune(session: Session) -> None:
 
 
 def _tenant_filter(params: dict[str, Any], tenant_id: str | None) -> str:
-    """The SQL condition (``AND ...`` or nothing) restricting to one tenant; binds ``:tenant``."""
+    """The SQL condition (``AND ...``) restricting to one tenant (binds ``:tenant``) or, with no tenant
+    named, to the billed tenants (``billable.billed_only_sql``: operator tenants are never summed)."""
     if tenant_id is None:
-        return ""
+        return billed_only_sql(params)
     params["tenant"] = tenant_id
     return " AND tenant_id = :tenant"
 

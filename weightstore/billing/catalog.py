@@ -13,12 +13,14 @@ import sqlalchemy as sa
 from sqlmodel import Session, col
 
 from weightstore.billing.aggregates import tune
+from weightstore.billing.billable import billed_only_sql
 from weightstore.checkpoints import visible_clause
 from weightstore.models import Checkpoint
 
 
 def physical_current(session: Session, *, now: datetime, tenant_id: str | None = None) -> dict[str, int]:
-    """Unique blob bytes referenced by each tenant's visible checkpoints (dedup counted once).
+    """Unique blob bytes referenced by each tenant's visible checkpoints (dedup counted once): of one
+    tenant, or of every billed tenant.
 
     Derived from the manifest, so it describes *now* only; history is reported in logical bytes
     (what is billed). A manifest row carries its blob's size (content-addressed: one sha256, one
@@ -26,15 +28,17 @@ def physical_current(session: Session, *, now: datetime, tenant_id: str | None =
     checkpoints' manifest rows, index-only (``ix_checkpoint_billing_live``, ``ix_checkpoint_file_blob``),
     then one ``DISTINCT`` of (tenant, sha256)."""
     tune(session)
-    where = "AND c.tenant_id = :tenant" if tenant_id is not None else ""
+    params: dict[str, Any] = {"now": now if session.get_bind().dialect.name == "postgresql" else _sqlite_timestamp(now)}
+    if tenant_id is not None:
+        where = "AND c.tenant_id = :tenant"
+        params["tenant"] = tenant_id
+    else:  # every billed tenant: operator tenants are not billed (weightstore.billing.billable)
+        where = billed_only_sql(params, "c.tenant_id")
     sql = f"""
 SELECT tenant_id, SUM(size_bytes) FROM (
   SELECT DISTINCT c.tenant_id, f.sha256, f.size_bytes FROM checkpoint c JOIN checkpoint_file f ON f.checkpoint_id = c.id
   WHERE c.state = 'committed' AND (c.expires_at IS NULL OR c.expires_at > :now) {where}) u
 GROUP BY tenant_id"""
-    params: dict[str, Any] = {"now": now if session.get_bind().dialect.name == "postgresql" else _sqlite_timestamp(now)}
-    if tenant_id is not None:
-        params["tenant"] = tenant_id
     return {t: int(s or 0) for t, s in session.execute(sa.text(sql), params)}
 
 

@@ -21,6 +21,7 @@ from fractions import Fraction
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from weightstore.billing.billable import billed_only_sql
 from weightstore.billing.pricing import Pricing
 from weightstore.billing.units import BILLING_EPOCH, BYTE_SECONDS_PER_GB_MONTH, GB, HOUR, epoch, from_epoch, utc
 from weightstore.billing.usage import parse_bucket_label, usage
@@ -98,6 +99,8 @@ def billing_events(
     if tenant_id is not None:
         where += " AND tenant_id = :t"
         params["t"] = tenant_id
+    else:  # every billed tenant, like ``usage`` above (weightstore.billing.billable)
+        where += billed_only_sql(params)
     commits = session.execute(
         sa.text(
             f"SELECT tenant_id, run_id, start_s / {HOUR} AS h, COUNT(*) FROM usage_interval WHERE {where} "

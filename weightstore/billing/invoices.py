@@ -8,8 +8,9 @@
   the same on every read, on every replica, before and after the month closes.
 * **Provisional**: the current month (and any later one) runs *to date* (never bills the future, §6);
   it is recomputed on every read and labelled ``provisional``.
-* **Frozen**: a month that has ended is closed the first time its invoice is read (or ``close_month``
-  is called): the whole document is written once into ``invoice_snapshot`` and every later read
+* **Frozen**: a month that has ended is closed the first time its invoice is read, when ``close_month``
+  is called, or by the collector's ``invoices`` phase (``months_to_close``: every billed tenant's ended
+  months not yet frozen): the whole document is written once into ``invoice_snapshot`` and every later read
   returns exactly that document. A later ledger correction of a closed month never changes it; the
   difference between the month recomputed now (at the rates frozen with it) and its snapshot, less
   what earlier frozen invoices already adjusted, is an **adjustment line** on the next invoice that is
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -29,9 +30,10 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from weightstore.billing.billable import billed_tenant_ids
 from weightstore.billing.pricing import Pricing
-from weightstore.billing.units import BYTE_SECONDS_PER_GB_MONTH, GB, epoch, from_epoch, month_window, round_cents
-from weightstore.models import InvoiceSnapshot
+from weightstore.billing.units import BYTE_SECONDS_PER_GB_MONTH, FIRST_MONTH, GB, epoch, from_epoch, month_window, round_cents
+from weightstore.models import InvoiceSnapshot, Tenant, TenantState, UsageEvent
 from weightstore.names import SEGMENT_BY_KIND
 
 PROVISIONAL, FINAL = "provisional", "final"
@@ -184,6 +186,8 @@ class Invoice:
     """Checkpoint rows (None when read from a snapshot: see ``checkpoint_rows``)."""
     checkpoint_rows: list[dict[str, Any]] = field(default_factory=list)
     """The checkpoint-level CSV rows (as frozen, for a final invoice)."""
+    billed: bool = True
+    """False for a tenant that is not billed (an operator tenant: every rate is zero)."""
 
     @property
     def provisional(self) -> bool:
@@ -230,6 +234,7 @@ class Invoice:
             "month": self.month,
             "status": self.status,
             "provisional": self.provisional,
+            "billed": self.billed,
             "period_start": self.period_start.isoformat(),
             "period_end": self.period_end.isoformat(),
             "measured_until": None if self.measured_until is None else self.measured_until.isoformat(),
@@ -394,6 +399,7 @@ def compute(session: Session, pricing: Pricing, *, tenant_id: str, month: str, n
         adjustments=pending_adjustments(session, pricing, tenant_id=tenant_id, month=month),
         checkpoints=rows,
         checkpoint_rows=[r.as_dict() for r in rows],
+        billed=pricing.billed(tenant_id),
     )
 
 
@@ -421,6 +427,7 @@ def from_snapshot(snap: InvoiceSnapshot) -> Invoice:
         closed_at=snap.closed_at,
         adjustments=[Adjustment.from_dict(x) for x in doc.get("adjustments", [])],
         checkpoint_rows=list(doc.get("checkpoints", [])),
+        billed=bool(doc.get("billed", True)),
     )
 
 
@@ -428,12 +435,18 @@ def close_month(session: Session, pricing: Pricing, *, tenant_id: str, month: st
     """Freeze an ended month (idempotent): the snapshot if there is one, else compute it and write it
     once. Two closers racing: the loser's insert fails on the primary key inside a savepoint and it
     returns the winner's snapshot. Refused (``ValueError``) for a month that has not ended."""
+    return freeze_month(session, pricing, tenant_id=tenant_id, month=month, now=now)[0]
+
+
+def freeze_month(session: Session, pricing: Pricing, *, tenant_id: str, month: str, now: datetime) -> tuple[Invoice, bool]:
+    """``close_month``, also saying whether this call wrote the snapshot (False: it already existed,
+    or a concurrent closer won). Catalog function."""
     start, end = month_window(month)
     if now < end:
         raise ValueError(f"{month} has not ended: its invoice is provisional")
     snap = session.get(InvoiceSnapshot, (tenant_id, month))
     if snap is not None:
-        return from_snapshot(snap)
+        return from_snapshot(snap), False
     inv = compute(session, pricing, tenant_id=tenant_id, month=month, now=None)
     row = InvoiceSnapshot(
         tenant_id=tenant_id,
@@ -449,8 +462,55 @@ def close_month(session: Session, pricing: Pricing, *, tenant_id: str, month: st
     except IntegrityError:
         won = session.get(InvoiceSnapshot, (tenant_id, month), populate_existing=True)
         assert won is not None
-        return from_snapshot(won)
-    return from_snapshot(row)
+        return from_snapshot(won), False
+    return from_snapshot(row), True
+
+
+# --- closing ended months (the collector's ``invoices`` phase) -----------------------------------
+def month_of(dt: datetime) -> str:
+    """The calendar month (UTC) ``dt`` falls in, as ``YYYY-MM``."""
+    dt = dt.astimezone(UTC)
+    return f"{dt.year:04d}-{dt.month:02d}"
+
+
+def next_month(month: str) -> str:
+    year, mon = int(month[:4]), int(month[5:7])
+    return f"{year + mon // 12:04d}-{mon % 12 + 1:02d}"
+
+
+def previous_month(month: str) -> str:
+    year, mon = int(month[:4]), int(month[5:7])
+    return f"{year - (mon == 1):04d}-{(mon - 2) % 12 + 1:02d}"
+
+
+def months_to_close(session: Session, *, now: datetime) -> list[tuple[str, str]]:
+    """``(tenant, month)`` of every ended month of every billed tenant that is not frozen yet, oldest
+    first per tenant (a close carries the adjustments of the frozen months before it). Catalog function.
+
+    A tenant's months run from the earlier of its creation and its first ledger event to the last
+    ended month; a deleted tenant's stop at the month of its last ledger event (its delete ends every
+    checkpoint), so its final invoice is closed and no empty ones follow. Cheap when nothing is due:
+    one row per billed tenant (first/last ledger instants from the ``(tenant_id, at)`` index) and
+    the keys of the frozen invoices; operator tenants are not billed and never closed."""
+    last_ended = previous_month(month_of(now))
+    first_at = sa.select(sa.func.min(col(UsageEvent.at))).where(col(UsageEvent.tenant_id) == col(Tenant.id)).scalar_subquery()
+    last_at = sa.select(sa.func.max(col(UsageEvent.at))).where(col(UsageEvent.tenant_id) == col(Tenant.id)).scalar_subquery()
+    billed = billed_tenant_ids(session)
+    rows = session.execute(
+        sa.select(col(Tenant.id), col(Tenant.created_at), col(Tenant.state), first_at, last_at).where(col(Tenant.id).in_(billed))
+    ).all()
+    frozen = set(session.execute(sa.select(col(InvoiceSnapshot.tenant_id), col(InvoiceSnapshot.month))).tuples().all())
+    due: list[tuple[str, str]] = []
+    for tenant_id, created_at, state, first, last in sorted(rows):
+        month = max(FIRST_MONTH, month_of(min(created_at, first) if first is not None else created_at))
+        stop = last_ended
+        if state == TenantState.deleted:
+            stop = min(stop, month_of(max(created_at, last) if last is not None else created_at))
+        while month <= stop:
+            if (tenant_id, month) not in frozen:
+                due.append((tenant_id, month))
+            month = next_month(month)
+    return due
 
 
 def invoice(session: Session, pricing: Pricing, *, tenant_id: str, month: str, now: datetime | None = None) -> Invoice:

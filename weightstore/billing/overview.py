@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from weightstore.billing.aggregates import day_sums, window_sums
 from weightstore.billing.pricing import Pricing
 from weightstore.billing.units import DAY, epoch
 from weightstore.billing.usage import CurrentRow, UsageRow, check_window, current_rows, usage_rows
-from weightstore.models import Tenant
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,7 @@ class Overview:
 
 def overview(session: Session, pricing: Pricing, *, now: datetime, start: datetime, bucket_seconds: int = DAY) -> Overview:
     """``current(now)`` and ``usage(start, now, bucket_seconds)`` of all billed tenants in one query
-    (operator tenants, ``Tenant.operator``, are not billed and left out).
+    (operator tenants are not billed: the aggregates leave them out, ``weightstore.billing.billable``).
 
     The intervals overlapping ``[start, now)`` are read once; the ones still stored at ``now`` are
     exactly those among them with ``stop_s > now``, so the same statement also counts them."""
@@ -37,8 +36,7 @@ def overview(session: Session, pricing: Pricing, *, now: datetime, start: dateti
         acc, cur = day_sums(session, ws=ws, we=we, tenant_id=None)
     else:
         acc, cur = window_sums(session, fine, ws=ws, we=we, bucket_seconds=bucket_seconds, tenant_id=None, current_at_end=True)
-    operators = set(session.exec(select(Tenant.id).where(col(Tenant.operator).is_(True))).all())
     return Overview(
-        current=[r for r in current_rows(pricing, cur, fine, ["tenant_id"]) if r.key["tenant_id"] not in operators],
-        daily=[r for r in usage_rows(pricing, acc, fine, ["tenant_id"], bucket_seconds) if r.key["tenant_id"] not in operators],
+        current=current_rows(pricing, cur, fine, ["tenant_id"]),
+        daily=usage_rows(pricing, acc, fine, ["tenant_id"], bucket_seconds),
     )

@@ -1,4 +1,5 @@
-"""Prices: USD per GB-month, by tenant override, then per checkpoint kind, then the default.
+"""Prices: USD per GB-month, by tenant override, then per checkpoint kind, then the default; zero for
+a tenant that is not billed (``weightstore.billing.billable``).
 
 Prices come from the settings and the ``tenant.price_per_gb_month_usd`` override only; billing is
 the ledger times these rates (docs/design-billing.md §1, §5).
@@ -12,9 +13,13 @@ from fractions import Fraction
 
 from sqlmodel import Session, col, select
 
+from weightstore.billing.billable import unbilled_tenant_ids
 from weightstore.billing.units import BYTE_SECONDS_PER_GB_MONTH
 from weightstore.models import Tenant
 from weightstore.settings import Settings
+
+NOT_BILLED = Decimal("0")
+"""The rate of a tenant that is not billed (an operator tenant): its usage shows, at $0."""
 
 
 @dataclass(frozen=True)
@@ -27,9 +32,17 @@ class Pricing:
     """Price per checkpoint kind (settings)."""
     per_tenant: dict[str, Decimal] = field(default_factory=dict)
     """Price per tenant, for all its kinds (the tenant row's override)."""
+    unbilled: frozenset[str] = frozenset()
+    """Tenants that are not billed (``billable.unbilled_tenant_ids``): their rate is zero, whatever else says."""
+
+    def billed(self, tenant_id: str) -> bool:
+        """Whether this tenant is billed (an operator tenant is not)."""
+        return tenant_id not in self.unbilled
 
     def rate(self, tenant_id: str | None, kind: str | None) -> Decimal:
-        """USD per GB-month of this tenant's checkpoints of this kind."""
+        """USD per GB-month of this tenant's checkpoints of this kind (zero for a tenant not billed)."""
+        if tenant_id is not None and tenant_id in self.unbilled:
+            return NOT_BILLED
         if tenant_id is not None and tenant_id in self.per_tenant:
             return self.per_tenant[tenant_id]
         if kind is not None and kind in self.per_kind:
@@ -54,6 +67,7 @@ def load_pricing(session: Session, settings: Settings) -> Pricing:
         default=_decimal(settings.price_per_gb_month_usd),
         per_kind={k: _decimal(v) for k, v in settings.price_per_kind_usd.items()},
         per_tenant={t: _decimal(p) for t, p in overrides if p is not None},
+        unbilled=unbilled_tenant_ids(session),
     )
 
 

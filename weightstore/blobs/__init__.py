@@ -45,7 +45,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from weightstore.blobs import refs
+from weightstore.blobs import chunks, refs
 from weightstore.blobs.writer import BlobWriter, part_size_for, single_put_limit
 from weightstore.context import Context
 from weightstore.db import session_scope
@@ -88,9 +88,14 @@ def reusable(session: Session, sha256: str, *, what: str = "") -> Blob | None:
     return blob if blob is not None and blob.state == BlobState.live else None
 
 
-def mark_live(session: Session, sha256: str, size: int, now: datetime) -> None:
+def mark_live(
+    session: Session, sha256: str, size: int, now: datetime, *, chunk_digests: chunks.ChunkDigests | None = None
+) -> None:
     """S2, second step: the object is durable and verified, so its row becomes (or stays) ``live``
-    and its grace period restarts. ``CatalogBusy`` when the collector is deleting it (S7)."""
+    and its grace period restarts. ``CatalogBusy`` when the collector is deleting it (S7).
+    ``chunk_digests``: recorded beside it (from the writer that verified the bytes, rule C1)."""
+    if chunk_digests is not None:
+        chunks.record(session, sha256, chunk_digests)
     blob = session.get(Blob, sha256)
     _refuse_deleting(blob)
     if blob is None:
@@ -189,6 +194,7 @@ def forget(session: Session, shas: Sequence[str]) -> int:
     )
     session.execute(sa.delete(CheckpointFile).where(col(CheckpointFile.sha256).in_(gone), released))
     session.execute(sa.delete(TenantBlob).where(col(TenantBlob.sha256).in_(gone)))
+    chunks.forget(session, gone)
     res = session.execute(sa.delete(Blob).where(col(Blob.sha256).in_(gone), col(Blob.state) == BlobState.deleting.value))
     return int(res.rowcount)  # type: ignore[attr-defined]  # DML yields a CursorResult; sqlmodel types it Result
 
@@ -218,6 +224,7 @@ def open_writer(ctx: Context, sha256: str, size: int, *, exists: bool = False) -
         part_size=s.part_size_bytes,
         threshold=s.multipart_threshold_bytes,
         single_put_max=single_put_limit(s),
+        chunk_size=s.chunk_size_bytes,
     )
 
 
@@ -248,7 +255,7 @@ def store_file(ctx: Context, f: LocalFile, *, progress: Progress | None = None) 
         writer.abort()
         raise
     with session_scope(ctx.engine) as session:
-        mark_live(session, f.sha256, f.size_bytes, ctx.clock.now())
+        mark_live(session, f.sha256, f.size_bytes, ctx.clock.now(), chunk_digests=writer.chunk_digests)
     return f.size_bytes
 
 
@@ -285,6 +292,7 @@ def fetch_to_file(ctx: Context, sha256: str, size: int, dest: Path, *, progress:
 __all__ = [
     "BlobWriter",
     "LocalFile",
+    "chunks",
     "Progress",
     "fetch_to_file",
     "forget",

@@ -13,6 +13,7 @@ import math
 import queue
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from weightstore.blobs.chunks import ChunkDigests, ChunkHasher
 from weightstore.errors import IntegrityError, StoreUnavailable
 from weightstore.objectstore import ObjectStore, blob_key
 from weightstore.settings import Settings
@@ -73,6 +74,9 @@ class BlobWriter:
       failed body cuts the PUT off) — no hashing here, no parts;
     - otherwise: hashed, sent as multipart parts, completed only if the hash matches.
     When the blob already exists, the bytes are only hashed (the tenant proves it holds them).
+    With ``chunk_size``, every path also hashes each ``chunk_size`` slice (``blobs.chunks``):
+    ``chunk_digests`` is set once ``finish`` verified the whole file (rule C1; for the piped PUT,
+    the store verified exactly the bytes hashed here).
     """
 
     def __init__(
@@ -86,10 +90,14 @@ class BlobWriter:
         threshold: int,
         max_inflight: int = 3,
         single_put_max: int = 0,
+        chunk_size: int = 0,
     ) -> None:
         self.store, self.sha256, self.size, self.exists = store, sha256, size, exists
         self.key = blob_key(sha256)
         self.hash = hashlib.sha256()
+        self._chunks = ChunkHasher(chunk_size) if chunk_size > 0 else None
+        self.chunk_digests: ChunkDigests | None = None
+        """Per-chunk sha256s, set by a successful ``finish`` when ``chunk_size`` was given."""
         self.received = 0
         self.part_size = part_size_for(size, part_size)
         self.piped = not exists and threshold <= size <= single_put_max
@@ -115,6 +123,8 @@ class BlobWriter:
         if self.received > self.size:
             self.abort()
             raise IntegrityError(f"received more than the declared {self.size} bytes")
+        if self._chunks is not None:
+            self._chunks.update(data)
         if self.piped:
             return self._feed(bytes(data))
         self.hash.update(data)
@@ -175,10 +185,12 @@ class BlobWriter:
                 raise sha256_mismatch(self.sha256) from exc
             finally:
                 self._shutdown()
+            self._chunks_verified()
             return
         if self.hash.hexdigest() != self.sha256:
             self.abort()
             raise sha256_mismatch(self.sha256)
+        self._chunks_verified()
         if self.exists:
             return
         if not self.multipart:
@@ -194,6 +206,11 @@ class BlobWriter:
         parts = [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]
         self.store.complete_multipart(self.key, self.mpu_id or "", parts)
         self._shutdown()
+
+    def _chunks_verified(self) -> None:
+        """The whole file checked out: its chunk digests may now be recorded (rule C1)."""
+        if self._chunks is not None:
+            self.chunk_digests = self._chunks.result()
 
     def abort(self) -> None:
         if self.pipe is not None and self.put is not None and not self.put.done():

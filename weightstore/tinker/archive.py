@@ -7,7 +7,12 @@ grace period) and handed out as a presigned GET.
 Built once per checkpoint: ``archive_cache`` records which blob holds a checkpoint's archive (keyed
 by checkpoint id, checked against a digest of the archived manifest). While that blob is ``live``
 and present, a request only touches it (restarting its grace period) and signs a URL: no checkpoint
-byte is read again, whoever asks (any reader of a published checkpoint may)."""
+byte is read again, whoever asks (any reader of a published checkpoint may).
+
+The archive blob is deliberately not a reference (``weightstore.blobs.refs``): it is derived data,
+rebuildable from the checkpoint's own blobs, and counting it would keep a second copy of every
+archived adapter for as long as the checkpoint lives. The collector's ``archives`` phase removes the
+rows that can never be served again (``prune_cache``)."""
 
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from weightstore import audit, blobs, checkpoints
 from weightstore.auth import Principal
@@ -95,9 +101,44 @@ def _cached(session: Session, ckpt_id: str, digest: str, now: datetime) -> Archi
 
 
 def _remember(session: Session, ckpt_id: str, digest: str, sha: str, size: int, now: datetime) -> None:
-    row = session.get(ArchiveCache, ckpt_id) or ArchiveCache(checkpoint_id=ckpt_id, manifest_digest=digest, sha256=sha)
-    row.manifest_digest, row.sha256, row.size_bytes, row.created_at = digest, sha, size, now
-    session.add(row)
+    """Record the archive, replacing any earlier row: a delete and an insert, never an ORM update, so
+    a row the collector pruned meanwhile (``prune_cache``) cannot turn into a stale-update error; two
+    first requests racing meet on the primary key (the caller ignores that ``IntegrityError``)."""
+    session.execute(sa.delete(ArchiveCache).where(col(ArchiveCache.checkpoint_id) == ckpt_id))
+    session.add(ArchiveCache(checkpoint_id=ckpt_id, manifest_digest=digest, sha256=sha, size_bytes=size, created_at=now))
+    session.flush()
+
+
+# --- pruning (the collector's ``archives`` phase; issue 11 residue) --------------------------------
+def stale_cache_clause(now: datetime) -> sa.ColumnElement[bool]:
+    """An ``archive_cache`` row that can never be handed out again: its checkpoint is gone or no longer
+    visible (deleted, expired, in the trash), or its blob is not ``live`` (collected, being deleted).
+
+    Such a row is only a pointer: deleting it never deletes bytes. A URL already handed out names the
+    blob, not the row, and the blob's grace period (restarted by every hand-out, ``_cached``) keeps it
+    until that URL has expired. A restored checkpoint simply rebuilds its archive. A row whose
+    checkpoint is visible and whose blob is live is kept: that is the cache entry being served."""
+    visible = sa.exists().where(col(Checkpoint.id) == col(ArchiveCache.checkpoint_id), checkpoints.visible_clause(now))
+    live = sa.exists().where(col(Blob.sha256) == col(ArchiveCache.sha256), col(Blob.state) == BlobState.live.value)
+    return sa.or_(~visible, ~live)
+
+
+def stale_cache_rows(session: Session, *, now: datetime) -> tuple[int, int]:
+    """(rows, archive bytes) that ``prune_cache`` would remove now. Catalog function."""
+    n, nbytes = session.execute(
+        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(col(ArchiveCache.size_bytes)), 0)).where(stale_cache_clause(now))
+    ).one()
+    return int(n), int(nbytes)
+
+
+def prune_cache(session: Session, *, now: datetime, limit: int) -> int:
+    """Delete up to ``limit`` stale rows (``stale_cache_clause``, re-evaluated by the DELETE itself, so
+    a row that became valid again since a plan is kept). Returns how many went. Catalog function."""
+    pick = sa.select(col(ArchiveCache.checkpoint_id)).where(stale_cache_clause(now)).limit(limit)
+    result = session.execute(
+        sa.delete(ArchiveCache).where(col(ArchiveCache.checkpoint_id).in_(pick.scalar_subquery()), stale_cache_clause(now))
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]  # DML yields a CursorResult; sqlmodel types it Result
 
 
 def _write_tar(ctx: Context, members: list[ArchiveMember], dest: Path) -> None:

@@ -6,7 +6,9 @@
   checkpoint is already in that state (Tinker's contract answers 409 there).
 - **copy_weights**: zero-copy. A new run that cannot be trained on, new checkpoint rows whose
   manifest points at the *same* blobs (``share_checkpoint``), a ``tenant_blob`` proof for the
-  destination tenant, a ledger ``commit`` for the copy, its own TTL. De-duplicated on
+  destination tenant, a ledger ``commit`` for the copy, its own TTL. The copy is new logical bytes
+  for the destination tenant: held to its hard quota like a declare (``tenants.check_quota`` under
+  the tenant row lock, after the run's lock: issue 12, part 2). De-duplicated on
   ``X-Idempotency-Key`` through ``idempotency_record`` (the SDK reuses one key across all of its
   retry layers).
 - **weights_info**: base model and LoRA shape of a checkpoint, from its run and its
@@ -25,7 +27,7 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
-from weightstore import audit, blobs, checkpoints, publish, retention, runs
+from weightstore import audit, blobs, checkpoints, publish, retention, runs, tenants
 from weightstore.auth import Principal
 from weightstore.billing import ledger
 from weightstore.errors import Conflict, InvalidRequest, NotFound
@@ -187,11 +189,14 @@ def share_checkpoint(
     kind: str | None = None,
 ) -> Checkpoint:
     """New checkpoint rows in ``run`` pointing at the source's blobs: no byte moves. ``NotFound``
-    when any of them is no longer live (the collector is reclaiming the source)."""
+    when any of them is no longer live (the collector is reclaiming the source); ``RunDeleted`` when
+    ``run`` was deleted; ``TenantQuotaExceeded`` when the copy does not fit the caller's quota."""
+    runs.lock_for_write(session, principal.tenant_id, run.id)  # lock order: run, blobs, tenant
     files = checkpoints.files_of(session, source)
     live, not_live = blobs.lock_live(session, [f.sha256 for f in files])
     if not_live:
         raise NotFound(f"checkpoint {checkpoints.tinker_path(source)} is being collected")
+    tenants.check_quota(session, principal.tenant_id, source.size_bytes, now=now, lock=True)
     ckpt = Checkpoint(
         id=new_id("ckpt"),
         tenant_id=principal.tenant_id,

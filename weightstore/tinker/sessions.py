@@ -25,7 +25,7 @@ from weightstore import checkpoints, exportjobs, retention, runs
 from weightstore.auth import Principal
 from weightstore.context import Context
 from weightstore.db import session_scope
-from weightstore.errors import InvalidRequest, NotFound, SessionFinished, Unsupported
+from weightstore.errors import InvalidRequest, NotFound, RunDeleted, SessionFinished, TenantQuotaExceeded, Unsupported
 from weightstore.formats import check_user_metadata
 from weightstore.models import (
     Checkpoint,
@@ -319,7 +319,11 @@ def poll_future(session: Session, principal: Principal, request_id: str, *, now:
     if status.failed:
         result: dict[str, Any] = {"error": status.error, "category": "user"}
     else:
-        result = _place_export(session, principal, future, status.result_checkpoint_id, now)
+        try:  # placing is a zero-copy checkpoint: held to the quota and the run's lock (issue 12, parts 2, 5)
+            with session.begin_nested():
+                result = _place_export(session, principal, future, status.result_checkpoint_id, now)
+        except (TenantQuotaExceeded, RunDeleted) as exc:  # permanent: the future ends with it, once
+            result = {"error": exc.message, "category": "user"}
     future.state, future.result = TinkerFutureState.done, result
     session.add(future)
     return result

@@ -1,7 +1,9 @@
 """Billing API: current usage with a 720-hour projection, usage over a window, monthly invoices, CSV.
 
 Admins read every tenant; any other key reads only its own tenant, and asking for another tenant is
-answered 404 exactly as for a tenant that does not exist. Invoices are numbered, provisional for
+answered 404 exactly as for a tenant that does not exist. "Every tenant" means every billed tenant:
+operator tenants are left out of all-tenant answers and shown at $0, marked not billed, when asked for
+by name (``weightstore.billing.billable``). Invoices are numbered, provisional for
 the current month and frozen once closed (``weightstore.billing.invoices``); ``detail=checkpoint``
 gives their checkpoint-level rows. Also serves the Tinker-shaped
 ``GET /api/v1/billing/usage/checkpoints/current`` and ``GET /api/v1/billing/usage/events``.
@@ -20,7 +22,7 @@ from sqlmodel import Session
 
 from weightstore.auth import Principal
 from weightstore.billing import catalog, events, invoices, usage
-from weightstore.billing.pricing import load_pricing
+from weightstore.billing.pricing import Pricing, load_pricing
 from weightstore.billing.units import DAY, FIRST_MONTH, GB, HOUR, LAST_MONTH, billing_window, round_cents
 from weightstore.errors import InvalidRequest, NotFound
 from weightstore.models import Tenant
@@ -65,6 +67,14 @@ def scope_tenant(session: Session, principal: Principal, tenant: str | None) -> 
     return tenant
 
 
+def not_billed(prices: Pricing, tenant_id: str | None) -> list[str]:
+    """The tenants in scope that are not billed: all operator tenants (left out of an all-tenant
+    answer), or the one named if it is one (its usage shows, at $0)."""
+    if tenant_id is None:
+        return sorted(prices.unbilled)
+    return [] if prices.billed(tenant_id) else [tenant_id]
+
+
 def _groups(group_by: str) -> list[str]:
     return [g for g in group_by.split(",") if g]
 
@@ -93,6 +103,7 @@ def billing_current(
         total_logical_bytes=sum(r.logical_bytes for r in rows),
         total_projected_monthly_cost_usd=str(sum((r.monthly_cost_usd for r in rows), round_cents(0))),
         physical_bytes_by_tenant=catalog.physical_current(session, now=now, tenant_id=tid),
+        not_billed_tenants=not_billed(prices, tid),
     )
 
 
@@ -116,9 +127,10 @@ def billing_usage(
     seconds = {"day": DAY, "hour": HOUR, "none": None}[bucket]
     if seconds == HOUR and end - start > timedelta(days=62):
         raise InvalidRequest("hourly buckets cover at most 62 days")
+    prices = load_pricing(session, ctx.settings)
     rows = usage.usage(
         session,
-        load_pricing(session, ctx.settings),
+        prices,
         start=start,
         end=end,
         group_by=_groups(group_by),
@@ -135,6 +147,7 @@ def billing_usage(
         rows=out,
         total_byte_seconds=sum(r.byte_seconds for r in rows),
         total_cost_usd=str(sum((r.cost_usd for r in rows), round_cents(0))),
+        not_billed_tenants=not_billed(prices, tid),
     )
 
 
@@ -217,7 +230,8 @@ def invoice_csv(inv: invoices.Invoice) -> Response:
     tags=["tinker"],
 )
 def tinker_current_usage(principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep) -> CurrentCheckpointStorageUsageResponse:
-    """One item per tenant (all tenants for an admin key, the caller's own otherwise); gross 720-hour projection."""
+    """One item per tenant (every billed tenant for an admin key, the caller's own otherwise); gross
+    720-hour projection (zero for an operator tenant: not billed)."""
     tid = scope_tenant(session, principal, None)
     prices = load_pricing(session, ctx.settings)
     rows = usage.current(session, prices, now=ctx.clock.now(), group_by=("tenant_id",), tenant_id=tid)
@@ -253,10 +267,12 @@ def tinker_billing_usage_events(
 ) -> BillingUsageResponsePublic:
     """Hourly usage events (``tinker billing usage``): per (hour, tenant, base model) the GB-hours
     stored (``storage``) and the checkpoints committed (``checkpoint``). All tenants for an admin key,
-    the caller's own otherwise; ``project_id`` and ``user_name`` are the tenant."""
+    the caller's own otherwise; ``project_id`` and ``user_name`` are the tenant. All tenants means every
+    billed tenant; an operator tenant's own events are ``free`` at $0 (``weightstore.billing.billable``)."""
     tid = scope_tenant(session, principal, None)
     start, end = events.event_window(starting_on, ending_before, now=ctx.clock.now())
-    found = events.billing_events(session, load_pricing(session, ctx.settings), start=start, end=end, tenant_id=tid)
+    prices = load_pricing(session, ctx.settings)
+    found = events.billing_events(session, prices, start=start, end=end, tenant_id=tid)
     data = [
         BillingUsageEventPublic(
             bucket_start=e.bucket_start,
@@ -266,7 +282,7 @@ def tinker_billing_usage_events(
             project_id=e.tenant_id,
             estimated_cost_usd=e.estimated_cost_usd if e.type == "storage" else None,
             effective_rate_usd_per_gigabyte_month=e.rate_usd_per_gb_month if e.type == "storage" else None,
-            event_info=StorageBillingEventInfo(gigabyte_hours=e.gigabyte_hours)
+            event_info=StorageBillingEventInfo(gigabyte_hours=e.gigabyte_hours, free=not prices.billed(e.tenant_id))
             if e.type == "storage"
             else CheckpointBillingEventInfo(count=e.count),
         )

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session
 
-from weightstore import basemodels, exportjobs
+from weightstore import basemodels, exportjobs, hub
 from weightstore.auth import Principal
 from weightstore.models import BaseModel as BaseModelRow
 from weightstore.models import ExportJob
@@ -30,6 +30,7 @@ from ..schemas import (
     ExportJobPublic,
     ExportJobsPublic,
     ExportOptions,
+    HubCoordinatesPublic,
 )
 
 router = APIRouter(prefix="/v1", tags=["exports"])
@@ -39,8 +40,12 @@ STREAM_BATCH = 8 * 1024 * 1024
 def job_public(session: Session, job: ExportJob) -> ExportJobPublic:
     src = exportjobs.source_path(session, job)
     out = None
+    coords = None
     if src and job.output_name:
-        out = str(TinkerPath(TinkerPath.parse(src).run_id, exportjobs.TARGETS[job.target], job.output_name))
+        output = TinkerPath(TinkerPath.parse(src).run_id, exportjobs.TARGETS[job.target], job.output_name)
+        out = str(output)
+        rev = hub.checkpoint_revision(output.kind, output.name)
+        coords = HubCoordinatesPublic(repo_id=hub.run_repo_id(output.run_id, job.tenant_id), revision=rev, subfolder=rev)
     return ExportJobPublic(
         job_id=job.id,
         batch_id=job.batch_id,
@@ -59,6 +64,7 @@ def job_public(session: Session, job: ExportJob) -> ExportJobPublic:
         not_before=job.not_before,
         verification=job.verification,
         error=job.error,
+        hub=coords,
     )
 
 

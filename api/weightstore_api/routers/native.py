@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from weightstore import auth, checkpoints, policies, runs, uploads
+from weightstore.blobs import chunks as blob_chunks
 from weightstore.names import TinkerPath
 
 from ..convert import checkpoint_public, key_public, run_public
@@ -26,6 +27,8 @@ from ..schemas import (
     KeyCreate,
     KeyCreated,
     KeyPublic,
+    KeyRotate,
+    KeyRotated,
     RunCreate,
     RunDeletedPublic,
     RunDetailPublic,
@@ -34,6 +37,7 @@ from ..schemas import (
     RunsPublic,
     TTLUpdate,
     UploadCreate,
+    UploadLeasePublic,
     UploadPublic,
 )
 
@@ -113,6 +117,7 @@ def declare_upload(body: UploadCreate, principal: WriterPrincipal, ctx: CtxDep) 
         tinker_path=ans.tinker_path,
         bytes_to_send=ans.bytes_to_send,
         files=[FileAnswerPublic(**vars(f)) for f in ans.files],
+        lease_seconds=ans.lease_seconds,
     )
 
 
@@ -175,6 +180,13 @@ def commit_upload(upload_id: str, principal: WriterPrincipal, ctx: CtxDep, reque
     )
 
 
+@router.post("/uploads/{upload_id}/renew", operation_id="renew_upload", response_model=UploadLeasePublic)
+def renew_upload(upload_id: str, principal: WriterPrincipal, ctx: CtxDep) -> UploadLeasePublic:
+    """Keep an open upload alive for another lease (its client calls this while sending)."""
+    expires_at = uploads.renew(ctx, principal, upload_id)
+    return UploadLeasePublic(upload_id=upload_id, expires_at=expires_at, lease_seconds=ctx.settings.upload_lease_seconds)
+
+
 @router.delete("/uploads/{upload_id}", operation_id="abort_upload", status_code=204)
 def abort_upload(upload_id: str, principal: WriterPrincipal, ctx: CtxDep) -> None:
     uploads.abort(ctx, principal, upload_id)
@@ -211,13 +223,23 @@ def get_checkpoint(
     "/checkpoints/{run_id}/{segment}/{name}/files", operation_id="get_checkpoint_file_urls", response_model=FileUrlsPublic
 )
 def get_checkpoint_file_urls(
-    run_id: str, segment: str, name: str, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep
+    run_id: str,
+    segment: str,
+    name: str,
+    principal: CurrentPrincipal,
+    ctx: CtxDep,
+    session: SessionDep,
+    background: BackgroundTasks,
 ) -> FileUrlsPublic:
-    """Short-lived presigned GET URLs, one per file, with size and sha256 to verify against."""
+    """Short-lived presigned GET URLs, one per file, with size and sha256 to verify against, and
+    per-chunk sha256s where recorded; files without them get them computed after this answer
+    (``blobs.chunks.backfill``), so the next load verifies in parallel."""
     path = TinkerPath.from_checkpoint_id(run_id, f"{segment}/{name}")
     now = ctx.clock.now()
     ckpt = checkpoints.get_for(session, principal, path, now=now, allow_public=True)
     urls = checkpoints.download_urls(session, ckpt, store=ctx.store, settings=ctx.settings, now=now)
+    if lacking := [u.sha256 for u in urls if u.chunk_sha256 is None]:
+        background.add_task(blob_chunks.backfill, ctx, lacking)
     return FileUrlsPublic(tinker_path=str(path), files=[FileUrlPublic(**vars(u)) for u in urls])
 
 
@@ -266,3 +288,14 @@ def list_keys(principal: CurrentPrincipal, session: SessionDep) -> list[KeyPubli
 def revoke_key(key_id: str, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep) -> KeyPublic:
     """Who may revoke which key is decided in one place, ``auth.revoke_key`` (any key may revoke itself)."""
     return key_public(auth.revoke_key(session, key_id=key_id, principal=principal, now=ctx.clock.now()))
+
+
+@router.post("/keys/{key_id}/rotate", operation_id="rotate_key", status_code=201, response_model=KeyRotated)
+def rotate_key(
+    key_id: str, principal: CurrentPrincipal, ctx: CtxDep, session: SessionDep, body: KeyRotate | None = None
+) -> KeyRotated:
+    """A new key of the same tenant, role and name; the old one stops working after ``grace_seconds``.
+    Whoever may revoke a key may rotate it (``auth.rotate_key``)."""
+    grace = body.grace_seconds if body is not None else 0
+    new, plaintext, old = auth.rotate_key(session, key_id=key_id, principal=principal, now=ctx.clock.now(), grace_seconds=grace)
+    return KeyRotated(**key_public(new).model_dump(), api_key=plaintext, replaced=key_public(old))
