@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from itertools import accumulate, repeat
 from operator import sub
@@ -176,10 +177,51 @@ def check_user_metadata(meta: Mapping[str, Any] | None, *, strings_only: bool = 
         raise InvalidRequest(f"user_metadata holds {size} bytes; at most {USER_METADATA_MAX_BYTES} are allowed")
 
 
-def check_file_set(kind: str, paths: Sequence[str]) -> None:
+# --- layouts ----------------------------------------------------------------------------------
+# A checkpoint's file set follows one layout, recognised from the names alone (no catalog column):
+# "tinker" (adapter_model.safetensors + adapter_config.json [+ optimizer.safetensors], the kinds'
+# REQUIRED_FILES) or "dcp" (PyTorch Distributed Checkpoint, issue 14 part 2): one pickled
+# ``.metadata`` plus per-rank ``__{rank}_{n}.distcp`` data files, nothing else, full state only.
+DCP_METADATA = ".metadata"
+DCP_DATA = re.compile(r"__(0|[1-9][0-9]{0,5})_(0|[1-9][0-9]{0,5})\.distcp")
+"""Data file names as ``FileSystemWriter`` and ``weightstore.integrations.dcp`` write them: a
+downloaded DCP checkpoint is a directory ``dcp.load`` reads with ``FileSystemReader``."""
+LAYOUTS = ("tinker", "dcp")
+
+
+def is_dcp_file(path: str) -> bool:
+    return path == DCP_METADATA or DCP_DATA.fullmatch(path) is not None
+
+
+def layout_of(paths: Sequence[str]) -> str:
+    """``dcp`` when any file is a DCP file (the rest must then be too: ``check_file_set``), else ``tinker``."""
+    return "dcp" if any(is_dcp_file(p) for p in paths) else "tinker"
+
+
+def check_dcp_file_set(kind: str, paths: Sequence[str], *, complete: bool = True) -> None:
+    """A DCP checkpoint: full state only, DCP file names only, and (``complete``: at commit) its
+    ``.metadata``. While ranks are still adding their files (``complete=False``) the metadata,
+    written last by the coordinator, may be missing."""
+    if kind != "training":
+        raise InvalidFormat(f"a DCP checkpoint is a {kind_label('training')}, not a {kind_label(kind)}")
+    other = sorted(p for p in paths if not is_dcp_file(p))
+    if other:
+        raise InvalidFormat(
+            f"a DCP checkpoint holds only {DCP_METADATA} and __RANK_N.distcp files, not {', '.join(other[:5])}",
+            files=other[:20],
+        )
+    if complete and DCP_METADATA not in paths:
+        raise InvalidFormat(f"a DCP checkpoint must contain {DCP_METADATA}", missing=[DCP_METADATA])
+
+
+def check_file_set(kind: str, paths: Sequence[str], *, layout: str | None = None, complete: bool = True) -> None:
+    """The file set of a checkpoint of ``kind`` in ``layout`` (default: recognised from the names)."""
     if len(set(paths)) != len(paths):
         dupes = sorted({p for p in paths if paths.count(p) > 1})
         raise InvalidRequest(f"duplicate file names: {', '.join(dupes)}", files=dupes)
+    if (layout or layout_of(paths)) == "dcp":
+        check_dcp_file_set(kind, paths, complete=complete)
+        return
     missing = [f for f in REQUIRED_FILES.get(kind, ()) if f not in paths]
     if missing:
         raise InvalidFormat(f"a {kind_label(kind)} must contain {', '.join(missing)}", missing=missing)
@@ -272,6 +314,14 @@ def check_adapter_config(cfg: Any, *, name: str = ADAPTER_CONFIG) -> dict[str, A
 def validate_file(path: str, size: int, read_range: ReadRange, *, max_header: int, max_json: int) -> Mapping[str, Any] | None:
     """Validate one file by its name. Returns the parsed header/JSON where there is one."""
     leaf = path.rsplit("/", 1)[-1]
+    if path == DCP_METADATA:
+        # A pickle: never unpickled by the service. Its size is bounded like any JSON metadata file;
+        # readers unpickle it with an allow-list (weightstore.integrations.dcp).
+        if not 0 < size <= max_json:
+            raise InvalidFormat(f"{path}: DCP metadata of {size} bytes is outside 1..{max_json}", file=path)
+        if read_range(0, 1) != b"\x80":
+            raise InvalidFormat(f"{path}: not a pickled DCP Metadata (no pickle protocol header)", file=path)
+        return None
     if leaf.endswith(".safetensors"):
         return parse_safetensors_header(read_range, size, max_header=max_header, name=path)
     if leaf.endswith(".json"):

@@ -12,6 +12,7 @@ The mapping (one table, also the README's):
 | any other run id (``{uuid}:train:0``, ...)        | ``{tenant}/{slug}-{h}`` | ``main``: every checkpoint   |            |
 | checkpoint ``tinker://RUN/SEG/NAME``              | the run's repo          | ``SEG/NAME``: its files      |            |
 | the same checkpoint, inside the run's ``main``    | the run's repo          | ``main``                     | ``SEG/NAME`` |
+| pushed folder, kind ``files`` (``hubwrite``)      | the run's repo          | ``files/NAME``               | ``NAME``   |
 
 ``SEG`` is the Tinker path segment (``weights``, ``sampler_weights``, ``external_weights`` for PEFT
 exports, ``merged_weights`` for merged exports), so a checkpoint's Hub coordinates read like its
@@ -43,10 +44,8 @@ registered by admins, so a tenant cannot shadow ``org/name`` with a run of a ten
 Blob etags: every file is served as an LFS file whose oid is the blob's sha256 (weightstore's content
 address is exactly the Hub's LFS etag); the git oid is the sha1 of the LFS pointer file.
 
-Write side (later): ``create_repo("tenant/x")`` names a run ``{tenant}:x`` (so its repo id is
-``tenant/x`` by the rule above); a commit to revision ``main`` whose paths start with ``SEG/NAME/``
-commits one checkpoint per ``SEG/NAME`` through the upload protocol, and the preupload / LFS batch
-answers are the declare answers (sha256 = LFS oid). Nothing here needs to change for it.
+Write side: ``weightstore.hubwrite`` (``create_repo("tenant/x")`` names the run ``{tenant}:x``; a
+commit to ``main`` with paths ``SEG/NAME/...`` commits one checkpoint per folder).
 """
 
 from __future__ import annotations
@@ -145,6 +144,20 @@ def checkpoint_revision(kind: str, name: str) -> str:
     return f"{SEGMENT_BY_KIND[kind]}/{name}"
 
 
+FILES_KIND = "files"
+ROOT_FOLDER = "root"
+"""The ``files`` checkpoint that holds the files pushed to the root of ``main`` (``weightstore.hubwrite``)."""
+
+
+def main_folder(kind: str, name: str) -> str:
+    """Where a checkpoint's files sit in the run's ``main``: ``SEG/NAME/``; a pushed folder (kind
+    ``files``) where it was pushed, ``NAME/``, and ``files/root`` at the root: ``main`` then looks
+    exactly like what a Trainer pushed (``config.json``, ``model.safetensors``, ``last-checkpoint/``)."""
+    if kind == FILES_KIND:
+        return "" if name == ROOT_FOLDER else f"{name}/"
+    return checkpoint_revision(kind, name) + "/"
+
+
 @dataclass(frozen=True)
 class HubCoordinates:
     """Where a checkpoint is on the Hub surface."""
@@ -153,12 +166,13 @@ class HubCoordinates:
     revision: str
     """The checkpoint's own revision (``SEG/NAME``): its files at the root."""
     subfolder: str
-    """The same files inside the run's ``main`` (the vLLM resolver layout)."""
+    """The same files inside the run's ``main`` (the vLLM resolver layout); ``""`` for the root."""
 
 
 def coordinates(ckpt: Checkpoint) -> HubCoordinates:
     rev = checkpoint_revision(ckpt.kind, ckpt.name)
-    return HubCoordinates(repo_id=run_repo_id(ckpt.run_id, ckpt.tenant_id), revision=rev, subfolder=rev)
+    sub = main_folder(ckpt.kind, ckpt.name).rstrip("/")
+    return HubCoordinates(repo_id=run_repo_id(ckpt.run_id, ckpt.tenant_id), revision=rev, subfolder=sub)
 
 
 # --- commit ids --------------------------------------------------------------------------------------
@@ -255,6 +269,10 @@ def _find_run(session: Session, tenant_id: str, name: str) -> TrainingRun | None
     return None
 
 
+find_run = _find_run
+"""Public name for the write side (``weightstore.hubwrite``): the run behind ``tenant/name``."""
+
+
 def _find_repo(session: Session, principal: Principal, repo_id: str) -> _Repo:
     namespace, name = split_repo_id(repo_id)
     base_name = name if namespace == BASE_NAMESPACE else repo_id
@@ -280,7 +298,7 @@ def _files(session: Session, ckpt: Checkpoint, prefix: str = "") -> list[HubFile
 
 def _main_files(session: Session, visible: list[Checkpoint]) -> tuple[HubFile, ...]:
     """Every file of ``visible`` under its ``SEG/NAME/`` folder, in one query (a run may hold thousands)."""
-    folder = {c.id: checkpoint_revision(c.kind, c.name) + "/" for c in visible}
+    folder = {c.id: main_folder(c.kind, c.name) for c in visible}
     rows = session.exec(select(CheckpointFile).where(col(CheckpointFile.checkpoint_id).in_(list(folder)))).all()
     return tuple(sorted((HubFile(folder[f.checkpoint_id] + f.path, f.size_bytes, f.sha256) for f in rows), key=lambda f: f.path))
 

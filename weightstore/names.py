@@ -34,6 +34,7 @@ SEGMENT_BY_KIND = {
     "sampler": "sampler_weights",
     "external": "external_weights",
     "merged": "merged_weights",
+    "files": "files",  # a folder pushed through the Hub that is no Tinker checkpoint (weightstore.hubwrite)
 }
 KIND_BY_SEGMENT = {v: k for k, v in SEGMENT_BY_KIND.items()}
 

@@ -75,9 +75,12 @@ class NewCheckpoint:
 check_user_metadata = formats.check_user_metadata  # the one rule for every route (issue 11, item 5)
 
 
-def check_files(settings: Settings, kind: str, files: Sequence[ManifestEntry]) -> None:
-    """Paths, sizes, sha256s, the file count and the file set a kind requires."""
-    if not files:
+def check_files(
+    settings: Settings, kind: str, files: Sequence[ManifestEntry], *, layout: str | None = None, complete: bool = True
+) -> None:
+    """Paths, sizes, sha256s, the file count and the file set a kind requires (``formats.check_file_set``;
+    ``complete=False``: a DCP upload whose ranks have not all added their files yet, maybe none)."""
+    if not files and complete:
         raise InvalidRequest("a checkpoint needs at least one file")
     if len(files) > settings.max_files_per_checkpoint:
         raise InvalidRequest(f"at most {settings.max_files_per_checkpoint} files per checkpoint")
@@ -86,7 +89,7 @@ def check_files(settings: Settings, kind: str, files: Sequence[ManifestEntry]) -
         check_sha256(sha)
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= settings.max_file_bytes:
             raise InvalidRequest(f"{path}: size must be 0..{settings.max_file_bytes} bytes")
-    formats.check_file_set(kind, [path for path, _, _ in files])
+    formats.check_file_set(kind, [path for path, _, _ in files], layout=layout, complete=complete)
 
 
 # --- catalog functions --------------------------------------------------------------------------

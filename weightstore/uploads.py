@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -78,7 +79,8 @@ from weightstore.settings import Settings
 
 log = logging.getLogger(__name__)
 
-USER_KINDS = {"training", "sampler"}  # kinds a trainer may upload; the others are made by exports
+USER_KINDS = {"training", "sampler", "files"}  # kinds a trainer may upload; the others are made by exports
+OVERWRITABLE_KINDS = {"training", "files"}  # full state, and Hub folders (a Trainer re-pushes last-checkpoint/)
 DECLARE_ATTEMPTS = 3  # a declare races the collector only when a reused blob is tombstoned meanwhile
 WRITER_META = "weightstore-upload"  # object metadata: the upload whose presigned PUT wrote the blob
 
@@ -101,6 +103,10 @@ class UploadRequest:
     user_metadata: dict[str, str] | None = None
     transfer: str = "stream"
     """Preferred transfer for bytes the tenant does not hold yet: ``stream`` or ``presigned``."""
+    layout: str | None = None
+    """``dcp``: a PyTorch Distributed Checkpoint whose files are added by its ranks (``add_files``)
+    after the coordinator declared it, possibly with none; the full set is checked at commit.
+    None: recognised from the declared names, which must then be complete (``formats.layout_of``)."""
 
     @property
     def tinker_path(self) -> TinkerPath:
@@ -142,7 +148,7 @@ def validate_request(settings: Settings, req: UploadRequest) -> None:
     if req.kind not in USER_KINDS:
         raise InvalidRequest(f"kind must be one of {sorted(USER_KINDS)}")
     check_name(req.name, max_length=settings.name_max_length)
-    if req.overwrite and req.kind != "training":
+    if req.overwrite and req.kind not in OVERWRITABLE_KINDS:
         raise InvalidRequest("overwrite is only allowed for full-state (training) checkpoints, as in Tinker")
     if req.transfer not in {"stream", "presigned"}:
         raise InvalidRequest("transfer must be 'stream' or 'presigned'")
@@ -155,7 +161,15 @@ def validate_request(settings: Settings, req: UploadRequest) -> None:
                 f"({settings.max_file_bytes} bytes, WEIGHTSTORE_MAX_FILE_BYTES; the object store's own limit is "
                 "10,000 parts of at most 5 GiB)"
             )
-    publish.check_files(settings, req.kind, [(f.path, f.size_bytes, f.sha256) for f in req.files])
+    if req.layout is not None and req.layout not in formats.LAYOUTS:
+        raise InvalidRequest(f"layout must be one of {', '.join(formats.LAYOUTS)}")
+    publish.check_files(
+        settings,
+        req.kind,
+        [(f.path, f.size_bytes, f.sha256) for f in req.files],
+        layout=req.layout,
+        complete=req.layout != "dcp",
+    )
     total = sum(f.size_bytes for f in req.files)
     if total > settings.max_upload_bytes:
         raise InvalidRequest(f"an upload may declare at most {settings.max_upload_bytes} bytes in total ({total} declared)")
@@ -209,18 +223,23 @@ def _check_declare(session: Session, principal: Principal, req: UploadRequest) -
     if not req.overwrite and publish.existing_committed(session, req.tinker_path) is not None:
         raise AlreadyExists(f"{req.tinker_path} already exists (overwrite=true replaces a full-state checkpoint)")
     ttl = req.ttl_seconds if req.ttl_seconds is not None else retention.tenant_default_ttl(session, principal.tenant_id, req.kind)
-    owned = set(
+    return ttl, held_blobs(session, principal.tenant_id, [f.sha256 for f in req.files])
+
+
+def held_blobs(session: Session, tenant_id: str, shas: list[str]) -> set[str]:
+    """The sha256s among ``shas`` that ``tenant_id`` has proven it holds and that are live: the one
+    possession rule behind every "already present" answer (S4; also the Hub's LFS batch)."""
+    return set(
         session.exec(
             select(TenantBlob.sha256)
             .join(Blob, col(Blob.sha256) == col(TenantBlob.sha256))
             .where(
-                TenantBlob.tenant_id == principal.tenant_id,
-                col(TenantBlob.sha256).in_([f.sha256 for f in req.files]),
+                TenantBlob.tenant_id == tenant_id,
+                col(TenantBlob.sha256).in_(shas),
                 Blob.state == BlobState.live,
             )
         ).all()
     )
-    return ttl, owned
 
 
 def _check_quota(session: Session, principal: Principal, req: UploadRequest, *, now: datetime, lock: bool) -> None:
@@ -235,9 +254,13 @@ def _check_quota(session: Session, principal: Principal, req: UploadRequest, *, 
     tenants.check_quota(session, principal.tenant_id, requested, now=now, replaced=replaced, lock=lock)
 
 
-def _answer_files(ctx: Context, upload_id: str, req: UploadRequest, owned: set[str]) -> tuple[list[FileAnswer], list[UploadFile]]:
+def _answer_files(
+    ctx: Context, upload_id: str, req: UploadRequest, owned: set[str], *, added: bool = False
+) -> tuple[list[FileAnswer], list[UploadFile]]:
     """One row per declared file and its answer. Part URLs are signed for at most
-    ``presign_parts_batch`` parts in all (first files first); ``transfer`` pages out the rest."""
+    ``presign_parts_batch`` parts in all (first files first); ``transfer`` pages out the rest.
+    ``added``: files added to an open upload (``add_files``) get staging keys named after their path,
+    so that several ranks adding files at once never share one."""
     s = ctx.settings
     rows: list[UploadFile] = []
     for i, f in enumerate(req.files):
@@ -251,7 +274,11 @@ def _answer_files(ctx: Context, upload_id: str, req: UploadRequest, owned: set[s
             received=transfer == "present",
         )
         if transfer == "presigned" and not direct_put(s, f.size_bytes):
-            row.staging_key = staging_key(upload_id, i)
+            row.staging_key = (
+                staging_key(upload_id, "a-" + hashlib.sha256(f.path.encode()).hexdigest()[:32])
+                if added
+                else staging_key(upload_id, i)
+            )
         rows.append(row)
     parts = sum(multipart_plan(r.size_bytes, s.part_size_bytes)[1] for r in rows if _is_multipart(s, r))
     if parts > s.max_upload_parts:
@@ -312,6 +339,80 @@ def _record_upload(
         bytes_to_send=sum(r.size_bytes for r in rows if r.transfer != "present"),
     )
     return upload
+
+
+# --- add files (DCP ranks) -----------------------------------------------------------------------
+
+
+def add_files(
+    ctx: Context, principal: Principal, upload_id: str, files: list[DeclaredFile], *, transfer: str = "stream"
+) -> list[FileAnswer]:
+    """Declare more files of an open upload and answer how to send each, like ``declare`` does
+    (dedup against the tenant's blobs, quota, presigned URLs). This is how the ranks of a PyTorch
+    Distributed Checkpoint put their own files into the one upload their coordinator declared; only
+    the coordinator's commit makes any of them visible. The upload's file set so far, plus these,
+    must still be able to become a valid checkpoint (``formats.check_file_set``, incomplete allowed
+    for a DCP layout). Renews the lease. Workflow, as ``declare``."""
+    principal.require_write()
+    if transfer not in {"stream", "presigned"}:
+        raise InvalidRequest("transfer must be 'stream' or 'presigned'")
+    if not files:
+        raise InvalidRequest("add at least one file")
+    s = ctx.settings
+    for _ in range(DECLARE_ATTEMPTS):
+        now = ctx.clock.now()
+        with session_scope(ctx.engine) as session:
+            upload = _load_open_upload(session, principal, upload_id, now)
+            have = list(session.exec(select(UploadFile).where(UploadFile.upload_id == upload_id)).all())
+            req = _added_request(s, upload, have, files, transfer)
+            _, owned = _check_declare(session, principal, req)
+            _check_quota(session, principal, req, now=now, lock=False)
+        answers, rows = _answer_files(ctx, upload_id, req, owned, added=True)
+        now = ctx.clock.now()
+        try:
+            with session_scope(ctx.engine) as session:
+                upload = _load_open_upload(session, principal, upload_id, now, lock=True)  # serialises the ranks
+                taken = [r.path for r in rows if session.get(UploadFile, (upload_id, r.path)) is not None]
+                if taken:
+                    raise InvalidRequest(f"already part of upload {upload_id}: {', '.join(taken)}", files=taken)
+                _, not_live = blobs.lock_live(session, [r.sha256 for r in rows])
+                if {r.sha256 for r in rows if r.transfer == "present"} & set(not_live):
+                    continue  # a reused blob is being collected: answer again (S2/S7, as declare)
+                _check_quota(session, principal, req, now=now, lock=True)
+                _extend(s, upload, now)
+                session.add(upload)
+                for row in rows:
+                    session.add(row)
+                blobs.touch(session, [r.sha256 for r in rows], now)
+        except BaseException:
+            for r in rows:
+                if r.multipart_upload_id and r.staging_key:
+                    ctx.store.abort_multipart(r.staging_key, r.multipart_upload_id)
+            raise
+        return answers
+    raise CatalogBusy("the blobs these files would reuse are being collected right now; retry shortly")
+
+
+def _added_request(
+    s: Settings, upload: Upload, have: list[UploadFile], files: list[DeclaredFile], transfer: str
+) -> UploadRequest:
+    """The files being added, as a request that ``_check_declare``/``_check_quota``/``_answer_files``
+    understand; checks the file set the upload would then hold."""
+    everything = [(r.path, r.size_bytes, r.sha256) for r in have] + [(f.path, f.size_bytes, f.sha256) for f in files]
+    paths = [p for p, _, _ in everything]
+    publish.check_files(s, upload.kind, everything, complete=formats.layout_of(paths) != "dcp")
+    total = sum(size for _, size, _ in everything)
+    if total > s.max_upload_bytes:
+        raise InvalidRequest(f"an upload may declare at most {s.max_upload_bytes} bytes in total ({total} with these files)")
+    return UploadRequest(
+        run_id=upload.run_id,
+        kind=upload.kind,
+        name=upload.name,
+        files=files,
+        overwrite=upload.overwrite,
+        transfer=transfer,
+        ttl_seconds=upload.ttl_seconds,
+    )
 
 
 def direct_put(s: Settings, size: int) -> bool:
@@ -548,9 +649,20 @@ class CommitResult:
     bytes_received: int
 
 
-def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: str | None = None) -> CommitResult:
+def commit(
+    ctx: Context,
+    principal: Principal,
+    upload_id: str,
+    *,
+    request_id: str | None = None,
+    expect_files: Sequence[str] | None = None,
+) -> CommitResult:
     """Step 3: verify every file, validate formats, then commit the checkpoint atomically. Workflow:
-    object-store checks run outside any transaction (they can take minutes)."""
+    object-store checks run outside any transaction (they can take minutes).
+
+    ``expect_files``: the exact file set the committer knows the checkpoint has (a DCP coordinator:
+    every rank's data files named in its metadata, and the metadata). Any difference, e.g. a rank
+    that never added its file, refuses the commit with ``upload_incomplete`` naming the missing files."""
     principal.require_write()
     now = ctx.clock.now()
     with session_scope(ctx.engine) as session:
@@ -560,7 +672,16 @@ def commit(ctx: Context, principal: Principal, upload_id: str, *, request_id: st
         upload = _load_open_upload(session, principal, upload_id, now, lock=True)
         _extend(ctx.settings, upload, now)  # finalising can take minutes: start them on a fresh lease
         session.add(upload)
+        kind = upload.kind
         rows = list(session.exec(select(UploadFile).where(UploadFile.upload_id == upload_id)).all())
+    if expect_files is not None:
+        declared = {r.path for r in rows}
+        absent, extra = sorted(set(expect_files) - declared), sorted(declared - set(expect_files))
+        if absent:
+            raise UploadIncomplete(f"files not added yet: {', '.join(absent[:10])}", files=absent)
+        if extra:
+            raise InvalidRequest(f"upload {upload_id} holds files the committer does not expect: {', '.join(extra[:10])}")
+    formats.check_file_set(kind, [r.path for r in rows])  # complete now: a DCP layout's metadata is in
     missing = [r.path for r in rows if r.transfer == "stream" and not r.received]
     if missing:
         raise UploadIncomplete(f"files not received yet: {', '.join(missing)}", files=missing)
@@ -729,11 +850,13 @@ __all__ = [
     "UploadAnswer",
     "UploadRequest",
     "abort",
+    "add_files",
     "commit",
     "declare",
     "direct_put",
     "finish_stream",
     "get_upload",
+    "held_blobs",
     "lease_end",
     "open_stream",
     "receive_bytes",

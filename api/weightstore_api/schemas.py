@@ -67,11 +67,14 @@ class UploadCreate(Strict):
     run_id: str = Field(min_length=1, max_length=200)
     kind: str = Field(description="training (full state) or sampler (weights only)")
     name: str = Field(min_length=1, max_length=255)
-    files: list[FileDeclaration] = Field(min_length=1)
+    files: list[FileDeclaration] = Field(default=[], description="at least one, unless layout is dcp")
     ttl_seconds: int | None = None
     overwrite: bool = False
     user_metadata: UserMetadata | None = None
     transfer: str = Field(default="stream", description="stream (through the service) or presigned (direct to S3)")
+    layout: str | None = Field(
+        default=None, description="dcp: a PyTorch Distributed Checkpoint whose ranks add their files (POST .../files)"
+    )
 
 
 class FileAnswerPublic(BaseModel):
@@ -516,3 +519,20 @@ class RetentionPoliciesPublic(BaseModel):
 
 class UnpinUpdate(Strict):
     ttl_seconds: int | None = Field(None, description="a new TTL from now; absent: none (its TTL before the pin is not restored)")
+
+
+# --- DCP: ranks add files to an open upload (issue 14, part 2) ----------------------------------
+class UploadFilesAdd(Strict):
+    files: list[FileDeclaration] = Field(min_length=1)
+    transfer: str = Field(default="stream", description="stream (through the service) or presigned (direct to S3)")
+
+
+class UploadFilesPublic(BaseModel):
+    upload_id: str
+    files: list[FileAnswerPublic]
+
+
+class UploadCommit(Strict):
+    expect_files: list[str] | None = Field(
+        default=None, description="the exact file set the committer expects; any difference refuses the commit"
+    )

@@ -193,7 +193,7 @@ def test_revoked_and_reader_keys(api, server, keys, run_id):
             403,
             "forbidden",
         )
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}) as admin:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}, timeout=60) as admin:
         created = admin.post("/v1/keys", json={"tenant": "acme", "role": "trainer"}).json()
         assert admin.delete(f"/v1/keys/{created['key_id']}").status_code == 200
     with httpx.Client(base_url=server.url, headers={"X-API-Key": created["api_key"]}) as revoked:

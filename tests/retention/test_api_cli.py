@@ -103,7 +103,7 @@ def test_cli_round_trip_and_gc_dry_run_lists_the_policy_expiries(server, keys, c
     assert json.loads(res.stdout)["pinned"] is True
 
     admin = ["--url", server.url, "--api-key", keys.admin]
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}) as a:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}, timeout=60) as a:
         dry = a.post("/v1/admin/gc/runs", json={"phases": ["expire"], "dry_run": True}).json()
         planned = dry["plan"]["expire"]["policy_expire"]
         assert [(e["tinker_path"], e["policy"], e["rule"]) for e in planned] == [
@@ -114,7 +114,7 @@ def test_cli_round_trip_and_gc_dry_run_lists_the_policy_expiries(server, keys, c
 
     res = runner.invoke(app, ["unpin", paths[0], *auth])
     assert res.exit_code == 0, res.output
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}) as a:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}, timeout=60) as a:
         real = a.post("/v1/admin/gc/runs", json={"phases": ["expire"], "dry_run": False}).json()
     assert sorted(e["tinker_path"] for e in real["plan"]["expire"]["policy_expire"]) == sorted(paths[:2])
     assert real["stats"]["expire"]["expired_by_policy"] == 2

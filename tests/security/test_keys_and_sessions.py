@@ -84,7 +84,7 @@ def test_sign_out_ends_the_session_for_a_copied_cookie(server, keys):
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_revoking_the_key_ends_its_sessions(server, keys, ctx):
     """Issue 11, item 7: a key's revocation ends every UI session signed in with it, at once."""
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}) as admin:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}, timeout=60) as admin:
         second = admin.post("/v1/keys", json={"tenant": "ops", "role": "admin"}).json()
         with ui_client(server) as c:
             assert sign_in(c, second["api_key"]).status_code == 303
@@ -256,7 +256,7 @@ def test_last_admin_key_cannot_be_revoked_http(server, keys, ctx):
     """Issue 11, item 7: nobody can revoke the last active admin key of the deployment, not even with
     itself (400 invalid_request); revoking the key in use is fine while another admin key remains."""
     [ops_admin] = _ops_admin(ctx, keys)
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}) as admin:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}, timeout=60) as admin:
         assert_error(admin.delete(f"/v1/keys/{ops_admin}"), 400, "invalid_request")
         second = _create(admin, "ops", "admin")
         assert admin.delete(f"/v1/keys/{ops_admin}").status_code == 200  # the key in use: another remains
@@ -271,7 +271,7 @@ def test_two_admins_revoking_each_other_leave_one(server, keys, ctx):
     """Issue 11, item 7: the last-admin rule holds under concurrency (the active admin keys are locked
     while counted), so two admins revoking each other at once never leave the deployment without one."""
     [ops_admin] = _ops_admin(ctx, keys)
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}) as admin:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}, timeout=60) as admin:
         second = _create(admin, "ops", "admin")
     pairs = [(keys.admin, second["key_id"]), (second["api_key"], ops_admin)]
     results: list[int] = []
@@ -295,7 +295,7 @@ def test_two_admins_revoking_each_other_leave_one(server, keys, ctx):
 def test_revocation_rules_through_the_cli(server, keys, ctx):
     """Issue 11, item 7: the CLI's `keys revoke` meets the same rules (one place in the core)."""
     runner = CliRunner()
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}) as admin:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}, timeout=60) as admin:
         acme_admin = _create(admin, "acme", "admin")
         acme_reader = _create(admin, "acme", "reader")
 

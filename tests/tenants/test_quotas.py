@@ -23,7 +23,7 @@ def test_quota_exceeded_is_a_permanent_400_naming_used_requested_and_limit(serve
     used, requested and limit; open uploads count; an abort frees their bytes; deleting frees room."""
     files = sampler_files(1)
     size = _size(files)
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}) as admin:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}, timeout=60) as admin:
         assert admin.patch("/v1/tenants/acme", json={"quota_bytes": 2 * size + 10}).status_code == 200
     run_id = api.post("/v1/runs", json={"base_model": "tiny"}).json()["run_id"]
     assert save(api, run_id, files, name="one").status_code == 200
@@ -56,7 +56,7 @@ def test_concurrent_declares_never_overshoot_the_quota(server, keys, api):  # ty
     n, k = 8, 3
     files = sampler_files(5)
     size = _size(files)
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}) as admin:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}, timeout=60) as admin:
         assert admin.patch("/v1/tenants/acme", json={"quota_bytes": k * size + size // 2}).status_code == 200
     run_id = api.post("/v1/runs", json={"base_model": "tiny"}).json()["run_id"]
     barrier = threading.Barrier(n)
@@ -76,7 +76,7 @@ def test_concurrent_declares_never_overshoot_the_quota(server, keys, api):  # ty
     for t in threads:
         t.join()
     assert sorted(answers) == [(201, "ok")] * k + [(400, "quota_exceeded")] * (n - k)
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}) as admin:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}, timeout=60) as admin:
         assert admin.get("/v1/tenants/acme").json()["reserved_bytes"] == k * size
 
 
@@ -84,7 +84,7 @@ def test_soft_and_hard_quota_gauges_in_metrics(server, keys, api):  # type: igno
     """issue 12, part 2: /metrics exports used bytes, the quotas and used/quota per tenant, on scrape."""
     files = sampler_files(6)
     size = _size(files)
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}) as admin:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": keys.admin}, timeout=60) as admin:
         assert admin.patch("/v1/tenants/acme", json={"quota_bytes": 4 * size, "soft_quota_bytes": 2 * size}).status_code == 200
     run_id = api.post("/v1/runs", json={"base_model": "tiny"}).json()["run_id"]
     assert save(api, run_id, files, name="m").status_code == 200

@@ -18,18 +18,23 @@ router is included last (``app.ROUTERS``) and every route needs two repo-id segm
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 
 from weightstore import errors as e
-from weightstore import hub
+from weightstore import formats, hub, hubwrite
+from weightstore.auth import Principal
+from weightstore.context import Context
+from weightstore.db import session_scope
 from weightstore.objectstore import blob_key
 
-from ..deps import CtxDep, CurrentPrincipal, SessionDep
+from ..deps import CtxDep, CurrentPrincipal, SessionDep, get_ctx
 from ..errors import weightstore_error_handler
 
 HUB_ERROR_CODES: tuple[tuple[type[e.WeightstoreError], str], ...] = (
@@ -211,3 +216,92 @@ def resolve_file(namespace: str, name: str, rest: str, principal: CurrentPrincip
         "Cache-Control": "private, no-store",
     }
     return Response(status_code=302, headers=headers)
+
+
+# --- write side (issue 15, part 2; the mapping is weightstore.hubwrite's docstring) --------------------------
+
+
+async def _json_body(request: Request) -> Any:
+    """A write route's JSON body, through the one parser (``formats.parse_json``) whatever its content type."""
+    raw = await request.body()
+    return formats.parse_json(raw, max_bytes=get_ctx(request).settings.max_json_body_bytes, name="request body")
+
+
+def _create_repo(ctx: Context, principal: Principal, org: str | None, name: str) -> str:
+    with session_scope(ctx.engine) as session:
+        return hubwrite.create_repo(session, principal, namespace=org, name=name, now=ctx.clock.now())
+
+
+def _preupload(
+    ctx: Context, principal: Principal, repo_id: str, revision: str, files: list[dict[str, Any]]
+) -> list[dict[str, object]]:
+    with session_scope(ctx.engine) as session:
+        return hubwrite.preupload(session, principal, repo_id, revision, files, now=ctx.clock.now())
+
+
+@router.post("/api/repos/create", operation_id="hub_create_repo")
+async def create_repo(request: Request, principal: CurrentPrincipal, ctx: CtxDep) -> dict[str, object]:
+    """``HfApi.create_repo``: the run ``{tenant}:{name}``; an existing repo of the caller's answers as created."""
+    body = await _json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+        raise e.InvalidRequest("create repo: 'name' is required")
+    org = body.get("organization")
+    if body.get("type") not in (None, "model"):
+        raise e.InvalidRequest("only model repos can be created here")
+    repo_id = await run_in_threadpool(_create_repo, ctx, principal, org if isinstance(org, str) else None, body["name"])
+    return {"url": f"{str(request.base_url).rstrip('/')}/{repo_id}", "name": repo_id, "id": repo_id}
+
+
+@router.post("/api/models/{namespace}/{name}/preupload/{revision:path}", operation_id="hub_preupload")
+async def preupload(
+    namespace: str, name: str, revision: str, request: Request, principal: CurrentPrincipal, ctx: CtxDep
+) -> dict[str, object]:
+    """Upload mode per file (``lfs`` for every non-empty file) and the sha256 ``main`` holds at each path."""
+    body = await _json_body(request)
+    files = body.get("files") if isinstance(body, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise e.InvalidRequest("preupload: 'files' must be a list of objects")
+    out = await run_in_threadpool(_preupload, ctx, principal, f"{namespace}/{name}", revision, files)
+    return {"files": out}
+
+
+@router.post("/{namespace}/{name}.git/info/lfs/objects/batch", operation_id="hub_lfs_batch")
+async def lfs_batch(namespace: str, name: str, request: Request, principal: CurrentPrincipal, ctx: CtxDep) -> Response:
+    """Git LFS batch (``basic`` transfer): held objects without actions, the rest a presigned PUT."""
+    body = await _json_body(request)
+    if not isinstance(body, dict) or body.get("operation") != "upload" or not isinstance(body.get("objects"), list):
+        raise e.InvalidRequest("lfs batch: only operation 'upload' with a list of objects is served")
+    if "basic" not in (body.get("transfers") or ["basic"]):
+        raise e.InvalidRequest("lfs batch: only the 'basic' transfer is offered")
+    objects = [o for o in body["objects"] if isinstance(o, dict)]
+    answers = await run_in_threadpool(hubwrite.lfs_batch, ctx, principal, f"{namespace}/{name}", objects)
+    payload = {"transfer": "basic", "objects": answers, "hash_algo": "sha256"}
+    return Response(json.dumps(payload), media_type="application/vnd.git-lfs+json")
+
+
+@router.post("/api/models/{namespace}/{name}/commit/{revision:path}", operation_id="hub_commit")
+async def commit(
+    namespace: str, name: str, revision: str, request: Request, principal: CurrentPrincipal, ctx: CtxDep
+) -> dict[str, object]:
+    """The NDJSON commit: one checkpoint per ``SEG/NAME`` folder, each through the native upload protocol."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > hubwrite.INLINE_MAX_BYTES:
+            raise e.InvalidRequest(f"a commit body may hold at most {hubwrite.INLINE_MAX_BYTES} bytes")
+    repo_id = f"{namespace}/{name}"
+    ans = await run_in_threadpool(hubwrite.commit, ctx, principal, repo_id, revision, bytes(body))
+    return {
+        "success": True,
+        "commitOid": ans.commit,
+        "commitUrl": f"{str(request.base_url).rstrip('/')}/{repo_id}/commit/{ans.commit}",
+        "hookOutput": "",
+        "checkpoints": ans.checkpoints,
+    }
+
+
+@router.post("/api/validate-yaml", operation_id="hub_validate_yaml")
+def validate_yaml(principal: CurrentPrincipal) -> dict[str, list[object]]:
+    """The client checks a pushed README.md's card metadata here first; weightstore keeps READMEs as
+    plain files, so any metadata is accepted."""
+    return {"errors": [], "warnings": []}

@@ -36,7 +36,10 @@ from ..schemas import (
     RunPublic,
     RunsPublic,
     TTLUpdate,
+    UploadCommit,
     UploadCreate,
+    UploadFilesAdd,
+    UploadFilesPublic,
     UploadLeasePublic,
     UploadPublic,
 )
@@ -109,6 +112,7 @@ def declare_upload(body: UploadCreate, principal: WriterPrincipal, ctx: CtxDep) 
         user_metadata=body.user_metadata,
         transfer=body.transfer,
         files=[uploads.DeclaredFile(f.path, f.size_bytes, f.sha256) for f in body.files],
+        layout=body.layout,
     )
     ans = uploads.declare(ctx, principal, req)
     return UploadPublic(
@@ -171,9 +175,20 @@ def get_upload_file_transfer(
     return FileAnswerPublic(**vars(uploads.transfer(ctx, principal, upload_id, path, first_part=first_part, count=count)))
 
 
+@router.post("/uploads/{upload_id}/files", operation_id="add_upload_files", response_model=UploadFilesPublic)
+def add_upload_files(upload_id: str, body: UploadFilesAdd, principal: WriterPrincipal, ctx: CtxDep) -> UploadFilesPublic:
+    """Declare more files of an open upload (the ranks of a DCP save, issue 14 part 2); answers as declare."""
+    files = [uploads.DeclaredFile(f.path, f.size_bytes, f.sha256) for f in body.files]
+    answers = uploads.add_files(ctx, principal, upload_id, files, transfer=body.transfer)
+    return UploadFilesPublic(upload_id=upload_id, files=[FileAnswerPublic(**vars(f)) for f in answers])
+
+
 @router.post("/uploads/{upload_id}/commit", operation_id="commit_upload", response_model=CommitPublic)
-def commit_upload(upload_id: str, principal: WriterPrincipal, ctx: CtxDep, request: Request) -> CommitPublic:
-    res = uploads.commit(ctx, principal, upload_id, request_id=request_id_of(request))
+def commit_upload(
+    upload_id: str, principal: WriterPrincipal, ctx: CtxDep, request: Request, body: UploadCommit | None = None
+) -> CommitPublic:
+    expect = body.expect_files if body is not None else None
+    res = uploads.commit(ctx, principal, upload_id, request_id=request_id_of(request), expect_files=expect)
     CHECKPOINTS_COMMITTED.labels(res.checkpoint.kind).inc()
     return CommitPublic(
         tinker_path=res.tinker_path, checkpoint=checkpoint_public(res.checkpoint), bytes_received=res.bytes_received

@@ -23,6 +23,7 @@ from sqlmodel import Session, select
 from weightstore import checkpoints
 from weightstore.auth import Principal
 from weightstore.billing.units import day_start
+from weightstore.errors import NotFound
 from weightstore.models import BaseModel as BaseModelRow
 from weightstore.models import Checkpoint, TrainingRun
 from weightstore.names import TinkerPath
@@ -92,7 +93,12 @@ def tinker_run(session: Session, principal: Principal, run: TrainingRun, now: da
 
 
 def _path(run_id: str, segment: str, name: str) -> TinkerPath:
-    return TinkerPath.from_checkpoint_id(run_id, f"{segment}/{name}")
+    """The checkpoint a Tinker route names. A kind Tinker does not know (a merged export, a Hub
+    ``files`` folder) is answered as missing on this surface, never built into a Tinker answer."""
+    path = TinkerPath.from_checkpoint_id(run_id, f"{segment}/{name}")
+    if path.kind not in tinker_checkpoints.TINKER_KINDS:
+        raise NotFound(f"checkpoint {path} not found")
+    return path
 
 
 # --- bootstrap ----------------------------------------------------------------------------------

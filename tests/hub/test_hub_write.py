@@ -1,0 +1,326 @@
+"""The Hub write side with the real huggingface_hub and peft (issue 15, parts 2 and 3, write half):
+``create_repo``, ``upload_folder``/``create_commit`` into checkpoints, dedup, isolation, auth."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sqlmodel import select
+
+from tests.hub.conftest import Served, World, peft_adapter_files
+from weightstore import checkpoints, retention, tensorio
+from weightstore.context import Context
+from weightstore.db import session_scope
+from weightstore.errors import NotFound
+from weightstore.models import Checkpoint, CheckpointState, Upload, UploadState
+from weightstore.names import TinkerPath
+
+
+@pytest.fixture(autouse=True)
+def no_xet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pushes need ``HF_HUB_DISABLE_XET=1``: with ``hf_xet`` installed huggingface_hub 2.x uploads
+    through Xet only (no fallback), and weightstore speaks the LFS ``basic`` transfer."""
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(c, "HF_HUB_DISABLE_XET", True)
+
+
+class PutCounter:
+    """Counts the PUTs huggingface_hub sends to upload URLs (the LFS basic transfer)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import huggingface_hub.lfs as lfs
+
+        self.puts: list[str] = []
+        real = lfs.http_backoff
+
+        def counting(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+            if method == "PUT":
+                self.puts.append(url)
+            return real(method, url, *args, **kwargs)
+
+        monkeypatch.setattr(lfs, "http_backoff", counting)
+
+
+def _api(hf: Served, key: str) -> Any:
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=hf.url, token=key)
+
+
+def _write_dir(directory: Path, files: dict[str, bytes]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return directory
+
+
+def _ckpt(ctx: Context, run_id: str, kind: str, name: str) -> Checkpoint | None:
+    with session_scope(ctx.engine) as s:
+        try:
+            return checkpoints.find(s, TinkerPath(run_id, kind, name), now=ctx.clock.now())
+        except NotFound:
+            return None
+
+
+def test_create_repo_and_upload_folder_round_trip_through_peft(
+    ctx: Context, hf: Served, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 15, part 2/3: create_repo makes run acme:pushed (exist_ok both ways), upload_folder of a
+    sampler checkpoint folder commits it through the upload protocol (bytes PUT to the store, never the
+    API), PeftModel.from_pretrained loads exactly those weights back, and pushing the same folder again
+    moves 0 bytes and commits nothing."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    api = _api(hf, world.keys.trainer)
+    url = api.create_repo("acme/pushed")
+    assert url.repo_id == "acme/pushed"
+    api.create_repo("acme/pushed", exist_ok=True)  # idempotent
+    fresh = peft_adapter_files(world.base_dir, seed=11)  # bytes the tenant does not hold yet
+    folder = _write_dir(tmp_path / "adapter", fresh)
+    puts = PutCounter(monkeypatch)
+    info = api.upload_folder(repo_id="acme/pushed", folder_path=folder, path_in_repo="sampler_weights/step-5")
+    # only the new weights move: README.md and adapter_config.json are the bytes of the tenant's
+    # step-1 (world fixture), answered present by the LFS batch exactly like a native declare
+    assert fresh["adapter_config.json"] == world.sampler_files["adapter_config.json"]
+    assert len(puts.puts) == 1 and "/staging/" in puts.puts[0]
+    assert all(hf.url not in u for u in puts.puts)  # to the store, not through the API
+    assert hf.counter.body_bytes.get("POST /api/models/acme/pushed/commit/main", 0) > 0
+
+    ckpt = _ckpt(ctx, "acme:pushed", "sampler", "step-5")
+    assert ckpt is not None and ckpt.state == CheckpointState.committed
+    with session_scope(ctx.engine) as s:
+        files = {f.path: f.sha256 for f in checkpoints.files_of(s, ckpt)}
+        default_ttl = retention.tenant_default_ttl(s, ckpt.tenant_id, "sampler")
+    assert files == {p: hashlib.sha256(b).hexdigest() for p, b in fresh.items()}
+    # TTL: the tenant's default for the kind, as for a native save without ttl_seconds
+    want_expiry = None if default_ttl is None else ckpt.created_at + timedelta(seconds=default_ttl)
+    assert ckpt.expires_at == want_expiry
+    assert info.oid == api.model_info("acme/pushed").sha  # the answer's commit is main's
+
+    base = AutoModelForCausalLM.from_pretrained(world.base_dir)
+    model = PeftModel.from_pretrained(base, "acme/pushed", revision="sampler_weights/step-5", token=world.keys.trainer)
+    want = tensorio.load_weights(fresh["adapter_model.safetensors"])
+    got = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(got) == len(want) > 0
+    for n, p in got.items():
+        key = next(k for k in want if k.replace(".weight", "") in n.replace(".default", ""))
+        assert torch.equal(p.detach(), want[key])
+
+    # the same folder again: preupload answers each file's sha256, the client skips them all
+    puts.puts.clear()
+    hf.counter.body_bytes.clear()
+    api.upload_folder(repo_id="acme/pushed", folder_path=folder, path_in_repo="sampler_weights/step-5")
+    assert puts.puts == []
+    assert "POST /api/models/acme/pushed/commit/main" not in hf.counter.body_bytes
+    with session_scope(ctx.engine) as s:
+        open_carriers = s.exec(select(Upload).where(Upload.kind == "hub", Upload.state == UploadState.open)).all()
+    assert open_carriers == []  # the batch's carrier was released when its bytes were committed
+
+
+def test_create_commit_several_operations(ctx: Context, hf: Served, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 15, part 2: one create_commit with a sampler folder (one file already held: 0 bytes for it,
+    an empty file sent inline and stored as a blob), a full-state folder and a deletedFolder of an
+    existing checkpoint: two checkpoints committed, one deleted, every byte readable back."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, hf_hub_download
+
+    opt = tensorio.optimizer_bytes({"state": {}, "param_groups": [{"lr": 0.1, "params": []}]})
+    held = world.sampler_files["adapter_model.safetensors"]  # committed by the world fixture already
+    config = world.sampler_files["adapter_config.json"]
+    ops = [
+        CommitOperationAdd("sampler_weights/multi/adapter_model.safetensors", held),
+        CommitOperationAdd("sampler_weights/multi/adapter_config.json", config),
+        CommitOperationAdd("sampler_weights/multi/notes/empty.txt", b""),
+        CommitOperationAdd("weights/state-1/adapter_model.safetensors", held),
+        CommitOperationAdd("weights/state-1/adapter_config.json", config),
+        CommitOperationAdd("weights/state-1/optimizer.safetensors", opt),
+        CommitOperationDelete("sampler_weights/tinker-1/"),
+    ]
+    puts = PutCounter(monkeypatch)
+    api = _api(hf, world.keys.trainer)
+    api.create_commit("acme/exp1", ops, commit_message="two checkpoints")
+    assert sorted(puts.puts) and len(puts.puts) == 1  # only the optimizer: the rest is held or inline/deduped
+    assert _ckpt(ctx, world.run_id, "sampler", "multi") is not None
+    state = _ckpt(ctx, world.run_id, "training", "state-1")
+    assert state is not None and state.size_bytes == len(held) + len(config) + len(opt)
+    assert _ckpt(ctx, world.run_id, "sampler", "tinker-1") is None  # deleted
+    p = hf_hub_download("acme/exp1", "optimizer.safetensors", revision="weights/state-1", token=world.keys.trainer)
+    assert Path(p).read_bytes() == opt
+    p = hf_hub_download("acme/exp1", "sampler_weights/multi/notes/empty.txt", token=world.keys.trainer)
+    assert Path(p).read_bytes() == b""
+
+
+def test_push_mapping_of_other_paths_and_refusals(ctx: Context, hf: Served, world: World) -> None:
+    """issue 15, part 2 (mapping): a root file becomes the ``files/root`` checkpoint, served at the root
+    of ``main``, and a second push adds to it; paths under an export's segment, a file directly under
+    a segment, the reserved ``root/`` folder and a revision other than main are 400s that store nothing."""
+    from huggingface_hub import CommitOperationAdd, hf_hub_download
+    from huggingface_hub.errors import BadRequestError
+
+    api = _api(hf, world.keys.trainer)
+    api.create_commit("acme/exp1", [CommitOperationAdd("README.md", b"# run notes\n")], commit_message="x")
+    api.create_commit("acme/exp1", [CommitOperationAdd("extra/config.json", b'{"a": 1}')], commit_message="y")
+    api.create_commit("acme/exp1", [CommitOperationAdd("notes.txt", b"second push\n")], commit_message="z")
+    root = _ckpt(ctx, world.run_id, "files", "root")
+    assert root is not None
+    with session_scope(ctx.engine) as s:
+        assert sorted(f.path for f in checkpoints.files_of(s, root)) == ["README.md", "notes.txt"]  # merged
+    assert Path(hf_hub_download("acme/exp1", "README.md", token=world.keys.trainer)).read_bytes() == b"# run notes\n"
+    got = hf_hub_download("acme/exp1", "config.json", revision="files/extra", token=world.keys.trainer)
+    assert Path(got).read_bytes() == b'{"a": 1}'
+
+    refused = {
+        "merged_weights/m/config.json": "exports are made by weightstore",
+        "sampler_weights/loose.json": "sampler_weights/NAME",
+        "root/x.txt": "reserved",
+    }
+    for path, message in refused.items():
+        with pytest.raises(BadRequestError, match=message):
+            api.create_commit("acme/exp1", [CommitOperationAdd(path, b"{}")], commit_message="x")
+    with pytest.raises(BadRequestError, match="revision 'main'"):
+        api.create_commit(
+            "acme/exp1",
+            [CommitOperationAdd("sampler_weights/x/adapter_config.json", b"{}")],
+            commit_message="x",
+            revision="sampler_weights/step-1",
+        )
+    assert _ckpt(ctx, world.run_id, "sampler", "x") is None
+    assert _ckpt(ctx, world.run_id, "merged", "m") is None
+
+
+def test_foreign_repo_is_missing_on_write_and_bad_token_is_401(hf: Served, world: World) -> None:
+    """issue 15, part 3: another tenant's repo is RepoNotFound for create_repo, preupload/commit and the
+    LFS batch (as for reads); a bad token is 401."""
+    import httpx
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    other = _api(hf, world.keys.other_trainer)
+    with pytest.raises(RepositoryNotFoundError):
+        other.create_commit("acme/exp1", [CommitOperationAdd("sampler_weights/z/adapter_config.json", b"{}")], commit_message="x")
+    with pytest.raises(RepositoryNotFoundError):
+        other.create_repo("acme/new-one")
+    r = httpx.post(
+        f"{hf.url}/acme/exp1.git/info/lfs/objects/batch",
+        json={"operation": "upload", "transfers": ["basic"], "objects": [{"oid": "0" * 64, "size": 1}]},
+        headers={"Authorization": f"Bearer {world.keys.other_trainer}"},
+    )
+    assert (r.status_code, r.headers.get("X-Error-Code")) == (404, "RepoNotFound")
+    bad = _api(hf, "tml-not-a-key")
+    with pytest.raises(HfHubHTTPError) as exc:
+        bad.create_repo("acme/whatever")
+    assert exc.value.response.status_code == 401
+
+
+def test_lfs_batch_dedup_is_per_tenant_like_native_declare(hf: Served, world: World) -> None:
+    """issue 15, part 2: the LFS batch answers "present" (no actions) only for bytes the pushing tenant
+    holds; another tenant pushing the very same bytes gets an upload action, so the answer reveals
+    nothing about what other tenants store (S4, the native declare's rule, ``uploads.held_blobs``)."""
+    import httpx
+
+    data = world.sampler_files["adapter_model.safetensors"]  # held by acme (world fixture)
+    obj = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    other_ns = world.other.tenant_id
+    _api(hf, world.keys.other_trainer).create_repo(f"{other_ns}/mine")
+
+    def batch(repo: str, key: str) -> dict[str, Any]:
+        r = httpx.post(
+            f"{hf.url}/{repo}.git/info/lfs/objects/batch",
+            json={"operation": "upload", "transfers": ["basic", "multipart"], "objects": [obj], "hash_algo": "sha256"},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        assert body["transfer"] == "basic"
+        return body["objects"][0]
+
+    own = batch("acme/exp1", world.keys.trainer)
+    assert own == obj  # present: no actions
+    foreign = batch(f"{other_ns}/mine", world.keys.other_trainer)
+    assert set(foreign["actions"]) == {"upload"} and "/staging/" in foreign["actions"]["upload"]["href"]
+
+
+def _tiny_trainer(out: Path, key: str, max_steps: int, *, push: bool) -> Any:
+    from torch.utils.data import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    class Tokens(Dataset[dict[str, torch.Tensor]]):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = torch.tensor([1 + i % 3, 2, 3, 4])
+            return {"input_ids": ids, "labels": ids.clone()}
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        save_steps=1,
+        save_strategy="steps",
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        push_to_hub=push,
+        hub_model_id="acme/trainer-run" if push else None,
+        hub_strategy="checkpoint",
+        hub_token=key if push else None,
+        disable_tqdm=True,
+        logging_steps=1,
+    )
+    return Trainer(model=LlamaForCausalLM(cfg), args=args, train_dataset=Tokens())
+
+
+def test_trainer_push_to_hub_then_resume_from_what_it_pushed(ctx: Context, hf: Served, world: World, tmp_path: Path) -> None:
+    """issue 15, part 2/3: a tiny-model HF Trainer (CPU, 3 steps) with push_to_hub=True and
+    hub_strategy="checkpoint" saves into weightstore; a fresh Trainer resumes from the pushed
+    ``last-checkpoint`` (downloaded with snapshot_download) at step 3, optimizer state included."""
+    from huggingface_hub import snapshot_download
+
+    trainer = _tiny_trainer(tmp_path / "out", world.keys.trainer, 3, push=True)
+    trainer.train()
+    trainer.push_to_hub()  # waits for the pushes made at every save
+    last = _ckpt(ctx, "acme:trainer-run", "files", "last-checkpoint")
+    assert last is not None
+    local = snapshot_download(
+        "acme/trainer-run", allow_patterns=["last-checkpoint/*"], token=world.keys.trainer, local_dir=tmp_path / "pulled"
+    )
+    ckpt_dir = Path(local) / "last-checkpoint"
+    pushed_state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    step = pushed_state["global_step"]  # the Trainer skips a save's push while the previous one runs
+    assert 1 <= step <= 3
+    assert (ckpt_dir / "optimizer.pt").read_bytes() == (tmp_path / "out" / f"checkpoint-{step}" / "optimizer.pt").read_bytes()
+    with session_scope(ctx.engine) as s:
+        pushed = {f.path for f in checkpoints.files_of(s, last)}
+    assert {"optimizer.pt", "scheduler.pt", "trainer_state.json", "model.safetensors"} <= pushed
+
+    # the root of main is the final model, loadable by name
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained("acme/trainer-run", token=world.keys.trainer)
+    for name, p in trainer.model.state_dict().items():
+        assert torch.equal(final.state_dict()[name], p), name
+
+    resumed = _tiny_trainer(tmp_path / "out2", world.keys.trainer, step + 1, push=False)
+    resumed.train(resume_from_checkpoint=str(ckpt_dir))
+    assert resumed.state.global_step == step + 1
+    # the history up to ``step`` came back from the pushed trainer_state.json; one step was trained anew
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h] == list(range(1, step + 2))

@@ -1,0 +1,1 @@
+"""Integrations of weightstore with training frameworks (PyTorch Distributed Checkpoint: ``dcp``)."""
