@@ -36,6 +36,12 @@ os.environ.setdefault("TINKER_TELEMETRY", "0")
 
 BACKENDS = ["sqlite", "postgresql"]
 
+# httpx's module-level helpers (httpx.get/post/...) and bare httpx.Client() default to a 5 s timeout,
+# which a loaded 2-core CI machine exceeded (stop 17: a 401 for a bad key, an admin PATCH). Tests check
+# answers, not latency: the shared default object is widened once, for every such call at once.
+for _field in ("connect", "read", "write", "pool"):
+    setattr(httpx._config.DEFAULT_TIMEOUT_CONFIG, _field, 60.0)
+
 
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
