@@ -26,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from weightstore import uisessions
+from weightstore.db import for_write
 from weightstore.errors import AlreadyExists, AuthenticationFailed, Forbidden, InvalidRequest, NotFound, TenantDisabled
 from weightstore.models import ApiKey, Role, Tenant, TenantState
 from weightstore.names import check_tenant_name, new_id
@@ -203,7 +204,7 @@ def rotate_key(
         raise InvalidRequest(f"grace must be between 0 and {MAX_ROTATION_GRACE_SECONDS} seconds")
     old = _key_for_revocation(session, key_id=key_id, principal=principal, verb="rotate")
     # Lock the row (PostgreSQL; SQLite serialises writers) so two rotations of one key make one new key.
-    session.exec(select(ApiKey.id).where(ApiKey.id == old.id).with_for_update()).first()
+    session.exec(for_write(select(ApiKey.id).where(ApiKey.id == old.id))).first()
     session.refresh(old)
     if old.revoked_at is not None:
         raise InvalidRequest(f"key {key_id} is revoked or already rotated: there is nothing to rotate")
@@ -216,14 +217,11 @@ def rotate_key(
 
 
 def _other_active_admin_keys(session: Session, *, besides: str) -> list[str]:
-    """Active admin keys other than ``besides``, locked (``FOR UPDATE`` on PostgreSQL; SQLite's
+    """Active admin keys other than ``besides``, locked (``db.for_write`` on PostgreSQL; SQLite's
     ``BEGIN IMMEDIATE`` already serialises writers) so that two admins revoking each other at once
     cannot both see the other one remaining: the second re-reads after the first commits."""
-    q = (
-        select(ApiKey.id)
-        .where(ApiKey.role == Role.admin.value, col(ApiKey.revoked_at).is_(None))
-        .order_by(col(ApiKey.id))
-        .with_for_update()
+    q = for_write(
+        select(ApiKey.id).where(ApiKey.role == Role.admin.value, col(ApiKey.revoked_at).is_(None)).order_by(col(ApiKey.id))
     )
     return [k for k in session.exec(q) if k != besides]
 

@@ -12,12 +12,13 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.selectable import GenerativeSelect
 from sqlmodel import Session
 
 from weightstore.errors import CatalogBusy, CatalogUnavailable, TransientError
@@ -65,6 +66,25 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     return sa.create_engine(
         url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS}
     )
+
+
+# --- row locks ------------------------------------------------------------------------------------
+# Every "lock these rows for my writes" goes through ``for_write``: ``SELECT ... FOR NO KEY UPDATE`` on
+# PostgreSQL. Two such locks on one row still exclude each other (and any UPDATE/DELETE), but not the
+# ``FOR KEY SHARE`` lock PostgreSQL takes on a parent row whenever a child row referencing it is
+# inserted (a run or checkpoint of the tenant, a file of the upload). Plain ``FOR UPDATE`` conflicts
+# with that: a transaction that had inserted a run of the tenant and then waited on a blob row deadlocked
+# with one holding the blob and asking for the tenant's quota lock (CI, stop 17). SQLite renders no
+# lock clause: ``BEGIN IMMEDIATE`` already serialises writers. Rows of one table locked in one statement
+# are locked in ``order_by`` order, so callers locking several rows sort them by key (one order for all).
+WRITE_LOCK: dict[str, bool] = {"key_share": True}  # for ``session.get(Model, id, with_for_update=...)``
+
+_Q = TypeVar("_Q", bound=GenerativeSelect)
+
+
+def for_write(q: _Q) -> _Q:
+    """``q`` locking the rows it reads until the transaction ends (see the comment above)."""
+    return q.with_for_update(key_share=True)
 
 
 @contextmanager

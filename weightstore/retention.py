@@ -28,6 +28,7 @@ from sqlmodel import Session, col, select
 from weightstore import audit
 from weightstore.auth import Principal
 from weightstore.billing import ledger
+from weightstore.db import for_write
 from weightstore.errors import AlreadyExists, InvalidRequest, InvalidTTL, NotFound
 from weightstore.models import Blob, BlobState, Checkpoint, CheckpointFile, CheckpointState, Tenant, TrainingRun
 from weightstore.names import TinkerPath
@@ -273,15 +274,9 @@ def _restore(
     return ckpt
 
 
-def _is_postgresql(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
-
-
 def _lock_expired(session: Session, checkpoint_id: str, now: datetime) -> Checkpoint:
     """The checkpoint, row-locked on PostgreSQL; ``InvalidRequest`` unless it is in the trash."""
-    q = select(Checkpoint).where(Checkpoint.id == checkpoint_id).execution_options(populate_existing=True)
-    if _is_postgresql(session):
-        q = q.with_for_update()
+    q = for_write(select(Checkpoint).where(Checkpoint.id == checkpoint_id).execution_options(populate_existing=True))
     ckpt = session.exec(q).first()
     if ckpt is None:
         raise NotFound(f"checkpoint {checkpoint_id} not found")
@@ -293,8 +288,6 @@ def _lock_expired(session: Session, checkpoint_id: str, now: datetime) -> Checkp
 
 def _require_live_blobs(session: Session, shas: sa.Select[str], checkpoint_id: str) -> None:
     """Lock the checkpoint's blob rows (PostgreSQL) and refuse unless every one is ``live``."""
-    q = sa.select(col(Blob.sha256), col(Blob.state)).where(col(Blob.sha256).in_(shas))
-    if _is_postgresql(session):
-        q = q.with_for_update()
+    q = for_write(sa.select(col(Blob.sha256), col(Blob.state)).where(col(Blob.sha256).in_(shas)).order_by(col(Blob.sha256)))
     if any(state != BlobState.live.value for _, state in session.execute(q).all()):
         raise InvalidRequest(f"checkpoint {checkpoint_id} is already being collected")

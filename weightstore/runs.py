@@ -40,6 +40,7 @@ from sqlmodel import Session, col, select
 
 from weightstore import audit, checkpoints
 from weightstore.auth import Principal
+from weightstore.db import for_write
 from weightstore.errors import AlreadyExists, InvalidRequest, NotFound, RunDeleted
 from weightstore.formats import check_user_metadata
 from weightstore.models import (
@@ -138,13 +139,11 @@ def list_runs(session: Session, principal: Principal, *, limit: int = 20, offset
 
 
 def lock_for_write(session: Session, tenant_id: str, run_id: str) -> TrainingRun:
-    """The run ``run_id`` of ``tenant_id``, re-read under its row lock (``SELECT ... FOR UPDATE`` on
+    """The run ``run_id`` of ``tenant_id``, re-read under its row lock (``db.for_write`` on
     PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serialises writers), for a caller about to add a
     checkpoint to it (module doc). ``NotFound`` when the tenant holds no such run; ``RunDeleted``
     (permanent) when ``runs rm`` deleted it, including a delete that committed while we waited."""
-    q = select(TrainingRun).where(TrainingRun.id == run_id).execution_options(populate_existing=True)
-    if session.get_bind().dialect.name == "postgresql":
-        q = q.with_for_update()
+    q = for_write(select(TrainingRun).where(TrainingRun.id == run_id).execution_options(populate_existing=True))
     run = session.exec(q).first()
     if run is None or run.tenant_id != tenant_id:
         raise NotFound(f"training run {run_id!r} not found")
@@ -228,12 +227,14 @@ def end_run(session: Session, run: TrainingRun, *, now: datetime) -> int:
     at now, or at ``expires_at`` for one whose TTL already passed, so nothing past its TTL is billed);
     expired ones (in the trash, already ended in the ledger) become ``deleted`` too: a deleted run's
     checkpoints are not restorable."""
-    q = select(Checkpoint).where(
-        Checkpoint.run_id == run.id,
-        col(Checkpoint.state).in_([CheckpointState.committed.value, CheckpointState.expired.value]),
+    q = for_write(
+        select(Checkpoint)
+        .where(
+            Checkpoint.run_id == run.id,
+            col(Checkpoint.state).in_([CheckpointState.committed.value, CheckpointState.expired.value]),
+        )
+        .order_by(col(Checkpoint.id))
     )
-    if session.get_bind().dialect.name == "postgresql":
-        q = q.with_for_update()
     n = 0
     for ckpt in session.exec(q).all():
         if ckpt.state == CheckpointState.committed.value:

@@ -21,7 +21,7 @@ Rules (docs/design.md, "Tenants and quotas"):
   not past ``expires_at``) plus every file size declared by its open, unexpired uploads. A declare
   is refused when ``used + requested - replaced > quota`` (``replaced``: the checkpoint an overwrite
   replaces). ``check_quota(lock=True)`` runs in the declare's recording transaction after locking the
-  tenant row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises
+  tenant row (``db.for_write``: ``SELECT ... FOR NO KEY UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises
   writers), so concurrent declares re-read each other's reservations and never overshoot together.
 
 Catalog functions only: the caller owns the transaction.
@@ -42,6 +42,7 @@ from weightstore import audit
 from weightstore.auth import Principal, find_tenant
 from weightstore.billing import billable, ledger
 from weightstore.checkpoints import visible_clause
+from weightstore.db import for_write
 from weightstore.errors import AlreadyExists, InvalidRequest, NotFound, TenantQuotaExceeded
 from weightstore.models import (
     ApiKey,
@@ -175,12 +176,12 @@ def check_quota(session: Session, tenant_id: str, requested: int, *, now: dateti
     """Refuse (``quota_exceeded``, 400) a declare of ``requested`` logical bytes that would take the
     tenant past its hard quota; ``replaced`` is the size of the checkpoint an overwrite ends.
 
-    With ``lock`` the tenant row is locked first (``FOR UPDATE``; on SQLite the transaction already
+    With ``lock`` the tenant row is locked first (``db.for_write``; on SQLite the transaction already
     holds the write lock), so the usage read here includes every declare recorded before and none
     can be recorded until this transaction ends: call it in the transaction that records the upload."""
     q = select(Tenant.quota_bytes).where(Tenant.id == tenant_id)
     if lock:
-        q = q.with_for_update()
+        q = for_write(q)
     quota = session.exec(q).first()
     if quota is None:
         return

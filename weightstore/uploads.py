@@ -60,7 +60,7 @@ from weightstore import audit, blobs, checkpoints, formats, publish, retention, 
 from weightstore.auth import Principal
 from weightstore.blobs import BlobWriter, single_put_limit
 from weightstore.context import Context
-from weightstore.db import session_scope
+from weightstore.db import WRITE_LOCK, session_scope
 from weightstore.errors import (
     AlreadyExists,
     CatalogBusy,
@@ -502,7 +502,7 @@ def renew(ctx: Context, principal: Principal, upload_id: str) -> datetime:
 
 
 def _load_open_upload(session: Session, principal: Principal, upload_id: str, now: datetime, *, lock: bool = False) -> Upload:
-    upload = session.get(Upload, upload_id, with_for_update=lock)
+    upload = session.get(Upload, upload_id, with_for_update=WRITE_LOCK if lock else None)
     if upload is None or upload.tenant_id != principal.tenant_id:
         raise NotFound(f"upload {upload_id} not found")
     if upload.state != UploadState.open:
@@ -821,7 +821,7 @@ def abort(ctx: Context, principal: Principal, upload_id: str) -> None:
     the catalog), and also once its lease lapsed but before the collector closed it. Workflow."""
     principal.require_write()
     with session_scope(ctx.engine) as session:
-        upload = session.get(Upload, upload_id, with_for_update=True)
+        upload = session.get(Upload, upload_id, with_for_update=WRITE_LOCK)
         if upload is None or upload.tenant_id != principal.tenant_id:
             raise NotFound(f"upload {upload_id} not found")
         if upload.state != UploadState.open:

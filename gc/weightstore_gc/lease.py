@@ -4,7 +4,7 @@ The row ``lease(name='gc')`` holds the owner, a fencing ``token`` (incremented o
 acquisition), the last heartbeat and the expiry. A holder renews it (``check``) before every
 destructive batch; if the row no longer carries its owner and token, another process took over
 after the lease ran out and this one raises ``LeaseLost`` and stops. Works on SQLite (writers are
-serialised by ``BEGIN IMMEDIATE``) and PostgreSQL (``SELECT ... FOR UPDATE``; a racing first
+serialised by ``BEGIN IMMEDIATE``) and PostgreSQL (``SELECT ... FOR NO KEY UPDATE``; a racing first
 insert fails on the primary key and is reported as ``LeaseHeld``).
 
 Transactions: ``acquire``, ``check`` and ``release`` each run one short transaction of their own
@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import Session, col, select
 
 from weightstore.clock import Clock
-from weightstore.db import session_scope
+from weightstore.db import for_write, session_scope
 from weightstore.errors import LeaseHeld, LeaseLost
 from weightstore.models import GcRun, GcRunState, Lease
 
@@ -86,9 +86,7 @@ def acquire(engine: Engine, clock: Clock, *, ttl_seconds: int, owner: str | None
     now = clock.now()
     try:
         with session_scope(engine) as s:
-            q = select(Lease).where(Lease.name == name)
-            if s.get_bind().dialect.name == "postgresql":
-                q = q.with_for_update()
+            q = for_write(select(Lease).where(Lease.name == name))
             row = s.exec(q).first()
             if row is None:
                 row = Lease(

@@ -37,6 +37,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Session, col
 
 from weightstore.billing.units import DAY, SPLIT
+from weightstore.db import for_write
 from weightstore.models import OPEN_END_S, UsageEventKind, UsageInterval
 
 COLUMNS = ("checkpoint_id", "tenant_id", "run_id", "kind", "size_bytes", "start_s", "end_s", "expires_s", "stop_s")
@@ -110,10 +111,11 @@ def lock_intervals(session: Session, checkpoint_ids: Sequence[str]) -> None:
     SQLite needs nothing: ``BEGIN IMMEDIATE`` already serialises writers."""
     if checkpoint_ids and dialect_of(session) == "postgresql":
         session.execute(
-            sa.select(col(UsageInterval.checkpoint_id))
-            .where(col(UsageInterval.checkpoint_id).in_(sorted(set(checkpoint_ids))))
-            .order_by(col(UsageInterval.checkpoint_id))
-            .with_for_update()
+            for_write(
+                sa.select(col(UsageInterval.checkpoint_id))
+                .where(col(UsageInterval.checkpoint_id).in_(sorted(set(checkpoint_ids))))
+                .order_by(col(UsageInterval.checkpoint_id))
+            )
         ).all()
 
 

@@ -48,7 +48,7 @@ from sqlmodel import Session, col, select
 from weightstore.blobs import chunks, refs
 from weightstore.blobs.writer import BlobWriter, part_size_for, single_put_limit
 from weightstore.context import Context
-from weightstore.db import session_scope
+from weightstore.db import for_write, session_scope
 from weightstore.errors import CatalogBusy, DataLoss
 from weightstore.models import Blob, BlobState, Checkpoint, CheckpointFile, CheckpointState, TenantBlob
 from weightstore.objectstore import blob_key
@@ -128,9 +128,7 @@ def lock_live(session: Session, shas: Sequence[str]) -> tuple[dict[str, Blob], l
     ``live`` rows by sha256 and the sha256s that are not live (missing or being deleted): a
     manifest MUST NOT be committed over those."""
     wanted = sorted(set(shas))
-    q = select(Blob).where(col(Blob.sha256).in_(wanted))
-    if session.get_bind().dialect.name == "postgresql":
-        q = q.with_for_update()
+    q = for_write(select(Blob).where(col(Blob.sha256).in_(wanted)).order_by(col(Blob.sha256)))
     rows = {b.sha256: b for b in session.exec(q).all()}
     live = {sha: b for sha, b in rows.items() if b.state == BlobState.live}
     return live, [sha for sha in wanted if sha not in live]
@@ -145,7 +143,11 @@ def tombstone(session: Session, shas: Sequence[str], *, grace_cutoff: datetime, 
         # Row locks first (a manifest commit takes the same ones in lock_live), then block new
         # references in the tables that create them, then re-check: the re-check statement sees
         # every reference committed before the locks were granted.
-        session.execute(sa.select(col(Blob.sha256)).where(col(Blob.sha256).in_(shas)).with_for_update())
+        # Plain FOR UPDATE (not db.for_write): these rows may be deleted, which must also wait for
+        # transactions inserting references to them (their FOR KEY SHARE locks).
+        session.execute(
+            sa.select(col(Blob.sha256)).where(col(Blob.sha256).in_(shas)).order_by(col(Blob.sha256)).with_for_update()
+        )
         session.execute(sa.text(f"LOCK TABLE {', '.join(refs.REFERENCING_TABLES)} IN SHARE MODE"))
     fresh = [
         r[0]
