@@ -53,7 +53,7 @@ sysdeps:
 	apt-get update -q && apt-get install -y -q --no-install-recommends $$missing
 
 test: $(STAMP) sysdeps
-	$(OFFLINE_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(OFFLINE_ENV) $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 serve: $(STAMP)
 	$(VENV)/bin/weightstore serve $(SERVE_ARGS)

@@ -55,10 +55,13 @@ def upload_base_model(c: Any, name: str, directory: Path, *, progress: bool = Fa
                         bar.update(len(data))
                         yield data
 
-            r = c.http.put(
+            # through the client's failover (a PUT of content-addressed bytes is safe to repeat on
+            # the next replica; each attempt reads the file afresh)
+            r = c._request(
+                "PUT",
                 f"/v1/base-model-blobs/{f.sha256}",
                 params={"size": f.size_bytes},
-                content=body_iter(),
+                content=body_iter,
                 headers={"content-type": "application/octet-stream"},
             )
             _raise_for(r)

@@ -196,3 +196,28 @@ def test_a_repeated_delete_that_finds_nothing_was_done_by_the_first_attempt():
     c, seen = _scripted([httpx.ReadError("reset"), httpx.Response(404, json={"code": "not_found", "message": "x"})])
     c.delete("tinker://run-1/sampler_weights/a")
     assert len(seen) == 2
+
+
+def test_base_model_upload_survives_its_replica_dying_mid_body(replicas, keys, tmp_path):
+    """issue 13 (left in stop 17): ``weightstore base add`` sent each file with a bare PUT to the first
+    replica; a replica dying mid-body failed the command. It now goes through the client's failover like
+    every other call (a PUT of content-addressed bytes is safe to repeat)."""
+    import json
+
+    from weightstore_cli.exports import upload_base_model
+
+    r1, r2 = replicas
+    c = _client([r1.url, r2.url], keys.admin)
+    model = tmp_path / "tiny"
+    model.mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, "vocab_size": 4096}
+    (model / "config.json").write_text(json.dumps(config))
+    embed = torch.arange(4096 * 512, dtype=torch.float32).reshape(4096, 512)
+    weights = tensorio.weights_bytes({"model.embed_tokens.weight": embed})
+    (model / "model.safetensors").write_bytes(weights)
+    dying = TcpProxy(r1.server.port, kill_after_upstream_bytes=2 * 1024 * 1024)
+    c.base_urls = [dying.url, r2.url]
+    c._current = 0
+    row = upload_base_model(c, "tinyorg/failover", model)
+    assert dying.killed.is_set() and c.base_urls[c._current] == r2.url
+    assert row["name"] == "tinyorg/failover" and row["size_bytes"] == len(weights) + (model / "config.json").stat().st_size
