@@ -647,6 +647,8 @@ class CommitResult:
     checkpoint: Checkpoint
     tinker_path: str
     bytes_received: int
+    replayed: bool = False
+    """The upload was already committed: this answers a repeated commit and committed nothing new."""
 
 
 def commit(
@@ -743,7 +745,7 @@ def _committed_answer(session: Session, principal: Principal, upload_id: str) ->
     rows = session.exec(select(UploadFile).where(UploadFile.upload_id == upload_id)).all()
     sent = sum(r.size_bytes for r in rows if r.transfer != "present")
     path = str(TinkerPath(upload.run_id, upload.kind, upload.name))
-    return CommitResult(ckpt, path, sent)
+    return CommitResult(ckpt, path, sent, replayed=True)
 
 
 def _finalize_transfers(ctx: Context, principal: Principal, rows: list[UploadFile]) -> int:

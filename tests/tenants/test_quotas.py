@@ -95,3 +95,27 @@ def test_soft_and_hard_quota_gauges_in_metrics(server, keys, api):  # type: igno
     assert 'weightstore_tenant_quota_used_ratio{tenant="acme"} 0.25' in lines
     assert 'weightstore_tenant_soft_quota_used_ratio{tenant="acme"} 0.5' in lines
     assert not [x for x in lines if x.startswith("weightstore_tenant_quota_used_ratio") and "globex" in x]
+
+
+def _committed_total(server) -> float:  # type: ignore[no-untyped-def]
+    prefix = 'weightstore_checkpoints_committed_total{kind="sampler"} '
+    lines = [x for x in httpx.get(server.url + "/metrics").text.splitlines() if x.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
+
+
+def test_a_repeated_commit_counts_once_in_metrics(server, api):  # type: ignore[no-untyped-def]
+    """issue 13 (left in stop 17): a commit repeated after a lost answer (the client's failover sends it
+    again, to any replica) answers the first commit's result and must not count a second checkpoint."""
+    run_id = api.post("/v1/runs", json={"base_model": "tiny"}).json()["run_id"]
+    files = sampler_files(7)
+    up = api.post("/v1/uploads", json={"run_id": run_id, "kind": "sampler", "name": "once", "files": decl(files)}).json()
+    for f in up["files"]:
+        if f["transfer"] == "stream":
+            assert api.put(f["url"], content=files[f["path"]]).status_code == 200
+    before = _committed_total(server)
+    first = api.post(f"/v1/uploads/{up['upload_id']}/commit")
+    assert first.status_code == 200, first.text
+    assert _committed_total(server) == before + 1
+    again = api.post(f"/v1/uploads/{up['upload_id']}/commit")
+    assert again.status_code == 200 and again.json()["tinker_path"] == first.json()["tinker_path"]
+    assert _committed_total(server) == before + 1

@@ -189,7 +189,8 @@ def commit_upload(
 ) -> CommitPublic:
     expect = body.expect_files if body is not None else None
     res = uploads.commit(ctx, principal, upload_id, request_id=request_id_of(request), expect_files=expect)
-    CHECKPOINTS_COMMITTED.labels(res.checkpoint.kind).inc()
+    if not res.replayed:  # a repeated commit (the client's answer was lost) counts once
+        CHECKPOINTS_COMMITTED.labels(res.checkpoint.kind).inc()
     return CommitPublic(
         tinker_path=res.tinker_path, checkpoint=checkpoint_public(res.checkpoint), bytes_received=res.bytes_received
     )
