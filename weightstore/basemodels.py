@@ -170,7 +170,7 @@ def finish_blob(ctx: Context, writer: blobs.BlobWriter) -> None:
     """Verify and publish a blob received by ``store_blob``, then mark it live (write order S2). Workflow."""
     writer.finish()
     with session_scope(ctx.engine) as session:
-        blobs.mark_live(session, writer.sha256, writer.size, ctx.clock.now())
+        blobs.mark_live(session, writer.sha256, writer.size, ctx.clock.now(), chunk_digests=writer.chunk_digests)
 
 
 def register_manifest(

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, col, select
 
-from weightstore import audit
+from weightstore import audit, formats
 from weightstore.auth import Principal
 from weightstore.billing import ledger
 from weightstore.blobs import chunks as blob_chunks
@@ -87,6 +88,22 @@ def files_of(session: Session, ckpt: Checkpoint) -> list[CheckpointFile]:
     return list(
         session.exec(select(CheckpointFile).where(CheckpointFile.checkpoint_id == ckpt.id).order_by(CheckpointFile.path)).all()
     )
+
+
+def layouts(session: OrmSession, rows: Sequence[Checkpoint]) -> dict[str, str]:
+    """Each checkpoint's layout by id (``formats.checkpoint_layout``), in one indexed query for any
+    number of rows (the layout is recognised from file names: no catalog column)."""
+    ids = [c.id for c in rows if c.kind not in formats.KIND_LAYOUTS]
+    dcp: set[str] = set()
+    if ids:
+        dcp = set(
+            session.execute(
+                sa.select(col(CheckpointFile.checkpoint_id)).where(
+                    col(CheckpointFile.checkpoint_id).in_(ids), col(CheckpointFile.path) == formats.DCP_METADATA
+                )
+            ).scalars()
+        )
+    return {c.id: formats.checkpoint_layout(c.kind, [formats.DCP_METADATA] if c.id in dcp else []) for c in rows}
 
 
 def end_checkpoint(session: Session, ckpt: Checkpoint, *, state: CheckpointState, at: datetime, now: datetime) -> None:

@@ -65,6 +65,7 @@ from tqdm import tqdm
 from weightstore.errors import (
     Forbidden,
     IntegrityError,
+    InvalidRequest,
     NotFound,
     ServiceUnavailable,
     StoreUnavailable,
@@ -73,7 +74,7 @@ from weightstore.errors import (
     WeightstoreError,
     error_for_code,
 )
-from weightstore.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER_STATE
+from weightstore.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DCP_METADATA, OPTIMIZER_STATE
 from weightstore.hashing import sha256_file
 from weightstore.loader import FileSpec, Stopped, VerifiedLoader, fill_file_chunked, tensors_from_buffer
 from weightstore.names import TinkerPath, check_file_path
@@ -160,6 +161,10 @@ class RawHTTP:
         import urllib3
 
         self.pool = urllib3.PoolManager(maxsize=maxsize, retries=False, timeout=urllib3.Timeout(connect=10, read=timeout))
+        # urllib3 sends a request body under the *connect* timeout: a store that pauses reading a
+        # GiB-sized PUT body for more than 10 s (SeaweedFS under load does) aborted a healthy upload
+        # as "unreachable". Bodies get botocore's 60 s connect timeout (capped by the read timeout).
+        self.body_timeout = urllib3.Timeout(connect=min(60.0, timeout), read=timeout)
 
     def request(
         self, method: str, url: str, *, body: Any = None, headers: dict[str, str] | None = None, stream: bool = False
@@ -167,7 +172,8 @@ class RawHTTP:
         import urllib3
 
         try:
-            r = self.pool.request(method, url, body=body, headers=headers or {}, preload_content=not stream)
+            kw: dict[str, Any] = {"timeout": self.body_timeout} if body is not None else {}
+            r = self.pool.request(method, url, body=body, headers=headers or {}, preload_content=not stream, **kw)
         except urllib3.exceptions.HTTPError as exc:
             err = StoreUnavailable(f"cannot reach the object store behind a presigned URL: {exc}")
             # Read back (getattr) by the presigned upload path to fall back to streaming; client-side only.
@@ -907,6 +913,11 @@ class Client:
         """The verified bytes of these files, each in one buffer filled straight from ranged GETs
         (``weightstore.loader``: per-chunk sha256s where recorded, else the whole-file sha256)."""
         answer = {f["path"]: f for f in self.file_urls(tinker_path)["files"]}
+        if DCP_METADATA in answer:
+            raise InvalidRequest(
+                f"{tinker_path} is a PyTorch Distributed Checkpoint (layout dcp): load it with dcp.load(..., "
+                "storage_reader=weightstore.integrations.dcp.WeightstoreStorageReader(...))"
+            )
         for name in names:
             if name not in answer:
                 raise NotFound(f"{tinker_path} has no file {name}")

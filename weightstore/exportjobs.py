@@ -47,7 +47,7 @@ import socket
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import Session, col, select
 
-from weightstore import audit, basemodels, blobs, checkpoints, publish, retention, tenants
+from weightstore import audit, basemodels, blobs, checkpoints, formats, publish, retention, tenants
 from weightstore.auth import Principal
 from weightstore.context import Context
 from weightstore.db import session_scope
@@ -136,6 +136,10 @@ def _submit_one(
             f"{checkpoints.tinker_path(source)}: only sampler and full-state checkpoints can be "
             f"exported (this one is {source.kind})"
         )
+    if checkpoints.layouts(session, [source])[source.id] == "dcp":  # a LoRA adapter saved by DCP (dcp_lora)
+        from weightstore.integrations.dcp_lora import check_exportable
+
+        check_exportable([f.path for f in checkpoints.files_of(session, source)])
     run = session.get(TrainingRun, source.run_id)
     base = base_model or (run.base_model if run else None)
     if not base:
@@ -292,6 +296,7 @@ def submit_batch(
             rows, _ = checkpoints.list_checkpoints(session, principal, now=now, run_id=run_id, kind=kind, limit=None)
             rx = _glob(name_pattern) if name_pattern else None
             ckpts = [c for c in rows if c.kind in SOURCE_KINDS and (rx is None or rx.match(c.name))]
+            ckpts = _adapters_only(session, ckpts)
             if not ckpts:
                 raise NotFound(
                     f"no sampler or full-state checkpoints match run {run_id}"
@@ -317,6 +322,15 @@ def submit_batch(
             for c in ckpts
         ]
     return batch_id, jobs
+
+
+def _adapters_only(session: Session, ckpts: list[Checkpoint]) -> list[Checkpoint]:
+    """Drop from a filter's matches the DCP checkpoints saved without an adapter config (full model
+    or training state, not a LoRA adapter: ``integrations.dcp_lora``); named explicitly, they are refused."""
+    layouts = checkpoints.layouts(session, ckpts)
+    return [
+        c for c in ckpts if layouts[c.id] != "dcp" or formats.ADAPTER_CONFIG in {f.path for f in checkpoints.files_of(session, c)}
+    ]
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
@@ -560,6 +574,23 @@ def _download_checkpoint(ctx: Context, ckpt_files: list[tuple[str, int, str]], d
         blobs.fetch_to_file(ctx, sha, size, dest / path, progress=progress.add, what=f"source file {path}")
 
 
+def _adapter_from_dcp(
+    ctx: Context, src_files: list[tuple[str, int, str]], work: Path, adapter_dir: Path, progress: _Progress
+) -> None:
+    """A DCP checkpoint of a LoRA adapter as a Tinker adapter directory (``integrations.dcp_lora``):
+    only the files holding the adapter are downloaded; the rest count as done."""
+    from weightstore.integrations.dcp_lora import adapter_from_dcp
+
+    fetched: set[str] = set()
+
+    def fetch(names: Sequence[str], dest: Path) -> None:
+        _download_checkpoint(ctx, [f for f in src_files if f[0] in set(names)], dest, progress)
+        fetched.update(names)
+
+    adapter_from_dcp(fetch, [p for p, _, _ in src_files], work, adapter_dir)
+    progress.add(sum(size for p, size, _ in src_files if p not in fetched))
+
+
 def _publish_output(
     ctx: Context,
     principal: Principal,
@@ -640,7 +671,10 @@ def run_job(
         progress.push()
         adapter_dir, out_dir = tmp / "adapter", tmp / "out"
         with _Heartbeat(progress, max(1.0, ctx.settings.worker_lease_seconds / 4)):
-            _download_checkpoint(ctx, src_files, adapter_dir, progress)
+            if formats.checkpoint_layout(source.kind, [p for p, _, _ in src_files]) == "dcp":
+                _adapter_from_dcp(ctx, src_files, tmp / "dcp", adapter_dir, progress)
+            else:
+                _download_checkpoint(ctx, src_files, adapter_dir, progress)
             base_dir = basemodels.materialise(ctx, base.name, progress=progress.add)
             if progress.lost:
                 raise progress.lost

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import accumulate, repeat
 from operator import sub
 from typing import Any, NoReturn
@@ -181,12 +181,32 @@ def check_user_metadata(meta: Mapping[str, Any] | None, *, strings_only: bool = 
 # A checkpoint's file set follows one layout, recognised from the names alone (no catalog column):
 # "tinker" (adapter_model.safetensors + adapter_config.json [+ optimizer.safetensors], the kinds'
 # REQUIRED_FILES) or "dcp" (PyTorch Distributed Checkpoint, issue 14 part 2): one pickled
-# ``.metadata`` plus per-rank ``__{rank}_{n}.distcp`` data files, nothing else, full state only.
+# ``.metadata`` plus per-rank ``__{rank}_{n}.distcp`` data files, and only a LoRA adapter's
+# ``adapter_config.json`` besides (DCP_EXTRA_FILES), full state only. Answers name the layout
+# (``checkpoint_layout``), with the single-layout kinds' own (``KIND_LAYOUTS``).
 DCP_METADATA = ".metadata"
 DCP_DATA = re.compile(r"__(0|[1-9][0-9]{0,5})_(0|[1-9][0-9]{0,5})\.distcp")
 """Data file names as ``FileSystemWriter`` and ``weightstore.integrations.dcp`` write them: a
 downloaded DCP checkpoint is a directory ``dcp.load`` reads with ``FileSystemReader``."""
 LAYOUTS = ("tinker", "dcp")
+DCP_EXTRA_FILES = (ADAPTER_CONFIG,)
+"""The one non-DCP file a DCP checkpoint may hold: the LoRA ``adapter_config.json`` (rank, alpha,
+target modules) that makes a DCP checkpoint of adapter tensors exportable (``integrations.dcp_lora``).
+``FileSystemReader`` ignores it in a downloaded directory."""
+
+
+KIND_LAYOUTS = {"external": "peft", "merged": "hf", "files": "files"}
+"""Layouts of the kinds that have only one: a PEFT adapter export, a merged Hugging Face model, a
+Hub folder. ``sampler`` and ``training`` checkpoints are ``tinker`` or (full state only) ``dcp``."""
+
+
+def checkpoint_layout(kind: str, paths: Iterable[str]) -> str:
+    """The ``layout`` answered for a committed checkpoint of ``kind`` holding ``paths``: its kind's
+    own layout, else ``dcp`` when it holds DCP's ``.metadata`` (a commit admits that name only in a
+    DCP file set), else ``tinker``."""
+    if kind in KIND_LAYOUTS:
+        return KIND_LAYOUTS[kind]
+    return "dcp" if DCP_METADATA in set(paths) else "tinker"
 
 
 def is_dcp_file(path: str) -> bool:
@@ -204,10 +224,11 @@ def check_dcp_file_set(kind: str, paths: Sequence[str], *, complete: bool = True
     written last by the coordinator, may be missing."""
     if kind != "training":
         raise InvalidFormat(f"a DCP checkpoint is a {kind_label('training')}, not a {kind_label(kind)}")
-    other = sorted(p for p in paths if not is_dcp_file(p))
+    other = sorted(p for p in paths if not is_dcp_file(p) and p not in DCP_EXTRA_FILES)
     if other:
         raise InvalidFormat(
-            f"a DCP checkpoint holds only {DCP_METADATA} and __RANK_N.distcp files, not {', '.join(other[:5])}",
+            f"a DCP checkpoint holds only {DCP_METADATA}, __RANK_N.distcp files and (a LoRA adapter's) "
+            f"{ADAPTER_CONFIG}, not {', '.join(other[:5])}",
             files=other[:20],
         )
     if complete and DCP_METADATA not in paths:

@@ -17,7 +17,8 @@ Transfer modes:
   and must have written the object itself (metadata names one of its uploads), so the answer
   never reveals, and a commit never borrows, another tenant's blob.
 - ``presigned``, larger files: multipart to a *staging* key; commit completes it, re-hashes it
-  (multipart objects carry no whole-file SHA-256) and copies it into place. Part URLs are signed
+  (multipart objects carry no whole-file SHA-256; the chunk digests of issue 14 are hashed in the
+  same read and recorded with the blob row) and copies it into place. Part URLs are signed
   lazily: the declare answer holds at most ``presign_parts_batch`` of them in total, ``transfer``
   pages out the rest; part sizes follow S3's real limits (``objectstore.multipart_plan``).
 - a commit that cannot prove a direct PUT (object absent, or its writer metadata names another
@@ -49,7 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -59,6 +60,8 @@ from sqlmodel import Session, col, select
 from weightstore import audit, blobs, checkpoints, formats, publish, retention, runs, tenants
 from weightstore.auth import Principal
 from weightstore.blobs import BlobWriter, single_put_limit
+from weightstore.blobs import chunks as blob_chunks
+from weightstore.blobs.chunks import ChunkDigests
 from weightstore.context import Context
 from weightstore.db import WRITE_LOCK, session_scope
 from weightstore.errors import (
@@ -178,17 +181,26 @@ def validate_request(settings: Settings, req: UploadRequest) -> None:
 # --- declare ------------------------------------------------------------------------------------
 
 
-def declare(ctx: Context, principal: Principal, req: UploadRequest) -> UploadAnswer:
+Handover = Callable[[Session, list[str], bool], int]
+"""Reservations the same tenant already holds elsewhere for bytes of a declare (the Hub's LFS carrier
+uploads, ``hubwrite``): called with the sha256s the upload will need sent, it answers how many of
+those bytes are already reserved, which the quota check does not count again; with ``take=True``
+(in the transaction that records the upload, after the tenant lock) it also ends that reservation,
+so the bytes count once throughout (issue 15, part 2: a push that fits is never refused)."""
+
+
+def declare(ctx: Context, principal: Principal, req: UploadRequest, *, handover: Handover | None = None) -> UploadAnswer:
     """Step 1+2: record the upload and answer, per file, how (and whether) to send its bytes.
     Workflow: check and read the catalog, presign (multipart uploads are started on the store),
-    then record the upload in a second transaction."""
+    then record the upload in a second transaction. ``handover``: see ``Handover``."""
     principal.require_write()
     validate_request(ctx.settings, req)
     upload_id = new_id("upl")
     for _ in range(DECLARE_ATTEMPTS):
         with session_scope(ctx.engine) as session:
             ttl, owned = _check_declare(session, principal, req)
-            _check_quota(session, principal, req, now=ctx.clock.now(), lock=False)  # early: before presigning
+            credit = handover(session, [f.sha256 for f in req.files if f.sha256 not in owned], False) if handover else 0
+            _check_quota(session, principal, req, now=ctx.clock.now(), lock=False, credit=credit)  # early: before presigning
         answers, rows = _answer_files(ctx, upload_id, req, owned)
         now = ctx.clock.now()
         try:
@@ -202,7 +214,11 @@ def declare(ctx: Context, principal: Principal, req: UploadRequest) -> UploadAns
                 if {r.sha256 for r in rows if r.transfer == "present"} & set(not_live):
                     continue
                 # again under the tenant's row lock: concurrent declares never overshoot together
-                _check_quota(session, principal, req, now=now, lock=True)
+                to_send = [r.sha256 for r in rows if r.transfer != "present"]
+                credit = handover(session, to_send, False) if handover else 0
+                _check_quota(session, principal, req, now=now, lock=True, credit=credit)
+                if handover:
+                    handover(session, to_send, True)
                 expires = lease_end(ctx.settings, created_at=now, now=now)
                 upload = _record_upload(session, principal, req, upload_id, ttl, rows, now=now, expires_at=expires)
         except TenantQuotaExceeded:
@@ -242,15 +258,18 @@ def held_blobs(session: Session, tenant_id: str, shas: list[str]) -> set[str]:
     )
 
 
-def _check_quota(session: Session, principal: Principal, req: UploadRequest, *, now: datetime, lock: bool) -> None:
+def _check_quota(
+    session: Session, principal: Principal, req: UploadRequest, *, now: datetime, lock: bool, credit: int = 0
+) -> None:
     """The tenant's hard quota (``tenants.check_quota``) for this declare's logical bytes; an
-    overwrite is credited with the visible checkpoint it replaces."""
+    overwrite is credited with the visible checkpoint it replaces, and ``credit`` bytes are already
+    reserved for it elsewhere (``Handover``)."""
     replaced = 0
     if req.overwrite:
         old = publish.existing_committed(session, req.tinker_path)
         if old is not None and old.tenant_id == principal.tenant_id and checkpoints.is_visible(old, now):
             replaced = old.size_bytes
-    requested = sum(f.size_bytes for f in req.files)
+    requested = max(0, sum(f.size_bytes for f in req.files) - credit)
     tenants.check_quota(session, principal.tenant_id, requested, now=now, replaced=replaced, lock=lock)
 
 
@@ -574,8 +593,9 @@ def resend_key(upload_id: str, path: str) -> str:
     return staging_key(upload_id, "p-" + hashlib.sha256(path.encode()).hexdigest()[:32])
 
 
-def _finalize_direct(ctx: Context, row: UploadFile, tenant_id: str) -> None:
-    """Check a presigned single PUT at its blob key: one HEAD, no read-back (module doc).
+def _finalize_direct(ctx: Context, row: UploadFile, tenant_id: str) -> ChunkDigests | None:
+    """Check a presigned single PUT at its blob key: one HEAD, no read-back (module doc). Returns
+    the chunk digests when the bytes had to be read back after all (they are hashed in that read).
     ``_NotProven`` when the object is absent or another tenant's upload wrote it last: the two
     cases are answered identically (S3, S4: the answer never says whether anyone else holds them)."""
     store = ctx.store
@@ -592,20 +612,31 @@ def _finalize_direct(ctx: Context, row: UploadFile, tenant_id: str) -> None:
             if other is None or other.tenant_id != tenant_id:
                 raise _NotProven(row.path)
     if info.size == row.size_bytes and info.stored_sha256_is(row.sha256):
-        return
+        return None
     # The store kept no checksum (or a different one): it did not enforce the signed one, so check
     # the bytes. A mismatch means s3_verifies_checksums is wrong for this store.
-    if info.size != row.size_bytes or store.hash_object(final)[0] != row.sha256:
+    hashed = _hash_back(ctx, final, row) if info.size == row.size_bytes else None
+    if hashed is None:
         log.error(
             "object store accepted a presigned PUT whose bytes differ from the signed checksum: %s "
             "(set WEIGHTSTORE_S3_VERIFIES_CHECKSUMS=false for this store)",
             final,
         )
         raise IntegrityError(f"{row.path}: stored bytes do not match sha256 {row.sha256}", file=row.path)
+    return hashed
 
 
-def _finalize_presigned(ctx: Context, row: UploadFile, tenant_id: str) -> None:
-    """Verify a presigned transfer (at its blob key, or at its staging key, then moved into place)."""
+def _hash_back(ctx: Context, key: str, row: UploadFile) -> ChunkDigests | None:
+    """Read ``key`` back once: its chunk digests when the bytes hash to ``row.sha256``, else None
+    (rule C1: the chunks are only vouched for after the whole file checked out, in the same read)."""
+    digest, chunk_digests = blob_chunks.hash_key(ctx.store, key, row.size_bytes, ctx.settings.chunk_size_bytes)
+    return chunk_digests if digest == row.sha256 else None
+
+
+def _finalize_presigned(ctx: Context, row: UploadFile, tenant_id: str) -> ChunkDigests | None:
+    """Verify a presigned transfer (at its blob key, or at its staging key, then moved into place).
+    Returns the blob's chunk digests when its bytes were read back here (hashed in the same read),
+    None when nothing was read (the store checked the signed sha256: ``chunks.backfill`` later)."""
     if row.staging_key is None:
         return _finalize_direct(ctx, row, tenant_id)
     store = ctx.store
@@ -627,12 +658,14 @@ def _finalize_presigned(ctx: Context, row: UploadFile, tenant_id: str) -> None:
     if info.size != row.size_bytes:
         store.delete(key)
         raise IntegrityError(f"{row.path}: {info.size} bytes stored, {row.size_bytes} declared", file=row.path)
+    hashed: ChunkDigests | None = None
     if not (info.stored_sha256_is(row.sha256) and not row.multipart_upload_id and ctx.settings.s3_verifies_checksums):
-        # Multipart objects carry a composite checksum, not the whole-file sha256: read it back.
-        digest, _ = store.hash_object(key)
-        if digest != row.sha256:
+        # Multipart objects carry a composite checksum, not the whole-file sha256: read it back,
+        # hashing the chunks in the same read (issue 14: no second read by the backfill).
+        hashed = _hash_back(ctx, key, row)
+        if hashed is None:
             store.delete(key)
-            raise IntegrityError(f"{row.path}: sha256 mismatch: declared {row.sha256}, stored {digest}", file=row.path)
+            raise IntegrityError(f"{row.path}: sha256 mismatch: stored bytes are not declared {row.sha256}", file=row.path)
     final = blob_key(row.sha256)
     held = store.head(final, checksum=True)
     # Content-addressed: an object at the blob key was verified when written (S1). Keep it when it
@@ -640,6 +673,7 @@ def _finalize_presigned(ctx: Context, row: UploadFile, tenant_id: str) -> None:
     if held is None or held.size != row.size_bytes or (held.checksum_sha256 and not held.stored_sha256_is(row.sha256)):
         store.copy(key, final, row.size_bytes)
     store.delete(key)
+    return hashed
 
 
 @dataclass(frozen=True)
@@ -757,13 +791,13 @@ def _finalize_transfers(ctx: Context, principal: Principal, rows: list[UploadFil
     for row in rows:
         if row.transfer == "presigned" and not row.received:
             try:
-                _finalize_presigned(ctx, row, principal.tenant_id)
+                hashed = _finalize_presigned(ctx, row, principal.tenant_id)
             except _NotProven:
                 unproven.append(row)
                 continue
             received += row.size_bytes
             with session_scope(ctx.engine) as session:
-                blobs.mark_live(session, row.sha256, row.size_bytes, ctx.clock.now())
+                blobs.mark_live(session, row.sha256, row.size_bytes, ctx.clock.now(), chunk_digests=hashed)
                 db_row = _declared_file(session, row.upload_id, row.path)
                 db_row.received = True
                 session.add(db_row)

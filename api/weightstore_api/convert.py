@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sqlalchemy.orm import object_session
 from sqlmodel import Session
 
 from weightstore import checkpoints, hub, policies
@@ -42,11 +43,19 @@ def retention_public(policy: policies.EffectivePolicy | None) -> RetentionPolicy
 
 
 def checkpoint_public(
-    ckpt: Checkpoint, session: Session | None = None, *, policy: policies.EffectivePolicy | None = None
+    ckpt: Checkpoint,
+    session: Session | None = None,
+    *,
+    policy: policies.EffectivePolicy | None = None,
+    layout: str | None = None,
 ) -> CheckpointPublic:
-    """``session`` given: with its files and the retention policy in effect (else ``policy``)."""
+    """``session`` given: with its files and the retention policy in effect (else ``policy``).
+    ``layout`` (``checkpoints.layouts``, one query for a list) is looked up in ``session`` or the
+    session the row is still attached to when not given."""
     path = TinkerPath(ckpt.run_id, ckpt.kind, ckpt.name)
     files = None
+    if layout is None and (attached := session or object_session(ckpt)) is not None:
+        layout = checkpoints.layouts(attached, [ckpt])[ckpt.id]
     if session is not None:
         policy = policies.effective_for_runs(session, [ckpt.run_id]).get(ckpt.run_id)
         files = [
@@ -64,6 +73,7 @@ def checkpoint_public(
         expires_at=ckpt.expires_at,
         public=ckpt.public,
         user_metadata=ckpt.user_metadata,
+        layout=layout,
         files=files,
         pinned=ckpt.pinned,
         retention=retention_public(policy),

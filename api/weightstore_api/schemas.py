@@ -139,6 +139,11 @@ class CheckpointPublic(BaseModel):
     expires_at: datetime | None
     public: bool
     user_metadata: dict[str, str] | None
+    layout: str | None = Field(
+        None,
+        description="how its files are laid out, recognised from their names (weightstore.formats.checkpoint_layout): "
+        "tinker, dcp (PyTorch Distributed Checkpoint), peft, hf or files",
+    )
     files: list[CheckpointFilePublic] | None = None
     pinned: bool = Field(False, description="never expired by a retention policy or a TTL")
     retention: RetentionPolicyPublic | None = Field(None, description="the retention policy in effect for its run (none: null)")

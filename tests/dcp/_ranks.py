@@ -133,3 +133,20 @@ def crash_ranks(rank: int, world: int, port: int, url: str, key: str, run_id: st
     state = sharded(full_state(), rank, world)
     dcp.save(state, storage_writer=DyingWriter(url=url, api_key=key, run_id=run_id, name="crash", transfer="presigned"))
     dist.destroy_process_group()
+
+
+def process_async_ranks(rank: int, world: int, port: int, url: str, key: str, run_id: str, out: str) -> None:
+    """``dcp.async_save`` with ``AsyncCheckpointerType.PROCESS``: DCP pickles the writer into a
+    spawned checkpoint process per rank (its own gloo group), which runs the whole save there."""
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    _init(rank, world, port)
+    try:
+        state = sharded(full_state(), rank, world)
+        w = WeightstoreStorageWriter(url=url, api_key=key, run_id=run_id, name="proc", transfer="presigned")
+        fut = dcp.async_save(state, storage_writer=w, async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+        fut.result()
+        Path(out, f"proc{rank}.json").write_text(json.dumps({"rank": rank, "local_writer_path": w.tinker_path}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

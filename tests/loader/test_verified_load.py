@@ -217,3 +217,26 @@ def test_download_command_uses_the_chunk_verified_reader(server, keys, tmp_path,
     assert (dest / ADAPTER_WEIGHTS).read_bytes() == DATA
     assert sorted(starts) == sorted([k * MiB for k in range(N_CHUNKS)] + [MiB])
     assert sorted(p.name for p in Path(dest).iterdir()) == ["adapter_config.json", ADAPTER_WEIGHTS]
+
+
+def test_presigned_put_body_is_not_sent_under_the_connect_timeout(monkeypatch):
+    """issue 14 (H4, found while benchmarking): urllib3 sends a request body under the *connect*
+    timeout. With 10 s, a 1 GiB presigned PUT that SeaweedFS paused reading for 10 s (a loaded
+    machine) was aborted mid-body as "object store unreachable": ``Client.upload`` fell back to
+    the service and a DCP rank's save failed. A body is sent with 60 s (botocore's default)."""
+    import urllib3
+
+    seen: list[tuple[str, object]] = []
+
+    def urlopen(self, method, url, *a, **kw):  # type: ignore[no-untyped-def]
+        seen.append((method, kw.get("timeout")))
+        raise urllib3.exceptions.NewConnectionError(None, "refused")  # type: ignore[arg-type]
+
+    monkeypatch.setattr(urllib3.PoolManager, "urlopen", urlopen)
+    raw = RawHTTP(300)
+    for method, body in [("PUT", b"x" * 10), ("GET", None)]:
+        with pytest.raises(Exception, match="cannot reach"):
+            raw.request(method, "http://127.0.0.1:9/k", body=body)
+    put, get = (t if t is not None else raw.pool.connection_pool_kw["timeout"] for _, t in seen)
+    assert put.connect_timeout == 60 and put.read_timeout == 300
+    assert get.connect_timeout == 10  # an unreachable store is still noticed quickly

@@ -13,10 +13,13 @@ that stores them (dedup shares rows), or worse, vouch for bytes that are not the
 Where they come from:
 - ``ChunkHasher`` inside ``BlobWriter`` (every stream upload and ``store_file``): the bytes are in
   hand there, so the cost is one more sha256 pass on the server;
-- ``backfill`` for blobs that arrived by presigned PUT (the server never sees those bytes) and for
-  blobs stored before this existed: it reads the object once (parallel ranges), hashes chunks and
-  the whole file, and records the chunks only when the whole file matches. The API schedules it
-  after a commit and when a files request finds some missing; until then readers fall back to the
+- the commit of a presigned file that it reads back (multipart, or a store that does not check
+  signed checksums: ``uploads._finalize_presigned``): ``hash_key`` computes the whole-file sha256
+  and the chunk digests in that one read, and ``mark_live`` records them beside the row;
+- ``backfill`` for blobs whose commit read nothing back (a single PUT whose checksum the store
+  verified: the server never sees those bytes) and for blobs stored before this existed: it reads
+  the object once (``hash_key``) and records the chunks only when the whole file matches. The API
+  schedules it when a files request finds some missing; until then readers fall back to the
   whole-file sha256 (still verified, slower).
 
 Catalog functions take ``session`` first and never commit; ``backfill`` is a workflow.
@@ -25,10 +28,12 @@ Catalog functions take ``session`` first and never commit; ``backfill`` is a wor
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import threading
+from collections import deque
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -37,7 +42,7 @@ from sqlmodel import Session, col, select
 from weightstore.context import Context
 from weightstore.db import session_scope
 from weightstore.models import Blob, BlobChunks, BlobState
-from weightstore.objectstore import blob_key
+from weightstore.objectstore import ObjectStore, blob_key
 
 log = logging.getLogger(__name__)
 DIGEST_LEN = 32  # raw sha256
@@ -140,23 +145,36 @@ _inflight: set[str] = set()
 _inflight_lock = threading.Lock()
 
 
-def hash_stored(ctx: Context, sha256: str, size: int, chunk_size: int) -> tuple[str, ChunkDigests]:
-    """Read blob ``sha256`` once (``BACKFILL_READERS`` ranged reads in flight, chunk hashes on those
-    threads) and return (whole-file sha256, chunk digests). Workflow (object-store I/O only)."""
-    key = blob_key(sha256)
+def hash_key(store: ObjectStore, key: str, size: int, chunk_size: int) -> tuple[str, ChunkDigests]:
+    """Read object ``key`` (``size`` bytes) once, ``BACKFILL_READERS`` ranged reads in flight, each
+    chunk hashed on the thread that fetched it, and return (whole-file sha256, chunk digests). The
+    whole-file hash runs in order on the calling thread; at most ``2 * BACKFILL_READERS`` chunks are
+    held at once, however far the readers get ahead of it. The caller compares the whole-file sha256
+    with the blob's name before recording the chunks (rule C1). Workflow (object-store I/O only)."""
     whole = hashlib.sha256()
-    offsets = range(0, size, chunk_size)
+    offsets = iter(range(0, size, chunk_size))
 
     def fetch(offset: int) -> tuple[bytes, str]:
-        data = ctx.store.read_range(key, offset, min(chunk_size, size - offset))
+        data = store.read_range(key, offset, min(chunk_size, size - offset))
         return data, hashlib.sha256(data).hexdigest()
 
     digests: list[str] = []
     with ThreadPoolExecutor(max_workers=BACKFILL_READERS) as pool:
-        for data, digest in pool.map(fetch, offsets):  # map keeps order: the whole-file hash is in order
-            whole.update(data)
+        window: deque[Future[tuple[bytes, str]]] = deque(
+            pool.submit(fetch, o) for o in itertools.islice(offsets, 2 * BACKFILL_READERS)
+        )
+        while window:
+            data, digest = window.popleft().result()
+            if (nxt := next(offsets, None)) is not None:
+                window.append(pool.submit(fetch, nxt))
+            whole.update(data)  # in order
             digests.append(digest)
     return whole.hexdigest(), ChunkDigests(chunk_size, tuple(digests))
+
+
+def hash_stored(ctx: Context, sha256: str, size: int, chunk_size: int) -> tuple[str, ChunkDigests]:
+    """``hash_key`` on blob ``sha256``'s own key. Workflow (object-store I/O only)."""
+    return hash_key(ctx.store, blob_key(sha256), size, chunk_size)
 
 
 def backfill(ctx: Context, shas: Iterable[str]) -> int:
@@ -199,6 +217,7 @@ __all__ = [
     "chunk_digests_of",
     "forget",
     "get_many",
+    "hash_key",
     "hash_stored",
     "missing",
     "record",

@@ -29,6 +29,12 @@ and at most one chunk on each side of a range is read beyond it. A file without 
 backfill) cannot have a partial range verified, so it is fetched whole and checked against its
 sha256 (``VerifiedLoader``): correctness over bytes saved; ``bytes_fetched`` tells which happened.
 
+Layout: the checkpoint answers ``layout: "dcp"`` (``formats.checkpoint_layout``) and is listed,
+expired, billed and collected like any other. A LoRA adapter saved with ``adapter_config=`` (an
+``adapter_config.json`` committed alongside) exports to PEFT or a merged model
+(``weightstore.integrations.dcp_lora``). Tinker's ``load_state`` and ``Client.load_state`` refuse a
+DCP checkpoint (400 ``invalid_request``): it is not Tinker full state; load it with ``dcp.load``.
+
 Trust: DCP's metadata is a pickle and DCP's default planner ``torch.load``s non-tensor items with
 ``weights_only=False``. The metadata is unpickled here with an allow-list of DCP's own classes;
 the non-tensor items are DCP's business, exactly as with ``FileSystemReader``: load only
@@ -43,12 +49,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import mmap
 import os
 import pickle
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future as ConcurrentFuture
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -70,7 +79,7 @@ from torch.futures import Future
 
 from weightstore.client import Client, _LeaseKeeper
 from weightstore.errors import IntegrityError, InvalidFormat, NotFound
-from weightstore.formats import DCP_METADATA
+from weightstore.formats import ADAPTER_CONFIG, DCP_METADATA
 from weightstore.loader import FileSpec
 from weightstore.names import TinkerPath
 
@@ -105,8 +114,18 @@ def _send(client: Client, upload_id: str, files: dict[str, tuple[int, str, bytes
     return client.send_upload_files(upload_id, answers, {p: src for p, (_, _, src) in files.items()})
 
 
+def _done(results: list[WriteResult]) -> Future[list[WriteResult]]:
+    fut: Future[list[WriteResult]] = Future()
+    fut.set_result(results)
+    return fut
+
+
 class WeightstoreStorageWriter(StorageWriter):
     """DCP ``StorageWriter`` committing a full-state checkpoint ``tinker://RUN/weights/NAME`` (module doc).
+
+    ``adapter_config`` (a PEFT ``adapter_config.json``: ``r``, ``lora_alpha``, optionally
+    ``target_modules``) is saved alongside when the state holds LoRA adapter tensors: it makes the
+    checkpoint exportable to a PEFT adapter or a merged model (``weightstore.integrations.dcp_lora``).
 
     After ``dcp.save`` returns, ``tinker_path`` holds the committed path on the coordinator and
     ``bytes_sent`` the bytes this rank sent (0 for an unchanged shard)."""
@@ -123,9 +142,11 @@ class WeightstoreStorageWriter(StorageWriter):
         user_metadata: dict[str, str] | None = None,
         transfer: str = "auto",
         file_bytes: int = FILE_BYTES,
+        adapter_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.url, self.api_key, self.run_id, self.name, self.file_bytes = url, api_key, run_id, name, file_bytes
+        self.adapter_config = dict(adapter_config) if adapter_config is not None else None
         self.ttl_seconds, self.overwrite, self.user_metadata, self.transfer = ttl_seconds, overwrite, user_metadata, transfer
         self.is_coordinator = False
         self.save_id = uuid.uuid4().hex
@@ -178,14 +199,23 @@ class WeightstoreStorageWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Serialise this rank's items into files of about ``file_bytes`` each (hashing as it
-        writes), add them to the upload, send what the tenant does not hold, in parallel."""
+        writes); each finished file is added to the upload and sent (what the tenant does not hold)
+        while the next one is serialised."""
         rank: _RankData = plan.storage_data
         results: list[WriteResult] = []
         # Bytes items first, then tensors, in plan order: the same state makes the same files.
         ordered = [i for i in plan.items if i.type == WriteItemType.BYTE_IO]
         ordered += [i for i in plan.items if i.type != WriteItemType.BYTE_IO]
-        with tempfile.TemporaryDirectory(prefix="weightstore-dcp-") as tmp:
+        if not ordered:
+            self.bytes_sent = 0
+            return _done(results)
+        with (
+            tempfile.TemporaryDirectory(prefix="weightstore-dcp-") as tmp,
+            _client(self.url, self.api_key, self.transfer) as client,
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="dcp-send") as senders,
+        ):
             files: dict[str, tuple[int, str, bytes | Path]] = {}
+            sending: list[ConcurrentFuture[int]] = []
             f: BinaryIO | None = None
             name, h, size = "", hashlib.sha256(), 0
 
@@ -193,6 +223,7 @@ class WeightstoreStorageWriter(StorageWriter):
                 if f is not None:
                     f.close()
                     files[name] = (size, h.hexdigest(), Path(tmp) / name)
+                    sending.append(senders.submit(_send, client, rank.upload_id, {name: files[name]}))
 
             for item in ordered:
                 if f is None or size >= self.file_bytes:
@@ -205,12 +236,8 @@ class WeightstoreStorageWriter(StorageWriter):
                 results.append(WriteResult(item.index, len(payload), _StorageInfo(name, size, len(payload))))
                 size += len(payload)
             close()
-            if files:
-                with _client(self.url, self.api_key, self.transfer) as client:
-                    self.bytes_sent = _send(client, rank.upload_id, files)
-        fut: Future[list[WriteResult]] = Future()
-        fut.set_result(results)
-        return fut
+            self.bytes_sent = sum(done.result() for done in sending)
+        return _done(results)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Coordinator: add ``.metadata``, then commit once, expecting exactly the files it names."""
@@ -219,10 +246,15 @@ class WeightstoreStorageWriter(StorageWriter):
         metadata.storage_data = {r.index: r.storage_data for rank in results for r in rank}
         metadata.storage_meta = self.storage_meta()
         blob = pickle.dumps(metadata)
-        expect = sorted({r.storage_data.relative_path for rank in results for r in rank} | {DCP_METADATA})
+        extra = {DCP_METADATA: blob}
+        if self.adapter_config is not None:  # what makes a LoRA adapter's DCP checkpoint exportable (dcp_lora)
+            extra[ADAPTER_CONFIG] = json.dumps(self.adapter_config, sort_keys=True).encode()
+        expect = sorted({r.storage_data.relative_path for rank in results for r in rank} | set(extra))
         client = self._lease_client or _client(self.url, self.api_key, self.transfer)
         try:
-            self.bytes_sent += _send(client, self.upload_id, {DCP_METADATA: (len(blob), hashlib.sha256(blob).hexdigest(), blob)})
+            self.bytes_sent += _send(
+                client, self.upload_id, {p: (len(b), hashlib.sha256(b).hexdigest(), b) for p, b in extra.items()}
+            )
             self.tinker_path = str(client.commit_upload(self.upload_id, expect_files=expect)["tinker_path"])
         except BaseException:
             client.abort_upload(self.upload_id)
@@ -364,15 +396,25 @@ class WeightstoreStorageReader(StorageReader):
             with _client(self.url, self.api_key, "auto") as client:
                 client.loader.connections = self.connections
                 files = self._files(client)
-                for rel, items in per_file.items():
+                for rel in per_file:
                     if rel not in files:
                         raise IntegrityError(f"{self.path}: its metadata names {rel}, which the checkpoint lacks")
-                    spans = [
-                        (self.storage_data[i.storage_index].offset, self.storage_data[i.storage_index].length) for i in items
-                    ]
-                    buf = self._fetch(client, files[rel], spans)
-                    for item, (offset, length) in zip(items, spans, strict=True):
-                        _apply(planner, item, io.BytesIO(buf[offset : offset + length]))
+                stored = self.storage_data
+                work = [
+                    (rel, items, [(stored[i.storage_index].offset, stored[i.storage_index].length) for i in items])
+                    for rel, items in per_file.items()
+                ]
+                # One file ahead: the next file's ranges are fetched and verified while this one's items
+                # are deserialised (at most two files' buffers at once; ranks roll files every 256 MiB).
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcp-prefetch") as prefetch:
+                    pending = prefetch.submit(self._fetch, client, files[work[0][0]], work[0][2])
+                    for n, (_rel, items, spans) in enumerate(work):
+                        buf = pending.result()
+                        if n + 1 < len(work):
+                            nxt = work[n + 1]
+                            pending = prefetch.submit(self._fetch, client, files[nxt[0]], nxt[2])
+                        for item, (offset, length) in zip(items, spans, strict=True):
+                            _apply(planner, item, io.BytesIO(buf[offset : offset + length]))
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut

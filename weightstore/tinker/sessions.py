@@ -181,6 +181,12 @@ def load_weights(
     if get_session(session, principal, session_id).state != TinkerSessionState.active:
         raise InvalidRequest(f"session {session_id} has finished")
     source = checkpoints.get_for(session, principal, src_path, now=now, allow_public=True)
+    if checkpoints.layouts(session, [source])[source.id] == "dcp":
+        raise InvalidRequest(
+            f"{src_path} is a PyTorch Distributed Checkpoint (layout dcp), not Tinker full state "
+            "(adapter_model.safetensors, adapter_config.json, optimizer.safetensors): load it with "
+            "dcp.load(..., storage_reader=weightstore.integrations.dcp.WeightstoreStorageReader(...))"
+        )
     if session.get(TinkerModel, (principal.tenant_id, model_id)) is None:  # a retried load finds it made
         _make_model(
             session,

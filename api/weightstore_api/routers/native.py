@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from weightstore import auth, checkpoints, policies, runs, uploads
 from weightstore.blobs import chunks as blob_chunks
+from weightstore.db import session_scope
 from weightstore.names import TinkerPath
 
 from ..convert import checkpoint_public, key_public, run_public
@@ -191,9 +192,10 @@ def commit_upload(
     res = uploads.commit(ctx, principal, upload_id, request_id=request_id_of(request), expect_files=expect)
     if not res.replayed:  # a repeated commit (the client's answer was lost) counts once
         CHECKPOINTS_COMMITTED.labels(res.checkpoint.kind).inc()
-    return CommitPublic(
-        tinker_path=res.tinker_path, checkpoint=checkpoint_public(res.checkpoint), bytes_received=res.bytes_received
-    )
+    with session_scope(ctx.engine) as session:
+        layout = checkpoints.layouts(session, [res.checkpoint])[res.checkpoint.id]
+    checkpoint = checkpoint_public(res.checkpoint, layout=layout)
+    return CommitPublic(tinker_path=res.tinker_path, checkpoint=checkpoint, bytes_received=res.bytes_received)
 
 
 @router.post("/uploads/{upload_id}/renew", operation_id="renew_upload", response_model=UploadLeasePublic)
@@ -223,7 +225,11 @@ def list_checkpoints(
         session, principal, now=ctx.clock.now(), run_id=run_id, kind=kind, limit=limit, offset=offset
     )
     effective = policies.effective_for_runs(session, {c.run_id for c in rows})
-    return CheckpointsPublic(checkpoints=[checkpoint_public(c, policy=effective.get(c.run_id)) for c in rows], total_count=total)
+    layouts = checkpoints.layouts(session, rows)
+    return CheckpointsPublic(
+        checkpoints=[checkpoint_public(c, policy=effective.get(c.run_id), layout=layouts[c.id]) for c in rows],
+        total_count=total,
+    )
 
 
 @router.get("/checkpoints/{run_id}/{segment}/{name}", operation_id="get_checkpoint", response_model=CheckpointPublic)
