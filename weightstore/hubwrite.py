@@ -31,9 +31,12 @@ transfer → commit, each atomic; a later folder failing at run time leaves the 
 (the error names the failure). A Tinker-kind checkpoint never changes: pushing different bytes to an
 existing ``SEG/NAME`` is ``already_exists``; pushing the same bytes again is a no-op because
 preupload answers each existing file's sha256 as its ``oid`` and the client then skips it (0 bytes,
-no commit). A ``deletedFolder`` of ``SEG/NAME`` deletes that checkpoint (the native delete). TTL is
-the tenant's default for the kind, billing the native one (the ledger's ``commit`` event), quota
-the same check as a declare.
+no commit). A ``deletedFolder`` of ``SEG/NAME`` (or of a ``files`` folder) deletes that checkpoint (the
+native delete). ``deletedFile``/``deletedFolder`` *inside* a ``files`` checkpoint make a new version
+without those files (the folder goes with its last file; a path matching nothing is
+``EntryNotFound``); inside a Tinker-kind checkpoint they are refused (400, before anything is stored):
+those never change. TTL is the tenant's default for the kind, billing the native one (the ledger's
+``commit`` event), quota the same check as a declare.
 
 Bytes never pass through the API: preupload answers ``lfs`` for every non-empty file, so the
 client PUTs it straight to the store; only empty files (the client's own rule) and copies come
@@ -49,15 +52,28 @@ writer metadata a native presigned PUT is signed with. So:
 - those PUTs go to staging keys of a *carrier* upload (``Upload`` of kind ``hub``): one per batch,
   open for ``upload_expiry_seconds`` (the Hub's client cannot renew a lease), reserving its bytes
   against the quota, its staging objects reclaimed by the collector like any closed upload's;
-- the commit declares each checkpoint natively (``uploads.declare``, transfer ``presigned``) and
-  points each file the declare wants sent at the carrier's staging object (or, for an inline file,
+- the commit declares each checkpoint natively (``uploads.declare`` with transfer ``stream``, so
+  nothing is presigned or started on the store) and points each file the declare wants sent at the
+  carrier's staging object (or, for an inline file,
   at this upload's own staging key, written by the service). ``uploads.commit`` then verifies it
   like any staged file (size, then sha256 re-read unless the store kept the checksum), copies it
   to its blob key and commits. Only the pushing tenant's own carriers are searched, so a commit can
-  never borrow another tenant's bytes. The consumed carrier rows are released at once (the quota
-  stops counting them twice).
-Objects above one presigned PUT (``single_put_limit``, 5 GiB) are refused per object in the batch
-answer: the Hub's ``multipart`` transfer is not offered yet.
+  never borrow another tenant's bytes.
+- quota: the carrier reserves the bytes from the batch on; the declare *takes that reservation
+  over* (``uploads.Handover``: in the transaction that records the upload, under the tenant lock, it
+  credits those bytes and deletes the carrier rows), so the same bytes never count twice and a push
+  that fits is never refused. The emptied carrier stays open until the commit ends (the collector
+  keeps an open upload's staging objects), then is closed.
+- objects above one PUT (``lfs_put_limit``: ``single_put_max_bytes``, 5 GiB) get the Hub's
+  ``multipart`` answer: ``header`` = ``chunk_size`` plus part URLs ``"1".."N"`` (presigned S3
+  ``upload_part`` URLs of a multipart upload started at the carrier's staging key; sizes from
+  ``objectstore.multipart_plan``), ``href`` = the completion route
+  ``/{repo}.git/info/lfs/complete/{carrier}/{oid}?token=...``. The client PUTs the parts, then POSTs
+  ``{oid, parts: [{partNumber, etag}]}`` to ``href`` *without its token*, so the URL carries a
+  per-carrier random token (stored hashed in the carrier's ``user_metadata``) and that token is the
+  capability; a key sent anyway must be the carrier's tenant's. ``complete_multipart`` checks every
+  part against the store's own listing (number, etag, size), completes the upload and marks the row
+  received; the commit then treats it like any staged object (size, sha256 re-read, copy).
 """
 
 from __future__ import annotations
@@ -65,23 +81,26 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from weightstore import checkpoints, formats, hub, publish, retention, runs, tenants, uploads
 from weightstore.auth import Principal
-from weightstore.blobs import single_put_limit
 from weightstore.context import Context
 from weightstore.db import session_scope
 from weightstore.errors import InvalidRequest, UploadIncomplete, WeightstoreError
 from weightstore.models import TrainingRun, Upload, UploadFile, UploadState
 from weightstore.names import KIND_BY_SEGMENT, TinkerPath, check_file_path, check_name, check_run_id, new_id
-from weightstore.objectstore import staging_key
+from weightstore.objectstore import multipart_plan, staging_key
+from weightstore.settings import Settings
 
 CARRIER_KIND = "hub"
 """``Upload.kind`` of an LFS batch's carrier upload (never committed itself)."""
@@ -93,6 +112,8 @@ INLINE_MAX_BYTES = 16 * 1024 * 1024
 """Largest NDJSON commit body: inline files are only the client's empty files and copies."""
 MAX_COMMIT_LINES = 10_000
 PUSHABLE_KINDS = ("sampler", "training", "files")
+TOKEN_META = "complete_token_sha256"
+"""Carrier ``user_metadata`` key: sha256 of the token in its multipart completion URLs."""
 
 
 # --- repos -----------------------------------------------------------------------------------------
@@ -150,9 +171,22 @@ def preupload(
 # --- LFS batch ---------------------------------------------------------------------------------------
 
 
-def lfs_batch(ctx: Context, principal: Principal, repo_id: str, objects: list[dict[str, Any]]) -> list[dict[str, object]]:
-    """The LFS batch answer (module doc): held objects with no actions, the others a headerless
-    presigned PUT to a staging key of one carrier upload. Workflow."""
+def lfs_put_limit(s: Settings) -> int:
+    """Largest object the LFS batch answers with one PUT (``basic``); larger ones get the Hub's
+    ``multipart`` transfer. S3's one-PUT limit (``single_put_max_bytes``, 5 GiB): the carrier's PUTs
+    carry no checksum (the Hub's client sends no headers) and the commit re-hashes every staged object,
+    so whether the store verifies checksums (``single_put_limit``) does not matter here."""
+    return s.single_put_max_bytes
+
+
+def lfs_batch(
+    ctx: Context, principal: Principal, repo_id: str, objects: list[dict[str, Any]], *, base_url: str
+) -> list[dict[str, object]]:
+    """The LFS batch answer (module doc): held objects with no actions; the others a headerless
+    presigned PUT to a staging key of one carrier upload, or above ``lfs_put_limit`` the Hub's
+    multipart answer: ``header`` = ``chunk_size`` and the presigned part URLs numbered from 1,
+    ``href`` = the completion URL (``complete_multipart``). Workflow: the multipart uploads are started on
+    the store between the checking and the recording transaction (aborted if recording fails)."""
     principal.require_write()
     wanted: dict[str, int] = {}
     for o in objects:
@@ -160,47 +194,167 @@ def lfs_batch(ctx: Context, principal: Principal, repo_id: str, objects: list[di
         if not isinstance(oid, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InvalidRequest("lfs batch: every object needs an oid (sha256) and a size")
         wanted[_check_sha(oid)] = size
-    now = ctx.clock.now()
-    limit = single_put_limit(ctx.settings)
+    s = ctx.settings
+    limit = lfs_put_limit(s)
     with session_scope(ctx.engine) as session:
-        run = own_run(session, principal, repo_id)
+        run_id = own_run(session, principal, repo_id).id
         held = uploads.held_blobs(session, principal.tenant_id, list(wanted))
-        send = {sha: size for sha, size in wanted.items() if sha not in held and size <= limit}
+        send = {sha: size for sha, size in wanted.items() if sha not in held}
         if send:
+            tenants.check_quota(session, principal.tenant_id, sum(send.values()), now=ctx.clock.now(), lock=False)
+    plans = {sha: multipart_plan(size, s.part_size_bytes) for sha, size in send.items() if size > limit}
+    if sum(n for _, n in plans.values()) > s.max_upload_parts:
+        raise InvalidRequest(
+            f"this push would need more than {s.max_upload_parts} presigned parts (WEIGHTSTORE_MAX_UPLOAD_PARTS)"
+        )
+    if not send:
+        return [{"oid": sha, "size": size} for sha, size in wanted.items()]
+    carrier_id, token = new_id("upl"), secrets.token_urlsafe(32)
+    started = {sha: ctx.store.create_multipart(staging_key(carrier_id, sha)) for sha in plans}
+    try:
+        now = ctx.clock.now()
+        with session_scope(ctx.engine) as session:
+            own_run(session, principal, repo_id)
             tenants.check_quota(session, principal.tenant_id, sum(send.values()), now=now, lock=True)
-            carrier = Upload(
-                id=new_id("upl"),
-                tenant_id=principal.tenant_id,
-                run_id=run.id,
-                kind=CARRIER_KIND,
-                name=CARRIER_NAME,
-                created_at=now,
-                expires_at=now + timedelta(seconds=ctx.settings.upload_expiry_seconds),
+            session.add(
+                Upload(
+                    id=carrier_id,
+                    tenant_id=principal.tenant_id,
+                    run_id=run_id,
+                    kind=CARRIER_KIND,
+                    name=CARRIER_NAME,
+                    user_metadata={TOKEN_META: _token_digest(token)},
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=s.upload_expiry_seconds),
+                )
             )
-            session.add(carrier)
             session.flush()
             for sha, size in send.items():
                 session.add(
                     UploadFile(
-                        upload_id=carrier.id,
-                        path=f"lfs/{sha}",
+                        upload_id=carrier_id,
+                        path=_carrier_path(sha),
                         size_bytes=size,
                         sha256=sha,
                         transfer="presigned",
-                        staging_key=staging_key(carrier.id, sha),
+                        staging_key=staging_key(carrier_id, sha),
+                        multipart_upload_id=started.get(sha),
                     )
                 )
-            carrier_id = carrier.id
+    except WeightstoreError:
+        for sha, mpu in started.items():
+            ctx.store.abort_multipart(staging_key(carrier_id, sha), mpu)
+        raise
+    ttl = s.presign_ttl_seconds
     answers: list[dict[str, object]] = []
     for sha, size in wanted.items():
         entry: dict[str, object] = {"oid": sha, "size": size}
-        if sha in send:
-            url, _ = ctx.store.presign_put(staging_key(carrier_id, sha), ctx.settings.presign_ttl_seconds)
-            entry["actions"] = {"upload": {"href": url, "expires_in": ctx.settings.presign_ttl_seconds}}
-        elif sha not in held:
-            entry["error"] = {"code": 422, "message": f"{size} bytes is more than one PUT ({limit}); multipart is not offered"}
+        key = staging_key(carrier_id, sha)
+        if sha in plans:
+            part_size, count = plans[sha]
+            header = {"chunk_size": str(part_size)}
+            header.update({str(n): ctx.store.presign_part(key, started[sha], n, ttl) for n in range(1, count + 1)})
+            href = f"{base_url.rstrip('/')}/{repo_id}.git/info/lfs/complete/{carrier_id}/{sha}?token={token}"
+            entry["actions"] = {"upload": {"href": href, "header": header, "expires_in": ttl}}
+        elif sha in send:
+            url, _ = ctx.store.presign_put(key, ttl)
+            entry["actions"] = {"upload": {"href": url, "expires_in": ttl}}
         answers.append(entry)
     return answers
+
+
+def _carrier_path(sha256: str) -> str:
+    return f"lfs/{sha256}"
+
+
+def _token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def complete_multipart(
+    ctx: Context,
+    repo_id: str,
+    carrier_id: str,
+    sha256: str,
+    token: str,
+    payload: object,
+    *,
+    principal: Principal | None,
+) -> None:
+    """The Hub's multipart completion (``POST href`` with ``{"oid", "parts": [{"partNumber", "etag"}]}``):
+    check that every part 1..N is named once, in order, with the etag and size the store holds, then
+    complete the S3 multipart upload into the carrier's staging key; the NDJSON commit verifies the
+    bytes like any staged object. The Hub's client sends no token here, so the URL's ``token`` (one per
+    carrier, stored hashed) is the capability; a token sent anyway must be the carrier's tenant's.
+    Anything else (another tenant's carrier, a wrong token, another repo, an expired or closed carrier)
+    is the same ``EntryNotFound``. Idempotent. Workflow."""
+    now = ctx.clock.now()
+    with session_scope(ctx.engine) as session:
+        row = _multipart_row(session, repo_id, carrier_id, _check_sha(sha256), token, principal, now)
+        if row.received:
+            return  # completed before: the client lost the answer
+        key, mpu, size = row.staging_key or "", row.multipart_upload_id or "", row.size_bytes
+    part_size, count = multipart_plan(size, ctx.settings.part_size_bytes)
+    etags = _completion_etags(payload, sha256, count)
+    stored = {int(p["PartNumber"]): p for p in ctx.store.list_parts(key, mpu)}
+    for n, etag in enumerate(etags, 1):
+        part = stored.get(n)
+        if part is None:
+            raise InvalidRequest(f"lfs multipart {sha256}: part {n} of {count} was never uploaded")
+        if str(part["ETag"]).strip('"') != etag.strip('"'):
+            raise InvalidRequest(f"lfs multipart {sha256}: part {n}'s etag {etag[:80]!r} is not the etag of the part uploaded")
+        want = part_size if n < count else size - part_size * (count - 1)
+        if int(part["Size"]) != want:
+            raise InvalidRequest(f"lfs multipart {sha256}: part {n} holds {part['Size']} bytes, {want} expected")
+    ctx.store.complete_multipart(key, mpu, [stored[n] for n in range(1, count + 1)])
+    with session_scope(ctx.engine) as session:
+        done = session.get(UploadFile, (carrier_id, _carrier_path(sha256)))
+        if done is not None:
+            done.received, done.multipart_upload_id = True, None
+            session.add(done)
+
+
+def _multipart_row(
+    session: Session, repo_id: str, carrier_id: str, sha256: str, token: str, principal: Principal | None, now: datetime
+) -> UploadFile:
+    carrier = session.get(Upload, carrier_id)
+    row = session.get(UploadFile, (carrier_id, _carrier_path(sha256))) if carrier is not None else None
+    stored_digest = (carrier.user_metadata or {}).get(TOKEN_META, "") if carrier is not None else ""
+    namespace, name = hub.split_repo_id(repo_id)
+    run = hub.find_run(session, namespace, name)
+    if (
+        carrier is None
+        or row is None
+        or carrier.kind != CARRIER_KIND
+        or carrier.state != UploadState.open
+        or carrier.expires_at <= now
+        or not hmac.compare_digest(stored_digest, _token_digest(token))
+        or (principal is not None and principal.tenant_id != carrier.tenant_id)
+        or run is None
+        or run.id != carrier.run_id
+        or (row.multipart_upload_id is None and not row.received)
+    ):
+        raise hub.EntryNotFound(
+            f"no open multipart upload {carrier_id[:80]}/{sha256} in {repo_id} (expired, committed, or not yours)"
+        )
+    return row
+
+
+def _completion_etags(payload: object, sha256: str, count: int) -> list[str]:
+    """The etags of parts 1..``count`` from a completion body, refusing any other shape."""
+    parts = payload.get("parts") if isinstance(payload, dict) else None
+    if not isinstance(payload, dict) or payload.get("oid") != sha256 or not isinstance(parts, list):
+        raise InvalidRequest(f"lfs multipart completion: expected {{'oid': {sha256!r}, 'parts': [...]}}")
+    etags: list[str] = []
+    for i, part in enumerate(parts, 1):
+        number = part.get("partNumber") if isinstance(part, dict) else None
+        etag = part.get("etag") if isinstance(part, dict) else None
+        if number != i or not isinstance(etag, str) or not etag:
+            raise InvalidRequest(f"lfs multipart completion: entry {i} must be part {i} with its etag (got {str(part)[:120]})")
+        etags.append(etag)
+    if len(etags) != count:
+        raise InvalidRequest(f"lfs multipart completion: {sha256} has {count} parts, {len(etags)} named")
+    return etags
 
 
 def _check_sha(value: str) -> str:
@@ -221,16 +375,21 @@ class _Folder:
     files: dict[str, tuple[int, str]] = field(default_factory=dict)
     """path inside the checkpoint → (size, sha256)"""
     inline: dict[str, bytes] = field(default_factory=dict)
+    deleted: list[tuple[str, bool]] = field(default_factory=list)
+    """paths inside the checkpoint to delete (``files`` only): (path, is a folder)"""
 
 
 @dataclass(frozen=True)
 class ParsedCommit:
     folders: dict[str, _Folder]
     deleted: list[str]
+    """whole checkpoints deleted (``deletedFolder`` of ``SEG/NAME`` or ``FOLDER``)"""
 
 
 def parse_commit(settings_name_max: int, lines: Iterable[bytes]) -> ParsedCommit:
-    """Parse and validate an NDJSON commit body (header, ``file``, ``lfsFile``, ``deletedFolder``)."""
+    """Parse and validate an NDJSON commit body (header, ``file``, ``lfsFile``, ``deletedFile``,
+    ``deletedFolder``). Deleting inside a Tinker-kind checkpoint is refused here, before anything is
+    stored: those never change (delete the whole ``SEG/NAME`` folder instead)."""
     folders: dict[str, _Folder] = {}
     deleted: list[str] = []
     for n, raw in enumerate(lines):
@@ -247,8 +406,8 @@ def parse_commit(settings_name_max: int, lines: Iterable[bytes]) -> ParsedCommit
         path = value.get("path")
         if not isinstance(path, str):
             raise InvalidRequest(f"commit line {n + 1}: no path")
-        if key == "deletedFolder":
-            deleted.append(_folder_of(path.strip("/") + "/x", settings_name_max)[0])
+        if key in ("deletedFile", "deletedFolder"):
+            _parse_delete(path, key == "deletedFolder", settings_name_max, folders, deleted)
             continue
         if key not in ("file", "lfsFile"):
             raise InvalidRequest(f"commit line {n + 1}: {key!r} is not supported (checkpoint files never change)")
@@ -265,7 +424,32 @@ def parse_commit(settings_name_max: int, lines: Iterable[bytes]) -> ParsedCommit
             if not isinstance(oid, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidRequest(f"{path}: an lfsFile needs its oid and size")
             folder.files[rest] = (size, _check_sha(oid))
+    both = sorted(set(deleted) & set(folders))
+    if both:
+        raise InvalidRequest(f"{both[0]}: deleted and written in one commit")
     return ParsedCommit(folders, deleted)
+
+
+def _parse_delete(path: str, is_folder: bool, name_max: int, folders: dict[str, _Folder], deleted: list[str]) -> None:
+    """A ``deletedFolder`` naming a whole checkpoint deletes it; anything inside one (a file, a
+    subfolder) is a new version of a ``files`` checkpoint without it, and refused for the Tinker kinds."""
+    clean = path.strip("/")
+    if not clean:
+        raise InvalidRequest("deleting the whole repo is not supported: delete its checkpoints (folders)")
+    parts = clean.split("/")
+    whole = len(parts) == (1 if KIND_BY_SEGMENT.get(parts[0]) in (None, hub.FILES_KIND) else 2)
+    if is_folder and whole:
+        deleted.append(_folder_of(clean + "/x", name_max)[0])
+        return
+    folder_id, kind, name, rest = _folder_of(clean + "/x" if is_folder else clean, name_max)
+    if kind != hub.FILES_KIND:
+        raise InvalidRequest(
+            f"{clean[:300]!r} is inside {folder_id}, a checkpoint that never changes: delete the whole "
+            f"folder (delete_folder('{folder_id}')) or push a new name"
+        )
+    if is_folder:
+        rest = rest[: -len("/x")] if rest != "x" else ""
+    folders.setdefault(folder_id, _Folder(kind, name)).deleted.append((rest, is_folder))
 
 
 def _inline_bytes(path: str, value: dict[str, Any]) -> bytes:
@@ -311,7 +495,8 @@ class CommitAnswer:
 
 
 def commit(ctx: Context, principal: Principal, repo_id: str, revision: str, body: bytes) -> CommitAnswer:
-    """The NDJSON commit (module doc). Workflow: validate everything, then one native upload per folder."""
+    """The NDJSON commit (module doc). Workflow: validate everything, then one native upload per folder,
+    then the deletions."""
     principal.require_write()
     if len(body) > INLINE_MAX_BYTES:
         raise InvalidRequest(f"a commit body may hold at most {INLINE_MAX_BYTES} bytes (large files go through LFS)")
@@ -320,76 +505,155 @@ def commit(ctx: Context, principal: Principal, repo_id: str, revision: str, body
     _require_main(revision)
     parsed = parse_commit(ctx.settings.name_max_length, body.splitlines())
     now = ctx.clock.now()
-    requests: list[uploads.UploadRequest] = []
+    requests: list[tuple[_Folder, uploads.UploadRequest]] = []
+    emptied: list[str] = []
     with session_scope(ctx.engine) as session:
         files_ttl = retention.tenant_default_ttl(session, principal.tenant_id, "training")
-        for f in parsed.folders.values():
+        for folder_id, f in parsed.folders.items():
             overwrite, ttl = False, None
             if f.kind == hub.FILES_KIND:
                 # A Hub push adds to a folder: the files it does not name stay (the tenant holds them,
-                # so they move no byte); the folder becomes a new version of the checkpoint.
+                # so they move no byte) unless deleted; the folder becomes a new version of the checkpoint.
                 old = publish.existing_committed(session, TinkerPath(run_id, f.kind, f.name))
-                if old is not None and checkpoints.is_visible(old, now):
-                    for kept in checkpoints.files_of(session, old):
-                        f.files.setdefault(kept.path, (kept.size_bytes, kept.sha256))
-                    overwrite = True
-                elif old is not None:
-                    overwrite = True  # an expired one still holds the name
-                ttl = files_ttl
+                visible = old is not None and checkpoints.is_visible(old, now)
+                kept = {k.path: (k.size_bytes, k.sha256) for k in checkpoints.files_of(session, old)} if old and visible else {}
+                for path in _apply_deletes(folder_id, kept, f.deleted):
+                    f.files.setdefault(path, kept[path])
+                overwrite, ttl = old is not None, files_ttl  # an expired one still holds the name
+                if not f.files:
+                    emptied.append(folder_id)  # every file deleted: the folder goes, as on the Hub
+                    continue
             requests.append(
-                uploads.UploadRequest(
-                    run_id=run_id,
-                    kind=f.kind,
-                    name=f.name,
-                    files=[uploads.DeclaredFile(p, size, sha) for p, (size, sha) in sorted(f.files.items())],
-                    ttl_seconds=ttl,
-                    overwrite=overwrite,
-                    transfer="presigned",
+                (
+                    f,
+                    uploads.UploadRequest(
+                        run_id=run_id,
+                        kind=f.kind,
+                        name=f.name,
+                        files=[uploads.DeclaredFile(p, size, sha) for p, (size, sha) in sorted(f.files.items())],
+                        ttl_seconds=ttl,
+                        overwrite=overwrite,
+                        transfer="stream",  # nothing presigned: every byte is already staged (_push_folder)
+                    ),
                 )
             )
-    for req in requests:
+    for _, req in requests:
         uploads.validate_request(ctx.settings, req)  # every folder before any is stored
     done: list[str] = []
     received = 0
-    for folder, req in zip(parsed.folders.values(), requests, strict=True):
+    for folder, req in requests:
         result = _push_folder(ctx, principal, req, folder.inline)
         done.append(result.tinker_path)
         received += result.bytes_received
     now = ctx.clock.now()
     with session_scope(ctx.engine) as session:
-        for folder_id in parsed.deleted:
+        for folder_id in parsed.deleted + emptied:
             checkpoints.delete(session, principal, TinkerPath.from_checkpoint_id(run_id, folder_id), now=now)
     with session_scope(ctx.engine) as session:
         main = hub.snapshot(session, principal, repo_id, hub.MAIN, now=now).commit
     return CommitAnswer(main, done, received)
 
 
+def _apply_deletes(folder_id: str, files: dict[str, tuple[int, str]], deletes: list[tuple[str, bool]]) -> list[str]:
+    """The paths of ``files`` left after ``deletes``; a deletion that matches nothing is ``EntryNotFound``
+    (the Hub's answer for ``delete_file`` of a missing file)."""
+    left = set(files)
+    for rest, is_folder in deletes:
+        gone = {p for p in left if p.startswith(rest + "/")} if is_folder else {rest} & left
+        if is_folder and not rest:
+            gone = set(left)
+        if not gone:
+            shown = f"{folder_id}/{rest}" if rest else folder_id
+            raise hub.EntryNotFound(f"{shown[:300]!r} not found in the current version of {folder_id}")
+        left -= gone
+    return sorted(left)
+
+
+class _CarrierHandover:
+    """``uploads.Handover`` for one folder's declare: per sha256 the tenant's own open carrier row
+    whose object is staged (basic, or multipart completed; newest first; never another tenant's).
+    ``take`` deletes those rows (the upload's own rows reserve the bytes from then on) and remembers
+    their staging keys. The carriers stay open, so the collector keeps their staging objects, until
+    ``close_emptied``."""
+
+    def __init__(self, tenant_id: str, sizes: dict[str, int], now: datetime) -> None:
+        self.tenant_id, self.sizes, self.now = tenant_id, sizes, now
+        self.keys: dict[str, str] = {}
+        self.carriers: set[str] = set()
+
+    def _rows(self, session: Session, shas: list[str]) -> dict[str, UploadFile]:
+        wanted = sorted(set(shas) & set(self.sizes))
+        if not wanted:
+            return {}
+        rows = session.exec(
+            select(UploadFile)
+            .join(Upload, col(Upload.id) == col(UploadFile.upload_id))
+            .where(
+                Upload.tenant_id == self.tenant_id,
+                Upload.kind == CARRIER_KIND,
+                Upload.state == UploadState.open,
+                col(Upload.expires_at) > self.now,
+                col(UploadFile.sha256).in_(wanted),
+                col(UploadFile.multipart_upload_id).is_(None),
+            )
+            .order_by(col(UploadFile.received).desc(), col(Upload.created_at).desc())
+        ).all()
+        best: dict[str, UploadFile] = {}
+        for r in rows:
+            best.setdefault(r.sha256, r)
+        return best
+
+    def __call__(self, session: Session, shas: list[str], take: bool) -> int:
+        rows = self._rows(session, shas)
+        if take:
+            self.keys = {sha: r.staging_key or "" for sha, r in rows.items()}
+            self.carriers |= {r.upload_id for r in rows.values()}
+            for r in rows.values():
+                session.execute(
+                    sa.delete(UploadFile).where(col(UploadFile.upload_id) == r.upload_id, col(UploadFile.path) == r.path)
+                )
+        return sum(min(r.size_bytes, self.sizes[sha]) for sha, r in rows.items())
+
+    def close_emptied(self, ctx: Context) -> None:
+        """Close the carriers this handover emptied: the collector then reclaims their staging area
+        (a committed object was already copied into place)."""
+        if not self.carriers:
+            return
+        with session_scope(ctx.engine) as session:
+            for cid in sorted(self.carriers):
+                left = session.exec(select(UploadFile.path).where(UploadFile.upload_id == cid).limit(1)).first()
+                up = session.get(Upload, cid)
+                if left is None and up is not None and up.state == UploadState.open:
+                    up.state = UploadState.aborted  # closed: nothing of its own to commit
+                    session.add(up)
+
+
 def _push_folder(
     ctx: Context, principal: Principal, req: uploads.UploadRequest, inline: dict[str, bytes]
 ) -> uploads.CommitResult:
-    answer = uploads.declare(ctx, principal, req)
+    """One folder → one checkpoint: declare (taking over the carriers' reservations), point every file
+    to send at its staged object (a carrier's, or for an inline file this upload's own key), commit."""
+    inline_shas = {hashlib.sha256(b).hexdigest() for b in inline.values()}
+    sizes = {f.sha256: f.size_bytes for f in req.files if f.path not in inline and f.sha256 not in inline_shas}
+    handover = _CarrierHandover(principal.tenant_id, sizes, ctx.clock.now())
+    answer = uploads.declare(ctx, principal, req, handover=handover)
     try:
         to_send = [f for f in answer.files if f.transfer != "present"]
-        now = ctx.clock.now()
         sources: dict[str, str] = {}
-        with session_scope(ctx.engine) as session:
-            for f in to_send:
-                if f.path in inline:
-                    continue
-                key = _carrier_key(session, principal.tenant_id, f.sha256, now)
-                if key is None:
-                    raise UploadIncomplete(f"{f.path}: its bytes were not sent (LFS batch first)", files=[f.path])
-                sources[f.path] = key
         for f in to_send:
             if f.path in inline:
                 key = uploads.resend_key(answer.upload_id, f.path)
                 ctx.store.put_bytes(key, inline[f.path], sha256=f.sha256)
                 sources[f.path] = key
+            elif f.sha256 in handover.keys:
+                sources[f.path] = handover.keys[f.sha256]
+            else:
+                raise UploadIncomplete(f"{f.path}: its bytes were not sent (LFS batch and upload first)", files=[f.path])
         with session_scope(ctx.engine) as session:
             for path, key in sources.items():
                 row = session.get(UploadFile, (answer.upload_id, path))
                 assert row is not None
-                row.staging_key = key
+                row.transfer, row.staging_key, row.multipart_upload_id = "presigned", key, None
                 session.add(row)
         result = uploads.commit(ctx, principal, answer.upload_id)
     except WeightstoreError:
@@ -398,31 +662,17 @@ def _push_folder(
         except WeightstoreError:
             pass  # already closed; the collector reclaims what is left
         raise
+    finally:
+        handover.close_emptied(ctx)
     _release_carriers(ctx, principal.tenant_id, [f.sha256 for f in to_send])
     return result
 
 
-def _carrier_key(session: Session, tenant_id: str, sha256: str, now: datetime) -> str | None:
-    """The staging key of this tenant's newest open carrier holding ``sha256`` (never another tenant's)."""
-    row = session.exec(
-        select(UploadFile.staging_key)
-        .join(Upload, col(Upload.id) == col(UploadFile.upload_id))
-        .where(
-            Upload.tenant_id == tenant_id,
-            Upload.kind == CARRIER_KIND,
-            Upload.state == UploadState.open,
-            col(Upload.expires_at) > now,
-            UploadFile.sha256 == sha256,
-        )
-        .order_by(col(Upload.created_at).desc())
-        .limit(1)
-    ).first()
-    return row
-
-
 def _release_carriers(ctx: Context, tenant_id: str, shas: list[str]) -> None:
-    """Drop the carrier rows whose bytes are now committed (their quota reservation ends); a carrier
-    left with no rows is closed, so the collector reclaims its staging area."""
+    """Drop the tenant's other carrier rows for bytes now committed (held: any later push of them is
+    answered present), so their quota reservation ends; a carrier left with no rows is closed, so the
+    collector reclaims its staging area. A multipart upload still in flight keeps its row until its
+    carrier expires (its client may still complete it)."""
     if not shas:
         return
     with session_scope(ctx.engine) as session:
@@ -434,6 +684,7 @@ def _release_carriers(ctx: Context, tenant_id: str, shas: list[str]) -> None:
                 Upload.kind == CARRIER_KIND,
                 Upload.state == UploadState.open,
                 col(UploadFile.sha256).in_(shas),
+                col(UploadFile.multipart_upload_id).is_(None),
             )
         ).all()
         carriers = {r.upload_id for r in rows}

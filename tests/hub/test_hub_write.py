@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 import torch
-from sqlmodel import select
+from sqlmodel import col, select
 
 from tests.hub.conftest import Served, World, peft_adapter_files
 from weightstore import checkpoints, retention, tensorio
 from weightstore.context import Context
 from weightstore.db import session_scope
 from weightstore.errors import NotFound
-from weightstore.models import Checkpoint, CheckpointState, Upload, UploadState
+from weightstore.models import Checkpoint, CheckpointState, Upload, UploadFile, UploadState
 from weightstore.names import TinkerPath
 
 
@@ -324,3 +324,189 @@ def test_trainer_push_to_hub_then_resume_from_what_it_pushed(ctx: Context, hf: S
     assert resumed.state.global_step == step + 1
     # the history up to ``step`` came back from the pushed trainer_state.json; one step was trained anew
     assert [h["step"] for h in resumed.state.log_history if "loss" in h] == list(range(1, step + 2))
+
+
+MiB = 1024 * 1024
+
+
+def _lower_single_put(ctx: Context, limit: int) -> None:
+    """The served app reads ``ctx.settings`` per request: objects above ``limit`` go multipart."""
+    ctx.settings = ctx.settings.model_copy(update={"single_put_max_bytes": limit})
+
+
+def _carrier_rows(ctx: Context) -> list[tuple[str, str | None]]:
+    """(carrier id, multipart upload id) of every file row of an open LFS carrier upload."""
+    with session_scope(ctx.engine) as s:
+        rows = s.exec(
+            select(UploadFile.upload_id, UploadFile.multipart_upload_id)
+            .join(Upload, col(Upload.id) == col(UploadFile.upload_id))
+            .where(Upload.kind == "hub", Upload.state == UploadState.open)
+        ).all()
+        return [(a, b) for a, b in rows]
+
+
+def test_lfs_multipart_push_and_refusals_with_the_real_client(
+    ctx: Context, hf: Served, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 15, part 2 (LFS multipart). With the single-PUT limit lowered to 5 MiB, upload_folder of a
+    5 MiB + 100 B file and a small one gets the Hub's multipart answer for the large one (chunk_size,
+    parts 1..2 presigned to the carrier's own staging key, completion through the API) and a basic
+    PUT for the small one; the commit re-hashes and stores both, every byte reads back, the carrier is
+    closed. Then a completion naming a wrong etag or too few parts is a 400 saying which part (the
+    Hub's X-Error-Message too), and that push commits nothing; the completion URL answers another
+    tenant's key, a wrong token or another repo as 404 EntryNotFound (foreign = missing)."""
+    import httpx
+    import huggingface_hub.lfs as lfs
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import BadRequestError
+
+    _lower_single_put(ctx, 5 * MiB)
+    big = bytes(range(256)) * (5 * MiB // 256) + b"t" * 100
+    small = b'{"note": "small"}'
+    puts = PutCounter(monkeypatch)
+    api = _api(hf, world.keys.trainer)
+    api.upload_folder(
+        repo_id="acme/exp1",
+        folder_path=_write_dir(tmp_path / "push", {"big.bin": big, "small.json": small}),
+        path_in_repo="bundle",
+    )
+
+    assert len(puts.puts) == 3  # 2 parts + 1 basic PUT, all to the store's staging area
+    assert all("/staging/upl" in u and hf.url not in u for u in puts.puts)
+    assert sum("partNumber=" in u for u in puts.puts) == 2
+    big_sha = hashlib.sha256(big).hexdigest()
+    completes = [k for k in hf.counter.body_bytes if "/info/lfs/complete/" in k]
+    assert len(completes) == 1 and completes[0].endswith(big_sha)
+    ckpt = _ckpt(ctx, world.run_id, "files", "bundle")
+    assert ckpt is not None and ckpt.size_bytes == len(big) + len(small)
+    with session_scope(ctx.engine) as s:
+        assert {f.path: f.sha256 for f in checkpoints.files_of(s, ckpt)} == {
+            "big.bin": big_sha,
+            "small.json": hashlib.sha256(small).hexdigest(),
+        }
+    assert Path(hf_hub_download("acme/exp1", "bundle/big.bin", token=world.keys.trainer)).read_bytes() == big
+    assert _carrier_rows(ctx) == []  # handed over to the commit, then closed
+
+    bad = b"\x01" * (5 * MiB + 7)
+    folder = _write_dir(tmp_path / "bad", {"big.bin": bad})
+    real = lfs._get_completion_payload
+
+    def wrong_etag(headers: list[Any], oid: str) -> Any:
+        payload = real(headers, oid)
+        payload["parts"][1]["etag"] = '"0123456789abcdef0123456789abcdef"'
+        return payload
+
+    def missing_part(headers: list[Any], oid: str) -> Any:
+        payload = real(headers, oid)
+        payload["parts"] = payload["parts"][:-1]
+        return payload
+
+    for corrupt, message in ((wrong_etag, "part 2's etag"), (missing_part, "has 2 parts, 1 named")):
+        monkeypatch.setattr(lfs, "_get_completion_payload", corrupt)
+        with pytest.raises(RuntimeError, match="Error while uploading 'broken/big.bin'") as exc:
+            api.upload_folder(repo_id="acme/exp1", folder_path=folder, path_in_repo="broken")
+        cause = exc.value.__cause__
+        assert isinstance(cause, BadRequestError) and message in str(cause), cause
+        assert message in cause.response.headers["X-Error-Message"]
+        assert _ckpt(ctx, world.run_id, "files", "broken") is None
+    # the refused multipart uploads stay reserved (incomplete) until their carrier expires
+    assert len(_carrier_rows(ctx)) == 2 and all(mpu for _, mpu in _carrier_rows(ctx))
+    monkeypatch.setattr(lfs, "_get_completion_payload", real)
+
+    # a fresh batch by hand: its completion URL, tried by others and with nothing uploaded
+    sha = hashlib.sha256(bad).hexdigest()
+    r = httpx.post(
+        f"{hf.url}/acme/exp1.git/info/lfs/objects/batch",
+        json={"operation": "upload", "transfers": ["basic", "multipart"], "objects": [{"oid": sha, "size": len(bad)}]},
+        headers={"Authorization": f"Bearer {world.keys.trainer}"},
+    )
+    assert r.status_code == 200 and r.json()["transfer"] == "multipart"
+    upload = r.json()["objects"][0]["actions"]["upload"]
+    assert upload["header"]["chunk_size"] == str(5 * MiB)
+    assert sorted(k for k in upload["header"] if k.isdigit()) == ["1", "2"]
+    href = upload["href"]
+    body = {"oid": sha, "parts": [{"partNumber": n, "etag": '"x"'} for n in (1, 2)]}
+    other_ns = world.other.tenant_id
+    _api(hf, world.keys.other_trainer).create_repo(f"{other_ns}/mine")
+    for url, headers in (
+        (href, {"Authorization": f"Bearer {world.keys.other_trainer}"}),  # another tenant's key
+        (href.split("?token=")[0] + "?token=wrong", {}),
+        (href.replace("/acme/exp1.git/", f"/{other_ns}/mine.git/"), {}),
+    ):
+        r = httpx.post(url, json=body, headers=headers)
+        assert (r.status_code, r.headers.get("X-Error-Code")) == (404, "EntryNotFound"), r.text
+    r = httpx.post(href, json=body)  # the right capability, but no part was uploaded
+    assert r.status_code == 400 and "part 1 of 2 was never uploaded" in r.json()["message"]
+
+
+def test_delete_inside_checkpoints_exact_quota_fit_and_no_pull_requests(ctx: Context, hf: Served, world: World) -> None:
+    """issue 15, part 2. Single-file deletes: delete_file/delete_folder inside a ``files`` checkpoint
+    make a new version without them (the last file gone: the folder goes); a missing file is 404
+    EntryNotFound; inside an immutable Tinker checkpoint it is a permanent 400 with the Hub's
+    X-Error-Message and changes nothing. Quota double count: with the quota at usage + the pushed
+    bytes exactly, a create_commit succeeds (the commit's declare takes the LFS carrier's reservation
+    over instead of counting the bytes twice); one byte more is refused. create_pr is refused (400)."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import BadRequestError, RemoteEntryNotFoundError
+
+    from weightstore import tenants
+    from weightstore.models import Tenant
+
+    api = _api(hf, world.keys.trainer)
+    ops = [
+        CommitOperationAdd("extra/a.json", b'{"a": 1}'),
+        CommitOperationAdd("extra/b.json", b'{"b": 2}'),
+        CommitOperationAdd("extra/sub/c.json", b'{"c": 3}'),
+        CommitOperationAdd("extra/sub/d.json", b'{"d": 4}'),
+    ]
+    api.create_commit("acme/exp1", ops, commit_message="four files")
+
+    def files_of(name: str) -> list[str] | None:
+        ckpt = _ckpt(ctx, world.run_id, "files", name)
+        if ckpt is None:
+            return None
+        with session_scope(ctx.engine) as s:
+            return sorted(f.path for f in checkpoints.files_of(s, ckpt))
+
+    first = _ckpt(ctx, world.run_id, "files", "extra")
+    api.delete_file("extra/a.json", repo_id="acme/exp1")
+    assert files_of("extra") == ["b.json", "sub/c.json", "sub/d.json"]
+    second = _ckpt(ctx, world.run_id, "files", "extra")
+    assert first is not None and second is not None and second.id != first.id  # a new version
+    api.delete_folder("extra/sub", repo_id="acme/exp1")
+    assert files_of("extra") == ["b.json"]
+    assert "extra/a.json" not in {f.rfilename for f in api.model_info("acme/exp1").siblings or []}
+    with pytest.raises(RemoteEntryNotFoundError):
+        api.delete_file("extra/a.json", repo_id="acme/exp1")
+    api.delete_file("extra/b.json", repo_id="acme/exp1")
+    assert files_of("extra") is None  # its last file deleted: the folder is gone
+
+    before = _ckpt(ctx, world.run_id, "sampler", "step-1")
+    for call in (
+        lambda: api.delete_file("sampler_weights/step-1/adapter_config.json", repo_id="acme/exp1"),
+        lambda: api.delete_folder("sampler_weights/step-1/sub", repo_id="acme/exp1"),
+    ):
+        with pytest.raises(BadRequestError, match="never changes") as exc:
+            call()
+        assert exc.value.response.status_code == 400
+        assert "never changes" in exc.value.response.headers["X-Error-Message"]
+    after = _ckpt(ctx, world.run_id, "sampler", "step-1")
+    assert before is not None and after is not None and after.id == before.id
+    with pytest.raises(BadRequestError, match="pull requests are not supported"):
+        api.create_commit("acme/exp1", [CommitOperationAdd("pr/x.json", b"{}")], commit_message="x", create_pr=True)
+    assert files_of("pr") is None
+
+    data = b"q" * 4096
+    with session_scope(ctx.engine) as s:
+        used = tenants.usage(s, "acme", now=ctx.clock.now()).used_bytes
+        tenant = s.get(Tenant, "acme")
+        assert tenant is not None
+        tenant.quota_bytes = used + len(data)
+        s.add(tenant)
+    api.create_commit("acme/exp1", [CommitOperationAdd("fits/data.bin", data)], commit_message="exact fit")
+    assert files_of("fits") == ["data.bin"]
+    with session_scope(ctx.engine) as s:
+        assert tenants.usage(s, "acme", now=ctx.clock.now()).used_bytes == used + len(data)
+    with pytest.raises(BadRequestError, match="quota exceeded"):
+        api.create_commit("acme/exp1", [CommitOperationAdd("over/x.bin", b"y")], commit_message="one byte over")
+    assert files_of("over") is None

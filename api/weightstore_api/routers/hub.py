@@ -9,6 +9,11 @@ GET with the metadata the Hub's clients read from the redirect itself (``X-Repo-
 ``X-Linked-Etag`` = the blob's sha256, ``X-Linked-Size``); the clients do not send the API key to the
 store's host.
 
+Write routes (issue 15, part 2; ``weightstore.hubwrite``): ``POST /api/repos/create``,
+``.../preupload/{rev}``, ``/{repo}.git/info/lfs/objects/batch``, the multipart completion
+``/{repo}.git/info/lfs/complete/{carrier}/{oid}`` (authorised by the token in its URL: the Hub's
+client sends no key there) and the NDJSON ``.../commit/{rev}``; ``create_pr`` is refused (400).
+
 Errors are the project's (status from ``ERROR_TABLE``, same JSON body); ``HubRoute`` adds the Hub's
 ``X-Error-Code``/``X-Error-Message`` from ``HUB_ERROR_CODES``, the one table of those codes. The
 router is included last (``app.ROUTERS``) and every route needs two repo-id segments followed by
@@ -18,6 +23,7 @@ router is included last (``app.ROUTERS``) and every route needs two repo-id segm
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Coroutine
 from datetime import datetime
@@ -34,7 +40,7 @@ from weightstore.context import Context
 from weightstore.db import session_scope
 from weightstore.objectstore import blob_key
 
-from ..deps import CtxDep, CurrentPrincipal, SessionDep, get_ctx
+from ..deps import CtxDep, CurrentPrincipal, SessionDep, get_ctx, get_principal
 from ..errors import weightstore_error_handler
 
 HUB_ERROR_CODES: tuple[tuple[type[e.WeightstoreError], str], ...] = (
@@ -239,6 +245,12 @@ def _preupload(
         return hubwrite.preupload(session, principal, repo_id, revision, files, now=ctx.clock.now())
 
 
+def _refuse_pull_request(request: Request) -> None:
+    """``create_pr=True`` (preupload and commit carry ``?create_pr=1``): refused before any byte moves."""
+    if request.query_params.get("create_pr") not in (None, "", "0", "false", "False"):
+        raise e.InvalidRequest("pull requests are not supported: push to main (create_pr=False)")
+
+
 @router.post("/api/repos/create", operation_id="hub_create_repo")
 async def create_repo(request: Request, principal: CurrentPrincipal, ctx: CtxDep) -> dict[str, object]:
     """``HfApi.create_repo``: the run ``{tenant}:{name}``; an existing repo of the caller's answers as created."""
@@ -257,6 +269,7 @@ async def preupload(
     namespace: str, name: str, revision: str, request: Request, principal: CurrentPrincipal, ctx: CtxDep
 ) -> dict[str, object]:
     """Upload mode per file (``lfs`` for every non-empty file) and the sha256 ``main`` holds at each path."""
+    _refuse_pull_request(request)
     body = await _json_body(request)
     files = body.get("files") if isinstance(body, dict) else None
     if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
@@ -267,16 +280,56 @@ async def preupload(
 
 @router.post("/{namespace}/{name}.git/info/lfs/objects/batch", operation_id="hub_lfs_batch")
 async def lfs_batch(namespace: str, name: str, request: Request, principal: CurrentPrincipal, ctx: CtxDep) -> Response:
-    """Git LFS batch (``basic`` transfer): held objects without actions, the rest a presigned PUT."""
+    """Git LFS batch: held objects without actions, the rest a presigned PUT (``basic``) or, above
+    one PUT, presigned parts and a completion URL (the Hub's ``multipart``)."""
     body = await _json_body(request)
     if not isinstance(body, dict) or body.get("operation") != "upload" or not isinstance(body.get("objects"), list):
         raise e.InvalidRequest("lfs batch: only operation 'upload' with a list of objects is served")
-    if "basic" not in (body.get("transfers") or ["basic"]):
-        raise e.InvalidRequest("lfs batch: only the 'basic' transfer is offered")
+    transfers = body.get("transfers") or ["basic"]
+    if "basic" not in transfers:
+        raise e.InvalidRequest("lfs batch: only the 'basic' and 'multipart' transfers are offered")
     objects = [o for o in body["objects"] if isinstance(o, dict)]
-    answers = await run_in_threadpool(hubwrite.lfs_batch, ctx, principal, f"{namespace}/{name}", objects)
-    payload = {"transfer": "basic", "objects": answers, "hash_algo": "sha256"}
+    limit = hubwrite.lfs_put_limit(ctx.settings)
+    if "multipart" not in transfers and any(isinstance(o.get("size"), int) and o["size"] > limit for o in objects):
+        raise e.InvalidRequest(f"lfs batch: objects over {limit} bytes need the 'multipart' transfer")
+    base_url = ctx.settings.public_url or str(request.base_url)
+    answers = await run_in_threadpool(
+        functools.partial(hubwrite.lfs_batch, base_url=base_url), ctx, principal, f"{namespace}/{name}", objects
+    )
+    multipart = any(_is_multipart(a) for a in answers)
+    payload = {"transfer": "multipart" if multipart else "basic", "objects": answers, "hash_algo": "sha256"}
     return Response(json.dumps(payload), media_type="application/vnd.git-lfs+json")
+
+
+def _is_multipart(answer: dict[str, object]) -> bool:
+    """An LFS batch answer entry carrying the Hub's multipart upload action (``header.chunk_size``)."""
+    actions = answer.get("actions")
+    upload = actions.get("upload") if isinstance(actions, dict) else None
+    header = upload.get("header") if isinstance(upload, dict) else None
+    return isinstance(header, dict) and "chunk_size" in header
+
+
+@router.post("/{namespace}/{name}.git/info/lfs/complete/{carrier_id}/{oid}", operation_id="hub_lfs_complete_multipart")
+async def lfs_complete_multipart(
+    namespace: str, name: str, carrier_id: str, oid: str, token: str, request: Request, ctx: CtxDep
+) -> dict[str, object]:
+    """Completion of the Hub's multipart transfer (the batch answer's ``href``). The Hub's client sends
+    no token here: the URL's ``token`` is the capability (``hubwrite.complete_multipart``); a key sent
+    anyway must belong to the tenant that pushed."""
+    bearer = request.headers.get("authorization", "")
+    key = request.headers.get("x-api-key") or (bearer[7:].strip() if bearer.lower().startswith("bearer ") else None)
+    principal = get_principal(request, ctx, key) if key else None
+    body = await _json_body(request)
+    await run_in_threadpool(
+        functools.partial(hubwrite.complete_multipart, principal=principal),
+        ctx,
+        f"{namespace}/{name}",
+        carrier_id,
+        oid,
+        token,
+        body,
+    )
+    return {"success": True, "oid": oid}
 
 
 @router.post("/api/models/{namespace}/{name}/commit/{revision:path}", operation_id="hub_commit")
@@ -284,6 +337,7 @@ async def commit(
     namespace: str, name: str, revision: str, request: Request, principal: CurrentPrincipal, ctx: CtxDep
 ) -> dict[str, object]:
     """The NDJSON commit: one checkpoint per ``SEG/NAME`` folder, each through the native upload protocol."""
+    _refuse_pull_request(request)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
