@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,10 @@ def child(mode: str, cfg: dict[str, str]) -> None:
     print(json.dumps({"seconds": dt, "bytes": n, "peak_rss_mib": hwm / 1024}))
 
 
+def _fmt(load: tuple[float, float, float]) -> str:
+    return " / ".join(f"{x:.2f}" for x in load)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -147,6 +152,7 @@ def main() -> None:
             "blob_key": blob_key(sha),
             "size": str(size),
         }
+        load_before = os.getloadavg()
         modes = ["boto3", "verified", "before"]
         try:
             import runai_model_streamer  # noqa: F401
@@ -167,6 +173,7 @@ def main() -> None:
                 print(f"{mode} failed: {out.stderr[-1500:]}", file=sys.stderr)
                 continue
             rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        load_after = os.getloadavg()
         fastest = max(r["bytes"] / MiB / r["seconds"] for m, r in rows.items() if m in ("boto3", "runai"))
         names = {
             "verified": "weightstore verified (this issue)",
@@ -175,7 +182,8 @@ def main() -> None:
             "runai": "Run:ai streamer c=8 (unverified)",
         }
         verified = {"verified": "100 %", "before": "100 %", "boto3": "0", "runai": "0"}
-        print(f"\n{size / MiB:.0f} MiB bf16 safetensors; chunk digests ready {backfill_s:.1f} s after the first files request\n")
+        print(f"\n{size / MiB:.0f} MiB bf16 safetensors; chunk digests ready {backfill_s:.1f} s after the first files request")
+        print(f"load average (1/5/15 min) before {_fmt(load_before)}, after {_fmt(load_after)}; {os.cpu_count()} cores\n")
         print("| Reader | Bytes verified | Time (s) | MiB/s | × fastest unverified | Peak RSS (MiB) |")
         print("|---|---|---|---|---|---|")
         for mode, r in rows.items():
@@ -184,6 +192,7 @@ def main() -> None:
             print(f"| {names[mode]} | {verified[mode]} | {r['seconds']:.2f} | {mibs:.0f} | {mibs / fastest:.2f} | {rss:.0f} |")
     finally:
         stack.stop()
+        shutil.rmtree(work, ignore_errors=True)  # SeaweedFS data: the file's size, once per run
 
 
 if __name__ == "__main__":

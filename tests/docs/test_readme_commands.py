@@ -6,7 +6,10 @@ reader types them into a terminal, so variables set by one block (``RUN``, keys)
 against ``weightstore serve`` started the way ``make serve`` starts it: in a fresh directory holding
 the project's ``.venv``, embedded SQLite and SeaweedFS under ``./var``, on a free loopback port. The
 shell starts with what the README tells a reader to paste: the ``export WEIGHTSTORE_URL=...
-WEIGHTSTORE_API_KEY=...`` line that ``serve`` printed.
+WEIGHTSTORE_API_KEY=...`` line that ``serve`` printed. The Hugging Face examples (issue 15: tiny base model,
+export, ``snapshot_download``/``from_pretrained``/``PeftModel``/``hf_hub_download``, ``create_repo`` +
+``upload_folder`` and back) and the loading and DCP save/resume examples (issue 14) run the same way; the
+Hub libraries reach only this serve (``NO_HUB`` below).
 
 A block that cannot run here (``make serve`` blocks, placeholders for the reader's own files, a
 PostgreSQL deployment) is marked in the README, right before its fence, with
@@ -155,15 +158,25 @@ class ReaderShell:
         self.proc.wait(timeout=10)
 
 
+# Where the reader's Hugging Face libraries point until the README's own `export HF_ENDPOINT=...`: a
+# loopback port nothing listens on, so a Hub call made before that fails at once instead of reaching
+# huggingface.co. (HF_HUB_OFFLINE cannot stay set in the reader's shell: the README's Hub examples talk to
+# weightstore through the libraries' online code paths, and a reader's shell does not have it.)
+NO_HUB = "http://127.0.0.1:9"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
 def clean_env(home: Path) -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("WEIGHTSTORE_", "TINKER_", "VIRTUAL_ENV"))}
+    """The reader's shell: none of the test runner's weightstore, tinker or Hugging Face settings."""
+    own = ("WEIGHTSTORE_", "TINKER_", "VIRTUAL_ENV", "HF_", "HUGGINGFACE_", "TRANSFORMERS_")
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(own)}
     return {
         **keep,
-        "HOME": str(home),  # the client's hash cache and the tinker CLI's files stay in the test's directory
+        "HOME": str(home),  # the client's hash cache, the tinker CLI's files and the HF cache stay in the test's directory
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONFAULTHANDLER": "1",  # a Python command that dies on a signal shows its threads' stacks in the failure
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
+        "HF_ENDPOINT": NO_HUB,
+        "HF_HUB_DISABLE_TELEMETRY": "1",
     }
 
 
@@ -175,7 +188,7 @@ def start_serve(clone: Path, env: dict[str, str]) -> tuple[subprocess.Popen[byte
         proc = subprocess.Popen(
             [str(clone / ".venv" / "bin" / "weightstore"), "serve"],
             cwd=clone,
-            env={**env, "WEIGHTSTORE_PORT": str(port)},
+            env={**env, **OFFLINE, "WEIGHTSTORE_PORT": str(port)},  # serve's export worker reads local files only
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -206,14 +219,44 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=10)
 
 
-def test_readme_markers_and_fences_are_well_formed():
+def test_readme_markers_and_fences_are_well_formed() -> None:
     """issue 12, part 8: every fence says its language; every skip says why."""
     blocks, problems = parse_readme(README.read_text())
     assert not problems, "\n".join(problems)
     assert [b for b in blocks if b.skip is None], "no runnable block found in README.md"
 
 
-def test_parse_readme_rules():
+# The calls the README's Hugging Face and loading/DCP sections show (issue 15 "Must show: the README
+# examples work verbatim", issue 14): each must appear in a block that runs, and in no skipped block.
+PROVEN_CALLS = (
+    "snapshot_download(",
+    "hf_hub_download(",
+    "AutoModelForCausalLM.from_pretrained(",
+    "AutoTokenizer.from_pretrained(",
+    "PeftModel.from_pretrained(",
+    "create_repo(",
+    "upload_folder(",
+    "load_weights(",
+    "load_state(",
+    "dcp.save(",
+    "dcp.load(",
+    "WeightstoreStorageWriter(",
+    "WeightstoreStorageReader(",
+)
+
+
+def test_readme_hub_and_dcp_examples_are_not_skipped() -> None:
+    """issue 15 (Must show) and issue 14 (README examples): every Hub read/write call, the loading calls
+    and the DCP save/load that the README shows are in blocks the verbatim run executes."""
+    blocks, _ = parse_readme(README.read_text())
+    skipped = [
+        f"README.md:{b.line} skips {call}" for b in blocks if b.skip is not None for call in PROVEN_CALLS if call in b.code
+    ]
+    missing = [call for call in PROVEN_CALLS if not any(call in b.code for b in blocks if b.skip is None)]
+    assert (skipped, missing) == ([], [])
+
+
+def test_parse_readme_rules() -> None:
     """The parser itself: markers bind to the next block, reasons are required, stray markers are errors."""
     text = (
         "<!-- readme-test: skip (needs a GPU) -->\n```bash\nnvidia-smi\n```\n"
@@ -235,7 +278,7 @@ def test_parse_readme_rules():
     ]
 
 
-def test_cli_starts_without_the_server_stack():
+def test_cli_starts_without_the_server_stack() -> None:
     """issue 12, part 8: the README runs ~40 `weightstore` commands; importing the catalog and store
     stack (sqlalchemy, boto3, the models) on every start made each one take 2-4 s of CPU."""
     heavy = ("sqlalchemy", "sqlmodel", "boto3", "torch", "fastapi")
@@ -246,7 +289,7 @@ def test_cli_starts_without_the_server_stack():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # ~40 CLI starts, 4 Python snippets importing torch, and serve: minutes on a loaded machine
-def test_readme_command_blocks_run_verbatim(tmp_path: Path):
+def test_readme_command_blocks_run_verbatim(tmp_path: Path) -> None:
     """issue 12, part 8: every runnable README block, in order, against a served instance."""
     blocks, problems = parse_readme(README.read_text())
     assert not problems, "\n".join(problems)
