@@ -59,6 +59,13 @@ def hub_error_code(exc: e.WeightstoreError) -> str | None:
     return next((code for cls, code in HUB_ERROR_CODES if isinstance(exc, cls)), None)
 
 
+def header_text(text: str, limit: int = 500) -> str:
+    """``text`` as an HTTP header value: printable ASCII only, no surrounding spaces. Error messages
+    echo what the client sent (paths, revisions), and a control character in a header is not a bad
+    request but a response the server cannot send: the connection dropped, read as a 5xx."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit]).strip()
+
+
 class HubRoute(APIRoute):
     """Renders errors (including the key check in a dependency) through the project's handler, then
     adds the Hub's headers."""
@@ -74,7 +81,7 @@ class HubRoute(APIRoute):
                 code = hub_error_code(exc)
                 if code is not None:
                     response.headers["X-Error-Code"] = code
-                response.headers["X-Error-Message"] = exc.message.encode("ascii", "replace").decode()[:500]
+                response.headers["X-Error-Message"] = header_text(exc.message)
                 commit = exc.details.get("commit")
                 if isinstance(commit, str):
                     response.headers["X-Repo-Commit"] = commit  # lets the client cache "no such file"
@@ -286,6 +293,8 @@ async def lfs_batch(namespace: str, name: str, request: Request, principal: Curr
     if not isinstance(body, dict) or body.get("operation") != "upload" or not isinstance(body.get("objects"), list):
         raise e.InvalidRequest("lfs batch: only operation 'upload' with a list of objects is served")
     transfers = body.get("transfers") or ["basic"]
+    if not isinstance(transfers, list) or not all(isinstance(t, str) for t in transfers):
+        raise e.InvalidRequest("lfs batch: transfers must be a list of names")
     if "basic" not in transfers:
         raise e.InvalidRequest("lfs batch: only the 'basic' and 'multipart' transfers are offered")
     objects = [o for o in body["objects"] if isinstance(o, dict)]
