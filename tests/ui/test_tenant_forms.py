@@ -121,8 +121,35 @@ def test_settings_and_operator_refusals(server, keys, ctx):
         )
         assert r.status_code == 303
         page = ui.get(r.headers["location"]).text
-        assert _message(page, "flash") == "Tenant acme: price and quotas saved."
+        assert _message(page, "flash") == "Tenant acme: name, price and quotas saved."
         assert 'id="quota" value="2 GB"' in page and 'id="price" value="0.1"' in page
+        assert 'id="display-name" value="acme"' in page  # an empty name kept the current one
+
+        # the display name (issue 12, part 1 "tenants set NAME --name"): renamed, refused when taken or
+        # invalid with the core's message, and nothing else changes on a refusal
+        r = _post(
+            ui,
+            "/admin/tenants/acme/settings",
+            {"name": "acme-research", "price": "0.1", "quota": "2 GB"},
+            page="/admin/tenants/acme/manage",
+        )
+        assert r.status_code == 303
+        assert 'id="display-name" value="acme-research"' in ui.get(r.headers["location"]).text
+        for taken, message in (
+            ("globex", "tenant globex already exists"),
+            ("Acme Corp", "tenant 'Acme Corp' must be lowercase letters, digits, '_' or '-' (max 64)"),
+        ):
+            r = _post(
+                ui,
+                "/admin/tenants/acme/settings",
+                {"name": taken, "price": "7", "quota": "2 GB"},
+                page="/admin/tenants/acme/manage",
+            )
+            assert r.status_code == 400, (taken, r.status_code)
+            assert _message(r.text, "action-error") == message
+        with session_scope(ctx.engine) as s:
+            t = s.get(Tenant, "acme")
+            assert t is not None and (t.name, t.price_per_gb_month_usd) == ("acme-research", 0.1)
         r = _post(
             ui,
             "/admin/tenants/acme/settings",

@@ -847,9 +847,11 @@ def update_tenant(
     price: Annotated[str, Form(max_length=200)] = "",
     quota: Annotated[str, Form(max_length=200)] = "",
     soft_quota: Annotated[str, Form(max_length=200)] = "",
+    name: Annotated[str, Form(max_length=200)] = "",
     csrf_token: Annotated[str, Form(max_length=200)] = "",
 ) -> Response:
-    """Set the price override and both quotas from the form; an empty field clears one."""
+    """Set the display name, the price override and both quotas from the form; an empty price or quota
+    clears it, an empty name keeps the current one (the tenant id never changes)."""
     principal = _checked_post(request, ctx, session, csrf_token)
     tenant = _tenant_or_404(session, tenant_id)
     try:
@@ -858,6 +860,7 @@ def update_tenant(
             tenant.id,
             now=ctx.clock.now(),
             principal=principal,
+            name=name.strip() or tenants_core.UNSET,
             price_per_gb_month_usd=parse_price(price),
             quota_bytes=parse_size("hard quota", quota),
             soft_quota_bytes=parse_size("soft quota", soft_quota),
@@ -865,7 +868,7 @@ def update_tenant(
     except WeightstoreError as exc:
         status, message = _refusal(session, exc)
         return _manage_page(request, ctx, session, _tenant_or_404(session, tenant_id), status=status, error=message)
-    return _done(request, ctx, f"/admin/tenants/{tenant.id}/manage", f"Tenant {tenant.id}: price and quotas saved.")
+    return _done(request, ctx, f"/admin/tenants/{tenant.id}/manage", f"Tenant {tenant.id}: name, price and quotas saved.")
 
 
 @router.post("/tenants/{tenant_id}/state", response_class=HTMLResponse)
