@@ -174,6 +174,37 @@ def test_settings_and_operator_refusals(server, keys, ctx):
                 assert s.get(Tenant, tenant).state == "active"  # type: ignore[union-attr]
 
 
+def test_default_ttls_are_set_refused_out_of_range_and_cleared(server, keys, ctx):
+    """issue 12, part 3 (per-tenant defaults, in the UI as in `gc default-ttl` and the API): saved, shown
+    in the form, refused out of the TTL bounds or when not whole seconds with nothing changed, cleared by
+    an empty field; a save without a TTL then gets the tenant's default."""
+    with _signed_in(server, keys) as ui:
+        page = "/admin/tenants/acme/manage"
+        r = _post(ui, "/admin/tenants/acme/default-ttl", {"training": "604800", "sampler": "86400"}, page=page)
+        assert r.status_code == 303
+        shown = ui.get(r.headers["location"]).text
+        assert _message(shown, "flash") == "Tenant acme: default TTLs saved."
+        assert 'id="default-ttl-training" value="604800"' in shown and 'id="default-ttl-sampler" value="86400"' in shown
+        for training, sampler in (("5", "86400"), ("604800", "1 day"), ("604800", "-1")):
+            r = _post(ui, "/admin/tenants/acme/default-ttl", {"training": training, "sampler": sampler}, page=page)
+            assert r.status_code == 400, (training, sampler, r.status_code)
+            assert _message(r.text, "action-error"), r.text[:300]
+        with session_scope(ctx.engine) as s:
+            t = s.get(Tenant, "acme")
+            assert t is not None and (t.default_ttl_training_seconds, t.default_ttl_sampler_seconds) == (604800, 86400)
+        p = principal(ctx, keys.trainer)
+        path = save(ctx, p, new_run(ctx, p), "defaulted", sampler_files(5))
+        with session_scope(ctx.engine) as s:
+            run_id, _, name = path.removeprefix("tinker://").partition("/sampler_weights/")
+            ck = s.exec(select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.name == name)).one()
+            assert ck.expires_at == ck.created_at + timedelta(seconds=86400)
+        r = _post(ui, "/admin/tenants/acme/default-ttl", {"training": "", "sampler": ""}, page=page)
+        assert r.status_code == 303
+        with session_scope(ctx.engine) as s:
+            t = s.get(Tenant, "acme")
+            assert t is not None and (t.default_ttl_training_seconds, t.default_ttl_sampler_seconds) == (None, None)
+
+
 def test_disable_refuses_the_tenants_keys_until_enabled(server, keys):
     """issue 12, part 1: Disable on the manage page makes every key of the tenant answer 403
     ``tenant_disabled``; Enable lets them in again."""
@@ -293,6 +324,7 @@ def test_posts_without_token_or_from_another_origin_are_refused(server, keys, ct
         ("/admin/tenants", {"name": "evil"}),
         ("/admin/tenants/acme/settings", {"price": "99", "quota": "1"}),
         ("/admin/tenants/acme/state", {"action": "disable"}),
+        ("/admin/tenants/acme/default-ttl", {"training": "7200", "sampler": "7200"}),
         ("/admin/tenants/acme/delete", {"confirm": "acme"}),
         ("/admin/tenants/acme/trash/restore", {"checkpoint_id": "x", "ttl_seconds": ""}),
     )

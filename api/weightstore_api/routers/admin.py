@@ -871,6 +871,31 @@ def update_tenant(
     return _done(request, ctx, f"/admin/tenants/{tenant.id}/manage", f"Tenant {tenant.id}: name, price and quotas saved.")
 
 
+@router.post("/tenants/{tenant_id}/default-ttl", response_class=HTMLResponse)
+def set_tenant_default_ttl(
+    request: Request,
+    tenant_id: str,
+    ctx: CtxDep,
+    session: SessionDep,
+    training: Annotated[str, Form(max_length=40)] = "",
+    sampler: Annotated[str, Form(max_length=40)] = "",
+    csrf_token: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
+    """The TTLs a new checkpoint of this tenant gets when its save asks for none (the same rule as
+    ``weightstore gc default-ttl``): whole seconds within the TTL bounds; an empty field, no default."""
+    _checked_post(request, ctx, session, csrf_token)
+    tenant = _tenant_or_404(session, tenant_id)
+    try:
+        if tenant.state == TenantState.deleted:
+            raise InvalidRequest(f"tenant {tenant.id} was deleted: it cannot be changed")
+        training_s, sampler_s = parse_ttl(training), parse_ttl(sampler)
+        retention.set_default_ttl(session, tenant.id, settings=ctx.settings, training=training_s or 0, sampler=sampler_s or 0)
+    except WeightstoreError as exc:
+        status, message = _refusal(session, exc)
+        return _manage_page(request, ctx, session, _tenant_or_404(session, tenant_id), status=status, error=message)
+    return _done(request, ctx, f"/admin/tenants/{tenant.id}/manage", f"Tenant {tenant.id}: default TTLs saved.")
+
+
 @router.post("/tenants/{tenant_id}/state", response_class=HTMLResponse)
 def set_tenant_state(
     request: Request,
