@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -838,6 +839,27 @@ def manage_page(request: Request, tenant_id: str, ctx: CtxDep, session: SessionD
     return _manage_page(request, ctx, session, _tenant_or_404(session, tenant_id))
 
 
+def _manage_action(
+    request: Request,
+    ctx: Context,
+    session: Session,
+    tenant_id: str,
+    csrf_token: str,
+    act: Callable[[Principal, Tenant], str],
+) -> Response:
+    """The shape every form of the manage page shares: the post is checked (origin, session, CSRF),
+    the tenant looked up, ``act`` run; its refusal is shown on the page with the error table's status
+    and nothing it flushed is kept, its success message is flashed after a redirect."""
+    principal = _checked_post(request, ctx, session, csrf_token)
+    tenant = _tenant_or_404(session, tenant_id)
+    try:
+        done = act(principal, tenant)
+    except WeightstoreError as exc:
+        status, message = _refusal(session, exc)
+        return _manage_page(request, ctx, session, _tenant_or_404(session, tenant_id), status=status, error=message)
+    return _done(request, ctx, f"/admin/tenants/{tenant.id}/manage", done)
+
+
 @router.post("/tenants/{tenant_id}/settings", response_class=HTMLResponse)
 def update_tenant(
     request: Request,
@@ -852,9 +874,8 @@ def update_tenant(
 ) -> Response:
     """Set the display name, the price override and both quotas from the form; an empty price or quota
     clears it, an empty name keeps the current one (the tenant id never changes)."""
-    principal = _checked_post(request, ctx, session, csrf_token)
-    tenant = _tenant_or_404(session, tenant_id)
-    try:
+
+    def act(principal: Principal, tenant: Tenant) -> str:
         tenants_core.update(
             session,
             tenant.id,
@@ -865,10 +886,9 @@ def update_tenant(
             quota_bytes=parse_size("hard quota", quota),
             soft_quota_bytes=parse_size("soft quota", soft_quota),
         )
-    except WeightstoreError as exc:
-        status, message = _refusal(session, exc)
-        return _manage_page(request, ctx, session, _tenant_or_404(session, tenant_id), status=status, error=message)
-    return _done(request, ctx, f"/admin/tenants/{tenant.id}/manage", f"Tenant {tenant.id}: name, price and quotas saved.")
+        return f"Tenant {tenant.id}: name, price and quotas saved."
+
+    return _manage_action(request, ctx, session, tenant_id, csrf_token, act)
 
 
 @router.post("/tenants/{tenant_id}/default-ttl", response_class=HTMLResponse)
@@ -883,17 +903,15 @@ def set_tenant_default_ttl(
 ) -> Response:
     """The TTLs a new checkpoint of this tenant gets when its save asks for none (the same rule as
     ``weightstore gc default-ttl``): whole seconds within the TTL bounds; an empty field, no default."""
-    _checked_post(request, ctx, session, csrf_token)
-    tenant = _tenant_or_404(session, tenant_id)
-    try:
+
+    def act(_principal: Principal, tenant: Tenant) -> str:
         if tenant.state == TenantState.deleted:
             raise InvalidRequest(f"tenant {tenant.id} was deleted: it cannot be changed")
         training_s, sampler_s = parse_ttl(training), parse_ttl(sampler)
         retention.set_default_ttl(session, tenant.id, settings=ctx.settings, training=training_s or 0, sampler=sampler_s or 0)
-    except WeightstoreError as exc:
-        status, message = _refusal(session, exc)
-        return _manage_page(request, ctx, session, _tenant_or_404(session, tenant_id), status=status, error=message)
-    return _done(request, ctx, f"/admin/tenants/{tenant.id}/manage", f"Tenant {tenant.id}: default TTLs saved.")
+        return f"Tenant {tenant.id}: default TTLs saved."
+
+    return _manage_action(request, ctx, session, tenant_id, csrf_token, act)
 
 
 @router.post("/tenants/{tenant_id}/state", response_class=HTMLResponse)
@@ -906,18 +924,16 @@ def set_tenant_state(
     csrf_token: Annotated[str, Form(max_length=200)] = "",
 ) -> Response:
     """Disable (every key of the tenant refused, ``tenant_disabled``) or enable again."""
-    principal = _checked_post(request, ctx, session, csrf_token)
-    tenant = _tenant_or_404(session, tenant_id)
-    try:
+
+    def act(principal: Principal, tenant: Tenant) -> str:
         if action not in ("disable", "enable"):
             raise InvalidRequest(f"unknown action {action[:20]!r} (disable or enable)")
         state = TenantState.disabled if action == "disable" else TenantState.active
         tenants_core.set_state(session, tenant.id, state, now=ctx.clock.now(), principal=principal)
-    except WeightstoreError as exc:
-        status, message = _refusal(session, exc)
-        return _manage_page(request, ctx, session, _tenant_or_404(session, tenant_id), status=status, error=message)
-    what = "disabled: its keys are refused until it is enabled" if action == "disable" else "enabled"
-    return _done(request, ctx, f"/admin/tenants/{tenant.id}/manage", f"Tenant {tenant.id} {what}.")
+        what = "disabled: its keys are refused until it is enabled" if action == "disable" else "enabled"
+        return f"Tenant {tenant.id} {what}."
+
+    return _manage_action(request, ctx, session, tenant_id, csrf_token, act)
 
 
 def _delete_page(
