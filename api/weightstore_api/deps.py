@@ -35,6 +35,11 @@ def get_session(ctx: CtxDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
+def sent_key(request: Request) -> str | None:
+    """The API key the request carries, if any: ``X-API-Key`` or ``Authorization: Bearer``."""
+    return request.headers.get("x-api-key") or _bearer(request)
+
+
 def _bearer(request: Request) -> str | None:
     value = request.headers.get("authorization", "")
     return value[7:].strip() if value.lower().startswith("bearer ") else None

@@ -40,7 +40,7 @@ from weightstore.context import Context
 from weightstore.db import session_scope
 from weightstore.objectstore import blob_key
 
-from ..deps import CtxDep, CurrentPrincipal, SessionDep, get_ctx, get_principal
+from ..deps import CtxDep, CurrentPrincipal, SessionDep, get_ctx, get_principal, sent_key
 from ..errors import weightstore_error_handler
 
 HUB_ERROR_CODES: tuple[tuple[type[e.WeightstoreError], str], ...] = (
@@ -325,8 +325,7 @@ async def lfs_complete_multipart(
     """Completion of the Hub's multipart transfer (the batch answer's ``href``). The Hub's client sends
     no token here: the URL's ``token`` is the capability (``hubwrite.complete_multipart``); a key sent
     anyway must belong to the tenant that pushed."""
-    bearer = request.headers.get("authorization", "")
-    key = request.headers.get("x-api-key") or (bearer[7:].strip() if bearer.lower().startswith("bearer ") else None)
+    key = sent_key(request)
     principal = get_principal(request, ctx, key) if key else None
     body = await _json_body(request)
     await run_in_threadpool(
