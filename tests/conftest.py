@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,9 +139,47 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Seen:
+    """One request a ``LiveServer`` answered: what a test asserts on instead of timing the client."""
+
+    method: str
+    path: str
+    status: int
+    retry_count: str | None
+    """The Tinker SDK's ``x-stainless-retry-count`` header: "0" on a first attempt, absent elsewhere."""
+
+
+SDK_RETRIED_STATUSES = frozenset({408, 409, 429})
+"""Besides every 5xx, the statuses the Tinker SDK retries (``reference/tinker_api.md`` §1.7)."""
+
+
+class _Recorder:
+    """ASGI wrapper appending a ``Seen`` per answered HTTP request."""
+
+    def __init__(self, app, seen: list[Seen]) -> None:  # type: ignore[no-untyped-def]
+        self.app, self.seen = app, seen
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        retry = headers.get(b"x-stainless-retry-count")
+
+        async def recording_send(message) -> None:  # type: ignore[no-untyped-def]
+            if message["type"] == "http.response.start":
+                self.seen.append(
+                    Seen(scope["method"], scope["path"], message["status"], retry.decode() if retry is not None else None)
+                )
+            await send(message)
+
+        return await self.app(scope, receive, recording_send)
+
+
 class LiveServer:
     """uvicorn serving ``create_app(ctx)`` on a loopback port in a background thread, wired like
-    ``weightstore serve``: with the in-process collector behind ``POST /v1/admin/gc/runs``."""
+    ``weightstore serve``: with the in-process collector behind ``POST /v1/admin/gc/runs``. Every
+    answered request is appended to ``seen``."""
 
     def __init__(self, ctx: Context, background=()) -> None:  # type: ignore[no-untyped-def]
         from weightstore_api.app import create_app
@@ -150,7 +189,9 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         ctx.settings = ctx.settings.model_copy(update={"public_url": self.url})
         self.app = create_app(ctx, background=background, collector=LocalCollector())
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.seen: list[Seen] = []
+        recorded = _Recorder(self.app, self.seen)
+        config = uvicorn.Config(recorded, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -164,6 +205,19 @@ class LiveServer:
             except httpx.HTTPError:
                 time.sleep(0.05)
         raise RuntimeError("test server did not start")
+
+    @contextmanager
+    def answered_without_retries(self) -> Iterator[list[Seen]]:
+        """Assert that the Tinker SDK calls made inside the block each reached the server exactly
+        once: no answer the SDK would retry (408, 409, 429, 5xx) and no request marked as a retry.
+        This replaces "came back within N seconds", which is a property of the machine's load."""
+        mark = len(self.seen)
+        window: list[Seen] = []
+        yield window
+        window.extend(self.seen[mark:])
+        assert window, "no request reached the server"
+        retried = [s for s in window if s.status in SDK_RETRIED_STATUSES or s.status >= 500 or s.retry_count not in (None, "0")]
+        assert not retried, f"answers the SDK retries, or retries: {retried}"
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -17,7 +17,8 @@ name several API replicas, as a list or comma-separated. The client talks to one
 when a connection fails or the answer is 502/503/504, and keeps using the one that answered. Between
 rounds over every replica it backs off exponentially with jitter (and at least ``Retry-After``), until
 ``retry_deadline`` seconds (``WEIGHTSTORE_RETRY_DEADLINE_SECONDS``, default 60) have passed since the
-call began; then it raises a typed ``TransientError``: the service's own (``CatalogBusy``, ...) or
+call began (a back-off that would end past the deadline is cut short, so the last attempt is made at
+the deadline and the whole budget is used); then it raises a typed ``TransientError``: the service's own (``CatalogBusy``, ...) or
 ``ServiceUnavailable`` when no replica answered. Never a raw ``httpx`` exception.
 
 Which calls are repeated (the rule):
@@ -559,7 +560,10 @@ class Client:
                 self._current = (index + 1) % n
             if failures % n == 0:  # every replica failed once more: back off before the next round
                 wait = max(wait, _jittered(failures // n - 1))
-            if time.monotonic() + wait > deadline:
+            # The whole budget is used: a wait that would run past the deadline is cut short so the
+            # last attempt is made at the deadline; only a failure at or after it is final.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 if last is None:
                     return r  # the service's own typed error (e.g. catalog_busy): raised by the caller
                 where = ", ".join(self.base_urls)
@@ -567,6 +571,7 @@ class Client:
                     f"no weightstore server at {where} answered within {budget:g} s ({why}); "
                     "start `weightstore serve` or set WEIGHTSTORE_URL"
                 ) from last
+            wait = min(wait, remaining)
             log.info("%s %s: %s; retrying in %.2f s", method, url, why, wait)
             time.sleep(wait)
 

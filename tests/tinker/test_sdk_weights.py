@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import tarfile
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -71,10 +70,8 @@ def test_copy_weights_zero_copy_and_idempotent(ctx, server, keys, sdk, other_sdk
     )  # the source and one copy
 
     # cross-tenant: a private checkpoint is not found; a published one can be copied
-    t0 = time.monotonic()
-    with pytest.raises(tinker.NotFoundError):
+    with server.answered_without_retries(), pytest.raises(tinker.NotFoundError):
         other_sdk.copy_weights(seeded.paths["s1"], "p").result(timeout=30)
-    assert time.monotonic() - t0 < 10
     sdk.publish_checkpoint_from_tinker_path(seeded.paths["s1"]).result(timeout=30)
     theirs = other_sdk.copy_weights(seeded.paths["s1"], "p").result(timeout=30)
     assert _manifest(ctx, theirs) == _manifest(ctx, seeded.paths["s1"])

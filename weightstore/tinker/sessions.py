@@ -344,9 +344,10 @@ def wait_for_future(
     while True:
         with session_scope(ctx.engine) as session:
             result = poll_future(session, principal, request_id, now=ctx.clock.now())
-        if result is not None or time.monotonic() >= deadline:
+        remaining = deadline - time.monotonic()
+        if result is not None or remaining <= 0:
             return result
-        time.sleep(interval_seconds)
+        time.sleep(min(interval_seconds, remaining))  # the last poll is at the deadline, not past it
 
 
 def _place_export(
