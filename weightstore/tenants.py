@@ -22,7 +22,9 @@ Rules (docs/design.md, "Tenants and quotas"):
   is refused when ``used + requested - replaced > quota`` (``replaced``: the checkpoint an overwrite
   replaces). ``check_quota(lock=True)`` runs in the declare's recording transaction after locking the
   tenant row (``db.for_write``: ``SELECT ... FOR NO KEY UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises
-  writers), so concurrent declares re-read each other's reservations and never overshoot together.
+  writers), so concurrent declares re-read each other's reservations and never overshoot together. A
+  declare that takes over reservations held elsewhere (the Hub's LFS carriers) locks the row first
+  (``lock_quota``) and only then reads them, so two declares never both take the same bytes over.
 
 Catalog functions only: the caller owns the transaction.
 """
@@ -172,6 +174,15 @@ def usage_all(session: Session, *, now: datetime, tenant_ids: Sequence[str] | No
     return {t: TenantUsage(stored.get(t, 0), reserved.get(t, 0)) for t in sorted(set(stored) | set(reserved))}
 
 
+def lock_quota(session: Session, tenant_id: str) -> int | None:
+    """Lock the tenant's row until the transaction ends (``db.for_write``; on SQLite the transaction
+    already holds the write lock) and answer its hard quota (None: unlimited, or no such tenant).
+    Whatever a declare counts against the quota (its usage, and reservations it takes over:
+    ``uploads.Handover``) must be read after this, in the same transaction, or a concurrent declare
+    can change it unseen."""
+    return session.exec(for_write(select(Tenant.quota_bytes).where(Tenant.id == tenant_id))).first()
+
+
 def check_quota(session: Session, tenant_id: str, requested: int, *, now: datetime, replaced: int = 0, lock: bool) -> None:
     """Refuse (``quota_exceeded``, 400) a declare of ``requested`` logical bytes that would take the
     tenant past its hard quota; ``replaced`` is the size of the checkpoint an overwrite ends.
@@ -179,10 +190,10 @@ def check_quota(session: Session, tenant_id: str, requested: int, *, now: dateti
     With ``lock`` the tenant row is locked first (``db.for_write``; on SQLite the transaction already
     holds the write lock), so the usage read here includes every declare recorded before and none
     can be recorded until this transaction ends: call it in the transaction that records the upload."""
-    q = select(Tenant.quota_bytes).where(Tenant.id == tenant_id)
     if lock:
-        q = for_write(q)
-    quota = session.exec(q).first()
+        quota = lock_quota(session, tenant_id)
+    else:
+        quota = session.exec(select(Tenant.quota_bytes).where(Tenant.id == tenant_id)).first()
     if quota is None:
         return
     used = usage(session, tenant_id, now=now).used_bytes

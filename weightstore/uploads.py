@@ -185,8 +185,10 @@ Handover = Callable[[Session, list[str], bool], int]
 """Reservations the same tenant already holds elsewhere for bytes of a declare (the Hub's LFS carrier
 uploads, ``hubwrite``): called with the sha256s the upload will need sent, it answers how many of
 those bytes are already reserved, which the quota check does not count again; with ``take=True``
-(in the transaction that records the upload, after the tenant lock) it also ends that reservation,
-so the bytes count once throughout (issue 15, part 2: a push that fits is never refused)."""
+it also ends that reservation, so the bytes count once throughout (issue 15, part 2: a push that
+fits is never refused). In the transaction that records the upload both calls come after the
+tenant's row lock (``tenants.lock_quota``): a credit read before it could be taken over by a
+concurrent declare meanwhile, and both would count the same reserved bytes as theirs."""
 
 
 def declare(ctx: Context, principal: Principal, req: UploadRequest, *, handover: Handover | None = None) -> UploadAnswer:
@@ -213,7 +215,10 @@ def declare(ctx: Context, principal: Principal, req: UploadRequest, *, handover:
                 _, not_live = blobs.lock_live(session, [r.sha256 for r in rows])
                 if {r.sha256 for r in rows if r.transfer == "present"} & set(not_live):
                     continue
-                # again under the tenant's row lock: concurrent declares never overshoot together
+                # Again under the tenant's row lock (lock order: blobs, then tenant), taken before the
+                # handover's credit is read: read earlier, a concurrent declare could take the same
+                # carrier bytes over meanwhile and both would be credited for them (PostgreSQL).
+                tenants.lock_quota(session, principal.tenant_id)
                 to_send = [r.sha256 for r in rows if r.transfer != "present"]
                 credit = handover(session, to_send, False) if handover else 0
                 _check_quota(session, principal, req, now=now, lock=True, credit=credit)
