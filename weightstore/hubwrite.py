@@ -5,12 +5,19 @@ Mapping (the README's "push" table):
 
 | pushed to ``main``             | becomes (``tinker://tenant:x/...``)       | served back as (revision, or in ``main``) |
 |--------------------------------|-------------------------------------------|-------------------------------------------|
-| ``create_repo("tenant/x")``    | run ``tenant:x`` (base model "unknown")   | repo ``tenant/x``                         |
+| ``create_repo("tenant/x")``    | run ``tenant:x`` (base model: see below)  | repo ``tenant/x``                         |
 | ``sampler_weights/NAME/...``   | sampler checkpoint                        | ``sampler_weights/NAME``                  |
 | ``weights/NAME/...``           | full-state checkpoint                     | ``weights/NAME``                          |
 | ``FOLDER/...``                 | ``files`` checkpoint ``files/FOLDER``     | ``files/FOLDER``; ``main``'s ``FOLDER/``  |
 | a root file (``config.json``)  | ``files`` checkpoint ``files/root``       | ``files/root``; ``main``'s root           |
 | an export's segment, ``root/``, ``files/``, another revision | refused (400) | nothing stored                |
+
+A run made by ``create_repo`` has base model "unknown" (the Hub's call names none) until a push
+carries an ``adapter_config.json`` (at a folder's root) whose ``base_model_name_or_path`` is a Hub
+model id (``org/name`` or ``name``): the run then adopts it, and its ``r`` as the run's LoRA rank if
+the run has none, once (a later push naming another base changes nothing; a local path such as
+``/tmp/tiny``, what ``save_pretrained`` writes for a model loaded from disk, is not adopted). Exports
+and the Tinker API then see the base like that of any native run.
 
 ``files`` is the kind of what a Hub client pushes that is no Tinker checkpoint (a ``Trainer``'s model
 and its ``last-checkpoint/`` with ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``): no required
@@ -99,7 +106,7 @@ from weightstore.db import session_scope
 from weightstore.errors import InvalidRequest, UploadIncomplete, WeightstoreError
 from weightstore.models import TrainingRun, Upload, UploadFile, UploadState
 from weightstore.names import KIND_BY_SEGMENT, TinkerPath, check_file_path, check_name, check_run_id, new_id
-from weightstore.objectstore import multipart_plan, staging_key
+from weightstore.objectstore import blob_key, multipart_plan, staging_key
 from weightstore.settings import Settings
 
 CARRIER_KIND = "hub"
@@ -545,6 +552,7 @@ def commit(ctx: Context, principal: Principal, repo_id: str, revision: str, body
         result = _push_folder(ctx, principal, req, folder.inline)
         done.append(result.tinker_path)
         received += result.bytes_received
+        _adopt_base_model(ctx, principal, req, folder.inline)
     now = ctx.clock.now()
     with session_scope(ctx.engine) as session:
         for folder_id in parsed.deleted + emptied:
@@ -552,6 +560,40 @@ def commit(ctx: Context, principal: Principal, repo_id: str, revision: str, body
     with session_scope(ctx.engine) as session:
         main = hub.snapshot(session, principal, repo_id, hub.MAIN, now=now).commit
     return CommitAnswer(main, done, received)
+
+
+def _adopt_base_model(ctx: Context, principal: Principal, req: uploads.UploadRequest, inline: dict[str, bytes]) -> None:
+    """A ``create_repo`` run takes its base model (and LoRA rank) from the first committed
+    ``adapter_config.json`` that names a Hub model id (module doc). The file was validated by the
+    commit (JSON, ``r`` and ``lora_alpha``), so it is read back from its blob, at most
+    ``max_json_file_bytes``."""
+    entry = next((f for f in req.files if f.path == formats.ADAPTER_CONFIG), None)
+    if entry is None or entry.size_bytes > ctx.settings.max_json_file_bytes:
+        return
+    with session_scope(ctx.engine) as session:
+        run = session.get(TrainingRun, req.run_id)
+        if run is None or run.base_model != UNKNOWN_BASE:
+            return
+    data = inline.get(entry.path)
+    if data is None:
+        data = ctx.store.read_range(blob_key(entry.sha256), 0, entry.size_bytes)
+    try:
+        cfg = formats.parse_json_file(data, name=entry.path, max_bytes=ctx.settings.max_json_file_bytes)
+    except WeightstoreError:
+        return
+    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    parts = base.split("/") if isinstance(base, str) and len(base) <= runs.MAX_BASE_MODEL_CHARS else []
+    if not 1 <= len(parts) <= 2 or not all(hub.is_repo_part(p) for p in parts):
+        return  # not a Hub model id: absent, a local path, ...
+    rank = cfg.get("r")
+    with session_scope(ctx.engine) as session:
+        run = runs.lock_for_write(session, principal.tenant_id, req.run_id)
+        if run.base_model != UNKNOWN_BASE:
+            return  # another push adopted one first
+        run.base_model = "/".join(parts)
+        if run.lora_rank is None and isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= runs.MAX_LORA_RANK:
+            run.lora_rank = rank
+        session.add(run)
 
 
 def _apply_deletes(folder_id: str, files: dict[str, tuple[int, str]], deletes: list[tuple[str, bool]]) -> list[str]:

@@ -75,6 +75,10 @@ def claim_run_id(session: Session, principal: Principal, requested: str | None) 
     return check_run_id(f"{principal.tenant_id}:{requested}")
 
 
+MAX_BASE_MODEL_CHARS = 200
+MAX_LORA_RANK = 4096
+
+
 def create_run(
     session: Session,
     principal: Principal,
@@ -91,10 +95,10 @@ def create_run(
     copied_from_run_id: str | None = None,
 ) -> TrainingRun:
     principal.require_write()
-    if not base_model or len(base_model) > 200:
-        raise InvalidRequest("base_model must be 1..200 characters")
-    if lora_rank is not None and not (1 <= lora_rank <= 4096):
-        raise InvalidRequest("lora_rank must be between 1 and 4096")
+    if not base_model or len(base_model) > MAX_BASE_MODEL_CHARS:
+        raise InvalidRequest(f"base_model must be 1..{MAX_BASE_MODEL_CHARS} characters")
+    if lora_rank is not None and not (1 <= lora_rank <= MAX_LORA_RANK):
+        raise InvalidRequest(f"lora_rank must be between 1 and {MAX_LORA_RANK}")
     check_user_metadata(user_metadata)
     run_id = claim_run_id(session, principal, run_id)
     taken = session.get(TrainingRun, run_id)

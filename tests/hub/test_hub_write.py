@@ -13,7 +13,7 @@ import pytest
 import torch
 from sqlmodel import col, select
 
-from tests.hub.conftest import Served, World, peft_adapter_files
+from tests.hub.conftest import BASE, Served, World, peft_adapter_files
 from weightstore import checkpoints, retention, tensorio
 from weightstore.context import Context
 from weightstore.db import session_scope
@@ -510,3 +510,44 @@ def test_delete_inside_checkpoints_exact_quota_fit_and_no_pull_requests(ctx: Con
     with pytest.raises(BadRequestError, match="quota exceeded"):
         api.create_commit("acme/exp1", [CommitOperationAdd("over/x.bin", b"y")], commit_message="one byte over")
     assert files_of("over") is None
+
+
+def test_a_create_repo_run_adopts_the_base_model_its_first_adapter_names(ctx: Context, hf: Served, world: World) -> None:
+    """Left in stop 18: a run made by create_repo kept base model "unknown" forever, so an export of a
+    pushed adapter always had to name its base. The first pushed adapter_config.json naming a Hub model
+    id sets it (and the rank), once; a local path (what save_pretrained writes for a model loaded from
+    disk), a non-string and a name too long for a run are not adopted; a later push changes nothing."""
+    from huggingface_hub import CommitOperationAdd
+
+    from weightstore import exportjobs
+    from weightstore.models import TrainingRun
+
+    files = peft_adapter_files(world.base_dir, seed=21)
+    config = json.loads(files["adapter_config.json"])
+    api = _api(hf, world.keys.trainer)
+    api.create_repo("acme/adopt")
+
+    def push(name: str, base: Any) -> None:
+        cfg = {**config, "base_model_name_or_path": base}
+        ops = [
+            CommitOperationAdd(f"sampler_weights/{name}/adapter_model.safetensors", files["adapter_model.safetensors"]),
+            CommitOperationAdd(f"sampler_weights/{name}/adapter_config.json", json.dumps(cfg).encode()),
+        ]
+        api.create_commit("acme/adopt", ops, commit_message=name)
+
+    def run() -> tuple[str, int | None]:
+        with session_scope(ctx.engine) as s:
+            row = s.get(TrainingRun, "acme:adopt")
+            assert row is not None
+            return row.base_model, row.lora_rank
+
+    for i, not_an_id in enumerate([str(world.base_dir), None, 7, "a/b/c", "org/" + "x" * 300, "bad--name"]):
+        push(f"kept-{i}", not_an_id)
+        assert run() == ("unknown", None)
+    push("first", BASE)
+    assert run() == (BASE, config["r"])
+    push("second", "otherorg/other-base")
+    assert run() == (BASE, config["r"])
+    # an export of a pushed adapter now finds its base through the run, as for a native run
+    job = exportjobs.submit(ctx, world.trainer, "tinker://acme:adopt/sampler_weights/second", target="peft")
+    assert job.base_model == BASE
