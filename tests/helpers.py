@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import torch
 
@@ -36,3 +37,13 @@ def state_files(seed: int = 0) -> dict[str, bytes]:
     sum((p * p).sum() for p in params).backward()
     opt.step()
     return {**sampler_files(seed), "optimizer.safetensors": tensorio.optimizer_bytes(opt.state_dict())}
+
+
+def lock_waiters(engine: Any) -> int:
+    """How many backends of ``engine``'s PostgreSQL database wait on a lock right now (the tests'
+    way to see that a transaction they started is blocked, without timing it)."""
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        return int(conn.execute(sa.text(sql)).scalar() or 0)

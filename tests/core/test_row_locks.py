@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from tests.collector._util import new_run, principal, save
-from tests.helpers import sampler_files
+from tests.helpers import lock_waiters, sampler_files
 from weightstore import blobs, runs, tenants
 from weightstore.auth import Principal
 from weightstore.context import Context
@@ -130,11 +130,7 @@ def _wait_until_blocked(ctx: Context, timeout: float = 20.0) -> None:
     """Until some other backend of this database waits on a lock."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with ctx.engine.connect() as conn:
-            waiting = conn.execute(
-                sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
-            ).scalar()
-        if waiting:
+        if lock_waiters(ctx.engine):
             return
         time.sleep(0.05)
     raise AssertionError("the copy-like transaction never waited on the blob lock")

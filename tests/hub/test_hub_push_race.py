@@ -24,10 +24,10 @@ from datetime import datetime
 
 import httpx
 import pytest
-import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from tests.conftest import Keys
+from tests.helpers import lock_waiters
 from tests.hub.conftest import principal_for
 from weightstore import hubwrite, tenants, uploads
 from weightstore.context import Context
@@ -95,11 +95,7 @@ def _wait_until_blocked_or_done(ctx: Context, push: threading.Thread) -> None:
         return
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and push.is_alive():
-        with ctx.engine.connect() as conn:
-            waiting = conn.execute(
-                sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
-            ).scalar()
-        if waiting:
+        if lock_waiters(ctx.engine):
             return
         time.sleep(0.05)
     assert not push.is_alive(), "push 2 neither finished nor waited on a lock"
