@@ -71,6 +71,13 @@ writer metadata a native presigned PUT is signed with. So:
   credits those bytes and deletes the carrier rows), so the same bytes never count twice and a push
   that fits is never refused. The emptied carrier stays open until the commit ends (the collector
   keeps an open upload's staging objects), then is closed.
+- a push whose commit never came (the client died or its connection broke after the PUTs) leaves its
+  carrier open, reserving those bytes until it expires. Pushed again, its objects are answered from
+  that reservation, not a second one (``_reusable``): an object staged with its size gets no actions
+  (the commit verifies it as usual; 0 bytes move again), an unstaged one within one PUT a fresh PUT
+  to the same staging key; the carrier's expiry is extended. So a retry that fits the quota is never
+  refused because of the attempt that failed. Only a multipart upload still in flight is not reused
+  (its completion URL's token is stored hashed): such an object is reserved again.
 - objects above one PUT (``lfs_put_limit``: ``single_put_max_bytes``, 5 GiB) get the Hub's
   ``multipart`` answer: ``header`` = ``chunk_size`` plus part URLs ``"1".."N"`` (presigned S3
   ``upload_part`` URLs of a multipart upload started at the carrier's staging key; sizes from
@@ -98,6 +105,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from weightstore import checkpoints, formats, hub, publish, retention, runs, tenants, uploads
 from weightstore.auth import Principal
@@ -206,16 +214,23 @@ def lfs_batch(
     with session_scope(ctx.engine) as session:
         run_id = own_run(session, principal, repo_id).id
         held = uploads.held_blobs(session, principal.tenant_id, list(wanted))
-        send = {sha: size for sha, size in wanted.items() if sha not in held}
-        if send:
+        pending = {sha: size for sha, size in wanted.items() if sha not in held}
+        earlier = _staged_carrier_rows(session, principal.tenant_id, sorted(pending), ctx.clock.now())
+    reuse = _reusable(ctx, earlier, pending, limit)
+    send = {sha: size for sha, size in pending.items() if sha not in reuse}
+    if send:
+        with session_scope(ctx.engine) as session:
             tenants.check_quota(session, principal.tenant_id, sum(send.values()), now=ctx.clock.now(), lock=False)
     plans = {sha: multipart_plan(size, s.part_size_bytes) for sha, size in send.items() if size > limit}
     if sum(n for _, n in plans.values()) > s.max_upload_parts:
         raise InvalidRequest(
             f"this push would need more than {s.max_upload_parts} presigned parts (WEIGHTSTORE_MAX_UPLOAD_PARTS)"
         )
+    if reuse:
+        _extend_carriers(ctx, {row.upload_id for row, _ in reuse.values()})
+    answers = {sha: _reused_answer(ctx, sha, size, reuse[sha]) for sha, size in pending.items() if sha in reuse}
     if not send:
-        return [{"oid": sha, "size": size} for sha, size in wanted.items()]
+        return [answers.get(sha, {"oid": sha, "size": size}) for sha, size in wanted.items()]
     carrier_id, token = new_id("upl"), secrets.token_urlsafe(32)
     started = {sha: ctx.store.create_multipart(staging_key(carrier_id, sha)) for sha in plans}
     try:
@@ -253,11 +268,13 @@ def lfs_batch(
             ctx.store.abort_multipart(staging_key(carrier_id, sha), mpu)
         raise
     ttl = s.presign_ttl_seconds
-    answers: list[dict[str, object]] = []
+    out: list[dict[str, object]] = []
     for sha, size in wanted.items():
         entry: dict[str, object] = {"oid": sha, "size": size}
         key = staging_key(carrier_id, sha)
-        if sha in plans:
+        if sha in answers:
+            entry = answers[sha]
+        elif sha in plans:
             part_size, count = plans[sha]
             header = {"chunk_size": str(part_size)}
             header.update({str(n): ctx.store.presign_part(key, started[sha], n, ttl) for n in range(1, count + 1)})
@@ -266,8 +283,56 @@ def lfs_batch(
         elif sha in send:
             url, _ = ctx.store.presign_put(key, ttl)
             entry["actions"] = {"upload": {"href": url, "expires_in": ttl}}
-        answers.append(entry)
-    return answers
+        out.append(entry)
+    return out
+
+
+def _reusable(
+    ctx: Context, earlier: dict[str, UploadFile], pending: dict[str, int], limit: int
+) -> dict[str, tuple[UploadFile, bool]]:
+    """The objects an earlier batch of this tenant already reserves (a push whose commit never came:
+    the client died, the connection broke): per sha256 the carrier row and whether its object is
+    staged with the declared size. Answered again from that reservation, not a second one (module
+    doc). A row of another size, or above one PUT and not staged, is not reused."""
+    out: dict[str, tuple[UploadFile, bool]] = {}
+    for sha, row in earlier.items():
+        if row.size_bytes != pending[sha] or not row.staging_key:
+            continue
+        info = ctx.store.head(row.staging_key)
+        staged = info is not None and info.size == row.size_bytes
+        if staged or row.size_bytes <= limit:
+            out[sha] = (row, staged)
+    return out
+
+
+def _reused_answer(ctx: Context, sha: str, size: int, reused: tuple[UploadFile, bool]) -> dict[str, object]:
+    """A staged object: no actions (the commit verifies it like any staged object, and a commit that
+    fails releases the reservation, so a bad object is offered again next time); otherwise a fresh
+    PUT to the same staging key (the same bytes, so a concurrent push's PUT there is harmless)."""
+    row, staged = reused
+    entry: dict[str, object] = {"oid": sha, "size": size}
+    if not staged:
+        ttl = ctx.settings.presign_ttl_seconds
+        url, _ = ctx.store.presign_put(row.staging_key or "", ttl)
+        entry["actions"] = {"upload": {"href": url, "expires_in": ttl}}
+    return entry
+
+
+def _extend_carriers(ctx: Context, carrier_ids: set[str]) -> None:
+    """Reused carriers stay open for another ``upload_expiry_seconds``: the push that answers from
+    them is just starting."""
+    now = ctx.clock.now()
+    until = now + timedelta(seconds=ctx.settings.upload_expiry_seconds)
+    with session_scope(ctx.engine) as session:
+        session.execute(
+            sa.update(Upload)
+            .where(
+                col(Upload.id).in_(sorted(carrier_ids)),
+                col(Upload.state) == UploadState.open,
+                col(Upload.expires_at) < until,
+            )
+            .values(expires_at=until)
+        )
 
 
 def _carrier_path(sha256: str) -> str:
@@ -611,6 +676,37 @@ def _apply_deletes(folder_id: str, files: dict[str, tuple[int, str]], deletes: l
     return sorted(left)
 
 
+def _open_carrier_rows(tenant_id: str, shas: list[str]) -> SelectOfScalar[UploadFile]:
+    """The tenant's own open carrier rows for ``shas`` that no multipart upload is still filling."""
+    return (
+        select(UploadFile)
+        .join(Upload, col(Upload.id) == col(UploadFile.upload_id))
+        .where(
+            Upload.tenant_id == tenant_id,
+            Upload.kind == CARRIER_KIND,
+            Upload.state == UploadState.open,
+            col(UploadFile.sha256).in_(shas),
+            col(UploadFile.multipart_upload_id).is_(None),
+        )
+    )
+
+
+def _staged_carrier_rows(session: Session, tenant_id: str, shas: list[str], now: datetime) -> dict[str, UploadFile]:
+    """Per sha256, the tenant's own open carrier row reserving it whose object is (or may be) staged:
+    a basic PUT's, or a completed multipart's (newest received first); never another tenant's."""
+    if not shas:
+        return {}
+    rows = session.exec(
+        _open_carrier_rows(tenant_id, shas)
+        .where(col(Upload.expires_at) > now)
+        .order_by(col(UploadFile.received).desc(), col(Upload.created_at).desc())
+    ).all()
+    best: dict[str, UploadFile] = {}
+    for r in rows:
+        best.setdefault(r.sha256, r)
+    return best
+
+
 class _CarrierHandover:
     """``uploads.Handover`` for one folder's declare: per sha256 the tenant's own open carrier row
     whose object is staged (basic, or multipart completed; newest first; never another tenant's).
@@ -624,26 +720,7 @@ class _CarrierHandover:
         self.carriers: set[str] = set()
 
     def _rows(self, session: Session, shas: list[str]) -> dict[str, UploadFile]:
-        wanted = sorted(set(shas) & set(self.sizes))
-        if not wanted:
-            return {}
-        rows = session.exec(
-            select(UploadFile)
-            .join(Upload, col(Upload.id) == col(UploadFile.upload_id))
-            .where(
-                Upload.tenant_id == self.tenant_id,
-                Upload.kind == CARRIER_KIND,
-                Upload.state == UploadState.open,
-                col(Upload.expires_at) > self.now,
-                col(UploadFile.sha256).in_(wanted),
-                col(UploadFile.multipart_upload_id).is_(None),
-            )
-            .order_by(col(UploadFile.received).desc(), col(Upload.created_at).desc())
-        ).all()
-        best: dict[str, UploadFile] = {}
-        for r in rows:
-            best.setdefault(r.sha256, r)
-        return best
+        return _staged_carrier_rows(session, self.tenant_id, sorted(set(shas) & set(self.sizes)), self.now)
 
     def __call__(self, session: Session, shas: list[str], take: bool) -> int:
         rows = self._rows(session, shas)
@@ -718,17 +795,7 @@ def _release_carriers(ctx: Context, tenant_id: str, shas: list[str]) -> None:
     if not shas:
         return
     with session_scope(ctx.engine) as session:
-        rows = session.exec(
-            select(UploadFile)
-            .join(Upload, col(Upload.id) == col(UploadFile.upload_id))
-            .where(
-                Upload.tenant_id == tenant_id,
-                Upload.kind == CARRIER_KIND,
-                Upload.state == UploadState.open,
-                col(UploadFile.sha256).in_(shas),
-                col(UploadFile.multipart_upload_id).is_(None),
-            )
-        ).all()
+        rows = session.exec(_open_carrier_rows(tenant_id, shas)).all()
         carriers = {r.upload_id for r in rows}
         for r in rows:
             session.delete(r)

@@ -15,6 +15,7 @@ from sqlmodel import col, select
 
 from tests.hub.conftest import BASE, Served, World, peft_adapter_files
 from weightstore import checkpoints, retention, tensorio
+from weightstore.clock import FakeClock
 from weightstore.context import Context
 from weightstore.db import session_scope
 from weightstore.errors import NotFound
@@ -551,3 +552,64 @@ def test_a_create_repo_run_adopts_the_base_model_its_first_adapter_names(ctx: Co
     # an export of a pushed adapter now finds its base through the run, as for a native run
     job = exportjobs.submit(ctx, world.trainer, "tinker://acme:adopt/sampler_weights/second", target="peft")
     assert job.base_model == BASE
+
+
+@pytest.mark.parametrize("broken", ["after the PUT", "before the PUT", "after a multipart upload"])
+def test_a_push_whose_commit_never_came_is_answered_from_its_reservation(
+    ctx: Context, hf: Served, world: World, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, broken: str
+) -> None:
+    """A push broke before its commit (the client died after its PUTs, or its PUT never arrived, or
+    after completing a multipart upload): its LFS carrier keeps reserving those bytes until it expires
+    (24 h). Pushed again with the quota fitting them once, the retry was refused for the quota (the
+    second batch reserved them a second time). Now the retry is answered from that reservation: a
+    staged object moves 0 bytes, an unstaged one is PUT again to the same staging key; the carrier's
+    expiry is extended; the commit succeeds and the bytes count once."""
+    import huggingface_hub.lfs as lfs
+    from huggingface_hub import CommitOperationAdd
+
+    from weightstore import tenants
+    from weightstore.models import Tenant
+
+    big = broken == "after a multipart upload"
+    if big:
+        _lower_single_put(ctx, 5 * MiB)
+    data = bytes(range(256)) * ((5 * MiB if big else 64 * 1024) // 256) + b"r" * 100
+    with session_scope(ctx.engine) as s:
+        used = tenants.usage(s, "acme", now=ctx.clock.now()).used_bytes
+        tenant = s.get(Tenant, "acme")
+        assert tenant is not None
+        tenant.quota_bytes = used + len(data) + len(data) // 2  # fits once, not twice
+        s.add(tenant)
+    api = _api(hf, world.keys.trainer)
+
+    if broken == "before the PUT":
+        real = lfs.http_backoff
+
+        def refused(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+            if method == "PUT":
+                raise ConnectionError("injected: the connection broke before the PUT")
+            return real(method, url, *args, **kwargs)
+
+        monkeypatch.setattr(lfs, "http_backoff", refused)
+        with pytest.raises(RuntimeError, match="Error while uploading"):
+            api.preupload_lfs_files("acme/exp1", [CommitOperationAdd("retry/w.bin", data)])
+        monkeypatch.setattr(lfs, "http_backoff", real)
+    else:
+        api.preupload_lfs_files("acme/exp1", [CommitOperationAdd("retry/w.bin", data)])  # the PUTs, no commit
+    assert len(_carrier_rows(ctx)) == 1
+
+    # The retry comes a minute before that carrier would expire; its commit comes after that moment:
+    # answering from the carrier extended its expiry.
+    clock.advance(ctx.settings.upload_expiry_seconds - 60)
+    puts = PutCounter(monkeypatch)
+    again = CommitOperationAdd("retry/w.bin", data)
+    api.preupload_lfs_files("acme/exp1", [again])
+    assert len(puts.puts) == (1 if broken == "before the PUT" else 0)
+    clock.advance(120)
+    api.create_commit("acme/exp1", [again], commit_message="again")
+    ckpt = _ckpt(ctx, world.run_id, "files", "retry")
+    assert ckpt is not None
+    with session_scope(ctx.engine) as s:
+        assert {f.path: f.sha256 for f in checkpoints.files_of(s, ckpt)} == {"w.bin": hashlib.sha256(data).hexdigest()}
+        assert tenants.usage(s, "acme", now=ctx.clock.now()).used_bytes == used + len(data)
+    assert _carrier_rows(ctx) == []
