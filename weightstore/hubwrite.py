@@ -75,9 +75,10 @@ writer metadata a native presigned PUT is signed with. So:
   carrier open, reserving those bytes until it expires. Pushed again, its objects are answered from
   that reservation, not a second one (``_reusable``): an object staged with its size gets no actions
   (the commit verifies it as usual; 0 bytes move again), an unstaged one within one PUT a fresh PUT
-  to the same staging key; the carrier's expiry is extended. So a retry that fits the quota is never
-  refused because of the attempt that failed. Only a multipart upload still in flight is not reused
-  (its completion URL's token is stored hashed): such an object is reserved again.
+  to the same staging key, a multipart upload still in flight (same run) fresh part URLs of the same
+  S3 upload and a completion URL with a new token (a carrier keeps up to ``MAX_COMPLETION_TOKENS``,
+  so the broken push's own URL stays valid too); the carrier's expiry is extended. So a retry that
+  fits the quota is never refused because of the attempt that failed.
 - objects above one PUT (``lfs_put_limit``: ``single_put_max_bytes``, 5 GiB) get the Hub's
   ``multipart`` answer: ``header`` = ``chunk_size`` plus part URLs ``"1".."N"`` (presigned S3
   ``upload_part`` URLs of a multipart upload started at the carrier's staging key; sizes from
@@ -110,7 +111,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 from weightstore import checkpoints, formats, hub, publish, retention, runs, tenants, uploads
 from weightstore.auth import Principal
 from weightstore.context import Context
-from weightstore.db import session_scope
+from weightstore.db import for_write, session_scope
 from weightstore.errors import InvalidRequest, UploadIncomplete, WeightstoreError
 from weightstore.models import TrainingRun, Upload, UploadFile, UploadState
 from weightstore.names import KIND_BY_SEGMENT, TinkerPath, check_file_path, check_name, check_run_id, new_id
@@ -128,6 +129,9 @@ INLINE_MAX_BYTES = 16 * 1024 * 1024
 MAX_COMMIT_LINES = 10_000
 PUSHABLE_KINDS = ("sampler", "training", "files")
 TOKEN_META = "complete_token_sha256"
+MAX_COMPLETION_TOKENS = 16
+"""Completion tokens a carrier keeps (space-separated digests under ``TOKEN_META``): one per batch
+that answered from its multipart uploads, the newest kept."""
 """Carrier ``user_metadata`` key: sha256 of the token in its multipart completion URLs."""
 
 
@@ -217,18 +221,22 @@ def lfs_batch(
         pending = {sha: size for sha, size in wanted.items() if sha not in held}
         earlier = _staged_carrier_rows(session, principal.tenant_id, sorted(pending), ctx.clock.now())
     reuse = _reusable(ctx, earlier, pending, limit)
-    send = {sha: size for sha, size in pending.items() if sha not in reuse}
+    big = {sha: size for sha, size in pending.items() if sha not in reuse and size > limit}
+    resumed = _resumable_multiparts(ctx, principal.tenant_id, run_id, big)
+    send = {sha: size for sha, size in pending.items() if sha not in reuse and sha not in resumed}
     if send:
         with session_scope(ctx.engine) as session:
             tenants.check_quota(session, principal.tenant_id, sum(send.values()), now=ctx.clock.now(), lock=False)
     plans = {sha: multipart_plan(size, s.part_size_bytes) for sha, size in send.items() if size > limit}
-    if sum(n for _, n in plans.values()) > s.max_upload_parts:
+    resumed_parts = sum(multipart_plan(r.size_bytes, s.part_size_bytes)[1] for r in resumed.values())
+    if sum(n for _, n in plans.values()) + resumed_parts > s.max_upload_parts:
         raise InvalidRequest(
             f"this push would need more than {s.max_upload_parts} presigned parts (WEIGHTSTORE_MAX_UPLOAD_PARTS)"
         )
-    if reuse:
-        _extend_carriers(ctx, {row.upload_id for row, _ in reuse.values()})
+    if reuse or resumed:
+        _extend_carriers(ctx, {row.upload_id for row, _ in reuse.values()} | {r.upload_id for r in resumed.values()})
     answers = {sha: _reused_answer(ctx, sha, size, reuse[sha]) for sha, size in pending.items() if sha in reuse}
+    answers.update(_resumed_answers(ctx, repo_id, base_url, resumed))
     if not send:
         return [answers.get(sha, {"oid": sha, "size": size}) for sha, size in wanted.items()]
     carrier_id, token = new_id("upl"), secrets.token_urlsafe(32)
@@ -275,11 +283,8 @@ def lfs_batch(
         if sha in answers:
             entry = answers[sha]
         elif sha in plans:
-            part_size, count = plans[sha]
-            header = {"chunk_size": str(part_size)}
-            header.update({str(n): ctx.store.presign_part(key, started[sha], n, ttl) for n in range(1, count + 1)})
-            href = f"{base_url.rstrip('/')}/{repo_id}.git/info/lfs/complete/{carrier_id}/{sha}?token={token}"
-            entry["actions"] = {"upload": {"href": href, "header": header, "expires_in": ttl}}
+            href = _completion_url(base_url, repo_id, carrier_id, sha, token)
+            entry["actions"] = _multipart_actions(ctx, key, started[sha], size, href)
         elif sha in send:
             url, _ = ctx.store.presign_put(key, ttl)
             entry["actions"] = {"upload": {"href": url, "expires_in": ttl}}
@@ -293,7 +298,7 @@ def _reusable(
     """The objects an earlier batch of this tenant already reserves (a push whose commit never came:
     the client died, the connection broke): per sha256 the carrier row and whether its object is
     staged with the declared size. Answered again from that reservation, not a second one (module
-    doc). A row of another size, or above one PUT and not staged, is not reused."""
+    doc). A row of another size, or above one PUT and not staged, is not reused here."""
     out: dict[str, tuple[UploadFile, bool]] = {}
     for sha, row in earlier.items():
         if row.size_bytes != pending[sha] or not row.staging_key:
@@ -316,6 +321,73 @@ def _reused_answer(ctx: Context, sha: str, size: int, reused: tuple[UploadFile, 
         url, _ = ctx.store.presign_put(row.staging_key or "", ttl)
         entry["actions"] = {"upload": {"href": url, "expires_in": ttl}}
     return entry
+
+
+def _multipart_actions(ctx: Context, key: str, multipart_id: str, size: int, href: str) -> dict[str, object]:
+    """The Hub's multipart ``actions``: ``chunk_size`` and presigned part URLs "1".."N" of the S3
+    multipart upload ``multipart_id`` at ``key``, and the completion ``href``."""
+    ttl = ctx.settings.presign_ttl_seconds
+    part_size, count = multipart_plan(size, ctx.settings.part_size_bytes)
+    header = {"chunk_size": str(part_size)}
+    header.update({str(n): ctx.store.presign_part(key, multipart_id, n, ttl) for n in range(1, count + 1)})
+    return {"upload": {"href": href, "header": header, "expires_in": ttl}}
+
+
+def _completion_url(base_url: str, repo_id: str, carrier_id: str, sha256: str, token: str) -> str:
+    return f"{base_url.rstrip('/')}/{repo_id}.git/info/lfs/complete/{carrier_id}/{sha256}?token={token}"
+
+
+def _resumable_multiparts(ctx: Context, tenant_id: str, run_id: str, sizes: dict[str, int]) -> dict[str, UploadFile]:
+    """Per sha256 of ``sizes``, the tenant's own multipart upload still in flight for it in an open
+    carrier of this repo's run, with the same size: a push that broke before completing it."""
+    if not sizes:
+        return {}
+    with session_scope(ctx.engine) as session:
+        rows = session.exec(
+            select(UploadFile)
+            .join(Upload, col(Upload.id) == col(UploadFile.upload_id))
+            .where(
+                Upload.tenant_id == tenant_id,
+                Upload.run_id == run_id,
+                Upload.kind == CARRIER_KIND,
+                Upload.state == UploadState.open,
+                col(Upload.expires_at) > ctx.clock.now(),
+                col(UploadFile.sha256).in_(sorted(sizes)),
+                col(UploadFile.multipart_upload_id).is_not(None),
+            )
+            .order_by(col(Upload.created_at).desc())
+        ).all()
+    out: dict[str, UploadFile] = {}
+    for r in rows:
+        if r.size_bytes == sizes[r.sha256]:
+            out.setdefault(r.sha256, r)
+    return out
+
+
+def _resumed_answers(ctx: Context, repo_id: str, base_url: str, resumed: dict[str, UploadFile]) -> dict[str, dict[str, object]]:
+    """The Hub's multipart answer for multipart uploads already in flight: fresh part URLs of the same
+    S3 upload (re-sent parts replace the earlier ones: the same bytes) and a completion URL with a new
+    token, added to the carrier's (the one the broken push holds stays valid). A carrier closed
+    meanwhile gets no answer here: its object is then reserved anew on the next push."""
+    if not resumed:
+        return {}
+    tokens = {cid: secrets.token_urlsafe(32) for cid in sorted({r.upload_id for r in resumed.values()})}
+    with session_scope(ctx.engine) as session:
+        for cid, token in tokens.items():
+            carrier = session.exec(for_write(select(Upload).where(Upload.id == cid))).first()
+            if carrier is None or carrier.state != UploadState.open:
+                continue
+            meta = dict(carrier.user_metadata or {})
+            digests = [*meta.get(TOKEN_META, "").split(), _token_digest(token)]
+            meta[TOKEN_META] = " ".join(digests[-MAX_COMPLETION_TOKENS:])
+            carrier.user_metadata = meta
+            session.add(carrier)
+    answers: dict[str, dict[str, object]] = {}
+    for sha, row in resumed.items():
+        href = _completion_url(base_url, repo_id, row.upload_id, sha, tokens[row.upload_id])
+        actions = _multipart_actions(ctx, row.staging_key or "", row.multipart_upload_id or "", row.size_bytes, href)
+        answers[sha] = {"oid": sha, "size": row.size_bytes, "actions": actions}
+    return answers
 
 
 def _extend_carriers(ctx: Context, carrier_ids: set[str]) -> None:
@@ -391,7 +463,8 @@ def _multipart_row(
 ) -> UploadFile:
     carrier = session.get(Upload, carrier_id)
     row = session.get(UploadFile, (carrier_id, _carrier_path(sha256))) if carrier is not None else None
-    stored_digest = (carrier.user_metadata or {}).get(TOKEN_META, "") if carrier is not None else ""
+    digests = (carrier.user_metadata or {}).get(TOKEN_META, "").split() if carrier is not None else []
+    token_ok = any([hmac.compare_digest(d, _token_digest(token)) for d in digests])  # a list: compare each
     namespace, name = hub.split_repo_id(repo_id)
     run = hub.find_run(session, namespace, name)
     if (
@@ -400,7 +473,7 @@ def _multipart_row(
         or carrier.kind != CARRIER_KIND
         or carrier.state != UploadState.open
         or carrier.expires_at <= now
-        or not hmac.compare_digest(stored_digest, _token_digest(token))
+        or not token_ok
         or (principal is not None and principal.tenant_id != carrier.tenant_id)
         or run is None
         or run.id != carrier.run_id

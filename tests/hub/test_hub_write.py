@@ -410,11 +410,13 @@ def test_lfs_multipart_push_and_refusals_with_the_real_client(
         assert isinstance(cause, BadRequestError) and message in str(cause), cause
         assert message in cause.response.headers["X-Error-Message"]
         assert _ckpt(ctx, world.run_id, "files", "broken") is None
-    # the refused multipart uploads stay reserved (incomplete) until their carrier expires
-    assert len(_carrier_rows(ctx)) == 2 and all(mpu for _, mpu in _carrier_rows(ctx))
+    # the refused multipart upload stays reserved (incomplete): the second push of the same bytes
+    # resumed it (fresh part URLs, a new completion token) instead of reserving them again
+    assert len(_carrier_rows(ctx)) == 1 and all(mpu for _, mpu in _carrier_rows(ctx))
+    ((carrier_id, _),) = _carrier_rows(ctx)
     monkeypatch.setattr(lfs, "_get_completion_payload", real)
 
-    # a fresh batch by hand: its completion URL, tried by others and with nothing uploaded
+    # a batch by hand resumes it too: its completion URL, tried by others and with wrong etags
     sha = hashlib.sha256(bad).hexdigest()
     r = httpx.post(
         f"{hf.url}/acme/exp1.git/info/lfs/objects/batch",
@@ -426,6 +428,7 @@ def test_lfs_multipart_push_and_refusals_with_the_real_client(
     assert upload["header"]["chunk_size"] == str(5 * MiB)
     assert sorted(k for k in upload["header"] if k.isdigit()) == ["1", "2"]
     href = upload["href"]
+    assert f"/info/lfs/complete/{carrier_id}/{sha}?token=" in href
     body = {"oid": sha, "parts": [{"partNumber": n, "etag": '"x"'} for n in (1, 2)]}
     other_ns = world.other.tenant_id
     _api(hf, world.keys.other_trainer).create_repo(f"{other_ns}/mine")
@@ -436,7 +439,18 @@ def test_lfs_multipart_push_and_refusals_with_the_real_client(
     ):
         r = httpx.post(url, json=body, headers=headers)
         assert (r.status_code, r.headers.get("X-Error-Code")) == (404, "EntryNotFound"), r.text
-    r = httpx.post(href, json=body)  # the right capability, but no part was uploaded
+    r = httpx.post(href, json=body)  # the right capability, but not the parts' etags
+    assert r.status_code == 400 and "part 1's etag" in r.json()["message"]
+    # bytes never pushed: a new multipart upload; completing it with nothing uploaded is refused
+    fresh = hashlib.sha256(b"never pushed").hexdigest()
+    r = httpx.post(
+        f"{hf.url}/acme/exp1.git/info/lfs/objects/batch",
+        json={"operation": "upload", "transfers": ["basic", "multipart"], "objects": [{"oid": fresh, "size": len(bad)}]},
+        headers={"Authorization": f"Bearer {world.keys.trainer}"},
+    )
+    href = r.json()["objects"][0]["actions"]["upload"]["href"]
+    assert f"/info/lfs/complete/{carrier_id}/" not in href  # a carrier of its own
+    r = httpx.post(href, json={"oid": fresh, "parts": [{"partNumber": n, "etag": '"x"'} for n in (1, 2)]})
     assert r.status_code == 400 and "part 1 of 2 was never uploaded" in r.json()["message"]
 
 
@@ -554,15 +568,20 @@ def test_a_create_repo_run_adopts_the_base_model_its_first_adapter_names(ctx: Co
     assert job.base_model == BASE
 
 
-@pytest.mark.parametrize("broken", ["after the PUT", "before the PUT", "after a multipart upload"])
+RETRY_PUTS = {"after the PUT": 0, "before the PUT": 1, "after a multipart upload": 0, "during a multipart upload": 2}
+"""PUTs the retry sends: none for a staged object, the object again, or every part again."""
+
+
+@pytest.mark.parametrize("broken", list(RETRY_PUTS))
 def test_a_push_whose_commit_never_came_is_answered_from_its_reservation(
     ctx: Context, hf: Served, world: World, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, broken: str
 ) -> None:
     """A push broke before its commit (the client died after its PUTs, or its PUT never arrived, or
-    after completing a multipart upload): its LFS carrier keeps reserving those bytes until it expires
+    during or after a multipart upload): its LFS carrier keeps reserving those bytes until it expires
     (24 h). Pushed again with the quota fitting them once, the retry was refused for the quota (the
     second batch reserved them a second time). Now the retry is answered from that reservation: a
-    staged object moves 0 bytes, an unstaged one is PUT again to the same staging key; the carrier's
+    staged object moves 0 bytes, an unstaged one is PUT again to the same staging key, an unfinished
+    multipart upload gets fresh part URLs and a new completion token for the same upload; the carrier's
     expiry is extended; the commit succeeds and the bytes count once."""
     import huggingface_hub.lfs as lfs
     from huggingface_hub import CommitOperationAdd
@@ -570,7 +589,7 @@ def test_a_push_whose_commit_never_came_is_answered_from_its_reservation(
     from weightstore import tenants
     from weightstore.models import Tenant
 
-    big = broken == "after a multipart upload"
+    big = "multipart" in broken
     if big:
         _lower_single_put(ctx, 5 * MiB)
     data = bytes(range(256)) * ((5 * MiB if big else 64 * 1024) // 256) + b"r" * 100
@@ -582,12 +601,12 @@ def test_a_push_whose_commit_never_came_is_answered_from_its_reservation(
         s.add(tenant)
     api = _api(hf, world.keys.trainer)
 
-    if broken == "before the PUT":
+    if broken in ("before the PUT", "during a multipart upload"):
         real = lfs.http_backoff
 
         def refused(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-            if method == "PUT":
-                raise ConnectionError("injected: the connection broke before the PUT")
+            if method == "PUT" and (not big or "partNumber=2" in url):
+                raise ConnectionError("injected: the connection broke before this PUT")
             return real(method, url, *args, **kwargs)
 
         monkeypatch.setattr(lfs, "http_backoff", refused)
@@ -604,7 +623,7 @@ def test_a_push_whose_commit_never_came_is_answered_from_its_reservation(
     puts = PutCounter(monkeypatch)
     again = CommitOperationAdd("retry/w.bin", data)
     api.preupload_lfs_files("acme/exp1", [again])
-    assert len(puts.puts) == (1 if broken == "before the PUT" else 0)
+    assert len(puts.puts) == RETRY_PUTS[broken]
     clock.advance(120)
     api.create_commit("acme/exp1", [again], commit_message="again")
     ckpt = _ckpt(ctx, world.run_id, "files", "retry")
