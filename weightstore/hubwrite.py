@@ -222,19 +222,19 @@ def lfs_batch(
         earlier = _staged_carrier_rows(session, principal.tenant_id, sorted(pending), ctx.clock.now())
     reuse = _reusable(ctx, earlier, pending, limit)
     big = {sha: size for sha, size in pending.items() if sha not in reuse and size > limit}
-    resumed = _resumable_multiparts(ctx, principal.tenant_id, run_id, big)
+    resumed = _resume_multiparts(ctx, principal.tenant_id, run_id, big)
     send = {sha: size for sha, size in pending.items() if sha not in reuse and sha not in resumed}
     if send:
         with session_scope(ctx.engine) as session:
             tenants.check_quota(session, principal.tenant_id, sum(send.values()), now=ctx.clock.now(), lock=False)
     plans = {sha: multipart_plan(size, s.part_size_bytes) for sha, size in send.items() if size > limit}
-    resumed_parts = sum(multipart_plan(r.size_bytes, s.part_size_bytes)[1] for r in resumed.values())
+    resumed_parts = sum(multipart_plan(r.size_bytes, s.part_size_bytes)[1] for r, _ in resumed.values())
     if sum(n for _, n in plans.values()) + resumed_parts > s.max_upload_parts:
         raise InvalidRequest(
             f"this push would need more than {s.max_upload_parts} presigned parts (WEIGHTSTORE_MAX_UPLOAD_PARTS)"
         )
-    if reuse or resumed:
-        _extend_carriers(ctx, {row.upload_id for row, _ in reuse.values()} | {r.upload_id for r in resumed.values()})
+    if reuse:
+        _extend_carriers(ctx, {row.upload_id for row, _ in reuse.values()})
     answers = {sha: _reused_answer(ctx, sha, size, reuse[sha]) for sha, size in pending.items() if sha in reuse}
     answers.update(_resumed_answers(ctx, repo_id, base_url, resumed))
     if not send:
@@ -337,54 +337,63 @@ def _completion_url(base_url: str, repo_id: str, carrier_id: str, sha256: str, t
     return f"{base_url.rstrip('/')}/{repo_id}.git/info/lfs/complete/{carrier_id}/{sha256}?token={token}"
 
 
-def _resumable_multiparts(ctx: Context, tenant_id: str, run_id: str, sizes: dict[str, int]) -> dict[str, UploadFile]:
-    """Per sha256 of ``sizes``, the tenant's own multipart upload still in flight for it in an open
-    carrier of this repo's run, with the same size: a push that broke before completing it."""
+def _resume_multiparts(ctx: Context, tenant_id: str, run_id: str, sizes: dict[str, int]) -> dict[str, tuple[UploadFile, str]]:
+    """Per sha256 of ``sizes``, the tenant's own multipart upload still in flight for it, with the same
+    size, in an open carrier of this repo's run (a push that broke before completing it), taken up by
+    this batch: in one transaction, under each carrier's row lock and re-read there, a new completion
+    token is added to the carrier's (the broken push's own stays valid) and its expiry extended.
+    Answers (row, token); a carrier that closed or a multipart completed meanwhile is left out (its
+    object is then reserved anew or answered as staged)."""
     if not sizes:
         return {}
+    now = ctx.clock.now()
+    until = now + timedelta(seconds=ctx.settings.upload_expiry_seconds)
+    out: dict[str, tuple[UploadFile, str]] = {}
     with session_scope(ctx.engine) as session:
-        rows = session.exec(
+        candidates = session.exec(
             select(UploadFile)
             .join(Upload, col(Upload.id) == col(UploadFile.upload_id))
             .where(
                 Upload.tenant_id == tenant_id,
                 Upload.run_id == run_id,
                 Upload.kind == CARRIER_KIND,
-                Upload.state == UploadState.open,
-                col(Upload.expires_at) > ctx.clock.now(),
                 col(UploadFile.sha256).in_(sorted(sizes)),
                 col(UploadFile.multipart_upload_id).is_not(None),
             )
-            .order_by(col(Upload.created_at).desc())
         ).all()
-    out: dict[str, UploadFile] = {}
-    for r in rows:
-        if r.size_bytes == sizes[r.sha256]:
-            out.setdefault(r.sha256, r)
-    return out
-
-
-def _resumed_answers(ctx: Context, repo_id: str, base_url: str, resumed: dict[str, UploadFile]) -> dict[str, dict[str, object]]:
-    """The Hub's multipart answer for multipart uploads already in flight: fresh part URLs of the same
-    S3 upload (re-sent parts replace the earlier ones: the same bytes) and a completion URL with a new
-    token, added to the carrier's (the one the broken push holds stays valid). A carrier closed
-    meanwhile gets no answer here: its object is then reserved anew on the next push."""
-    if not resumed:
-        return {}
-    tokens = {cid: secrets.token_urlsafe(32) for cid in sorted({r.upload_id for r in resumed.values()})}
-    with session_scope(ctx.engine) as session:
-        for cid, token in tokens.items():
-            carrier = session.exec(for_write(select(Upload).where(Upload.id == cid))).first()
-            if carrier is None or carrier.state != UploadState.open:
+        for cid in sorted({r.upload_id for r in candidates}):
+            carrier = session.exec(
+                for_write(select(Upload).where(Upload.id == cid).execution_options(populate_existing=True))
+            ).first()
+            if carrier is None or carrier.state != UploadState.open or carrier.expires_at <= now:
                 continue
+            rows = session.exec(
+                select(UploadFile)
+                .where(UploadFile.upload_id == cid, col(UploadFile.sha256).in_(sorted(sizes)))
+                .execution_options(populate_existing=True)
+            ).all()
+            mine = [r for r in rows if r.multipart_upload_id and r.size_bytes == sizes[r.sha256] and r.sha256 not in out]
+            if not mine:
+                continue
+            token = secrets.token_urlsafe(32)
             meta = dict(carrier.user_metadata or {})
             digests = [*meta.get(TOKEN_META, "").split(), _token_digest(token)]
             meta[TOKEN_META] = " ".join(digests[-MAX_COMPLETION_TOKENS:])
-            carrier.user_metadata = meta
+            carrier.user_metadata, carrier.expires_at = meta, max(carrier.expires_at, until)
             session.add(carrier)
+            out.update({r.sha256: (r, token) for r in mine})
+    return out
+
+
+def _resumed_answers(
+    ctx: Context, repo_id: str, base_url: str, resumed: dict[str, tuple[UploadFile, str]]
+) -> dict[str, dict[str, object]]:
+    """The Hub's multipart answer for the multipart uploads ``_resume_multiparts`` took up: fresh part
+    URLs of the same S3 upload (re-sent parts replace the earlier ones: the same bytes) and the
+    completion URL with the new token."""
     answers: dict[str, dict[str, object]] = {}
-    for sha, row in resumed.items():
-        href = _completion_url(base_url, repo_id, row.upload_id, sha, tokens[row.upload_id])
+    for sha, (row, token) in resumed.items():
+        href = _completion_url(base_url, repo_id, row.upload_id, sha, token)
         actions = _multipart_actions(ctx, row.staging_key or "", row.multipart_upload_id or "", row.size_bytes, href)
         answers[sha] = {"oid": sha, "size": row.size_bytes, "actions": actions}
     return answers
