@@ -234,7 +234,8 @@ def lfs_batch(
             f"this push would need more than {s.max_upload_parts} presigned parts (WEIGHTSTORE_MAX_UPLOAD_PARTS)"
         )
     if reuse:
-        _extend_carriers(ctx, {row.upload_id for row, _ in reuse.values()})
+        with session_scope(ctx.engine) as session:
+            _extend_carriers(ctx, session, {row.upload_id for row, _ in reuse.values()})
     answers = {sha: _reused_answer(ctx, sha, size, reuse[sha]) for sha, size in pending.items() if sha in reuse}
     answers.update(_resumed_answers(ctx, repo_id, base_url, resumed))
     if not send:
@@ -275,7 +276,6 @@ def lfs_batch(
         for sha, mpu in started.items():
             ctx.store.abort_multipart(staging_key(carrier_id, sha), mpu)
         raise
-    ttl = s.presign_ttl_seconds
     out: list[dict[str, object]] = []
     for sha, size in wanted.items():
         entry: dict[str, object] = {"oid": sha, "size": size}
@@ -286,8 +286,7 @@ def lfs_batch(
             href = _completion_url(base_url, repo_id, carrier_id, sha, token)
             entry["actions"] = _multipart_actions(ctx, key, started[sha], size, href)
         elif sha in send:
-            url, _ = ctx.store.presign_put(key, ttl)
-            entry["actions"] = {"upload": {"href": url, "expires_in": ttl}}
+            entry["actions"] = _put_actions(ctx, key)
         out.append(entry)
     return out
 
@@ -317,9 +316,7 @@ def _reused_answer(ctx: Context, sha: str, size: int, reused: tuple[UploadFile, 
     row, staged = reused
     entry: dict[str, object] = {"oid": sha, "size": size}
     if not staged:
-        ttl = ctx.settings.presign_ttl_seconds
-        url, _ = ctx.store.presign_put(row.staging_key or "", ttl)
-        entry["actions"] = {"upload": {"href": url, "expires_in": ttl}}
+        entry["actions"] = _put_actions(ctx, row.staging_key or "")
     return entry
 
 
@@ -347,7 +344,6 @@ def _resume_multiparts(ctx: Context, tenant_id: str, run_id: str, sizes: dict[st
     if not sizes:
         return {}
     now = ctx.clock.now()
-    until = now + timedelta(seconds=ctx.settings.upload_expiry_seconds)
     out: dict[str, tuple[UploadFile, str]] = {}
     with session_scope(ctx.engine) as session:
         candidates = session.exec(
@@ -379,9 +375,10 @@ def _resume_multiparts(ctx: Context, tenant_id: str, run_id: str, sizes: dict[st
             meta = dict(carrier.user_metadata or {})
             digests = [*meta.get(TOKEN_META, "").split(), _token_digest(token)]
             meta[TOKEN_META] = " ".join(digests[-MAX_COMPLETION_TOKENS:])
-            carrier.user_metadata, carrier.expires_at = meta, max(carrier.expires_at, until)
+            carrier.user_metadata = meta
             session.add(carrier)
             out.update({r.sha256: (r, token) for r in mine})
+        _extend_carriers(ctx, session, {r.upload_id for r, _ in out.values()})
     return out
 
 
@@ -399,21 +396,26 @@ def _resumed_answers(
     return answers
 
 
-def _extend_carriers(ctx: Context, carrier_ids: set[str]) -> None:
-    """Reused carriers stay open for another ``upload_expiry_seconds``: the push that answers from
-    them is just starting."""
-    now = ctx.clock.now()
-    until = now + timedelta(seconds=ctx.settings.upload_expiry_seconds)
-    with session_scope(ctx.engine) as session:
-        session.execute(
-            sa.update(Upload)
-            .where(
-                col(Upload.id).in_(sorted(carrier_ids)),
-                col(Upload.state) == UploadState.open,
-                col(Upload.expires_at) < until,
-            )
-            .values(expires_at=until)
+def _extend_carriers(ctx: Context, session: Session, carrier_ids: set[str]) -> None:
+    """Carriers a batch answers from stay open for another ``upload_expiry_seconds``: the push that
+    answers from them is just starting (an expiry already later is kept)."""
+    until = ctx.clock.now() + timedelta(seconds=ctx.settings.upload_expiry_seconds)
+    session.execute(
+        sa.update(Upload)
+        .where(
+            col(Upload.id).in_(sorted(carrier_ids)),
+            col(Upload.state) == UploadState.open,
+            col(Upload.expires_at) < until,
         )
+        .values(expires_at=until)
+    )
+
+
+def _put_actions(ctx: Context, key: str) -> dict[str, object]:
+    """The LFS basic ``actions``: one headerless presigned PUT to ``key``."""
+    ttl = ctx.settings.presign_ttl_seconds
+    url, _ = ctx.store.presign_put(key, ttl)
+    return {"upload": {"href": url, "expires_in": ttl}}
 
 
 def _carrier_path(sha256: str) -> str:
